@@ -1,0 +1,283 @@
+"""The ``aurora-pipeline`` command line: argument parsing and one call per command, no logic."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from pipeline import __version__
+from pipeline.errors import AuroraError
+
+PathArg = click.Path(path_type=Path)
+ExistingPath = click.Path(exists=True, path_type=Path)
+
+
+def _not_implemented(issue: str) -> None:
+    click.echo(f"not implemented yet (see {issue})", err=True)
+    sys.exit(2)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="aurora-pipeline")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+def cli(verbose: int) -> None:
+    """Classify all-sky auroral images and build MLT occurrence statistics."""
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+# ------------------------------------------------------------------------------ scan
+@cli.command()
+@click.argument("archive", type=ExistingPath)
+@click.option("--station", default="yrs", show_default=True, help="Station name or YAML path.")
+@click.option(
+    "-o", "--out", "out", type=PathArg, default=Path("manifest.parquet"), show_default=True
+)
+@click.option(
+    "--exclude",
+    multiple=True,
+    default=("calib/*", "*/calib/*"),
+    show_default=True,
+    help="Glob of paths (relative to ARCHIVE) to skip; repeatable.",
+)
+@click.option(
+    "--errors",
+    "errors_out",
+    type=PathArg,
+    default=None,
+    help="Errors table (default: errors.parquet beside the manifest).",
+)
+def scan(
+    archive: Path, station: str, out: Path, exclude: tuple[str, ...], errors_out: Path | None
+) -> None:
+    """Find the frames of ARCHIVE (a folder, or a CSV/Parquet list of paths) and write the manifest."""
+    _not_implemented("issue #2")
+
+
+# ------------------------------------------------------------------------------ synth
+@cli.group()
+def synth() -> None:
+    """Make synthetic YRS-like 557.7 nm frames: labelled sets and whole archives."""
+
+
+@synth.command("labelled")
+@click.argument("out", type=PathArg)
+@click.option("--n", "n", type=click.IntRange(1), default=800, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--winter", type=int, default=2003, show_default=True, help="Winter (its December's year)."
+)
+@click.option("--balanced", is_flag=True, help="Equal class counts (ASI2K-style test set).")
+@click.option(
+    "--size", type=click.IntRange(32), default=512, show_default=True, help="Frame size in pixels."
+)
+@click.option("--workers", type=click.IntRange(1), default=1, show_default=True)
+def synth_labelled(
+    out: Path, n: int, seed: int, winter: int, balanced: bool, size: int, workers: int
+) -> None:
+    """Write an ImageFolder-style labelled set OUT/<class>/<name>.png with labels.parquet."""
+    _not_implemented("issue #2")
+
+
+@synth.command("archive")
+@click.argument("out", type=PathArg)
+@click.option(
+    "--timeline",
+    type=ExistingPath,
+    default=None,
+    help="Expert label file (Alllabel2003_38044.txt) whose times and classes to follow.",
+)
+@click.option("--n", "n", type=click.IntRange(1), default=2000, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--winters", default="2004", show_default=True, help="Winters, e.g. 2004-2009 or 2004,2006."
+)
+@click.option("--size", type=click.IntRange(32), default=512, show_default=True)
+@click.option("--workers", type=click.IntRange(1), default=1, show_default=True)
+def synth_archive(
+    out: Path, timeline: Path | None, n: int, seed: int, winters: str, size: int, workers: int
+) -> None:
+    """Write an unlabelled archive in the YRS layout with truth.parquet and calib/ dark frames."""
+    _not_implemented("issue #2")
+
+
+# ------------------------------------------------------------------------------ preprocess
+@cli.command()
+@click.argument("input_", metavar="INPUT", type=ExistingPath)
+@click.option("--out", type=PathArg, required=True)
+@click.option("--station", default="yrs", show_default=True)
+@click.option(
+    "--dark", type=ExistingPath, default=None, help="One dark frame for every input frame."
+)
+@click.option("--dark-dir", type=ExistingPath, default=None, help="Dark frames chosen by date.")
+@click.option(
+    "--workers", type=click.IntRange(1), default=None, help="Worker processes (default: cores/2)."
+)
+@click.option("--scheduler", default=None, help="Address of a running Dask scheduler.")
+@click.option(
+    "--format", "fmt", type=click.Choice(["png", "npy"]), default="png", show_default=True
+)
+def preprocess(
+    input_: Path,
+    out: Path,
+    station: str,
+    dark: Path | None,
+    dark_dir: Path | None,
+    workers: int | None,
+    scheduler: str | None,
+    fmt: str,
+) -> None:
+    """Subtract system noise, crop and mask every frame of INPUT (archive, manifest or labelled set)."""
+    _not_implemented("issue #3")
+
+
+# ------------------------------------------------------------------------------ train / evaluate
+@cli.command()
+@click.option("--config", "config_path", type=ExistingPath, required=True)
+@click.option("--data", type=ExistingPath, required=True, help="Labelled set with labels.parquet.")
+@click.option("--out", type=PathArg, required=True, help="Checkpoint directory.")
+@click.option("--resume", is_flag=True, help="Continue from the last epoch in OUT.")
+@click.option(
+    "--init-weights", type=ExistingPath, default=None, help="Local torchvision ImageNet weights."
+)
+@click.option(
+    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
+)
+@click.option("--station", default="yrs", show_default=True)
+def train(
+    config_path: Path,
+    data: Path,
+    out: Path,
+    resume: bool,
+    init_weights: Path | None,
+    device: str,
+    station: str,
+) -> None:
+    """Train a classifier variant on a labelled set."""
+    _not_implemented("issue #4")
+
+
+@cli.command()
+@click.option("--checkpoint", type=ExistingPath, required=True)
+@click.option("--data", type=ExistingPath, required=True)
+@click.option("--out", type=PathArg, required=True)
+@click.option(
+    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
+)
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--station", default="yrs", show_default=True)
+def evaluate(
+    checkpoint: Path, data: Path, out: Path, device: str, batch_size: int, station: str
+) -> None:
+    """Per-class accuracy, confusion matrix and time per image of a checkpoint on a labelled set."""
+    _not_implemented("issue #4")
+
+
+# ------------------------------------------------------------------------------ classify-archive
+@cli.command("classify-archive")
+@click.argument("source", metavar="ARCHIVE_OR_MANIFEST", type=ExistingPath)
+@click.option("--checkpoint", type=ExistingPath, required=True)
+@click.option("--out", type=PathArg, required=True, help="Predictions directory.")
+@click.option("--workers", type=click.IntRange(1), default=None)
+@click.option("--threads-per-worker", type=click.IntRange(1), default=None)
+@click.option("--scheduler", default=None)
+@click.option("--station", default="yrs", show_default=True)
+@click.option("--dark-dir", type=ExistingPath, default=None)
+@click.option("--shard-size", type=click.IntRange(1), default=512, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
+@click.option(
+    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
+)
+@click.option("--preprocessed", is_flag=True, help="Frames are already preprocessed (440x440).")
+@click.option("--since", default=None, help="Only frames after this UTC date/time (nightly runs).")
+@click.option("--features", is_flag=True, help="Also write FC7 features per shard (float16).")
+@click.option("--overwrite", is_flag=True, help="Replace predictions made with another checkpoint.")
+def classify_archive(**kwargs: object) -> None:
+    """Classify every frame of an archive or manifest on a Dask cluster."""
+    _not_implemented("issue #5")
+
+
+# ------------------------------------------------------------------------------ occurrence
+@cli.command()
+@click.argument("pred", type=ExistingPath)
+@click.option(
+    "--bins", default="3min", show_default=True, help="Bin width (pandas offset: 3min, 0.5h)."
+)
+@click.option("--mlt-range", nargs=2, type=float, default=(6.0, 18.0), show_default=True)
+@click.option("--station", default="yrs", show_default=True)
+@click.option(
+    "--mlt-method",
+    type=click.Choice(["offset", "aacgm"]),
+    default=None,
+    help="Default: the station's method.",
+)
+@click.option("--by", type=click.Choice(["year", "winter", "day"]), default=None)
+@click.option("--ci", is_flag=True, help="Wilson 95% intervals per ratio.")
+@click.option("--correct", type=ExistingPath, default=None, help="confusion.parquet of evaluate.")
+@click.option("--min-frames", type=click.IntRange(0), default=0, show_default=True)
+@click.option("--out", type=PathArg, required=True)
+def occurrence(**kwargs: object) -> None:
+    """Occurrence ratio of each class per MLT bin (table, NetCDF and the paper's Fig. 7)."""
+    _not_implemented("issue #6")
+
+
+# ------------------------------------------------------------------------------ retrieval
+@cli.command()
+@click.argument("image_set", metavar="SET", type=ExistingPath)
+@click.option("--checkpoint", type=ExistingPath, required=True)
+@click.option("--out", type=PathArg, required=True)
+@click.option(
+    "--features-dir",
+    type=ExistingPath,
+    default=None,
+    help="classify-archive --features output to reuse.",
+)
+def index(**kwargs: object) -> None:
+    """Build a retrieval index of FC7 features for an image set."""
+    _not_implemented("issue #7")
+
+
+@cli.command()
+@click.option("--index", "index_dir", type=ExistingPath, required=True)
+@click.option("--query", multiple=True, type=ExistingPath)
+@click.option("--evaluate", "query_set", type=ExistingPath, default=None)
+@click.option("--k", type=click.IntRange(1), default=20, show_default=True)
+@click.option("--ranks", default="1,3,5,8,10,15,20", show_default=True)
+@click.option("--out", type=PathArg, default=None)
+def retrieve(**kwargs: object) -> None:
+    """Nearest neighbours of query images in an index, or precision@k of a labelled query set."""
+    _not_implemented("issue #7")
+
+
+# ------------------------------------------------------------------------------ run
+@cli.command()
+@click.argument("workflow", type=ExistingPath)
+@click.option("--scheduler", default=None)
+@click.option("--from", "from_stage", default=None)
+@click.option("--only", default=None)
+@click.option("--dry-run", is_flag=True)
+@click.option("--set", "overrides", multiple=True, help="Variable override, e.g. --set out=demo.")
+def run(**kwargs: object) -> None:
+    """Run a workflow: its stages in order, skipping those that are up to date."""
+    _not_implemented("issue #8")
+
+
+def main(args: list[str] | None = None) -> None:
+    """Console entry point: user mistakes become one line on stderr, exit code 1."""
+    try:
+        cli.main(args=args, prog_name="aurora-pipeline", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except AuroraError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)

@@ -1,0 +1,32 @@
+"""The project's error hierarchy: user mistakes become one clear line in the CLI, never a traceback."""
+
+from __future__ import annotations
+
+
+class AuroraError(Exception):
+    """Base class for errors that are the user's input, not a bug; the CLI prints them as one line."""
+
+
+class ConfigError(AuroraError):
+    """A configuration file or option is invalid (names the file, the key and the allowed values)."""
+
+
+class FrameReadError(AuroraError):
+    """A frame file cannot be read or decoded."""
+
+    def __init__(self, path: object, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+class FrameGeometryError(FrameReadError):
+    """A frame decodes but has a size or bit depth the station does not expect."""
+
+
+class CheckpointError(AuroraError):
+    """A checkpoint is missing, unsafe, or belongs to another model."""
+
+
+class InputError(AuroraError):
+    """An input path, table or option value is unusable."""

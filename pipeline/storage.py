@@ -1,0 +1,120 @@
+"""Tables on disk: explicit Arrow schemas, atomic writes (temporary name, then rename), the errors table."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.classes import CLASSES, PROB_COLUMNS
+
+_TS = pa.timestamp("ns", tz="UTC")
+
+#: manifest.parquet (DESIGN.md section 3): one row per frame, sorted by time.
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),
+        ("frame", pa.int16()),
+        ("time_utc", _TS),
+        ("station", pa.string()),
+        ("bytes", pa.int64()),
+        ("mtime", _TS),
+    ]
+)
+
+#: errors.parquet: every frame that a stage could not handle, with the reason.
+ERRORS_SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),
+        ("frame", pa.int16()),
+        ("stage", pa.string()),
+        ("error", pa.string()),
+        ("message", pa.string()),
+    ]
+)
+
+#: predictions/shard-NNNNNN.parquet.
+PREDICTIONS_SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),
+        ("frame", pa.int16()),
+        ("time_utc", _TS),
+        ("mlt", pa.float64()),
+        ("label", pa.dictionary(pa.int8(), pa.string())),
+        *[(c, pa.float32()) for c in PROB_COLUMNS],
+        ("model_id", pa.string()),
+    ]
+)
+
+assert len(PROB_COLUMNS) == len(CLASSES)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, final)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_table(df: pd.DataFrame, path: str | os.PathLike, schema: pa.Schema | None = None) -> Path:
+    """Write a DataFrame as Parquet atomically, cast to ``schema`` when given."""
+    if schema is not None:
+        df = df.reindex(columns=schema.names)
+        table = pa.Table.from_pandas(df, schema=schema, preserve_index=False)
+    else:
+        table = pa.Table.from_pandas(df, preserve_index=False)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+    return Path(path)
+
+
+def empty_frame(schema: pa.Schema) -> pd.DataFrame:
+    """An empty DataFrame with the columns and dtypes of ``schema``."""
+    return schema.empty_table().to_pandas()
+
+
+def error_rows(
+    items: Sequence[tuple[str, int]], stage: str, exc: BaseException | str, error: str | None = None
+) -> pd.DataFrame:
+    """Rows of the errors table for frames ``items`` ((path, frame) pairs) that failed with ``exc``."""
+    name = error or (type(exc).__name__ if isinstance(exc, BaseException) else "Error")
+    msg = str(exc)
+    return pd.DataFrame(
+        {
+            "path": [str(p) for p, _ in items],
+            "frame": [int(f) for _, f in items],
+            "stage": stage,
+            "error": name,
+            "message": msg,
+        },
+        columns=ERRORS_SCHEMA.names,
+    )
+
+
+def merge_errors(
+    path: str | os.PathLike, new: pd.DataFrame, stage: str | None = None
+) -> pd.DataFrame:
+    """Merge new error rows into errors.parquet (one row per path, frame and stage; newest wins)."""
+    p = Path(path)
+    old = pd.read_parquet(p) if p.exists() else empty_frame(ERRORS_SCHEMA)
+    if "frame" not in old.columns:
+        old["frame"] = 0
+    both = pd.concat([old, new], ignore_index=True) if len(new) else old
+    both = both.drop_duplicates(subset=["path", "frame", "stage"], keep="last")
+    write_table(both, p, ERRORS_SCHEMA)
+    return both

@@ -1,0 +1,91 @@
+"""Test hygiene in one place: Agg backend, closed figures, the real-data fixture, tiny synthetic data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+import pytest
+
+matplotlib.use("Agg")
+
+REPO = Path(__file__).resolve().parents[1]
+#: Tiny frames keep every test in seconds; geometry scales with the size (StationConfig.scaled).
+TINY = 64
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip ``gpu`` tests where CUDA is absent (CI has none)."""
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:  # pragma: no cover
+        has_cuda = False
+    if has_cuda:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _few_threads():
+    """Two cores are shared by dask workers and torch: keep torch from oversubscribing them."""
+    try:
+        import torch
+
+        torch.set_num_threads(min(2, torch.get_num_threads()))
+    except ImportError:  # pragma: no cover
+        pass
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real data folder (AURORA_SHARED_DATA, default ../shared/data); skip where absent."""
+    p = Path(os.environ.get("AURORA_SHARED_DATA", REPO.parent / "shared" / "data"))
+    if not p.is_dir():
+        pytest.skip(
+            f"real data not found at {p} (set AURORA_SHARED_DATA to the shared/data folder)"
+        )
+    return p
+
+
+@pytest.fixture(scope="session")
+def tiny_station_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The YRS station config scaled to TINY-pixel frames, as a YAML file."""
+    from pipeline.config import dump_yaml, load_station
+
+    path = tmp_path_factory.mktemp("station") / "yrs_tiny.yaml"
+    dump_yaml(load_station("yrs").scaled(TINY), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_labelled(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small labelled set of raw TINY-pixel frames (80 frames, all four classes)."""
+    from pipeline import synth
+
+    out = tmp_path_factory.mktemp("labelled")
+    synth.make_labelled(out, n=80, seed=1, winter=2003, balanced=True, size=TINY)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small unlabelled archive of raw TINY-pixel frames in the YRS layout (60 frames)."""
+    from pipeline import synth
+
+    out = tmp_path_factory.mktemp("archive")
+    synth.make_archive(out, n=60, seed=2, winters=(2004,), size=TINY)
+    return out
