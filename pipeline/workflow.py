@@ -1,0 +1,451 @@
+"""The ``run`` command's stage runner: ordered stages, skipped when up to date, resumable, locked."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import shlex
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import from_dict, load_yaml
+from pipeline.errors import AuroraError, ConfigError, InputError
+from pipeline.storage import atomic_path
+
+log = logging.getLogger(__name__)
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage: a CLI command with its arguments, and the files it reads and writes."""
+
+    name: str
+    command: str
+    args: tuple[str, ...] = ()
+    options: dict[str, Any] = field(default_factory=dict)
+    inputs: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()
+    #: pass the workflow's Dask scheduler address as ``--scheduler``.
+    scheduler: bool = False
+
+    def validate(self) -> None:
+        if not self.outputs:
+            raise ValueError(
+                f"stage {self.name!r} declares no outputs, so it could never be skipped"
+            )
+
+
+@dataclass(frozen=True)
+class ReportSpec:
+    """What the run report shows: figures (PNG), tables (Markdown) and metrics (JSON) by path."""
+
+    path: str = ""
+    title: str = ""
+    figures: tuple[str, ...] = ()
+    tables: tuple[str, ...] = ()
+    metrics: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Workflow:
+    """A workflow file: variables, ordered stages and an optional report."""
+
+    name: str
+    stages: tuple[StageSpec, ...]
+    description: str = ""
+    vars: dict[str, Any] = field(default_factory=dict)
+    report: ReportSpec | None = None
+
+    def validate(self) -> None:
+        names = [s.name for s in self.stages]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"stage names must be unique; repeated: {', '.join(dup)}")
+        if not self.stages:
+            raise ValueError("a workflow needs at least one stage")
+
+    def stage_names(self) -> list[str]:
+        return [s.name for s in self.stages]
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def _substitute(value: Any, variables: dict[str, Any], where: str) -> Any:
+    """Replace ``${var}`` recursively; an unknown variable names the key that uses it."""
+    if isinstance(value, str):
+
+        def repl(m: re.Match[str]) -> str:
+            name = m.group(1)
+            if name not in variables:
+                known = ", ".join(sorted(variables)) or "none"
+                raise ConfigError(
+                    f"{where}: unknown variable ${{{name}}}; defined variables: {known}"
+                )
+            return str(variables[name])
+
+        full = _VAR.fullmatch(value)
+        if full and full.group(1) in variables and not isinstance(variables[full.group(1)], str):
+            return variables[full.group(1)]  # keep numbers and booleans typed
+        return _VAR.sub(repl, value)
+    if isinstance(value, list):
+        return [_substitute(v, variables, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        sep = " " if where.endswith(":") else "."
+        return {k: _substitute(v, variables, f"{where}{sep}{k}") for k, v in value.items()}
+    return value
+
+
+def _resolve_vars(raw: dict[str, Any], overrides: dict[str, str], source: str) -> dict[str, Any]:
+    """Variables of the file, overridden by ``--set``, resolved against each other."""
+    variables: dict[str, Any] = dict(raw)
+    unknown = sorted(set(overrides) - set(variables))
+    if unknown:
+        raise ConfigError(
+            f"{source}: --set {unknown[0]}: the workflow has no variable {unknown[0]!r}; "
+            f"variables: {', '.join(sorted(variables)) or 'none'}"
+        )
+    variables.update(overrides)
+    for _ in range(10):  # variables may refer to variables
+        new = {k: _substitute(v, variables, f"{source}: vars.{k}") for k, v in variables.items()}
+        if new == variables:
+            break
+        variables = new
+    return variables
+
+
+def load_workflow(path: str | os.PathLike, overrides: dict[str, str] | None = None) -> Workflow:
+    """Read, substitute and validate a workflow file; errors name the file and the key."""
+    source = str(path)
+    data = load_yaml(path)
+    raw_vars = data.get("vars") or {}
+    if not isinstance(raw_vars, dict):
+        raise ConfigError(f"{source}: vars: expected a mapping of names to values")
+    variables = _resolve_vars(raw_vars, overrides or {}, source)
+    body = {k: v for k, v in data.items() if k != "vars"}
+    body = _substitute(body, variables, f"{source}:")
+    stages = body.get("stages")
+    if isinstance(stages, list):
+        for i, st in enumerate(stages):
+            if isinstance(st, dict) and isinstance(st.get("args"), list):
+                st["args"] = [str(a) for a in st["args"]]
+            if isinstance(st, dict):
+                for key in ("inputs", "outputs"):
+                    if isinstance(st.get(key), list):
+                        st[key] = [str(a) for a in st[key]]
+            _check_command(st.get("command") if isinstance(st, dict) else None, source, i)
+    wf = from_dict(Workflow, {**body, "vars": variables}, source)
+    return wf
+
+
+def _check_command(command: Any, source: str, i: int) -> None:
+    from pipeline.cli import cli
+
+    if not isinstance(command, str):
+        return  # from_dict reports the missing or mistyped key
+    group: Any = cli
+    for word in command.split():
+        sub = getattr(group, "commands", {}).get(word)
+        if sub is None:
+            allowed = ", ".join(sorted(getattr(group, "commands", {})))
+            raise ConfigError(
+                f"{source}: stages[{i}].command: unknown command {command!r}; allowed: {allowed}"
+            )
+        group = sub
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, str]:
+    """``--set key=value`` pairs as a dict; a malformed one is a ConfigError."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected NAME=VALUE")
+        out[key.strip()] = value
+    return out
+
+
+# ---------------------------------------------------------------------------- stage argv
+
+
+def stage_argv(stage: StageSpec, scheduler: str | None = None) -> list[str]:
+    """The command line a stage runs (without the program name)."""
+    argv = stage.command.split() + list(stage.args)
+    for key, value in stage.options.items():
+        if key.startswith("-"):
+            flag = key
+        else:
+            flag = ("-" if len(key) == 1 else "--") + key.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif value is False or value is None:
+            continue
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                argv += [flag, str(v)]
+        else:
+            argv += [flag, str(value)]
+    if stage.scheduler and scheduler:
+        argv += ["--scheduler", scheduler]
+    return argv
+
+
+def _args_hash(stage: StageSpec) -> str:
+    # The scheduler address changes per run and does not change results: leave it out.
+    return hashlib.sha256(json.dumps(stage_argv(stage)).encode()).hexdigest()[:16]
+
+
+def _mtime_newest(path: Path) -> float | None:
+    """Newest modification time of a file, or of any file below a folder (None if missing)."""
+    if not path.exists():
+        return None
+    if path.is_file():
+        return path.stat().st_mtime
+    newest = path.stat().st_mtime
+    stack = [path]
+    while stack:
+        with os.scandir(stack.pop()) as it:
+            for e in it:
+                if e.is_dir(follow_symlinks=False):
+                    stack.append(Path(e.path))
+                else:
+                    newest = max(newest, e.stat(follow_symlinks=False).st_mtime)
+    return newest
+
+
+def _mtime_oldest_output(path: Path) -> float | None:
+    if not path.exists():
+        return None
+    if path.is_file():
+        return path.stat().st_mtime
+    return _mtime_newest(path)  # a folder output is as fresh as its newest file
+
+
+def why_run(stage: StageSpec, state: dict[str, Any]) -> str | None:
+    """Why ``stage`` must run, or None when its outputs are up to date."""
+    rec = state.get("stages", {}).get(stage.name)
+    if rec is None:
+        return "never ran"
+    if rec.get("args_hash") != _args_hash(stage):
+        return "arguments changed"
+    out_times = []
+    for o in stage.outputs:
+        t = _mtime_oldest_output(Path(o))
+        if t is None:
+            return f"output {o} is missing"
+        out_times.append(t)
+    oldest_out = min(out_times)
+    for i in stage.inputs:
+        t = _mtime_newest(Path(i))
+        if t is None:
+            return f"input {i} is missing"
+        if t > oldest_out:
+            return f"input {i} is newer than the outputs"
+    return None
+
+
+# ---------------------------------------------------------------------------- state and lock
+
+
+def state_path(workflow_path: str | os.PathLike, wf: Workflow) -> Path:
+    """The state file: in ``state_dir`` or ``out`` when the workflow defines one, else beside it."""
+    base = Path(str(wf.vars.get("state_dir") or wf.vars.get("out") or Path(workflow_path).parent))
+    return base / f".aurora-run-{wf.name}.json"
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {"stages": {}}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        log.warning("%s is unreadable; every stage will run", path)
+        return {"stages": {}}
+
+
+def write_state(path: Path, state: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(state, indent=2, sort_keys=True))
+
+
+@contextlib.contextmanager
+def run_lock(path: Path) -> Iterator[None]:
+    """An exclusive, non-blocking lock: two runs of one workflow never overlap."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(path, "a+")  # noqa: SIM115 - held for the whole run
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(
+                f"another run of this workflow holds the lock {path}; wait for it to finish"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        yield
+    finally:
+        fh.close()
+
+
+# ---------------------------------------------------------------------------- running
+
+
+class StageFailed(AuroraError):
+    """A stage of a workflow failed; the next run resumes there."""
+
+
+def _call_cli(argv: list[str]) -> None:
+    """Run one CLI command in this process; any failure becomes StageFailed's cause."""
+    from pipeline.cli import cli
+
+    try:
+        cli.main(args=argv, prog_name="aurora-pipeline", standalone_mode=False)
+    except SystemExit as exc:
+        if exc.code not in (0, None):
+            raise RuntimeError(f"exited with code {exc.code}") from None
+
+
+def select_stages(
+    wf: Workflow, from_stage: str | None, only: str | None
+) -> list[tuple[StageSpec, bool]]:
+    """The stages to consider, each with whether it is forced to run (--from, --only)."""
+    names = wf.stage_names()
+    for opt, value in (("--from", from_stage), ("--only", only)):
+        if value is not None and value not in names:
+            raise ConfigError(f"{opt} {value}: no such stage; stages: {', '.join(names)}")
+    if only is not None:
+        return [(s, True) for s in wf.stages if s.name == only]
+    start = names.index(from_stage) if from_stage else 0
+    return [
+        (s, from_stage is not None and i >= start) for i, s in enumerate(wf.stages) if i >= start
+    ]
+
+
+@contextlib.contextmanager
+def _workflow_scheduler(wf: Workflow, scheduler: str | None, needed: bool) -> Iterator[str | None]:
+    """The scheduler address for stages that take one: the given one, or one LocalCluster."""
+    if scheduler or not needed:
+        yield scheduler
+        return
+    from pipeline.cluster import dask_client
+
+    workers = wf.vars.get("workers")
+    with dask_client(workers=int(workers) if workers else None) as client:
+        yield client.scheduler.address
+
+
+def run_workflow(
+    path: str | os.PathLike,
+    scheduler: str | None = None,
+    from_stage: str | None = None,
+    only: str | None = None,
+    dry_run: bool = False,
+    overrides: dict[str, str] | None = None,
+    echo: Any = print,
+) -> dict[str, Any]:
+    """Run a workflow file; returns {stage: "ran" | "skipped: why" | "would run: why"}."""
+    wf = load_workflow(path, overrides)
+    chosen = select_stages(wf, from_stage, only)
+    spath = state_path(path, wf)
+    state = read_state(spath)
+    plan = []
+    for stage, forced in chosen:
+        reason = "forced by --from/--only" if forced else why_run(stage, state)
+        plan.append((stage, reason))
+    outcome: dict[str, Any] = {}
+    if dry_run:
+        for stage, reason in plan:
+            line = f"would run: {reason}" if reason else "up to date, would skip"
+            outcome[stage.name] = line
+            echo(f"[{stage.name}] {line}\n    aurora-pipeline {shlex.join(stage_argv(stage))}")
+        return outcome
+    needs_cluster = any(reason and stage.scheduler for stage, reason in plan)
+    with run_lock(spath.with_suffix(".lock")):
+        state = read_state(spath)  # what a run that held the lock before us recorded
+        state.setdefault("stages", {})
+        t_run = time.perf_counter()
+        with _workflow_scheduler(wf, scheduler, needs_cluster) as address:
+            for stage, forced in chosen:
+                reason = "forced by --from/--only" if forced else why_run(stage, state)
+                if reason is None:
+                    outcome[stage.name] = "skipped: up to date"
+                    echo(f"[{stage.name}] up to date, skipped")
+                    continue
+                argv = stage_argv(stage, address)
+                echo(f"[{stage.name}] running ({reason}): aurora-pipeline {shlex.join(argv)}")
+                t0 = time.perf_counter()
+                try:
+                    _call_cli(argv)
+                except Exception as exc:  # noqa: BLE001 - reported with the stage named
+                    state["stages"].pop(stage.name, None)
+                    state["failed"] = stage.name
+                    write_state(spath, state)
+                    raise StageFailed(
+                        f"{path}: stage {stage.name!r} failed: {exc}; rerun to resume from it"
+                    ) from exc
+                seconds = time.perf_counter() - t0
+                state["stages"][stage.name] = {
+                    "args_hash": _args_hash(stage),
+                    "finished_utc": dt.datetime.now(dt.timezone.utc).isoformat(),
+                    "seconds": round(seconds, 2),
+                }
+                state.pop("failed", None)
+                write_state(spath, state)
+                outcome[stage.name] = "ran"
+                echo(f"[{stage.name}] done in {seconds:.1f} s")
+        state["last_run_utc"] = dt.datetime.now(dt.timezone.utc).isoformat()
+        state["last_run_seconds"] = round(time.perf_counter() - t_run, 2)
+        write_state(spath, state)
+    if wf.report is not None:
+        from pipeline.report import write_report
+
+        report_path = Path(wf.report.path or f"results/{wf.name}/report.html")
+        write_report(wf, state, report_path)
+        echo(f"report: {report_path}")
+    return outcome
+
+
+def main_run(
+    workflow: Path,
+    scheduler: str | None,
+    from_stage: str | None,
+    only: str | None,
+    dry_run: bool,
+    overrides: Sequence[str],
+) -> None:
+    """CLI wrapper of run_workflow."""
+    run_workflow(
+        workflow,
+        scheduler=scheduler,
+        from_stage=from_stage,
+        only=only,
+        dry_run=dry_run,
+        overrides=parse_overrides(overrides),
+        echo=lambda s: print(s, file=sys.stderr if not dry_run else sys.stdout),
+    )
+
+
+__all__ = [
+    "ReportSpec",
+    "StageFailed",
+    "StageSpec",
+    "Workflow",
+    "load_workflow",
+    "run_workflow",
+    "stage_argv",
+    "why_run",
+]
