@@ -260,9 +260,12 @@ def retrieve(**kwargs: object) -> None:
 @click.option("--only", default=None)
 @click.option("--dry-run", is_flag=True)
 @click.option("--set", "overrides", multiple=True, help="Variable override, e.g. --set out=demo.")
-def run(**kwargs: object) -> None:
+def run(workflow: Path, scheduler: str | None, from_stage: str | None, only: str | None,
+        dry_run: bool, overrides: tuple[str, ...]) -> None:
     """Run a workflow: its stages in order, skipping those that are up to date."""
-    _not_implemented("issue #8")
+    from pipeline.workflow import main_run
+
+    main_run(workflow, scheduler, from_stage, only, dry_run, overrides)
 
 
 def main(args: list[str] | None = None) -> None:
