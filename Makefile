@@ -22,12 +22,12 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check pipeline tests benchmarks
-	$(VENV)/bin/ruff format --check pipeline tests benchmarks
+	$(VENV)/bin/ruff check pipeline tests benchmarks workflows
+	$(VENV)/bin/ruff format --check pipeline tests benchmarks workflows
 
 format: $(STAMP)
-	$(VENV)/bin/ruff format pipeline tests benchmarks
-	$(VENV)/bin/ruff check --fix pipeline tests benchmarks
+	$(VENV)/bin/ruff format pipeline tests benchmarks workflows
+	$(VENV)/bin/ruff check --fix pipeline tests benchmarks workflows
 
 test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)

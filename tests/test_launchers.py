@@ -1,0 +1,74 @@
+"""The cluster launch examples of workflows/ are code that runs: test what can run here."""
+
+import importlib.util
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load(relpath: str):
+    spec = importlib.util.spec_from_file_location(relpath.replace("/", "_"), REPO / relpath)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_slurm_job_script_renders_with_gpu_workers():
+    pytest.importorskip("dask_jobqueue", reason="dask-jobqueue is in the test extras")
+    launch = _load("workflows/slurm/launch.py")
+    cluster = launch.make_cluster(queue="gpu", account="proj", gpus_per_job=2, cores=8)
+    try:
+        script = cluster.job_script()
+    finally:
+        cluster.close()
+    assert "#SBATCH -p gpu" in script
+    assert "#SBATCH -A proj" in script
+    assert "#SBATCH --gres=gpu:2" in script
+    assert "--resources GPU=1" in script
+    assert "--lifetime 110m" in script
+    assert "--nworkers 2" in script
+
+
+def test_slurm_launcher_prints_job_script(capsys):
+    pytest.importorskip("dask_jobqueue")
+    launch = _load("workflows/slurm/launch.py")
+    assert launch.main(["workflows/nightly.yaml", "--print-job-script", "--gpus-per-job", "1"]) == 0
+    assert "--gres=gpu:1" in capsys.readouterr().out
+
+
+def test_kubernetes_spec_declares_gpus(capsys):
+    launch = _load("workflows/kubernetes/launch.py")
+    spec = launch.cluster_spec(image="img:1", workers=3, gpus_per_worker=1, archive_pvc="yrs")
+    worker = spec["spec"]["worker"]
+    assert worker["replicas"] == 3
+    container = worker["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert "GPU=1" in container["args"]
+    assert worker["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] == "yrs"
+    assert launch.main(["w.yaml", "--image", "img:1", "--print-spec"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["kind"] == "DaskCluster"
+
+
+def test_cron_script_never_overlaps(tmp_path):
+    """A second nightly run while the first holds the lock exits at once with code 75."""
+    fake = tmp_path / ".venv" / "bin" / "aurora-pipeline"
+    fake.parent.mkdir(parents=True)
+    fake.write_text('#!/bin/bash\necho ran >> "$AURORA_REPO/ran.txt"\nsleep 2\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "AURORA_REPO": str(tmp_path), "AURORA_LOCK": str(tmp_path / "lock")}
+    script = str(REPO / "workflows/cron/nightly.sh")
+    first = subprocess.Popen([script], env=env)
+    for _ in range(50):  # wait until the first run holds the lock
+        if (tmp_path / "ran.txt").exists():
+            break
+        time.sleep(0.05)
+    second = subprocess.run([script], env=env, timeout=10)
+    assert first.wait(timeout=10) == 0
+    assert second.returncode == 75
+    assert (tmp_path / "ran.txt").read_text() == "ran\n"

@@ -1,0 +1,16 @@
+#!/bin/bash
+# Batch mode: one allocation holds the scheduler (rank 0), the client (rank 1) and the GPU
+# workers (the other ranks). Edit the partition, account, node/GPU counts and the venv path.
+#SBATCH --job-name=aurora-nightly
+#SBATCH --partition=gpu
+#SBATCH --account=CHANGE_ME
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=4
+#SBATCH --gres=gpu:4
+#SBATCH --cpus-per-task=4
+#SBATCH --time=02:00:00
+#SBATCH --output=aurora-%j.log
+set -euo pipefail
+WORKFLOW=${1:-workflows/nightly.yaml}
+source "${AURORA_VENV:-$HOME/aurora-pipeline/.venv}/bin/activate"
+srun python workflows/slurm/launch.py --runner "$WORKFLOW"
