@@ -1,0 +1,222 @@
+"""Checkpoints (DESIGN.md section 3): ``model.safetensors`` + ``meta.json`` in one directory.
+
+Weights are written with safetensors (no pickle) and a legacy ``.pt`` state dict is read only with
+``torch.load(weights_only=True)``.  ``meta.json`` carries what is needed to rebuild the model
+(variant and build arguments) and to check it is the model asked for (classes, variant), plus the
+caller's provenance (preprocessing, training config, metrics).  ``model_id`` is the first 16 hex
+digits of the sha256 of the weights file, so it names the exact weights that made a prediction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from pipeline.classes import CLASSES
+from pipeline.errors import CheckpointError
+from pipeline.models.build import VARIANTS, build_model, model_input_params
+from pipeline.storage import atomic_path
+
+WEIGHTS_NAME = "model.safetensors"
+LEGACY_WEIGHTS_NAME = "model.pt"
+META_NAME = "meta.json"
+#: Keys every meta.json has (others, e.g. train_config and metrics, may be empty).
+REQUIRED_META = ("variant", "backbone", "classes", "input_size", "in_chans", "build", "model_id")
+
+
+def file_model_id(path: str | os.PathLike) -> str:
+    """First 16 hex digits of the sha256 of a weights file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def _plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """CPU, contiguous, unshared tensors: what safetensors accepts."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key, value in model.state_dict().items():
+        t = value.detach().to("cpu").contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen and t.numel() > 0:
+            t = t.clone()  # safetensors refuses tensors sharing memory (tied weights)
+        seen.add(t.untyped_storage().data_ptr())
+        out[key] = t
+    return out
+
+
+def save_checkpoint(out_dir: str | os.PathLike, model: nn.Module, meta: dict | None = None) -> str:
+    """Write ``out_dir/model.safetensors`` and ``out_dir/meta.json`` atomically; return model_id.
+
+    ``meta`` is the caller's part (classes, preprocess, train_config, metrics, ...); the model's own
+    (variant, backbone, build arguments, input transform, torch version, model_id) is added here.
+    """
+    meta = dict(meta or {})
+    variant = getattr(model, "variant", None)
+    build = getattr(model, "build_kwargs", None)
+    if variant not in VARIANTS or not build:
+        raise CheckpointError("save_checkpoint needs a model made by pipeline.models.build_model")
+    classes = list(meta.get("classes", CLASSES))
+    if len(classes) != build["num_classes"]:
+        raise CheckpointError(
+            f"meta classes {classes} do not match the model's {build['num_classes']} outputs"
+        )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = out / WEIGHTS_NAME
+    with atomic_path(weights) as tmp:
+        save_file(_plain_state_dict(model), str(tmp), metadata={"variant": variant})
+        model_id = file_model_id(tmp)
+    meta.update(
+        {
+            "variant": variant,
+            "backbone": model.backbone_name,
+            "classes": classes,
+            "input_size": build["input_size"],
+            "in_chans": build["in_chans"],
+            "build": build,
+            "model_input": model_input_params(build["input_size"]),
+            "torch_version": torch.__version__,
+            "model_id": model_id,
+        }
+    )
+    meta.setdefault("preprocess", {})
+    meta.setdefault("train_config", {})
+    meta.setdefault("metrics", {})
+    with atomic_path(out / META_NAME) as tmp:
+        tmp.write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
+    return model_id
+
+
+def _locate(path: str | os.PathLike) -> tuple[Path, Path]:
+    """(weights file, meta.json) of a checkpoint directory or of one of its weights files."""
+    p = Path(path)
+    if p.is_dir():
+        weights = p / WEIGHTS_NAME
+        if not weights.exists() and (p / LEGACY_WEIGHTS_NAME).exists():
+            weights = p / LEGACY_WEIGHTS_NAME
+        meta = p / META_NAME
+    else:
+        weights, meta = p, p.parent / META_NAME
+    if not weights.exists():
+        raise CheckpointError(
+            f"{path}: no checkpoint here (expected a directory with {WEIGHTS_NAME} and {META_NAME})"
+        )
+    if not meta.exists():
+        raise CheckpointError(f"{path}: {META_NAME} missing beside {weights.name}")
+    return weights, meta
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``meta.json`` of a checkpoint (directory or weights file), validated."""
+    _, meta_path = _locate(path)
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{meta_path}: unreadable meta.json ({exc})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_path}: meta.json must hold a JSON object")
+    missing = [k for k in REQUIRED_META if k not in meta]
+    if missing:
+        raise CheckpointError(f"{meta_path}: meta.json lacks {', '.join(missing)}")
+    if meta["variant"] not in VARIANTS:
+        raise CheckpointError(
+            f"{meta_path}: unknown variant {meta['variant']!r}; known: {', '.join(VARIANTS)}"
+        )
+    return meta
+
+
+def _read_weights(weights: Path) -> dict[str, torch.Tensor]:
+    if weights.suffix == ".safetensors":
+        try:
+            return load_file(str(weights), device="cpu")
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{weights}: unreadable safetensors file ({exc})") from None
+    try:
+        # weights_only: tensors and plain containers only, never arbitrary pickled objects.
+        state = torch.load(str(weights), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(
+            f"{weights}: refused: not a plain state dict (weights_only=True load failed: {first})"
+        ) from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise CheckpointError(f"{weights}: expected a state dict mapping names to tensors")
+    return state
+
+
+def _mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> str | None:
+    ours = model.state_dict()
+    missing = [k for k in ours if k not in state]
+    unexpected = [k for k in state if k not in ours]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(ours[k].shape)}"
+        for k in ours
+        if k in state and state[k].shape != ours[k].shape
+    ]
+    parts = []
+    if missing:
+        parts.append(f"missing {len(missing)} (e.g. {missing[:3]})")
+    if unexpected:
+        parts.append(f"unexpected {len(unexpected)} (e.g. {unexpected[:3]})")
+    if shapes:
+        parts.append(f"shape mismatch {len(shapes)} (e.g. {shapes[:3]})")
+    return "; ".join(parts) or None
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    variant: str | None = None,
+    classes: Sequence[str] | None = CLASSES,
+    map_location: str | torch.device = "cpu",
+    verify: bool = True,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model of a checkpoint and load its weights strictly; returns (model.eval(), meta).
+
+    Refuses (CheckpointError) a checkpoint of another ``variant`` or other ``classes`` (None skips
+    the check), a missing or corrupt meta.json, weights that do not fit the architecture, weights
+    that are not the ones meta.json names (``verify``), and anything that would need unpickling.
+    """
+    weights, _ = _locate(path)
+    meta = read_meta(path)
+    if variant is not None and meta["variant"] != variant:
+        raise CheckpointError(
+            f"{path}: checkpoint is variant {meta['variant']!r}, not the {variant!r} asked for"
+        )
+    if classes is not None and list(meta["classes"]) != list(classes):
+        raise CheckpointError(
+            f"{path}: checkpoint classes {list(meta['classes'])} differ from the expected "
+            f"{list(classes)} (order matters)"
+        )
+    if verify and file_model_id(weights) != meta["model_id"]:
+        raise CheckpointError(
+            f"{path}: {weights.name} does not match meta.json model_id {meta['model_id']} "
+            "(weights replaced or partly written)"
+        )
+    build = dict(meta["build"])
+    build.pop("init_weights", None)
+    try:
+        model = build_model(meta["variant"], **build)
+    except TypeError as exc:
+        raise CheckpointError(f"{path}: meta.json build arguments are invalid ({exc})") from None
+    state = _read_weights(weights)
+    problem = _mismatch(model, state)
+    if problem:
+        raise CheckpointError(f"{path}: weights do not fit variant {meta['variant']!r}: {problem}")
+    model.load_state_dict(state, strict=True)
+    return model.to(map_location).eval(), meta

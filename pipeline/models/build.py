@@ -1,0 +1,248 @@
+"""The variant registry, ``build_model`` and ``to_model_input`` (the one input transform).
+
+A model is ``[STN] -> trunk -> pool -> neck (FC6, FC7) -> head (FC8: Linear or L-Softmax)``;
+``model.features(x)`` is the neck's output (FC7 after its ReLU, 4096-d for AlexNet/VGG16; the
+512-d pooled vector for ResNet-18, 1536-d for Inception-v4; ``model.feature_dim`` says which) and
+``model(x, target=None)`` the FC8 logits.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.errors import CheckpointError, ConfigError, InputError
+from pipeline.models.backbones import BACKBONES, Backbone
+from pipeline.models.lsoftmax import DEFAULT_SCHEDULE, LambdaSchedule, LSoftmaxLinear
+from pipeline.models.stn import SpatialTransformer
+
+#: variant -> (backbone, with STN, with L-Softmax): the paper's ablation and its baselines.
+_REGISTRY: dict[str, tuple[str, bool, bool]] = {
+    "alexnet": ("alexnet", False, False),
+    "stn-alexnet": ("alexnet", True, False),
+    "lsoftmax-alexnet": ("alexnet", False, True),
+    "stn-lsoftmax-alexnet": ("alexnet", True, True),
+    "vgg16": ("vgg16", False, False),
+    "inception-v4": ("inception-v4", False, False),
+    "resnet18": ("resnet18", False, False),
+}
+
+#: Every variant ``build_model`` knows, in the order of the paper's tables.
+VARIANTS: tuple[str, ...] = tuple(_REGISTRY)
+
+#: Smallest input side every backbone handles (AlexNet's trunk reaches 1x1 there).
+MIN_INPUT_SIZE = 64
+
+#: Input normalisation after resizing: (x - INPUT_MEAN) / INPUT_STD for x in [0, 1].  Preprocessed
+#: frames are stretched to [0, 1] with most pixels dark, so a fixed 0.5/0.25 centres them roughly
+#: and keeps values O(1); being fixed (not data statistics) it needs no fitting and never drifts.
+INPUT_MEAN = 0.5
+INPUT_STD = 0.25
+
+
+def model_input_params(input_size: int) -> dict[str, Any]:
+    """What :func:`to_model_input` does, for a checkpoint's ``meta.json``."""
+    return {
+        "input_size": int(input_size),
+        "resize": "bilinear",
+        "antialias": False,
+        "align_corners": False,
+        "mean": INPUT_MEAN,
+        "std": INPUT_STD,
+    }
+
+
+def to_model_input(
+    batch: np.ndarray | torch.Tensor, input_size: int, in_chans: int = 1
+) -> torch.Tensor:
+    """(B, H, W) frames in [0, 1] (float, or uint8/uint16 scaled by their maximum) -> (B, C, S, S).
+
+    Resizes bilinearly (no antialias) to ``input_size`` and normalises with INPUT_MEAN/INPUT_STD.
+    The one place this transform lives: train, evaluate, classify and retrieval all call it.
+    """
+    if isinstance(batch, np.ndarray):
+        if batch.dtype.kind in "ui":
+            scale = float(np.iinfo(batch.dtype).max)
+            batch = batch.astype(np.float32) / scale
+        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
+    elif isinstance(batch, torch.Tensor):
+        x = batch
+        if not x.is_floating_point():
+            scale = float(torch.iinfo(x.dtype).max)
+            x = x.float() / scale
+        x = x.float()
+    else:
+        raise InputError(f"model input must be a numpy array or torch tensor, got {type(batch)}")
+    if x.ndim == 3:
+        x = x[:, None]
+    elif not (x.ndim == 4 and x.shape[1] == 1):
+        raise InputError(
+            f"model input must be a (B, H, W) or (B, 1, H, W) batch of grey frames, "
+            f"got shape {tuple(x.shape)}"
+        )
+    if input_size < MIN_INPUT_SIZE:
+        raise ConfigError(f"input_size must be >= {MIN_INPUT_SIZE} px, got {input_size}")
+    if tuple(x.shape[-2:]) != (input_size, input_size):
+        x = F.interpolate(
+            x, size=(input_size, input_size), mode="bilinear", align_corners=False, antialias=False
+        )
+    x = (x - INPUT_MEAN) / INPUT_STD
+    if in_chans != 1:
+        x = x.expand(-1, in_chans, -1, -1)
+    return x.contiguous()
+
+
+class AuroraNet(nn.Module):
+    """[STN] + backbone + FC8 head; ``features`` gives the retrieval feature, ``forward`` logits."""
+
+    def __init__(
+        self,
+        variant: str,
+        backbone: Backbone,
+        head: nn.Module,
+        stn: SpatialTransformer | None = None,
+    ) -> None:
+        super().__init__()
+        self.variant = variant
+        self.backbone_name = backbone.name
+        self.feature_dim = backbone.feature_dim
+        self.stn = stn
+        self.trunk = backbone.trunk
+        self.pool = backbone.pool
+        self.neck = backbone.neck
+        self.head = head
+        self._backbone = backbone  # key mapping for ImageNet init (plain attribute, not a module)
+        self.build_kwargs: dict[str, Any] = {}
+
+    @property
+    def lsoftmax(self) -> LSoftmaxLinear | None:
+        """The L-Softmax head (its ``step()`` advances lambda), or None for plain-softmax variants."""
+        return self.head if isinstance(self.head, LSoftmaxLinear) else None
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The retrieval feature: FC7 (B, 4096) for AlexNet/VGG16, (B, feature_dim) in general."""
+        if self.stn is not None:
+            x = self.stn(x)
+        x = self.pool(self.trunk(x))
+        return self.neck(torch.flatten(x, 1))
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, num_classes); with L-Softmax, margin logits when training with a target."""
+        f = self.features(x)
+        if isinstance(self.head, LSoftmaxLinear):
+            return self.head(f, target)
+        return self.head(f)
+
+
+def _schedule_kwargs(lambda_schedule: dict | None) -> dict[str, float]:
+    params = dict(DEFAULT_SCHEDULE)
+    for key, value in (lambda_schedule or {}).items():
+        if key not in DEFAULT_SCHEDULE:
+            raise ConfigError(
+                f"unknown lambda schedule key {key!r}; allowed: {', '.join(DEFAULT_SCHEDULE)}"
+            )
+        params[key] = float(value)
+    return params
+
+
+def build_model(
+    variant: str,
+    num_classes: int = 4,
+    in_chans: int = 1,
+    input_size: int = 227,
+    lsoftmax_m: int = 3,
+    lambda_schedule: dict | None = None,
+    stn_loc_size: int = 64,
+    init_weights: str | os.PathLike | None = None,
+) -> AuroraNet:
+    """Build a registry variant; ``init_weights`` is an optional local torchvision ImageNet file.
+
+    ``lambda_schedule`` holds the L-Softmax decay law's base, gamma, power and floor (defaults:
+    ``lsoftmax.DEFAULT_SCHEDULE``).  ``input_size`` is recorded (for the checkpoint and
+    :func:`to_model_input`); the network itself accepts any size >= 64 px.
+    """
+    if variant not in _REGISTRY:
+        raise ConfigError(f"unknown model variant {variant!r}; allowed: {', '.join(VARIANTS)}")
+    if int(input_size) < MIN_INPUT_SIZE:
+        raise ConfigError(f"input_size must be >= {MIN_INPUT_SIZE} px, got {input_size}")
+    if in_chans not in (1, 3):
+        raise ConfigError(f"in_chans must be 1 (grey) or 3, got {in_chans}")
+    if int(lsoftmax_m) != lsoftmax_m or lsoftmax_m < 1:
+        raise ConfigError(f"lsoftmax_m must be a positive integer, got {lsoftmax_m!r}")
+    backbone_name, with_stn, with_lsoftmax = _REGISTRY[variant]
+    schedule = _schedule_kwargs(lambda_schedule)
+    backbone = BACKBONES[backbone_name](in_chans)
+    if with_lsoftmax:
+        head: nn.Module = LSoftmaxLinear(
+            backbone.feature_dim, num_classes, int(lsoftmax_m), LambdaSchedule(**schedule)
+        )
+    else:
+        head = nn.Linear(backbone.feature_dim, num_classes)
+    stn = SpatialTransformer(in_chans, loc_size=stn_loc_size) if with_stn else None
+    model = AuroraNet(variant, backbone, head, stn)
+    model.build_kwargs = {
+        "num_classes": int(num_classes),
+        "in_chans": int(in_chans),
+        "input_size": int(input_size),
+        "lsoftmax_m": int(lsoftmax_m),
+        "lambda_schedule": schedule,
+        "stn_loc_size": int(stn_loc_size),
+    }
+    if init_weights is not None:
+        load_init_weights(model, init_weights)
+    return model
+
+
+def load_init_weights(model: AuroraNet, path: str | os.PathLike) -> list[str]:
+    """Load a local torchvision/timm ImageNet state dict into the backbone; returns the keys set.
+
+    The 1000-class FC8 is dropped (the head stays freshly initialised) and, for grey models, the
+    RGB kernels of the first convolution are summed over their input channels, so a grey image
+    gives the response the RGB network gives to that image replicated on three channels.
+    """
+    try:
+        state = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: init weights file not found") from None
+    except Exception as exc:  # weights_only refuses pickled objects: say so, never unpickle
+        raise CheckpointError(
+            f"{path}: not a plain state dict loadable with weights_only=True "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: expected a state dict of tensors (torchvision weights)")
+    ours = model.state_dict()
+    mapped: dict[str, torch.Tensor] = {}
+    unexpected: list[str] = []
+    for key, value in state.items():
+        new = model._backbone.map_key(key)
+        if new is None:
+            continue
+        if new not in ours:
+            unexpected.append(key)
+            continue
+        if new == model._backbone.first_conv and value.shape[1] != ours[new].shape[1]:
+            if ours[new].shape[1] == 1 and value.shape[1] == 3:
+                value = value.sum(dim=1, keepdim=True)
+        if value.shape != ours[new].shape:
+            unexpected.append(f"{key} {tuple(value.shape)} vs {tuple(ours[new].shape)}")
+            continue
+        mapped[new] = value
+    backbone_keys = [k for k in ours if k.startswith(("trunk.", "neck."))]
+    missing = [
+        k for k in backbone_keys if k not in mapped and not k.endswith("num_batches_tracked")
+    ]
+    if unexpected or missing:
+        raise CheckpointError(
+            f"{path}: not torchvision {model.backbone_name} weights "
+            f"(unexpected/mismatched: {unexpected[:3]}, missing: {missing[:3]})"
+        )
+    model.load_state_dict(mapped, strict=False)
+    return sorted(mapped)
