@@ -1,0 +1,493 @@
+"""Finding frames in an archive: timestamps from file names or PGM headers, and the manifest.
+
+The scan never decodes pixels: it lists files (``os.scandir``), parses times from names with
+the station's strftime pattern (or reads the per-frame headers of PGM stacks) and stats each
+file. A corrupt frame is therefore still in the manifest; the stage that reads it reports it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import logging
+import os
+import re
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from pipeline.config import StationConfig
+from pipeline.errors import ConfigError, FrameReadError, InputError
+from pipeline.imageio import PGM_SUFFIXES, pgm_times
+from pipeline.storage import ERRORS_SCHEMA, MANIFEST_SCHEMA, atomic_path, empty_frame
+
+log = logging.getLogger(__name__)
+
+#: Parquet key-value metadata key holding the archive root of a manifest.
+ROOT_KEY = b"aurora.root"
+#: Default globs (relative to the archive root) that scans skip: calibration frames.
+DEFAULT_EXCLUDE = ("calib/*", "*/calib/*")
+_COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst")
+_LIST_SUFFIXES = (".csv", ".parquet")
+
+# ----------------------------------------------------------------------------- time from names
+
+_DIRECTIVES = {
+    "Y": r"(?P<Y>\d{4})",
+    "y": r"(?P<y>\d{2})",
+    "m": r"(?P<m>\d{2})",
+    "d": r"(?P<d>\d{2})",
+    "j": r"(?P<j>\d{3})",
+    "H": r"(?P<H>\d{2})",
+    "M": r"(?P<M>\d{2})",
+    "S": r"(?P<S>\d{2})",
+    "f": r"(?P<f>\d{1,6})",
+}
+
+
+@functools.lru_cache(maxsize=64)
+def _compile(pattern: str) -> re.Pattern[str]:
+    """A strftime pattern as an anchored regex with one named group per directive."""
+    parts: list[str] = []
+    seen: set[str] = set()
+    i = 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "%" and i + 1 < len(pattern):
+            d = pattern[i + 1]
+            if d == "%":
+                parts.append("%")
+            elif d in _DIRECTIVES:
+                if d in seen:
+                    raise ConfigError(f"filename pattern {pattern!r}: %{d} appears twice")
+                seen.add(d)
+                parts.append(_DIRECTIVES[d])
+            else:
+                allowed = " ".join(f"%{k}" for k in _DIRECTIVES)
+                raise ConfigError(
+                    f"filename pattern {pattern!r}: unsupported directive %{d}; allowed: {allowed}"
+                )
+            i += 2
+        else:
+            parts.append(re.escape(c))
+            i += 1
+    if not ({"Y", "y"} & seen) or not ({"m", "d"} <= seen or "j" in seen):
+        raise ConfigError(
+            f"filename pattern {pattern!r} must hold a date: %Y (or %y) with %m%d (or %j)"
+        )
+    # The pattern must start the stem and not run into more digits (N20031221G0300012 is no time).
+    return re.compile("".join(parts) + r"(?!\d)")
+
+
+def _stem(name: str) -> str:
+    """File name without folders and extension; a compression suffix goes too (.pgm.gz)."""
+    base = name.replace("\\", "/").rsplit("/", 1)[-1]
+    low = base.lower()
+    if low.endswith(_COMPRESSION_SUFFIXES):
+        base = base[: base.rfind(".")]
+    dot = base.rfind(".")
+    return base[:dot] if dot > 0 else base
+
+
+def _datetime(g: dict[str, str | None]) -> datetime | None:
+    try:
+        year = int(g["Y"]) if g.get("Y") else None
+        if year is None:
+            yy = int(g["y"])  # type: ignore[arg-type]
+            year = 2000 + yy if yy < 69 else 1900 + yy  # the C/POSIX %y convention
+        hour, minute, second = (int(g.get(k) or 0) for k in ("H", "M", "S"))
+        f = g.get("f")
+        micro = int(f.ljust(6, "0")) if f else 0
+        if g.get("j"):
+            doy = int(g["j"])  # type: ignore[arg-type]
+            if not 1 <= doy <= 366:
+                return None
+            dt = datetime(year, 1, 1, hour, minute, second, micro, tzinfo=timezone.utc)
+            dt += timedelta(days=doy - 1)
+            return dt if dt.year == year else None
+        return datetime(
+            year, int(g["m"]), int(g["d"]), hour, minute, second, micro, tzinfo=timezone.utc
+        )  # type: ignore[arg-type]
+    except (ValueError, TypeError):
+        return None
+
+
+def parse_time(name: str, pattern: str) -> pd.Timestamp | None:
+    """UTC time encoded in a file name by a strftime ``pattern`` (e.g. N%Y%m%dG%H%M%S); None if absent."""
+    m = _compile(pattern).match(_stem(name))
+    if m is None:
+        return None
+    dt = _datetime(m.groupdict())
+    return None if dt is None else pd.Timestamp(dt)
+
+
+def parse_times(names: Iterable[str], pattern: str) -> pd.DatetimeIndex:
+    """Vectorised :func:`parse_time`: a UTC DatetimeIndex (ns) with NaT where a name holds no time."""
+    rx = _compile(pattern)
+    names = list(names)
+    n = len(names)
+    groups = list(rx.groupindex)
+    matches = [rx.match(_stem(s)) for s in names]
+    ok = np.fromiter((m is not None for m in matches), dtype=bool, count=n)
+    out = np.full(n, np.datetime64("NaT", "ns"), dtype="datetime64[ns]")
+    if ok.any():
+        rows = [m.groups() for m in matches if m is not None]
+        cols = dict(zip(groups, zip(*rows)))
+        if "f" in cols or "j" in cols or "y" in cols:
+            # rare directives: per-name construction (still one regex match per name)
+            vals = [_datetime(dict(zip(groups, r))) for r in rows]
+            parsed = pd.to_datetime(
+                [np.datetime64("NaT") if v is None else v for v in vals], utc=True
+            )
+        else:
+            comp = pd.DataFrame(
+                {
+                    "year": np.asarray(cols["Y"], dtype=np.int64),
+                    "month": np.asarray(cols["m"], dtype=np.int64),
+                    "day": np.asarray(cols["d"], dtype=np.int64),
+                    "hour": np.asarray(cols.get("H", ["0"] * len(rows)), dtype=np.int64),
+                    "minute": np.asarray(cols.get("M", ["0"] * len(rows)), dtype=np.int64),
+                    "second": np.asarray(cols.get("S", ["0"] * len(rows)), dtype=np.int64),
+                }
+            )
+            # invalid dates (month 13, 31 February) become NaT instead of raising
+            parsed = pd.to_datetime(comp, errors="coerce", utc=True)
+        parsed = pd.DatetimeIndex(parsed).tz_convert("UTC").tz_localize(None).as_unit("ns")
+        out[ok] = parsed.to_numpy()
+    return pd.DatetimeIndex(out).tz_localize("UTC")
+
+
+# ----------------------------------------------------------------------------- walking
+
+
+def _exclude_regex(exclude: Sequence[str]) -> re.Pattern[str] | None:
+    if not exclude:
+        return None
+    return re.compile("|".join(f"(?:{fnmatch.translate(g)})" for g in exclude))
+
+
+def _walk(
+    root: str, exts: tuple[str, ...], excl: re.Pattern[str] | None
+) -> tuple[list[str], list[int], list[int]]:
+    """Relative paths, sizes and mtimes (ns) of the files under ``root`` with one of ``exts``.
+
+    Hidden entries (``.name``, e.g. the ``.part`` files of interrupted writes) are skipped; so are
+    folders whose path matches an exclude glob ending in ``*`` (every file below would match).
+    """
+    rels: list[str] = []
+    sizes: list[int] = []
+    mtimes: list[int] = []
+    seen: set[tuple[int, int]] = set()
+    stack: list[tuple[str, str]] = [(root, "")]
+    while stack:
+        folder, prefix = stack.pop()
+        try:
+            st = os.stat(folder)
+            key = (st.st_dev, st.st_ino)
+            if key in seen:  # a symlink loop
+                continue
+            seen.add(key)
+            it = os.scandir(folder)
+        except OSError as exc:
+            log.warning("%s: cannot list folder (%s); skipped", folder, exc.strerror or exc)
+            continue
+        with it:
+            for entry in it:
+                name = entry.name
+                if name.startswith("."):
+                    continue
+                rel = prefix + name
+                try:
+                    is_dir = entry.is_dir()
+                except OSError:
+                    continue
+                if is_dir:
+                    if excl is not None and excl.match(rel + "/"):
+                        continue
+                    stack.append((entry.path, rel + "/"))
+                    continue
+                if not name.lower().endswith(exts):
+                    continue
+                if excl is not None and excl.match(rel):
+                    continue
+                try:
+                    st = entry.stat()
+                except OSError:  # a dangling link
+                    continue
+                rels.append(rel)
+                sizes.append(st.st_size)
+                mtimes.append(st.st_mtime_ns)
+    return rels, sizes, mtimes
+
+
+def _read_list(path: Path) -> list[str]:
+    """The ``path`` column of a CSV or Parquet list of frame paths."""
+    try:
+        if path.suffix.lower() == ".csv":
+            df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        else:
+            df = pd.read_parquet(path)
+    except Exception as exc:  # noqa: BLE001 - any reader failure is the user's file
+        raise InputError(f"{path}: cannot read the list of paths ({exc})") from None
+    if "path" not in df.columns:
+        cols = ", ".join(map(str, df.columns)) or "none"
+        raise InputError(f"{path}: a list of frames needs a 'path' column (found: {cols})")
+    return [str(p) for p in df["path"] if str(p).strip()]
+
+
+def _stat_list(
+    listed: list[str], root: str, exts: tuple[str, ...], excl: re.Pattern[str] | None
+) -> tuple[list[str], list[int], list[int], list[tuple[str, str, str]]]:
+    """Stat the files of a path list; missing or foreign files become (path, error, message)."""
+    rels: list[str] = []
+    sizes: list[int] = []
+    mtimes: list[int] = []
+    bad: list[tuple[str, str, str]] = []
+    root_prefix = root.rstrip("/") + "/"
+    for p in listed:
+        p = p.strip().replace("\\", "/")
+        if os.path.isabs(p):
+            full = os.path.normpath(p)
+            rel = full[len(root_prefix) :] if full.startswith(root_prefix) else full
+        else:
+            rel = os.path.normpath(p).replace("\\", "/")
+            full = os.path.join(root, rel)
+        if excl is not None and excl.match(rel):
+            continue
+        if not p.lower().endswith(exts):
+            bad.append((rel, "UnsupportedExtension", f"not one of the station's {', '.join(exts)}"))
+            continue
+        try:
+            st = os.stat(full)
+        except OSError:
+            bad.append((rel, "FileNotFoundError", f"{full}: listed file not found"))
+            continue
+        rels.append(rel)
+        sizes.append(st.st_size)
+        mtimes.append(st.st_mtime_ns)
+    return rels, sizes, mtimes, bad
+
+
+# ----------------------------------------------------------------------------- scan
+
+
+def _errors_frame(rows: list[tuple[str, int, str, str]]) -> pd.DataFrame:
+    if not rows:
+        return empty_frame(ERRORS_SCHEMA)
+    path, frame, error, message = zip(*rows)
+    df = pd.DataFrame(
+        {
+            "path": list(path),
+            "frame": np.asarray(frame, dtype=np.int16),
+            "stage": "scan",
+            "error": list(error),
+            "message": list(message),
+        }
+    )
+    return df[list(ERRORS_SCHEMA.names)]
+
+
+def _manifest_frame(
+    paths: list[str],
+    frames: list[int] | np.ndarray,
+    times: pd.DatetimeIndex,
+    code: str,
+    sizes: list[int] | np.ndarray,
+    mtimes: list[int] | np.ndarray,
+) -> pd.DataFrame:
+    df = pd.DataFrame(
+        {
+            "path": pd.array(paths, dtype="string"),
+            "frame": np.asarray(frames, dtype=np.int16),
+            "time_utc": times.as_unit("ns"),
+            "station": pd.array([code] * len(paths), dtype="string"),
+            "bytes": np.asarray(sizes, dtype=np.int64),
+            "mtime": pd.to_datetime(np.asarray(mtimes, dtype=np.int64), unit="ns", utc=True),
+        }
+    )
+    df = df.sort_values(["time_utc", "path", "frame"], kind="stable", ignore_index=True)
+    return df
+
+
+def scan(
+    root: str | os.PathLike,
+    station: StationConfig,
+    exclude: Sequence[str] = DEFAULT_EXCLUDE,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Manifest (one row per frame, sorted by time) and errors (files without a time) of an archive.
+
+    ``root`` is an archive folder, or a CSV/Parquet list of paths (column ``path``, relative to the
+    list's folder or absolute). Pixels are never decoded. ``manifest.attrs["root"]`` is the folder
+    that the manifest's relative paths start from.
+    """
+    src = Path(root)
+    exts = tuple(e.lower() for e in station.extensions)
+    excl = _exclude_regex(tuple(exclude))
+    _compile(station.filename_pattern)  # a bad pattern fails before the walk
+    bad: list[tuple[str, str, str]] = []
+    if src.is_dir():
+        base = os.path.abspath(src)
+        rels, sizes, mtimes = _walk(base, exts, excl)
+    elif src.is_file() and src.suffix.lower() in _LIST_SUFFIXES:
+        base = os.path.abspath(src.parent)
+        rels, sizes, mtimes, bad = _stat_list(_read_list(src), base, exts, excl)
+    elif src.exists():
+        raise InputError(
+            f"{src}: not an archive folder nor a CSV/Parquet list of paths (.csv, .parquet)"
+        )
+    else:
+        raise InputError(f"{src}: archive not found")
+
+    err_rows: list[tuple[str, int, str, str]] = [(p, 0, e, m) for p, e, m in bad]
+    use_headers = station.time_source == "pgm_header"
+    is_pgm = [use_headers and r.lower().endswith(PGM_SUFFIXES) for r in rels]
+
+    # names: one vectorised parse
+    by_name = [i for i, h in enumerate(is_pgm) if not h]
+    name_times = parse_times((rels[i] for i in by_name), station.filename_pattern)
+    keep = ~np.asarray(name_times.isna())
+    for i, ok in zip(by_name, keep):
+        if not ok:
+            err_rows.append(
+                (
+                    rels[i],
+                    0,
+                    "NoTimestamp",
+                    f"file name does not hold a time in the station pattern "
+                    f"{station.filename_pattern!r}",
+                )
+            )
+    idx = [i for i, ok in zip(by_name, keep) if ok]
+    out_paths = [rels[i] for i in idx]
+    out_frames: list[int] = [0] * len(idx)
+    out_sizes = [sizes[i] for i in idx]
+    out_mtimes = [mtimes[i] for i in idx]
+    name_ns = name_times[keep].tz_localize(None).as_unit("ns").to_numpy()
+
+    # PGM stacks: per-frame times from the headers (header bytes only, no pixel arrays)
+    header_times: list[pd.Timestamp] = []
+    by_header = [i for i, h in enumerate(is_pgm) if h]
+    for i in tqdm(by_header, desc="PGM headers", unit="file", disable=len(by_header) < 20):
+        try:
+            times = pgm_times(os.path.join(base, rels[i]))
+        except FrameReadError as exc:
+            err_rows.append((rels[i], 0, "FrameReadError", exc.reason))
+            continue
+        for k, t in enumerate(times):
+            if pd.isna(t):
+                err_rows.append(
+                    (rels[i], k, "NoTimestamp", "frame header has no 'Image request start' time")
+                )
+                continue
+            out_paths.append(rels[i])
+            out_frames.append(k)
+            out_sizes.append(sizes[i])
+            out_mtimes.append(mtimes[i])
+            header_times.append(t)
+    header_ns = (
+        pd.DatetimeIndex(header_times).tz_convert("UTC").tz_localize(None).as_unit("ns").to_numpy()
+        if header_times
+        else np.empty(0, dtype="datetime64[ns]")
+    )
+    times_index = pd.DatetimeIndex(np.concatenate([name_ns, header_ns])).tz_localize("UTC")
+    manifest = _manifest_frame(
+        out_paths, out_frames, times_index, station.code, out_sizes, out_mtimes
+    )
+    manifest.attrs["root"] = base
+    errors = _errors_frame(sorted(err_rows))
+    return manifest, errors
+
+
+# ----------------------------------------------------------------------------- manifest files
+
+
+def write_manifest(
+    df: pd.DataFrame, path: str | os.PathLike, root: str | os.PathLike | None = None
+) -> Path:
+    """Write the manifest atomically with its schema and the archive root in the Parquet metadata."""
+    root = root if root is not None else df.attrs.get("root")
+    table = pa.Table.from_pandas(
+        df.reindex(columns=MANIFEST_SCHEMA.names), schema=MANIFEST_SCHEMA, preserve_index=False
+    )
+    if root is not None:
+        meta = dict(table.schema.metadata or {})
+        meta[ROOT_KEY] = os.path.abspath(root).encode()
+        table = table.replace_schema_metadata(meta)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+    return Path(path)
+
+
+def _is_manifest(schema: pa.Schema) -> bool:
+    meta = schema.metadata or {}
+    return ROOT_KEY in meta or {"time_utc", "frame", "station"} <= set(schema.names)
+
+
+def _read_manifest(path: Path) -> tuple[pd.DataFrame, str]:
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # noqa: BLE001 - a broken file is the user's input
+        raise InputError(f"{path}: cannot read the manifest ({exc})") from None
+    missing = [c for c in MANIFEST_SCHEMA.names if c not in table.column_names]
+    if missing:
+        raise InputError(
+            f"{path}: not a manifest (missing columns {', '.join(missing)}); "
+            "make one with `aurora-pipeline scan`"
+        )
+    stored = (table.schema.metadata or {}).get(ROOT_KEY)
+    root = stored.decode() if stored else ""
+    if not root or not os.path.isdir(root):
+        if root:
+            log.info("%s: stored archive root %s is gone; using the manifest's folder", path, root)
+        root = os.path.abspath(path.parent)
+    df = table.select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA).to_pandas()
+    return df, root
+
+
+def load_manifest(source: str | os.PathLike, station: StationConfig) -> pd.DataFrame:
+    """Manifest rows plus an absolute ``abspath`` column from an archive folder, manifest or path list."""
+    src = Path(source)
+    if src.is_dir():
+        df, errors = scan(src, station)
+        if len(errors):
+            log.warning(
+                "%s: %d file(s) without a time skipped (run `aurora-pipeline scan` to list them)",
+                src,
+                len(errors),
+            )
+        root = df.attrs["root"]
+    elif src.is_file() and src.suffix.lower() == ".parquet":
+        try:
+            schema = pq.read_schema(src)
+        except Exception as exc:  # noqa: BLE001
+            raise InputError(f"{src}: not a readable Parquet file ({exc})") from None
+        if _is_manifest(schema):
+            df, root = _read_manifest(src)
+            other = sorted(set(df["station"].dropna().unique()) - {station.code})
+            if len(df) and other:
+                raise InputError(
+                    f"{src}: manifest is of station {', '.join(other)}, not {station.code!r}; "
+                    f"pass --station {other[0]} or rescan"
+                )
+        else:
+            df, _ = scan(src, station)
+            root = df.attrs["root"]
+    elif src.is_file() and src.suffix.lower() == ".csv":
+        df, _ = scan(src, station)
+        root = df.attrs["root"]
+    elif src.exists():
+        raise InputError(
+            f"{src}: expected an archive folder, a manifest .parquet or a CSV/Parquet list of paths"
+        )
+    else:
+        raise InputError(f"{src}: not found")
+    df = df.reset_index(drop=True)
+    df["abspath"] = [p if os.path.isabs(p) else os.path.join(root, p) for p in df["path"]]
+    df.attrs["root"] = root
+    return df
