@@ -216,3 +216,49 @@ def test_report_is_written_and_self_contained(tmp_path, fake_cli):
     assert "average.accuracy" in page and "0.875" in page
     assert "figure not found" in page
     assert "<td>second</td>" in page
+
+
+def test_report_renders_in_headless_chromium(tmp_path, fake_cli):
+    import shutil
+    import subprocess
+
+    import numpy as np
+    from PIL import Image
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("headless Chromium is not installed (.ci/run installs Debian's chromium)")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4, 3))
+    ax.bar(range(10), range(10), color="tab:red")
+    fig.savefig(tmp_path / "fig.png")
+    p = _chain(tmp_path)
+    doc = yaml.safe_load(p.read_text())
+    doc["report"] = {"path": str(tmp_path / "report.html"), "figures": [str(tmp_path / "fig.png")]}
+    p.write_text(yaml.safe_dump(doc))
+    run_workflow(p, echo=lambda s: None)
+    shot = tmp_path / "shot.png"
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--window-size=1000,1400",
+        f"--screenshot={shot}",
+    ]
+    subprocess.run(
+        [chromium, *flags, (tmp_path / "report.html").as_uri()],
+        timeout=120,
+        check=False,
+        capture_output=True,
+    )
+    assert shot.exists(), "chromium wrote no screenshot"
+    img = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    red = (img[..., 0] > 150) & (img[..., 1] < 100) & (img[..., 2] < 100)
+    assert red.sum() > 500, "the embedded figure did not render"
