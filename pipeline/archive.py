@@ -13,6 +13,7 @@ import logging
 import os
 import re
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from tqdm import tqdm
 from pipeline.config import StationConfig
 from pipeline.errors import ConfigError, FrameReadError, InputError
 from pipeline.imageio import PGM_SUFFIXES, pgm_times
-from pipeline.storage import ERRORS_SCHEMA, MANIFEST_SCHEMA, atomic_path, empty_frame
+from pipeline.storage import ERRORS_SCHEMA, MANIFEST_SCHEMA, atomic_path, empty_frame, write_table
 
 log = logging.getLogger(__name__)
 
@@ -491,3 +492,73 @@ def load_manifest(source: str | os.PathLike, station: StationConfig) -> pd.DataF
     df["abspath"] = [p if os.path.isabs(p) else os.path.join(root, p) for p in df["path"]]
     df.attrs["root"] = root
     return df
+
+
+# ----------------------------------------------------------------------------- the scan command
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    """What one ``aurora-pipeline scan`` wrote."""
+
+    manifest_path: Path
+    errors_path: Path | None
+    n_frames: int
+    n_files: int
+    n_errors: int
+    start: pd.Timestamp | None
+    end: pd.Timestamp | None
+
+    def summary(self) -> str:
+        """One line for the terminal."""
+        span = (
+            f", {self.start:%Y-%m-%d %H:%M:%S} to {self.end:%Y-%m-%d %H:%M:%S} UTC"
+            if self.start is not None
+            else ""
+        )
+        errs = (
+            f", {self.n_errors} error(s) -> {self.errors_path}" if self.n_errors else ", no errors"
+        )
+        return (
+            f"scanned {self.n_frames} frame(s) in {self.n_files} file(s){span} "
+            f"-> {self.manifest_path}{errs}"
+        )
+
+
+def _update_errors(path: Path, new: pd.DataFrame) -> bool:
+    """Replace the scan rows of an errors table with ``new``; other stages' rows stay. Written?"""
+    old = pd.read_parquet(path) if path.exists() else empty_frame(ERRORS_SCHEMA)
+    if "stage" in old.columns:
+        old = old[old["stage"] != "scan"]
+    if not len(new) and not len(old):
+        if path.exists():
+            path.unlink()  # it held only the stale scan errors of an earlier run
+        return False
+    both = pd.concat([old, new], ignore_index=True) if len(old) else new
+    write_table(both, path, ERRORS_SCHEMA)
+    return True
+
+
+def scan_to_files(
+    archive: str | os.PathLike,
+    station: StationConfig,
+    out: str | os.PathLike,
+    exclude: Sequence[str] = DEFAULT_EXCLUDE,
+    errors_out: str | os.PathLike | None = None,
+) -> ScanResult:
+    """Scan ``archive``, write the manifest to ``out`` and the scan's errors (if any) beside it."""
+    manifest, errors = scan(archive, station, exclude)
+    out = Path(out)
+    write_manifest(manifest, out, manifest.attrs["root"])
+    errors_path = Path(errors_out) if errors_out is not None else out.parent / "errors.parquet"
+    written = _update_errors(errors_path, errors)
+    times = manifest["time_utc"]
+    return ScanResult(
+        manifest_path=out,
+        errors_path=errors_path if written else None,
+        n_frames=len(manifest),
+        n_files=int(manifest["path"].nunique()),
+        n_errors=len(errors),
+        start=times.iloc[0] if len(times) else None,
+        end=times.iloc[-1] if len(times) else None,
+    )

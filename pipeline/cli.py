@@ -54,7 +54,11 @@ def scan(
     archive: Path, station: str, out: Path, exclude: tuple[str, ...], errors_out: Path | None
 ) -> None:
     """Find the frames of ARCHIVE (a folder, or a CSV/Parquet list of paths) and write the manifest."""
-    _not_implemented("issue #2")
+    from pipeline.archive import scan_to_files
+    from pipeline.config import load_station
+
+    result = scan_to_files(archive, load_station(station), out, exclude, errors_out)
+    click.echo(result.summary())
 
 
 # ------------------------------------------------------------------------------ synth

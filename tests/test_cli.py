@@ -33,3 +33,12 @@ def test_user_error_is_one_line_without_traceback(tmp_path, capsys):
     assert exc.value.code != 0
     err = capsys.readouterr().err
     assert "Traceback" not in err
+
+
+def test_scan_unknown_station_is_one_line_exit_1(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["scan", str(tmp_path), "--station", "nowhere", "-o", str(tmp_path / "m.parquet")])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert "unknown station" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "m.parquet").exists()

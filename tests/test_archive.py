@@ -1,0 +1,278 @@
+"""Timestamp parsing, the archive scan (folders, path lists, PGM headers) and manifest files."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.archive import ROOT_KEY, load_manifest, parse_time, parse_times, scan, write_manifest
+from pipeline.config import load_station
+from pipeline.errors import ConfigError, InputError
+from pipeline.imageio import read_frame, write_frame
+from pipeline.storage import ERRORS_SCHEMA, MANIFEST_SCHEMA
+
+YRS = "N%Y%m%dG%H%M%S"
+
+
+@pytest.fixture(scope="module")
+def yrs():
+    return load_station("yrs")
+
+
+@pytest.fixture
+def archive(tmp_path):
+    """A small YRS-layout tree: frames out of order, a nameless file, a corrupt PNG, calib/."""
+    root = tmp_path / "arch"
+    frame = np.full((8, 8), 1000, np.uint16)
+    names = [
+        "2004/20041224/N20041224G100000.png",
+        "2004/20041224/N20041224G090000.png",
+        "2004/20041223/N20041223G150010.PNG",  # upper-case suffix still counts
+        "2005/20050101/N20050101G030000.tif",
+    ]
+    for n in names:
+        (root / n).parent.mkdir(parents=True, exist_ok=True)
+        write_frame(root / n, frame) if n.endswith(".png") else (root / n).write_bytes(b"II*\0")
+    (root / "2004/20041224/N20041224G093000.png").write_bytes(b"corrupt, not a PNG")
+    (root / "2004/20041224/sky_overview.png").write_bytes(b"x")  # no time in the name
+    (root / "2004/20041224/N20041224G093010.txt").write_text("not a frame")  # other extension
+    (root / "2004/20041224/.N20041224G093020.png.part").write_bytes(b"")  # interrupted write
+    (root / "calib").mkdir()
+    write_frame(root / "calib/N20041201G000000.png", frame)
+    (root / "2004/calib").mkdir()
+    write_frame(root / "2004/calib/N20041202G000000.png", frame)
+    return root
+
+
+# ----------------------------------------------------------------------------- names
+
+
+def test_parse_time_yrs_name():
+    assert parse_time("N20031221G030001", YRS) == pd.Timestamp("2003-12-21 03:00:01", tz="UTC")
+    assert parse_time("2003/20031221/N20031221G030001.png", YRS) == pd.Timestamp(
+        "2003-12-21 03:00:01", tz="UTC"
+    )
+
+
+@pytest.mark.parametrize(
+    "name", ["sky.png", "N20031321G030001.png", "N20031221G030001234.png", "X20031221G030001"]
+)
+def test_parse_time_none_when_absent_or_invalid(name):
+    assert parse_time(name, YRS) is None
+
+
+def test_parse_time_multi_suffix_and_prefix_pattern():
+    name = "20140310_0600_gill_themis19_full.pgm.gz"
+    assert parse_time(name, "%Y%m%d_%H%M") == pd.Timestamp("2014-03-10 06:00", tz="UTC")
+    assert parse_time("img_2004_366_235959_25.png", "img_%Y_%j_%H%M%S_%f") == pd.Timestamp(
+        "2004-12-31 23:59:59.25", tz="UTC"
+    )
+
+
+def test_parse_times_vectorised_matches_scalar():
+    names = ["N20031221G030001.png", "bad.png", "N20040229G235959.jpg", "N20030229G000000.png"]
+    got = parse_times(names, YRS)
+    assert str(got.dtype) == "datetime64[ns, UTC]"
+    for n, t in zip(names, got):
+        want = parse_time(n, YRS)
+        assert (pd.isna(t) and want is None) or t == want
+
+
+def test_bad_pattern_is_a_config_error():
+    with pytest.raises(ConfigError, match="unsupported directive %b"):
+        parse_time("x", "N%Y%b%d")
+    with pytest.raises(ConfigError, match="must hold a date"):
+        parse_time("x", "%H%M%S")
+
+
+# ----------------------------------------------------------------------------- scan
+
+
+def test_scan_tree(archive, yrs):
+    manifest, errors = scan(archive, yrs)
+    assert list(manifest["path"]) == [
+        "2004/20041223/N20041223G150010.PNG",
+        "2004/20041224/N20041224G090000.png",
+        "2004/20041224/N20041224G093000.png",  # corrupt, but scan never decodes
+        "2004/20041224/N20041224G100000.png",
+        "2005/20050101/N20050101G030000.tif",
+    ]
+    assert manifest["time_utc"].is_monotonic_increasing
+    assert manifest["time_utc"].iloc[0] == pd.Timestamp("2004-12-23 15:00:10", tz="UTC")
+    assert (manifest["station"] == "yrs").all() and (manifest["frame"] == 0).all()
+    assert manifest["bytes"].iloc[2] == len(b"corrupt, not a PNG")
+    assert not manifest["path"].str.contains("calib").any()
+    assert manifest.attrs["root"] == os.path.abspath(archive)
+    # the frame without a time goes to errors, not the manifest
+    assert list(errors["path"]) == ["2004/20041224/sky_overview.png"]
+    assert list(errors["stage"]) == ["scan"] and errors["error"].iloc[0] == "NoTimestamp"
+    # dtypes are those of the schemas
+    pa.Table.from_pandas(manifest, schema=MANIFEST_SCHEMA, preserve_index=False)
+    pa.Table.from_pandas(errors, schema=ERRORS_SCHEMA, preserve_index=False)
+    assert str(manifest["time_utc"].dtype) == "datetime64[ns, UTC]"
+    assert str(manifest["mtime"].dtype) == "datetime64[ns, UTC]"
+    assert manifest["frame"].dtype == np.int16 and manifest["bytes"].dtype == np.int64
+
+
+def test_scan_exclude_none_includes_calib(archive, yrs):
+    manifest, _ = scan(archive, yrs, exclude=())
+    assert manifest["path"].str.contains("calib").sum() == 2
+    manifest, _ = scan(archive, yrs, exclude=("2005/*",))
+    assert manifest["path"].str.contains("calib").sum() == 2
+    assert not manifest["path"].str.startswith("2005").any()
+
+
+def test_scan_empty_and_missing(tmp_path, yrs):
+    manifest, errors = scan(tmp_path, yrs)
+    assert len(manifest) == 0 and len(errors) == 0
+    assert list(manifest.columns) == MANIFEST_SCHEMA.names
+    with pytest.raises(InputError, match="not found"):
+        scan(tmp_path / "nowhere", yrs)
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(InputError, match="not an archive folder"):
+        scan(tmp_path / "notes.txt", yrs)
+
+
+def test_scan_csv_path_list(archive, yrs, tmp_path):
+    listing = tmp_path / "lists" / "frames.csv"
+    listing.parent.mkdir()
+    (listing.parent / "a").mkdir()
+    (listing.parent / "a" / "sky.png").write_bytes(b"x")
+    rel = os.path.relpath(archive / "2004/20041224/N20041224G100000.png", listing.parent)
+    absolute = str(archive / "2004/20041224/N20041224G090000.png")
+    pd.DataFrame({"path": [rel, absolute, "gone/N20041224G110000.png", "a/sky.png"]}).to_csv(
+        listing, index=False
+    )
+    manifest, errors = scan(listing, yrs)
+    assert manifest.attrs["root"] == str(listing.parent)
+    assert [t.hour for t in manifest["time_utc"]] == [9, 10]
+    for p in manifest["path"]:
+        assert read_frame(os.path.join(manifest.attrs["root"], p)).shape == (8, 8)
+    assert sorted(errors["error"]) == ["FileNotFoundError", "NoTimestamp"]
+
+
+def test_scan_list_without_path_column(tmp_path, yrs):
+    listing = tmp_path / "frames.csv"
+    pd.DataFrame({"file": ["a.png"]}).to_csv(listing, index=False)
+    with pytest.raises(InputError, match="'path' column"):
+        scan(listing, yrs)
+
+
+def test_scan_themis_pgm_headers(shared_data):
+    station = load_station("themis_gill")
+    manifest, errors = scan(shared_data / "themis", station)
+    assert len(errors) == 0 and len(manifest) == 40
+    assert manifest["time_utc"].is_monotonic_increasing
+    assert list(manifest["frame"].iloc[:3]) == [0, 1, 2]
+    first = manifest["time_utc"].iloc[0]
+    assert first.floor("s") == pd.Timestamp("2014-03-10 06:00:00", tz="UTC")
+    assert first != first.floor("s")  # the header's sub-second time, not the file name's minute
+    assert manifest["time_utc"].diff().dropna().dt.total_seconds().between(2, 4).sum() == 38
+    assert set(manifest["station"]) == {"gill"}
+
+
+def test_scan_pgm_without_header_time_and_corrupt_stack(tmp_path, shared_data):
+    station = load_station("themis_gill")
+    shutil.copy(shared_data / "themis" / "20140310_0605_gill_themis19_full.pgm", tmp_path)
+    (tmp_path / "20140310_0610_gill_themis19_full.pgm.gz").write_bytes(b"not gzip")
+    arr = np.zeros((4, 4), ">u2").tobytes()
+    (tmp_path / "20140310_0615_gill_x.pgm").write_bytes(b"P5\n4 4\n65535\n" + arr)
+    manifest, errors = scan(tmp_path, station)
+    assert len(manifest) == 20
+    assert sorted(errors["error"]) == ["FrameReadError", "NoTimestamp"]
+
+
+def test_time_source_filename_for_pgm(tmp_path):
+    station = dataclasses.replace(load_station("themis_gill"), time_source="filename")
+    arr = np.zeros((4, 4), ">u2").tobytes()
+    (tmp_path / "20140310_0615_gill_x.pgm").write_bytes(b"P5\n4 4\n65535\n" + arr)
+    manifest, errors = scan(tmp_path, station)
+    assert len(errors) == 0
+    assert manifest["time_utc"].iloc[0] == pd.Timestamp("2014-03-10 06:15", tz="UTC")
+
+
+# ----------------------------------------------------------------------------- manifest files
+
+
+def test_manifest_round_trip_resolves_abspath(archive, yrs, tmp_path):
+    manifest, _ = scan(archive, yrs)
+    out = tmp_path / "out" / "manifest.parquet"
+    write_manifest(manifest, out, archive)
+    assert pq.read_schema(out).metadata[ROOT_KEY] == str(archive).encode()
+    assert pq.read_schema(out).remove_metadata().equals(MANIFEST_SCHEMA)
+    loaded = load_manifest(out, yrs)
+    pd.testing.assert_frame_equal(loaded.drop(columns="abspath"), manifest, check_dtype=False)
+    assert loaded.attrs["root"] == str(archive)
+    for p, a in zip(loaded["path"], loaded["abspath"]):
+        assert a == os.path.join(archive, p) and os.path.isfile(a)
+
+
+def test_load_manifest_falls_back_to_its_folder(archive, yrs, tmp_path):
+    manifest, _ = scan(archive, yrs)
+    write_manifest(manifest, archive / "manifest.parquet", tmp_path / "moved_away")
+    loaded = load_manifest(archive / "manifest.parquet", yrs)
+    assert loaded.attrs["root"] == str(archive)
+    assert all(os.path.isfile(a) for a in loaded["abspath"])
+
+
+def test_load_manifest_from_folder_and_list(archive, yrs, tmp_path):
+    from_dir = load_manifest(archive, yrs)
+    assert len(from_dir) == 5 and from_dir["abspath"].map(os.path.isabs).all()
+    listing = tmp_path / "list.parquet"
+    pd.DataFrame({"path": list(from_dir["abspath"])}).to_parquet(listing)
+    from_list = load_manifest(listing, yrs)
+    assert list(from_list["abspath"]) == list(from_dir["abspath"])
+
+
+def test_load_manifest_rejects_other_inputs(tmp_path, yrs, archive):
+    (tmp_path / "x.txt").write_text("x")
+    with pytest.raises(InputError, match="expected an archive folder"):
+        load_manifest(tmp_path / "x.txt", yrs)
+    with pytest.raises(InputError, match="not found"):
+        load_manifest(tmp_path / "nothing.parquet", yrs)
+    manifest, _ = scan(archive, yrs)
+    write_manifest(manifest, tmp_path / "m.parquet", archive)
+    with pytest.raises(InputError, match="station yrs"):
+        load_manifest(tmp_path / "m.parquet", load_station("themis_gill"))
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def test_cli_scan_writes_manifest_and_errors(archive, tmp_path, capsys):
+    from pipeline.cli import main
+
+    out = tmp_path / "res" / "manifest.parquet"
+    (out.parent).mkdir()
+    # an errors table of another stage is kept; stale scan rows are replaced
+    other = pd.DataFrame(
+        {"path": ["x.png", "old.png"], "frame": [0, 0], "stage": ["classify", "scan"]}
+    ).assign(error="E", message="m")
+    other.to_parquet(out.parent / "errors.parquet")
+    main(["scan", str(archive), "-o", str(out)])
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("scanned 5 frame(s) in 5 file(s), 2004-12-23 15:00:10 to 2005-01-01")
+    assert "1 error(s)" in line and str(out) in line
+    loaded = load_manifest(out, load_station("yrs"))
+    assert len(loaded) == 5 and loaded.attrs["root"] == str(archive)
+    errors = pd.read_parquet(out.parent / "errors.parquet")
+    assert sorted(zip(errors["path"], errors["stage"])) == [
+        ("2004/20041224/sky_overview.png", "scan"),
+        ("x.png", "classify"),
+    ]
+
+
+def test_cli_scan_without_errors_writes_no_errors_table(shared_data, tmp_path, capsys):
+    from pipeline.cli import main
+
+    out = tmp_path / "manifest.parquet"
+    main(["scan", str(shared_data / "themis"), "--station", "themis_gill", "-o", str(out)])
+    assert "scanned 40 frame(s) in 2 file(s)" in capsys.readouterr().out
+    assert out.exists() and not (tmp_path / "errors.parquet").exists()
