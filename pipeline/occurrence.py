@@ -1,0 +1,577 @@
+"""Occurrence of the auroral classes per MLT bin: counts, ratios, intervals, confusion correction.
+
+Pure functions: a pandas or dask DataFrame of frames in (``mlt`` in hours, ``label``, and
+``time_utc`` when grouping), the DESIGN.md section 3 table or an xarray Dataset out. Bin indices
+are computed in integer nanoseconds of MLT, so 06:03:00 falls in bin 1 of 3-minute bins exactly.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import xarray as xr
+
+from pipeline.classes import CLASS_LONG_NAMES, CLASSES
+from pipeline.errors import InputError
+from pipeline.mlt import NS_PER_DAY, NS_PER_HOUR, to_utc_ns, ut_to_mlt
+
+GROUPINGS = ("year", "winter", "day")
+#: Two-sided 95% normal quantile for the Wilson score interval.
+Z95 = 1.959963984540054
+#: Pseudo bin indices of the long count table: frames outside the MLT range, frames without MLT.
+DROPPED_BIN = -1
+MISSING_BIN = -2
+COUNT_COLUMNS = ("group", "bin", "cls", "n")
+
+
+# ----------------------------------------------------------------------------- bins
+
+
+@dataclass(frozen=True)
+class BinSpec:
+    """Equal MLT bins ``[start + i w, start + (i + 1) w)`` in integer nanoseconds of MLT."""
+
+    start_ns: int
+    width_ns: int
+    nbins: int
+    label: str = ""
+
+    @property
+    def end_ns(self) -> int:
+        return self.start_ns + self.nbins * self.width_ns
+
+    @property
+    def edges(self) -> np.ndarray:
+        """Bin edges in float hours (nbins + 1 values; the last is exactly the range end)."""
+        return (self.start_ns + np.arange(self.nbins + 1, dtype=np.int64) * self.width_ns) / (
+            NS_PER_HOUR
+        )
+
+    @property
+    def width_hours(self) -> float:
+        return self.width_ns / NS_PER_HOUR
+
+    @property
+    def mlt_range(self) -> tuple[float, float]:
+        return self.start_ns / NS_PER_HOUR, self.end_ns / NS_PER_HOUR
+
+
+def make_bins(bins: str | pd.Timedelta = "3min", mlt_range=(6.0, 18.0)) -> BinSpec:
+    """Bins of width ``bins`` (pandas offset: '3min', '5min', '0.5h') spanning ``mlt_range`` hours."""
+    try:
+        width = pd.Timedelta(bins).value
+    except (ValueError, TypeError):
+        try:
+            width = pd.tseries.frequencies.to_offset(bins).nanos
+        except (ValueError, TypeError):
+            raise InputError(
+                f"bin width {bins!r} is not a duration; use a pandas offset such as 3min, 5min, 0.5h"
+            ) from None
+    start, end = (float(v) for v in mlt_range)
+    if not 0.0 <= start < end <= 24.0:
+        raise InputError(f"MLT range {start:g} {end:g}: need 0 <= start < end <= 24 hours")
+    start_ns, end_ns = round(start * NS_PER_HOUR), round(end * NS_PER_HOUR)
+    if width <= 0 or width > end_ns - start_ns:
+        raise InputError(f"bin width {bins!r} must be positive and at most the MLT range")
+    nbins, rest = divmod(end_ns - start_ns, width)
+    if rest:
+        raise InputError(
+            f"bin width {bins!r} does not divide the MLT range {start:g}-{end:g} h into whole "
+            "bins; choose a width that does (e.g. 3min, 5min, 0.5h)"
+        )
+    return BinSpec(int(start_ns), int(width), int(nbins), str(bins))
+
+
+def bin_index(mlt_hours: np.ndarray, spec: BinSpec) -> np.ndarray:
+    """Bin of each MLT (hours): 0..nbins-1, DROPPED_BIN outside the range, MISSING_BIN for NaN."""
+    mlt = np.asarray(mlt_hours, dtype=float)
+    missing = ~np.isfinite(mlt)
+    # Round to whole nanoseconds: float hours carry ~1e-15 h of noise, far below 1 ns.
+    ns = np.rint(np.where(missing, 0.0, mlt) * NS_PER_HOUR).astype(np.int64)
+    rel = ns - spec.start_ns
+    idx = rel // spec.width_ns
+    out = np.where((rel >= 0) & (idx < spec.nbins), idx, DROPPED_BIN)
+    out[missing] = MISSING_BIN
+    return out.astype(np.int64)
+
+
+# ----------------------------------------------------------------------------- grouping
+
+
+def group_keys(times, by: str) -> np.ndarray:
+    """Integer group of each UTC time: calendar ``year``, ``winter`` (Jul-Jun season named by its
+    December's year: 2004-01-10 -> 2003) or ``day`` (days since 1970-01-01, UT date)."""
+    if by not in GROUPINGS:
+        raise InputError(f"unknown grouping {by!r}; allowed: {', '.join(GROUPINGS)}")
+    ns = to_utc_ns(times)
+    if (ns == np.iinfo(np.int64).min).any():
+        raise InputError(f"grouping by {by} needs a time for every frame; some times are missing")
+    if by == "day":
+        return ns // NS_PER_DAY
+    months = ns.astype("datetime64[ns]").astype("datetime64[M]").astype(np.int64)
+    year = months // 12 + 1970
+    if by == "year":
+        return year
+    return year - ((months % 12) < 6)  # Jan-Jun belong to the winter of the previous December
+
+
+def group_values(keys: np.ndarray, by: str) -> Any:
+    """The group column for integer keys: ints for year/winter, dates (datetime64) for day."""
+    keys = np.asarray(keys, dtype=np.int64)
+    if by == "day":
+        return (keys * NS_PER_DAY).astype("datetime64[ns]")
+    return keys.astype(np.int32)
+
+
+# ----------------------------------------------------------------------------- counting
+
+
+def label_codes(labels) -> np.ndarray:
+    """Class index (CLASSES order) of each label name; -1 for missing; unknown names raise."""
+    if isinstance(labels, pd.Series):
+        labels = labels.array
+    cat = pd.Categorical(labels, categories=list(CLASSES))
+    codes = np.asarray(cat.codes, dtype=np.int64)
+    if not (codes < 0).any():
+        return codes
+    bad = (codes < 0) & ~np.asarray(pd.isna(labels))
+    if bad.any():
+        unknown = sorted({str(v) for v in np.asarray(labels, dtype=object)[bad]})[:5]
+        raise InputError(
+            f"unknown labels {', '.join(unknown)}; allowed classes: {', '.join(CLASSES)}"
+        )
+    return codes
+
+
+def _partition_counts(
+    pdf: pd.DataFrame, spec: BinSpec, by: str | None, mlt_col: str, label_col: str, time_col: str
+) -> pd.DataFrame:
+    """Long counts (group, bin, cls, n) of one partition; run as is on pandas, per partition on dask."""
+    k = len(CLASSES)
+    b = bin_index(pdf[mlt_col].to_numpy(dtype=float, na_value=np.nan), spec)
+    c = label_codes(pdf[label_col])
+    b = np.where(c < 0, MISSING_BIN, b)  # a frame without a label is missing, like one without MLT
+    c = np.where(c < 0, 0, c)
+    if by is None:
+        gkeys, ginv = np.zeros(1, dtype=np.int64), np.zeros(len(pdf), dtype=np.int64)
+    else:
+        gkeys, ginv = np.unique(group_keys(pdf[time_col], by), return_inverse=True)
+    nb = spec.nbins + 2  # + the two pseudo bins
+    key = (ginv * nb + (b - MISSING_BIN)) * k + c
+    n = np.bincount(key, minlength=len(gkeys) * nb * k)
+    nz = np.flatnonzero(n)
+    g, rem = np.divmod(nz, nb * k)
+    bb, cc = np.divmod(rem, k)
+    return pd.DataFrame(
+        {
+            "group": gkeys[g].astype(np.int64),
+            "bin": (bb + MISSING_BIN).astype(np.int64),
+            "cls": cc.astype(np.int64),
+            "n": n[nz].astype(np.int64),
+        }
+    )
+
+
+def _is_dask(df: Any) -> bool:
+    return hasattr(df, "map_partitions") and hasattr(df, "npartitions")
+
+
+def count_bins(
+    df,
+    spec: BinSpec,
+    by: str | None = None,
+    mlt_col: str = "mlt",
+    label_col: str = "label",
+    time_col: str = "time_utc",
+) -> pd.DataFrame:
+    """Frames per (group, bin, class) of a pandas or dask DataFrame, as a small long table."""
+    need = [mlt_col, label_col] + ([time_col] if by else [])
+    missing = [c for c in need if c not in df.columns]
+    if missing:
+        raise InputError(
+            f"the frames table lacks column(s) {', '.join(missing)}; it has {', '.join(df.columns)}"
+        )
+    args = (spec, by, mlt_col, label_col, time_col)
+    if _is_dask(df):
+        meta = pd.DataFrame({c: pd.Series(dtype="int64") for c in COUNT_COLUMNS})
+        # Each partition shrinks to <= groups x bins x classes rows; only those travel back.
+        parts = df[need].map_partitions(_partition_counts, *args, meta=meta).compute()
+    else:
+        parts = _partition_counts(df[need], *args)
+    out = parts.groupby(["group", "bin", "cls"], as_index=False, sort=True)["n"].sum()
+    return out.astype("int64")
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def wilson_interval(k, n, z: float = Z95) -> tuple[np.ndarray, np.ndarray]:
+    """Wilson score interval of a proportion k/n (NaN where n == 0)."""
+    k = np.asarray(k, dtype=float)
+    n = np.asarray(n, dtype=float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p = k / n
+        z2n = z * z / n
+        centre = (p + z2n / 2) / (1 + z2n)
+        half = z / (1 + z2n) * np.sqrt(p * (1 - p) / n + z2n / (4 * n))
+    low = np.where(n > 0, np.clip(centre - half, 0.0, 1.0), np.nan)
+    high = np.where(n > 0, np.clip(centre + half, 0.0, 1.0), np.nan)
+    return low, high
+
+
+def normalise_confusion(confusion) -> np.ndarray:
+    """Row-normalise a confusion matrix (rows true class, columns predicted; counts or rates)."""
+    c = np.asarray(confusion, dtype=float)
+    k = len(CLASSES)
+    if c.shape != (k, k):
+        raise InputError(f"confusion matrix must be {k}x{k} (classes {', '.join(CLASSES)})")
+    if not np.all(np.isfinite(c)) or (c < 0).any():
+        raise InputError("confusion matrix entries must be finite and non-negative")
+    rows = c.sum(axis=1, keepdims=True)
+    if (rows <= 0).any():
+        empty = [CLASSES[i] for i in np.flatnonzero(rows[:, 0] <= 0)]
+        raise InputError(f"confusion matrix has no frames of true class {', '.join(empty)}")
+    return c / rows
+
+
+def correct_proportions(observed, confusion) -> np.ndarray:
+    """True class proportions from observed predicted proportions (..., K) and a confusion matrix.
+
+    Solves min ||M^T p - q||^2 over the simplex (p >= 0, sum p = 1), with M the row-normalised
+    confusion matrix (M[i, j] = P(predicted j | true i)) and q the observed shares. The problem is
+    a small convex QP; it is solved exactly by trying every support set (2^K - 1 = 15 for the
+    four classes) with the equality-constrained least squares on it, and keeping the feasible
+    solution with the smallest residual. Rows of ``observed`` with no frames (all zero / NaN)
+    give NaN.
+    """
+    m = normalise_confusion(confusion)
+    q = np.asarray(observed, dtype=float)
+    shape = q.shape
+    q = q.reshape(-1, shape[-1])
+    tot = q.sum(axis=1, keepdims=True)
+    valid = np.isfinite(tot[:, 0]) & (tot[:, 0] > 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        q = np.where(valid[:, None], q / tot, 0.0)
+    a = m.T  # q ~ a @ p
+    k = a.shape[1]
+    best = np.full(q.shape, np.nan)
+    best_res = np.full(len(q), np.inf)
+    tol = 1e-12
+    for size in range(1, k + 1):
+        for support in itertools.combinations(range(k), size):
+            s = list(support)
+            a_s = a[:, s]
+            # KKT system of min ||a_s x - q||^2 subject to sum x = 1.
+            kkt = np.zeros((size + 1, size + 1))
+            kkt[:size, :size] = 2 * a_s.T @ a_s
+            kkt[:size, size] = 1.0
+            kkt[size, :size] = 1.0
+            rhs = np.concatenate([2 * q @ a_s, np.ones((len(q), 1))], axis=1)
+            sol = rhs @ np.linalg.pinv(kkt).T
+            x = sol[:, :size]
+            feasible = (x >= -tol).all(axis=1) & (np.abs(x.sum(axis=1) - 1) < 1e-9)
+            x = np.clip(x, 0.0, None)
+            res = ((x @ a_s.T - q) ** 2).sum(axis=1)
+            take = feasible & (res < best_res - 1e-15)
+            if take.any():
+                full = np.zeros((int(take.sum()), k))
+                full[:, s] = x[take]
+                best[take] = full
+                best_res[take] = res[take]
+    best = best / best.sum(axis=1, keepdims=True)
+    best[~valid] = np.nan
+    return best.reshape(shape)
+
+
+# ----------------------------------------------------------------------------- the table
+
+
+def occurrence_columns(by: str | None = None, ci: bool = False, corrected: bool = False) -> list:
+    """Column names of the occurrence table, in order (DESIGN.md section 3)."""
+    cols = ([by] if by else []) + ["mlt_start", "mlt_end", "n_frames"]
+    cols += [f"n_{c}" for c in CLASSES] + [f"ratio_{c}" for c in CLASSES]
+    if ci:
+        for c in CLASSES:
+            cols += [f"ci_low_{c}", f"ci_high_{c}"]
+    if corrected:
+        cols += [f"ratio_{c}_corrected" for c in CLASSES]
+    return cols
+
+
+def occurrence_schema(by: str | None = None, ci: bool = False, corrected: bool = False):
+    """Arrow schema of occurrence.parquet."""
+    fields = []
+    for name in occurrence_columns(by, ci, corrected):
+        if name == by:
+            fields.append((name, pa.timestamp("ns") if by == "day" else pa.int32()))
+        elif name.startswith("n_"):
+            fields.append((name, pa.int64()))
+        else:
+            fields.append((name, pa.float64()))
+    return pa.schema(fields)
+
+
+def occurrence_from_counts(
+    counts: pd.DataFrame,
+    spec: BinSpec,
+    by: str | None = None,
+    ci: bool = False,
+    confusion=None,
+) -> pd.DataFrame:
+    """The occurrence table (one row per bin, per group when grouped) from count_bins' long counts."""
+    k = len(CLASSES)
+    if by is None and len(counts) and (counts["group"] != 0).any():
+        counts = counts.assign(group=0)  # collapse a grouped count table over its groups
+    in_range = counts[counts["bin"] >= 0]
+    groups = np.unique(counts["group"].to_numpy()) if by else np.zeros(1, dtype=np.int64)
+    cube = np.zeros((len(groups), spec.nbins, k), dtype=np.int64)
+    if len(in_range):
+        gi = np.searchsorted(groups, in_range["group"].to_numpy())
+        np.add.at(cube, (gi, in_range["bin"].to_numpy(), in_range["cls"].to_numpy()), in_range["n"])
+    n_frames = cube.sum(axis=2)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = np.where(n_frames[..., None] > 0, cube / n_frames[..., None], np.nan)
+    edges = spec.edges
+    cols: dict[str, Any] = {}
+    if by:
+        cols[by] = np.repeat(group_values(groups, by), spec.nbins)
+    cols["mlt_start"] = np.tile(edges[:-1], len(groups))
+    cols["mlt_end"] = np.tile(edges[1:], len(groups))
+    cols["n_frames"] = n_frames.reshape(-1)
+    for i, c in enumerate(CLASSES):
+        cols[f"n_{c}"] = cube[..., i].reshape(-1)
+    for i, c in enumerate(CLASSES):
+        cols[f"ratio_{c}"] = ratio[..., i].reshape(-1)
+    if ci:
+        low, high = wilson_interval(cube, n_frames[..., None])
+        for i, c in enumerate(CLASSES):
+            cols[f"ci_low_{c}"] = low[..., i].reshape(-1)
+            cols[f"ci_high_{c}"] = high[..., i].reshape(-1)
+    if confusion is not None:
+        corr = correct_proportions(cube, confusion)
+        for i, c in enumerate(CLASSES):
+            cols[f"ratio_{c}_corrected"] = corr[..., i].reshape(-1)
+    table = pd.DataFrame(cols, columns=occurrence_columns(by, ci, confusion is not None))
+    dropped = counts.loc[counts["bin"] == DROPPED_BIN, "n"].sum()
+    missing = counts.loc[counts["bin"] == MISSING_BIN, "n"].sum()
+    table.attrs.update(
+        {
+            "bins": spec.label,
+            "bin_width_hours": spec.width_hours,
+            "mlt_range": list(spec.mlt_range),
+            "by": by,
+            "classes": list(CLASSES),
+            "n_binned": int(n_frames.sum()),
+            "n_dropped": int(dropped),
+            "n_missing": int(missing),
+            "ci": bool(ci),
+            "confusion": None
+            if confusion is None
+            else normalise_confusion(confusion).round(12).tolist(),
+        }
+    )
+    return table
+
+
+def occurrence_table(
+    df,
+    bins: str = "3min",
+    mlt_range=(6.0, 18.0),
+    by: str | None = None,
+    ci: bool = False,
+    confusion=None,
+    mlt_col: str = "mlt",
+    label_col: str = "label",
+    time_col: str = "time_utc",
+) -> pd.DataFrame:
+    """Occurrence table of a pandas or dask frames table (``mlt`` hours, ``label``, ``time_utc``).
+
+    attrs: n_binned, n_dropped (MLT outside the range), n_missing (no MLT or label), bins, ...
+    """
+    spec = make_bins(bins, mlt_range)
+    counts = count_bins(df, spec, by, mlt_col, label_col, time_col)
+    return occurrence_from_counts(counts, spec, by, ci, confusion)
+
+
+def hourly_summary(table: pd.DataFrame, hours: float = 1.0) -> pd.DataFrame:
+    """Counts and ratios of an ungrouped table aggregated to ``hours``-wide MLT blocks.
+
+    Each bin goes to the block its start falls in (exact when the bins nest in the blocks, as
+    3min, 5min and 0.5h bins do in hours).
+    """
+    if any(g in table.columns for g in GROUPINGS):
+        raise InputError("hourly_summary needs an ungrouped occurrence table")
+    start = table["mlt_start"].to_numpy(float)
+    block = np.floor(start / hours + 1e-9) * hours
+    if table["mlt_end"].max() - table["mlt_start"].min() <= 0:
+        raise InputError("occurrence table has no bins")
+    ncols = ["n_frames"] + [f"n_{c}" for c in CLASSES]
+    agg = table[ncols].groupby(block).sum()
+    out = pd.DataFrame({"mlt_start": agg.index.to_numpy(float)})
+    out["mlt_end"] = np.minimum(out["mlt_start"] + hours, table["mlt_end"].max())
+    for c in ncols:
+        out[c] = agg[c].to_numpy()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for c in CLASSES:
+            out[f"ratio_{c}"] = np.where(
+                out["n_frames"] > 0, out[f"n_{c}"] / out["n_frames"], np.nan
+            )
+    return out
+
+
+def add_mlt(df, station, method: str | None = None, time_col: str = "time_utc"):
+    """``df`` with an ``mlt`` column computed from ``time_col`` (pandas or dask, same code)."""
+    if time_col not in df.columns:
+        raise InputError(f"the frames table has no {time_col!r} column to compute MLT from")
+
+    def _one(pdf: pd.DataFrame) -> pd.DataFrame:
+        return pdf.assign(mlt=ut_to_mlt(pdf[time_col], station, method))
+
+    if _is_dask(df):
+        meta = df._meta.assign(mlt=pd.Series(dtype="float64"))
+        return df.map_partitions(_one, meta=meta)
+    return _one(df)
+
+
+# ----------------------------------------------------------------------------- xarray
+
+
+def _nc_attr(value: Any) -> Any:
+    """NetCDF attributes hold numbers, strings and number lists only."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) for v in value):
+        return list(value)
+    if isinstance(value, (int, float, str)):
+        return value
+    return str(value)
+
+
+def to_dataset(
+    table: pd.DataFrame,
+    station: str | None = None,
+    method: str | None = None,
+    source: str | None = None,
+) -> xr.Dataset:
+    """The occurrence table as an xarray Dataset, dims ([group,] mlt_bin, class), CF-style attrs."""
+    by = table.attrs.get("by")
+    if by is None:
+        by = next((g for g in GROUPINGS if g in table.columns), None)
+    if by:
+        groups = pd.unique(table[by])
+        g = len(groups)
+    else:
+        groups, g = None, 1
+    nrows = len(table)
+    if nrows % g:
+        raise InputError("occurrence table: every group must have the same bins")
+    nbins = nrows // g
+    dims = ((by,) if by else ()) + ("mlt_bin",)
+    shape = ((g,) if by else ()) + (nbins,)
+
+    def arr(col: str) -> np.ndarray:
+        return table[col].to_numpy().reshape(shape)
+
+    def stack(fmt: str) -> np.ndarray:
+        return np.stack([arr(fmt.format(c)) for c in CLASSES], axis=-1)
+
+    start = table["mlt_start"].to_numpy()[:nbins]
+    end = table["mlt_end"].to_numpy()[:nbins]
+    coords: dict[str, Any] = {
+        "mlt_bin": ("mlt_bin", np.arange(nbins, dtype=np.int32), {"long_name": "MLT bin index"}),
+        "class": ("class", np.array(CLASSES, dtype=object), {"long_name": "auroral class"}),
+        "mlt_start": (
+            "mlt_bin",
+            start,
+            {"units": "hours", "long_name": "magnetic local time at bin start (inclusive)"},
+        ),
+        "mlt_end": (
+            "mlt_bin",
+            end,
+            {"units": "hours", "long_name": "magnetic local time at bin end (exclusive)"},
+        ),
+        "mlt": (
+            "mlt_bin",
+            (start + end) / 2,
+            {
+                "units": "hours",
+                "long_name": "magnetic local time at bin centre",
+                "standard_name": "magnetic_local_time",
+                "bounds": "mlt_bounds",
+            },
+        ),
+        "mlt_bounds": (("mlt_bin", "nv"), np.stack([start, end], axis=1), {"units": "hours"}),
+    }
+    if by:
+        gattrs = {
+            "long_name": {
+                "year": "calendar year (UT)",
+                "winter": "winter (year of its December)",
+                "day": "UT date",
+            }[by]
+        }
+        coords[by] = (by, np.asarray(groups), gattrs)
+    cdims = dims + ("class",)
+    data: dict[str, Any] = {
+        "n_frames": (dims, arr("n_frames"), {"units": "1", "long_name": "frames in bin"}),
+        "count": (
+            cdims,
+            stack("n_{}"),
+            {"units": "1", "long_name": "frames of each class in bin"},
+        ),
+        "ratio": (
+            cdims,
+            stack("ratio_{}"),
+            {"units": "1", "long_name": "occurrence ratio: class frames / all frames in bin"},
+        ),
+    }
+    if f"ci_low_{CLASSES[0]}" in table.columns:
+        data["ci_low"] = (
+            cdims,
+            stack("ci_low_{}"),
+            {"units": "1", "long_name": "Wilson 95% interval, lower bound of ratio"},
+        )
+        data["ci_high"] = (
+            cdims,
+            stack("ci_high_{}"),
+            {"units": "1", "long_name": "Wilson 95% interval, upper bound of ratio"},
+        )
+    if f"ratio_{CLASSES[0]}_corrected" in table.columns:
+        data["ratio_corrected"] = (
+            cdims,
+            stack("ratio_{}_corrected"),
+            {
+                "units": "1",
+                "long_name": "occurrence ratio corrected for classifier confusion",
+            },
+        )
+    conf = table.attrs.get("confusion")
+    if conf is not None:
+        data["confusion"] = (
+            ("true_class", "class"),
+            np.asarray(conf, dtype=float),
+            {"units": "1", "long_name": "row-normalised confusion matrix (rows true class)"},
+        )
+        coords["true_class"] = ("true_class", np.array(CLASSES, dtype=object))
+    ds = xr.Dataset(data, coords=coords)
+    attrs = {
+        "title": "Occurrence of dayside auroral classes per magnetic local time bin",
+        "Conventions": "CF-1.8",
+        "station": station,
+        "mlt_method": method,
+        "source": source,
+        "class_long_names": ", ".join(CLASS_LONG_NAMES[c] for c in CLASSES),
+        "bin_edges_hours": list(map(float, np.append(start, end[-1:]))),
+    }
+    for key in ("bins", "bin_width_hours", "mlt_range", "by", "n_binned", "n_dropped", "n_missing"):
+        if key in table.attrs:
+            attrs[key] = table.attrs[key]
+    ds.attrs = {k: _nc_attr(v) for k, v in attrs.items()}
+    return ds

@@ -1,0 +1,313 @@
+"""The ``occurrence`` stage: read predictions or expert labels, bin by MLT, write table/NetCDF/figure.
+
+Inputs (PRED):
+- a predictions directory (Parquet dataset of ``shard-*.parquet``, DESIGN.md section 3), read
+  with dask.dataframe so archives of any size stream through partition by partition;
+- one Parquet file with ``time_utc`` and ``label`` columns (class names);
+- a label text file like ``Alllabel2003_38044.txt``: lines ``N20031221G030001  1`` (the frame
+  name in the station's filename pattern, then the numeric code 1..4 of pipeline.classes, or a
+  class name).
+MLT is always recomputed from ``time_utc`` with the chosen method, so one archive can be binned
+with either method; a table with ``mlt`` but no ``time_utc`` is binned on its stored MLT.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from pipeline.classes import CLASSES, LABEL_CODES
+from pipeline.config import StationConfig, load_station
+from pipeline.errors import InputError
+from pipeline.occurrence import (
+    add_mlt,
+    count_bins,
+    hourly_summary,
+    make_bins,
+    normalise_confusion,
+    occurrence_from_counts,
+    occurrence_schema,
+    to_dataset,
+)
+from pipeline.storage import atomic_path, write_table
+
+OUTPUT_NAMES = (
+    "occurrence.parquet",
+    "occurrence.nc",
+    "occurrence.png",
+    "occurrence.pdf",
+    "occurrence.md",
+    "occurrence_run.json",
+)
+
+
+# ----------------------------------------------------------------------------- readers
+
+
+def read_label_file(path: str | os.PathLike, station: StationConfig) -> pd.DataFrame:
+    """Expert label text file -> DataFrame(name, time_utc, label); bad lines raise InputError."""
+    p = Path(path)
+    try:
+        raw = pd.read_csv(
+            p, sep=r"\s+", header=None, names=["name", "code"], dtype=str, comment="#"
+        )
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise InputError(
+            f"{p}: not a label file of lines '<frame name> <label>' ({exc})".splitlines()[0]
+        ) from None
+    if raw.empty:
+        raise InputError(f"{p}: no label lines found")
+    if raw["code"].isna().any():
+        line = int(np.flatnonzero(raw["code"].isna().to_numpy())[0]) + 1
+        raise InputError(f"{p}: line {line} has no label; expected '<frame name> <label>'")
+    # The name may carry an extension (N20031221G030001.jpg): strip it before parsing.
+    names = raw["name"].str.replace(r"\.[A-Za-z0-9.]+$", "", regex=True)
+    times = pd.to_datetime(names, format=station.filename_pattern, errors="coerce", utc=True)
+    if times.isna().any():
+        line = int(np.flatnonzero(times.isna().to_numpy())[0]) + 1
+        raise InputError(
+            f"{p}: line {line}: {raw['name'].iloc[line - 1]!r} does not match the station's "
+            f"filename pattern {station.filename_pattern!r} (choose the station with --station)"
+        )
+    codes = raw["code"]
+    numeric = pd.to_numeric(codes, errors="coerce")
+    if numeric.notna().all():
+        labels = numeric.astype(int).map(LABEL_CODES)
+    else:
+        labels = codes.str.lower().where(codes.str.lower().isin(CLASSES))
+    if labels.isna().any():
+        line = int(np.flatnonzero(labels.isna().to_numpy())[0]) + 1
+        allowed = ", ".join(f"{k} ({v})" for k, v in LABEL_CODES.items())
+        raise InputError(
+            f"{p}: line {line}: unknown label {codes.iloc[line - 1]!r}; allowed: {allowed}"
+        )
+    return pd.DataFrame(
+        {"name": raw["name"], "time_utc": times, "label": pd.Categorical(labels, CLASSES)}
+    )
+
+
+def _parquet_columns(path: Path) -> list[str]:
+    try:
+        return pq.read_schema(path).names
+    except Exception as exc:  # pyarrow raises several types for a file that is not Parquet
+        raise InputError(f"{path}: not a readable Parquet file ({exc})") from None
+
+
+def _columns_to_read(path: Path, available: list[str]) -> list[str]:
+    if "label" not in available:
+        raise InputError(
+            f"{path}: no 'label' column (has {', '.join(available)}); expected predictions "
+            "with time_utc and label (DESIGN.md section 3)"
+        )
+    if "time_utc" in available:
+        return ["time_utc", "label"]
+    if "mlt" in available:
+        return ["mlt", "label"]
+    raise InputError(f"{path}: needs a 'time_utc' (or 'mlt') column besides 'label'")
+
+
+def read_predictions(source: str | os.PathLike, station: StationConfig):
+    """PRED as a frames table: dask DataFrame for a predictions directory, pandas otherwise."""
+    p = Path(source)
+    if p.is_dir():
+        files = sorted(p.glob("shard-*.parquet")) or sorted(p.glob("*.parquet"))
+        if not files:
+            raise InputError(
+                f"{p}: no shard-*.parquet files; give a classify-archive predictions directory"
+            )
+        import dask.dataframe as dd
+
+        cols = _columns_to_read(files[0], _parquet_columns(files[0]))
+        return dd.read_parquet([str(f) for f in files], columns=cols)
+    if not p.is_file():
+        raise InputError(f"{p}: no such file or directory")
+    if p.suffix.lower() in (".parquet", ".pq"):
+        cols = _columns_to_read(p, _parquet_columns(p))
+        return pd.read_parquet(p, columns=cols)
+    return read_label_file(p, station)
+
+
+def read_confusion(path: str | os.PathLike) -> np.ndarray:
+    """confusion.parquet -> (K, K) counts, rows true class and columns predicted, CLASSES order.
+
+    Accepted format (the evaluate stage's confusion.parquet): one row per true class, a string
+    column ``true`` with the class name, and one numeric column per predicted class named
+    ``<class>`` or ``pred_<class>`` (counts or row-normalised rates; any row order).
+    """
+    p = Path(path)
+    cols = _parquet_columns(p)
+    df = pd.read_parquet(p)
+    fix = f"expected a 'true' column and columns {', '.join(CLASSES)} (rows: true classes)"
+    if "true" not in cols:
+        raise InputError(f"{p}: no 'true' column; {fix}")
+    pred_cols = []
+    for c in CLASSES:
+        if c in cols:
+            pred_cols.append(c)
+        elif f"pred_{c}" in cols:
+            pred_cols.append(f"pred_{c}")
+        else:
+            raise InputError(f"{p}: no column for predicted class {c!r}; {fix}")
+    true = df["true"].astype(str).str.lower().tolist()
+    if sorted(true) != sorted(CLASSES):
+        raise InputError(f"{p}: 'true' holds {true}; need each of {', '.join(CLASSES)} once")
+    df = df.assign(true=true).set_index("true").loc[list(CLASSES), pred_cols]
+    try:
+        matrix = df.to_numpy(dtype=float)
+    except (TypeError, ValueError):
+        raise InputError(f"{p}: confusion entries must be numbers") from None
+    try:
+        normalise_confusion(matrix)
+    except InputError as exc:
+        raise InputError(f"{p}: {exc}") from None
+    return matrix
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def summary_markdown(hourly: pd.DataFrame, info: dict[str, Any], command: str | None = None) -> str:
+    """Markdown: what was binned and the per-hour share of each class."""
+    lines = ["# Occurrence per MLT hour", ""]
+    if command:
+        lines += ["Made with:", "", "```", command, "```", ""]
+    lines += [
+        f"- source: `{info['source']}`",
+        f"- station: {info['station']}, MLT method: {info['mlt_method']}",
+        f"- bins: {info['bins']} over {info['mlt_range'][0]:g}-{info['mlt_range'][1]:g} MLT "
+        f"({info['n_bins']} bins)",
+        f"- frames binned: {info['n_binned']:,}; outside the MLT range: {info['n_dropped']:,}; "
+        f"without time or label: {info['n_missing']:,}",
+        "",
+    ]
+    head = ["MLT", "frames"] + [f"{c} %" for c in CLASSES]
+    lines += ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * 5) + "|"]
+    for _, row in hourly.iterrows():
+        cells = [f"{row['mlt_start']:05.2f}-{row['mlt_end']:05.2f}", f"{int(row['n_frames']):,}"]
+        for c in CLASSES:
+            r = row[f"ratio_{c}"]
+            cells.append("" if pd.isna(r) else f"{100 * r:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    tot = hourly["n_frames"].sum()
+    cells = ["all", f"{int(tot):,}"]
+    for c in CLASSES:
+        cells.append(f"{100 * hourly[f'n_{c}'].sum() / tot:.1f}" if tot else "")
+    lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def command_line(
+    pred, out, bins, mlt_range, station, mlt_method, by, ci, correct, min_frames, regions
+) -> str:
+    """The CLI command that reproduces a run (recorded in occurrence.md)."""
+    parts = ["aurora-pipeline", "occurrence", str(pred), "--bins", str(bins)]
+    parts += ["--mlt-range", f"{mlt_range[0]:g}", f"{mlt_range[1]:g}"]
+    parts += ["--station", station if isinstance(station, str) else station.code]
+    if mlt_method:
+        parts += ["--mlt-method", mlt_method]
+    if by:
+        parts += ["--by", by]
+    if ci:
+        parts.append("--ci")
+    if correct is not None:
+        parts += ["--correct", str(correct)]
+    if min_frames:
+        parts += ["--min-frames", str(min_frames)]
+    if regions is not None:
+        parts += ["--regions", str(regions)]
+    return " ".join(parts + ["--out", str(out)])
+
+
+def run_occurrence(
+    pred: str | os.PathLike,
+    out: str | os.PathLike,
+    bins: str = "3min",
+    mlt_range: tuple[float, float] = (6.0, 18.0),
+    station: str | StationConfig = "yrs",
+    mlt_method: str | None = None,
+    by: str | None = None,
+    ci: bool = False,
+    correct: str | os.PathLike | None = None,
+    min_frames: int = 0,
+    regions: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """The occurrence stage; returns a summary dict (also written to occurrence_run.json)."""
+    from pipeline.plots import plot_occurrence, save_figure
+
+    command = command_line(
+        pred, out, bins, mlt_range, station, mlt_method, by, ci, correct, min_frames, regions
+    )
+
+    st = station if isinstance(station, StationConfig) else load_station(station)
+    method = mlt_method or st.mlt.method
+    spec = make_bins(bins, mlt_range)  # option errors before any reading
+    confusion = read_confusion(correct) if correct is not None else None
+    frames = read_predictions(pred, st)
+    if "time_utc" in frames.columns:
+        frames = add_mlt(frames, st, method)
+    else:
+        if by:
+            raise InputError(f"{pred}: grouping by {by} needs a 'time_utc' column")
+        method = "stored"
+    if hasattr(frames, "npartitions") and frames.npartitions > 1:
+        from tqdm.dask import TqdmCallback
+
+        with TqdmCallback(desc="occurrence", unit="task"):
+            counts = count_bins(frames, spec, by)
+    else:
+        counts = count_bins(frames, spec, by)
+    table = occurrence_from_counts(counts, spec, by, ci, confusion)
+    overall = occurrence_from_counts(counts, spec, None, ci, confusion) if by else table
+    hourly = hourly_summary(overall)
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    info: dict[str, Any] = {
+        "source": str(pred),
+        "station": st.code,
+        "mlt_method": method,
+        "bins": spec.label,
+        "mlt_range": list(spec.mlt_range),
+        "n_bins": spec.nbins,
+        "by": by,
+        "ci": ci,
+        "correct": None if correct is None else str(correct),
+        "min_frames": min_frames,
+        "command": command,
+        "n_binned": table.attrs["n_binned"],
+        "n_dropped": table.attrs["n_dropped"],
+        "n_missing": table.attrs["n_missing"],
+        "outputs": [str(out / n) for n in OUTPUT_NAMES],
+    }
+    table.attrs.update(station=st.code, mlt_method=method, source=str(pred))
+    write_table(table, out / "occurrence.parquet", occurrence_schema(by, ci, confusion is not None))
+    ds = to_dataset(table, station=st.name, method=method, source=str(pred))
+    with atomic_path(out / "occurrence.nc") as tmp:
+        ds.to_netcdf(tmp, engine="netcdf4")
+    title = f"{st.code.upper()}: {info['n_binned']:,} frames, {spec.label} bins, MLT: {method}"
+    fig = plot_occurrence(overall, regions, min_frames=min_frames, title=title)
+    save_figure(fig, out / "occurrence.png", dpi=300)
+    save_figure(fig, out / "occurrence.pdf")
+    with atomic_path(out / "occurrence.md") as tmp:
+        tmp.write_text(summary_markdown(hourly, info, command))
+    with atomic_path(out / "occurrence_run.json") as tmp:
+        tmp.write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def format_summary(info: dict[str, Any]) -> str:
+    """The one-paragraph summary the CLI prints."""
+    return (
+        f"binned {info['n_binned']:,} frames into {info['n_bins']} bins of {info['bins']} "
+        f"({info['mlt_range'][0]:g}-{info['mlt_range'][1]:g} MLT, {info['mlt_method']}); "
+        f"dropped {info['n_dropped']:,} outside the range, {info['n_missing']:,} without "
+        f"time or label\nwrote {', '.join(re.sub(r'^.*/', '', o) for o in info['outputs'])} "
+        f"to {Path(info['outputs'][0]).parent}"
+    )
