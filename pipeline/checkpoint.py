@@ -85,6 +85,7 @@ def save_checkpoint(out_dir: str | os.PathLike, model: nn.Module, meta: dict | N
             "classes": classes,
             "input_size": build["input_size"],
             "in_chans": build["in_chans"],
+            "feature_dim": int(model.feature_dim),
             "build": build,
             "model_input": model_input_params(build["input_size"]),
             "torch_version": torch.__version__,

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
@@ -97,7 +99,23 @@ def resnet18(in_chans: int = 1) -> Backbone:
 
 
 def _timm_inception_map(key: str) -> str | None:
-    return None if key.startswith("last_linear.") else "trunk." + key
+    if key.startswith("last_linear."):
+        return None
+    return "trunk.net." + key
+
+
+class _MinSize(nn.Module):
+    """Upsample inputs smaller than ``min_size`` (Inception-v4's valid convs need >= 75 px)."""
+
+    def __init__(self, net: nn.Module, min_size: int) -> None:
+        super().__init__()
+        self.net = net
+        self.min_size = min_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if min(x.shape[-2:]) < self.min_size:
+            x = F.interpolate(x, size=(self.min_size, self.min_size), mode="bilinear")
+        return self.net(x)
 
 
 def inception_v4(in_chans: int = 1) -> Backbone:
@@ -112,12 +130,12 @@ def inception_v4(in_chans: int = 1) -> Backbone:
     net = timm.create_model("inception_v4", pretrained=False, num_classes=0, in_chans=in_chans)
     return Backbone(
         "inception-v4",
-        net,
+        _MinSize(net, 75),
         nn.Identity(),
         nn.Identity(),
         int(net.num_features),
         _timm_inception_map,
-        "trunk.features.0.conv.weight",
+        "trunk.net.features.0.conv.weight",
     )
 
 

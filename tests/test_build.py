@@ -1,0 +1,203 @@
+"""Variant registry: every variant builds and runs at 64/112/227 px; input transform; ImageNet init."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from pipeline.errors import CheckpointError, ConfigError, InputError
+from pipeline.models import (
+    INPUT_MEAN,
+    INPUT_STD,
+    VARIANTS,
+    build_model,
+    model_input_params,
+    to_model_input,
+)
+
+HAS_TIMM = importlib.util.find_spec("timm") is not None
+SIZES = (64, 112, 227)
+FEATURE_DIM = {"resnet18": 512, "inception-v4": 1536}
+RUNNABLE = [v for v in VARIANTS if v != "inception-v4" or HAS_TIMM]
+
+_CACHE: dict[str, torch.nn.Module] = {}
+
+
+def _model(variant: str) -> torch.nn.Module:
+    """One eval-mode model per variant for the whole module (VGG16 takes a second to build)."""
+    if variant not in _CACHE:
+        torch.manual_seed(0)
+        _CACHE[variant] = build_model(variant).eval()
+    return _CACHE[variant]
+
+
+def test_registry_names():
+    assert VARIANTS == (
+        "alexnet",
+        "stn-alexnet",
+        "lsoftmax-alexnet",
+        "stn-lsoftmax-alexnet",
+        "vgg16",
+        "inception-v4",
+        "resnet18",
+    )
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("variant", RUNNABLE)
+def test_variant_forward_and_features(variant, size):
+    model = _model(variant)
+    batch = 1 if variant in ("vgg16", "inception-v4") else 2
+    x = to_model_input(np.random.default_rng(0).random((batch, 96, 96), dtype=np.float32), size)
+    assert x.shape == (batch, 1, size, size)
+    with torch.no_grad():
+        feats = model.features(x)
+        logits = model(x)
+    dim = FEATURE_DIM.get(variant, 4096)
+    assert model.feature_dim == dim
+    assert feats.shape == (batch, dim)
+    assert logits.shape == (batch, 4)
+    assert torch.isfinite(logits).all() and torch.isfinite(feats).all()
+
+
+@pytest.mark.skipif(HAS_TIMM, reason="timm is installed")
+def test_inception_without_timm_says_how_to_install():
+    with pytest.raises(ConfigError, match=r"pip install 'aurora-pipeline\[baselines\]'"):
+        build_model("inception-v4")
+
+
+def test_lsoftmax_variants_use_margin_only_when_training():
+    torch.manual_seed(0)
+    model = build_model("stn-lsoftmax-alexnet", lambda_schedule={"base": 0.0, "floor": 0.0})
+    assert model.lsoftmax is not None and model.lsoftmax.margin == 3
+    assert _model("alexnet").lsoftmax is None
+    x = torch.randn(4, 1, 64, 64)
+    y = torch.tensor([0, 1, 2, 3])
+    model.train()
+    torch.manual_seed(1)
+    margin = model(x, y)
+    torch.manual_seed(1)  # same dropout mask
+    plain = model(x)
+    assert not torch.allclose(margin, plain)
+    # the target logit is only ever lowered (psi <= cos)
+    assert (margin.gather(1, y[:, None]) <= plain.gather(1, y[:, None]) + 1e-4).all()
+    model.eval()
+    assert torch.equal(model(x, y), model(x))
+    # the plain variants accept (and ignore) a target, so training code needs no special case
+    plain_model = _model("alexnet")
+    assert torch.equal(plain_model(x, y), plain_model(x))
+
+
+def test_build_arguments_are_recorded_and_checked():
+    model = build_model(
+        "lsoftmax-alexnet", input_size=112, lsoftmax_m=2, lambda_schedule={"base": 5}
+    )
+    assert model.build_kwargs["input_size"] == 112
+    assert model.build_kwargs["lsoftmax_m"] == 2
+    assert model.build_kwargs["lambda_schedule"]["base"] == 5.0
+    assert model.lsoftmax.lam == 15.0  # base 5 below the default floor 15
+    with pytest.raises(ConfigError, match="allowed: alexnet, stn-alexnet"):
+        build_model("lenet")
+    with pytest.raises(ConfigError, match=">= 64"):
+        build_model("alexnet", input_size=32)
+    with pytest.raises(ConfigError, match="unknown lambda schedule key 'decay'"):
+        build_model("lsoftmax-alexnet", lambda_schedule={"decay": 1})
+    with pytest.raises(ConfigError, match="lsoftmax_m"):
+        build_model("lsoftmax-alexnet", lsoftmax_m=0)
+
+
+def test_to_model_input():
+    rng = np.random.default_rng(0)
+    frames = rng.random((3, 80, 80), dtype=np.float32)
+    x = to_model_input(frames, 64)
+    assert x.dtype == torch.float32 and x.shape == (3, 1, 64, 64)
+    expected = F.interpolate(
+        torch.from_numpy(frames)[:, None], size=(64, 64), mode="bilinear", align_corners=False
+    )
+    assert torch.allclose(x, (expected - INPUT_MEAN) / INPUT_STD, atol=1e-6)
+    # no resize at the model size; constant mid-grey maps to 0
+    same = to_model_input(np.full((1, 64, 64), INPUT_MEAN, np.float32), 64)
+    assert torch.allclose(same, torch.zeros_like(same))
+    # uint8 frames are scaled by 255; tensors and (B, 1, H, W) give the same result
+    u8 = (frames * 255).round().astype(np.uint8)
+    assert torch.allclose(to_model_input(u8, 64), to_model_input(u8 / 255.0, 64), atol=1e-5)
+    assert torch.equal(to_model_input(torch.from_numpy(frames)[:, None], 64), x)
+    assert to_model_input(frames, 64, in_chans=3).shape == (3, 3, 64, 64)
+    with pytest.raises(InputError, match="got shape"):
+        to_model_input(frames[0], 64)
+    with pytest.raises(ConfigError):
+        to_model_input(frames, 16)
+    params = model_input_params(227)
+    assert (
+        params["mean"] == INPUT_MEAN and params["std"] == INPUT_STD and params["input_size"] == 227
+    )
+
+
+def _tv_features(tv: torch.nn.Module, x3: torch.Tensor) -> torch.Tensor:
+    """FC7 (after ReLU) of a torchvision AlexNet."""
+    h = torch.flatten(tv.avgpool(tv.features(x3)), 1)
+    return tv.classifier[:6](h)
+
+
+def test_init_weights_from_local_torchvision_alexnet(tmp_path):
+    torch.manual_seed(3)
+    tv = torchvision.models.alexnet(weights=None).eval()  # random "ImageNet" weights
+    path = tmp_path / "alexnet-imagenet.pth"
+    torch.save(tv.state_dict(), path)
+    model = build_model("alexnet", init_weights=path).eval()
+    sd = model.state_dict()
+    assert torch.allclose(sd["trunk.0.weight"], tv.features[0].weight.sum(1, keepdim=True))
+    assert torch.equal(sd["neck.4.weight"], tv.classifier[4].weight)
+    assert sd["head.weight"].shape == (4, 4096)  # the 1000-class FC8 is not loaded
+    # the grey model answers a grey image as the RGB network answers it replicated on 3 channels
+    x = torch.rand(2, 1, 112, 112)
+    with torch.no_grad():
+        assert torch.allclose(
+            model.features(x), _tv_features(tv, x.expand(-1, 3, -1, -1)), atol=1e-4
+        )
+    # the STN variant loads the same backbone weights and keeps its identity transform
+    stn = build_model("stn-lsoftmax-alexnet", init_weights=path).eval()
+    with torch.no_grad():
+        assert torch.allclose(stn.features(x), model.features(x), atol=1e-4)
+
+
+def test_init_weights_resnet18_and_mismatches(tmp_path):
+    torch.manual_seed(4)
+    tv = torchvision.models.resnet18(weights=None)
+    rpath = tmp_path / "resnet18.pth"
+    torch.save({"state_dict": tv.state_dict()}, rpath)  # a wrapped state dict is accepted too
+    model = build_model("resnet18", init_weights=rpath)
+    assert torch.allclose(
+        model.state_dict()["trunk.conv1.weight"], tv.conv1.weight.sum(1, keepdim=True)
+    )
+    assert torch.equal(
+        model.state_dict()["trunk.layer4.1.bn2.running_var"], tv.layer4[1].bn2.running_var
+    )
+    with pytest.raises(CheckpointError, match="not torchvision alexnet weights"):
+        build_model("alexnet", init_weights=rpath)
+    with pytest.raises(CheckpointError, match="not found"):
+        build_model("alexnet", init_weights=tmp_path / "missing.pth")
+
+
+class _Payload:
+    """Unpickling this would run code: loading must refuse it."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_init_weights_refuses_pickled_objects(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    torch.save({"features.0.weight": torch.zeros(1), "x": _Payload(marker)}, path)
+    with pytest.raises(CheckpointError, match="weights_only"):
+        build_model("alexnet", init_weights=path)
+    assert not marker.exists()

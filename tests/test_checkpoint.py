@@ -1,0 +1,183 @@
+"""Checkpoints: round trip, refusal of other classes/variants, corrupt files, pickle safety."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import shutil
+
+import pytest
+import torch
+
+from pipeline.checkpoint import (
+    LEGACY_WEIGHTS_NAME,
+    META_NAME,
+    WEIGHTS_NAME,
+    load_checkpoint,
+    read_meta,
+    save_checkpoint,
+)
+from pipeline.classes import CLASSES
+from pipeline.errors import CheckpointError
+from pipeline.models import build_model
+
+
+@pytest.fixture(scope="module")
+def small_ckpt(tmp_path_factory):
+    """A ResNet-18 checkpoint (45 MB: the cheapest variant to write) and its model."""
+    torch.manual_seed(0)
+    model = build_model("resnet18", input_size=64).eval()
+    out = tmp_path_factory.mktemp("ckpt") / "resnet"
+    save_checkpoint(out, model, {"preprocess": {"crop_size": 440}, "metrics": {"val_acc": 0.7}})
+    return out, model
+
+
+def _copy(src, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_round_trip_same_outputs_and_schedule_state(tmp_path):
+    torch.manual_seed(1)
+    model = build_model("stn-lsoftmax-alexnet", input_size=64, lsoftmax_m=4)
+    for _ in range(7):
+        model.lsoftmax.step()
+    model.eval()
+    model_id = save_checkpoint(tmp_path / "ck", model, {"train_config": {"lr": 0.01}})
+    weights = tmp_path / "ck" / WEIGHTS_NAME
+    assert model_id == hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
+    assert not [p for p in (tmp_path / "ck").iterdir() if p.name.endswith(".part")]
+    loaded, meta = load_checkpoint(tmp_path / "ck", variant="stn-lsoftmax-alexnet")
+    assert not loaded.training
+    assert meta["model_id"] == model_id and meta["variant"] == "stn-lsoftmax-alexnet"
+    assert meta["classes"] == list(CLASSES) and meta["input_size"] == 64 and meta["in_chans"] == 1
+    assert meta["train_config"] == {"lr": 0.01} and meta["torch_version"] == torch.__version__
+    assert meta["backbone"] == "alexnet" and meta["model_input"]["std"] == 0.25
+    assert loaded.lsoftmax.margin == 4 and int(loaded.lsoftmax.schedule.iteration) == 7
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+        assert torch.equal(loaded.features(x), model.features(x))
+
+
+def test_meta_is_kept_and_readable(small_ckpt):
+    path, _ = small_ckpt
+    meta = read_meta(path)
+    assert meta == read_meta(path / WEIGHTS_NAME)
+    assert meta["preprocess"] == {"crop_size": 440} and meta["metrics"] == {"val_acc": 0.7}
+    assert meta["feature_dim"] == 512  # ResNet-18's pooled feature, not FC7
+    model, meta2 = load_checkpoint(path / WEIGHTS_NAME)  # the weights file itself can be named
+    assert meta2 == meta and model.variant == "resnet18"
+    assert set(meta) >= {"variant", "backbone", "classes", "input_size", "preprocess", "model_id"}
+
+
+def test_refuses_other_variant_or_classes(small_ckpt):
+    path, _ = small_ckpt
+    with pytest.raises(CheckpointError, match=r"variant 'resnet18', not the 'alexnet' asked for"):
+        load_checkpoint(path, variant="alexnet")
+    other = ("arc", "drapery", "hotspot", "radial")
+    with pytest.raises(CheckpointError, match=r"classes .* differ from the expected") as info:
+        load_checkpoint(path, classes=other)
+    assert str(path) in str(info.value) and "hotspot" in str(info.value)
+    model, _ = load_checkpoint(path, classes=None)  # None skips the check
+    assert model.variant == "resnet18"
+
+
+def test_refuses_missing_or_corrupt_meta(small_ckpt, tmp_path):
+    path, _ = small_ckpt
+    with pytest.raises(CheckpointError, match="no checkpoint here"):
+        load_checkpoint(tmp_path / "nothing")
+    d = _copy(path, tmp_path)
+    (d / META_NAME).write_text("{ not json")
+    with pytest.raises(CheckpointError, match="unreadable meta.json"):
+        load_checkpoint(d)
+    (d / META_NAME).write_text(json.dumps({"variant": "alexnet"}))
+    with pytest.raises(CheckpointError, match="lacks backbone, classes"):
+        read_meta(d)
+    (d / META_NAME).unlink()
+    with pytest.raises(CheckpointError, match="meta.json missing"):
+        load_checkpoint(d)
+
+
+def test_refuses_weights_that_do_not_fit(small_ckpt, tmp_path):
+    path, _ = small_ckpt
+    d = _copy(path, tmp_path)
+    meta = json.loads((d / META_NAME).read_text())
+    meta["variant"] = "alexnet"  # same weights, wrong architecture
+    (d / META_NAME).write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"weights do not fit variant 'alexnet'.*missing"):
+        load_checkpoint(d)
+    # replaced weights no longer match model_id
+    meta["variant"] = "resnet18"
+    (d / META_NAME).write_text(json.dumps(meta))
+    (d / WEIGHTS_NAME).write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="does not match meta.json model_id"):
+        load_checkpoint(d)
+    with pytest.raises(CheckpointError, match="unreadable safetensors"):
+        load_checkpoint(d, verify=False)
+
+
+def _legacy_dir(src, tmp_path, payload) -> tuple:
+    d = tmp_path / "legacy"
+    d.mkdir()
+    meta = json.loads((src / META_NAME).read_text())
+    torch.save(payload, d / LEGACY_WEIGHTS_NAME)
+    meta["model_id"] = hashlib.sha256((d / LEGACY_WEIGHTS_NAME).read_bytes()).hexdigest()[:16]
+    (d / META_NAME).write_text(json.dumps(meta))
+    return d
+
+
+def test_legacy_pt_state_dict_loads(small_ckpt, tmp_path):
+    path, model = small_ckpt
+    d = _legacy_dir(path, tmp_path, model.state_dict())
+    loaded, _ = load_checkpoint(d)
+    x = torch.randn(1, 1, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+class _Marker:
+    """Unpickling this calls open(marker, 'w'): creating the file proves code ran."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+class _Custom:
+    def __init__(self):
+        self.value = 1
+
+
+def test_pickled_objects_are_refused_without_running_them(small_ckpt, tmp_path):
+    path, model = small_ckpt
+    marker = tmp_path / "code-ran"
+    state = dict(model.state_dict())
+    state["evil"] = _Marker(marker)
+    d = _legacy_dir(path, tmp_path, state)
+    with pytest.raises(CheckpointError, match="refused: not a plain state dict"):
+        load_checkpoint(d)
+    assert not marker.exists()
+    # the payload is live: an unsafe load would have run it (so the check above can fail)
+    live = tmp_path / "live"
+    live_file = tmp_path / "live.pkl"
+    live_file.write_bytes(pickle.dumps(_Marker(live)))
+    pickle.loads(live_file.read_bytes()).close()
+    assert live.exists()
+    # a custom class instance is refused as well
+    shutil.rmtree(d)
+    d = _legacy_dir(path, tmp_path, {"weights": torch.zeros(1), "obj": _Custom()})
+    with pytest.raises(CheckpointError, match="weights_only"):
+        load_checkpoint(d)
+
+
+def test_save_checks_its_inputs(small_ckpt, tmp_path):
+    _, model = small_ckpt
+    with pytest.raises(CheckpointError, match="build_model"):
+        save_checkpoint(tmp_path / "x", torch.nn.Linear(2, 2), {})
+    with pytest.raises(CheckpointError, match="do not match the model's 4 outputs"):
+        save_checkpoint(tmp_path / "x", model, {"classes": ["a", "b"]})

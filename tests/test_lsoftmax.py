@@ -1,0 +1,152 @@
+"""L-Softmax: equals softmax cross-entropy at m = 1, psi(theta) against acos, the lambda schedule."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.models.lsoftmax import (
+    DEFAULT_SCHEDULE,
+    LambdaSchedule,
+    LSoftmaxLinear,
+    chebyshev_cos_m,
+    psi_from_cos,
+)
+
+
+def _psi_acos(cos: torch.Tensor, m: int) -> torch.Tensor:
+    """psi(theta) straight from its definition, via theta = acos(cos) (float64 reference)."""
+    theta = torch.acos(cos.double().clamp(-1, 1))
+    k = torch.clamp(torch.floor(theta * m / math.pi), max=m - 1)
+    return (-1.0) ** k * torch.cos(m * theta) - 2.0 * k
+
+
+def _layer(m: int, d: int, c: int = 4, lam: float = 0.0, seed: int = 0) -> LSoftmaxLinear:
+    torch.manual_seed(seed)
+    layer = LSoftmaxLinear(d, c, margin=m, schedule=LambdaSchedule(base=lam, floor=lam))
+    return layer.train()
+
+
+@pytest.mark.parametrize("lam", [0.0, 15.0, 10000.0])
+def test_m1_equals_cross_entropy(lam):
+    layer = _layer(1, 32, lam=lam)
+    x = torch.randn(64, 32) * 3
+    y = torch.randint(0, 4, (64,))
+    plain = F.linear(x, layer.weight)
+    loss = F.cross_entropy(layer(x, y), y)
+    assert abs(loss.item() - F.cross_entropy(plain, y).item()) < 1e-6
+    assert torch.allclose(layer(x, y), plain, atol=1e-5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("m", [2, 3, 4])
+def test_target_logit_matches_psi_from_acos(m):
+    # Low dimension so that angles cover all of [0, pi], i.e. every interval k = 0..m-1.
+    layer = _layer(m, 3, lam=0.0, seed=m)
+    x = torch.randn(4000, 3)
+    y = torch.randint(0, 4, (4000,))
+    out = layer(x, y)
+    w = layer.weight.detach()[y].double()
+    xd = x.double()
+    xn, wn = xd.norm(dim=1), w.norm(dim=1)
+    cos = (xd * w).sum(1) / (xn * wn)
+    expected = xn * wn * _psi_acos(cos, m)
+    got = out.gather(1, y[:, None])[:, 0].double()
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+    # every interval k was exercised
+    ks = torch.clamp(torch.floor(torch.acos(cos) * m / math.pi), max=m - 1)
+    assert set(ks.long().tolist()) == set(range(m))
+    # non-target logits stay plain
+    plain = F.linear(x, layer.weight)
+    mask = torch.ones_like(plain, dtype=torch.bool).scatter(1, y[:, None], False)
+    assert torch.equal(out[mask], plain[mask])
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5])
+def test_chebyshev_and_psi_on_a_theta_grid(m):
+    theta = torch.linspace(0, math.pi, 2001, dtype=torch.float64)
+    cos = torch.cos(theta)
+    assert torch.allclose(chebyshev_cos_m(cos, m), torch.cos(m * theta), atol=1e-10)
+    psi = psi_from_cos(cos, m)
+    assert torch.allclose(psi, _psi_acos(cos, m), atol=1e-10)
+    # psi is monotonically decreasing and psi <= cos (the margin only makes the target harder)
+    assert (psi[1:] - psi[:-1] <= 1e-12).all()
+    assert (psi <= cos + 1e-12).all()
+
+
+def test_blend_with_lambda():
+    lam = 7.0
+    layer = _layer(3, 8, lam=lam)
+    x, y = torch.randn(16, 8), torch.randint(0, 4, (16,))
+    plain = F.linear(x, layer.weight).gather(1, y[:, None])[:, 0]
+    margin = layer.margin_logits(x, y)
+    got = layer(x, y).gather(1, y[:, None])[:, 0]
+    assert torch.allclose(got, (lam * plain + margin) / (1 + lam), atol=1e-5)
+    assert not torch.allclose(got, plain, atol=1e-3)
+
+
+def test_inference_returns_plain_logits():
+    layer = _layer(3, 8, lam=0.0)
+    x, y = torch.randn(5, 8), torch.randint(0, 4, (5,))
+    plain = F.linear(x, layer.weight)
+    assert torch.equal(layer(x), plain)  # no target
+    layer.eval()
+    assert torch.equal(layer(x, y), plain)  # eval mode ignores the target
+
+
+def test_lambda_schedule_values():
+    s = LambdaSchedule(**DEFAULT_SCHEDULE)
+    assert s.value == 10000.0
+    assert s.value_at(1) == pytest.approx(10000 / 1.12)
+    assert s.value_at(100) == pytest.approx(10000 / 13.0)
+    assert s.value_at(10**6) == 15.0  # floored
+    s2 = LambdaSchedule(base=1000, gamma=0.5, power=2.0, floor=0.0)
+    assert s2.value_at(2) == pytest.approx(1000 / 4.0)
+    values = [s.step() for _ in range(5)]
+    assert values == sorted(values, reverse=True)
+    assert int(s.iteration) == 5
+    # the schedule's state travels with the layer's state_dict
+    layer = LSoftmaxLinear(4, 4, 3, s)
+    sd = layer.state_dict()
+    assert int(sd["schedule.iteration"]) == 5
+    fresh = LSoftmaxLinear(4, 4, 3)
+    fresh.load_state_dict(sd)
+    assert fresh.lam == pytest.approx(s.value_at(5))
+    layer.step()
+    assert layer.lam == pytest.approx(s.value_at(6))
+    with pytest.raises(ValueError):
+        LambdaSchedule(base=-1)
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+def test_gradients_finite_including_degenerate_inputs(m):
+    layer = _layer(m, 6, lam=0.0)
+    with torch.no_grad():
+        layer.weight[2].zero_()  # a zero-norm weight row
+    x = torch.randn(8, 6)
+    x[0] = 0.0  # zero-norm feature
+    x[1] = layer.weight[1].detach() * 2.0  # theta = 0 exactly (cos = 1)
+    x[3] = -layer.weight[3].detach()  # theta = pi (cos = -1)
+    x.requires_grad_(True)
+    y = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    loss = F.cross_entropy(layer(x, y), y)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert torch.isfinite(x.grad).all()
+    assert torch.isfinite(layer.weight.grad).all()
+    assert layer.weight.grad.abs().sum() > 0
+
+
+def test_half_precision_input_is_computed_in_float32():
+    layer = _layer(3, 8, lam=0.0)
+    x, y = torch.randn(4, 8), torch.randint(0, 4, (4,))
+    margin = layer.margin_logits(x.half(), y)
+    assert margin.dtype == torch.float32
+    assert torch.allclose(margin, layer.margin_logits(x, y), atol=2e-2, rtol=1e-2)
+
+
+def test_invalid_margin():
+    with pytest.raises(ValueError, match="positive integer"):
+        LSoftmaxLinear(4, 4, margin=0)

@@ -1,0 +1,57 @@
+"""STN: identity at initialisation, full-resolution sampling, a learnable transform."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.models.stn import IDENTITY_THETA, SpatialTransformer
+
+
+@pytest.mark.parametrize(("chans", "h", "w"), [(1, 64, 64), (1, 227, 227), (3, 112, 80)])
+def test_identity_at_init_returns_input(chans, h, w):
+    torch.manual_seed(0)
+    stn = SpatialTransformer(chans)
+    x = torch.rand(2, chans, h, w)
+    out = stn(x)
+    assert out.shape == x.shape
+    # float32 grid coordinates are off by ~size * 1e-7 pixel: interpolation error ~3e-5 at 227 px
+    assert torch.allclose(out, x, atol=1e-4)
+    theta = stn.theta(x)
+    assert torch.allclose(theta, torch.tensor(IDENTITY_THETA).view(1, 2, 3).expand(2, 2, 3))
+
+
+def test_localisation_runs_on_downsampled_copy():
+    stn = SpatialTransformer(1, loc_size=64)
+    seen = []
+    stn.localization.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape))
+    out = stn(torch.rand(1, 1, 227, 227))
+    assert seen == [torch.Size([1, 1, 64, 64])]
+    assert out.shape == (1, 1, 227, 227)  # sampled at full resolution
+
+
+def test_sampler_applies_the_predicted_transform():
+    stn = SpatialTransformer(1)
+    with torch.no_grad():
+        stn.regress.bias.copy_(torch.tensor([-1.0, 0.0, 0.0, 0.0, 1.0, 0.0]))  # mirror x
+    x = torch.rand(1, 1, 64, 64)
+    assert torch.allclose(stn(x), torch.flip(x, dims=[-1]), atol=1e-5)
+
+
+def test_gradients_reach_the_localisation_net():
+    torch.manual_seed(0)
+    stn = SpatialTransformer(1)
+    x = torch.rand(2, 1, 64, 64)
+    target = torch.roll(x, shifts=3, dims=-1)
+    ((stn(x) - target) ** 2).mean().backward()
+    assert stn.regress.weight.grad.abs().sum() > 0
+    assert stn.regress.bias.grad.abs().sum() > 0
+    assert all(torch.isfinite(p.grad).all() for p in stn.parameters() if p.grad is not None)
+
+
+def test_small_cost():
+    # The STN must stay a small add-on: parameters well under 1 % of AlexNet's ~57 M.
+    n = sum(p.numel() for p in SpatialTransformer(1).parameters())
+    assert n < 100_000
+    with pytest.raises(ValueError):
+        SpatialTransformer(1, loc_size=16)
