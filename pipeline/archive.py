@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
@@ -53,8 +54,8 @@ _DIRECTIVES = {
 
 
 @functools.lru_cache(maxsize=64)
-def _compile(pattern: str) -> re.Pattern[str]:
-    """A strftime pattern as an anchored regex with one named group per directive."""
+def _regex_body(pattern: str) -> str:
+    """A strftime pattern as a regex with one named group per directive (Python re and RE2 syntax)."""
     parts: list[str] = []
     seen: set[str] = set()
     i = 0
@@ -82,8 +83,13 @@ def _compile(pattern: str) -> re.Pattern[str]:
         raise ConfigError(
             f"filename pattern {pattern!r} must hold a date: %Y (or %y) with %m%d (or %j)"
         )
-    # The pattern must start the stem and not run into more digits (N20031221G0300012 is no time).
-    return re.compile("".join(parts) + r"(?!\d)")
+    return "".join(parts)
+
+
+@functools.lru_cache(maxsize=64)
+def _compile(pattern: str) -> re.Pattern[str]:
+    """The pattern as a regex that must start the stem and not run into more digits."""
+    return re.compile(_regex_body(pattern) + r"(?!\d)")  # N20031221G0300012 holds no time
 
 
 def _stem(name: str) -> str:
@@ -96,6 +102,17 @@ def _stem(name: str) -> str:
     return base[:dot] if dot > 0 else base
 
 
+#: Valid component ranges (years: those of timestamp[ns]); pandas would roll hour 24 into the next day.
+_RANGES = {
+    "year": (1678, 2261),
+    "month": (1, 12),
+    "day": (1, 31),
+    "hour": (0, 23),
+    "minute": (0, 59),
+    "second": (0, 59),
+}
+
+
 def _datetime(g: dict[str, str | None]) -> datetime | None:
     try:
         year = int(g["Y"]) if g.get("Y") else None
@@ -105,6 +122,8 @@ def _datetime(g: dict[str, str | None]) -> datetime | None:
         hour, minute, second = (int(g.get(k) or 0) for k in ("H", "M", "S"))
         f = g.get("f")
         micro = int(f.ljust(6, "0")) if f else 0
+        if not _RANGES["year"][0] <= year <= _RANGES["year"][1]:
+            return None
         if g.get("j"):
             doy = int(g["j"])  # type: ignore[arg-type]
             if not 1 <= doy <= 366:
@@ -128,39 +147,53 @@ def parse_time(name: str, pattern: str) -> pd.Timestamp | None:
     return None if dt is None else pd.Timestamp(dt)
 
 
+def _ints(struct: pa.StructArray, valid: pa.Array, name: str, pad: int = 0) -> np.ndarray:
+    field = struct.field(name)
+    if pad:
+        field = pc.utf8_rpad(field, width=pad, padding="0")  # %f: "25" is 250000 us
+    return pc.cast(pc.if_else(valid, field, "0"), pa.int64()).to_numpy(zero_copy_only=False)
+
+
 def parse_times(names: Iterable[str], pattern: str) -> pd.DatetimeIndex:
     """Vectorised :func:`parse_time`: a UTC DatetimeIndex (ns) with NaT where a name holds no time."""
-    rx = _compile(pattern)
-    names = list(names)
-    n = len(names)
-    groups = list(rx.groupindex)
-    matches = [rx.match(_stem(s)) for s in names]
-    ok = np.fromiter((m is not None for m in matches), dtype=bool, count=n)
-    out = np.full(n, np.datetime64("NaT", "ns"), dtype="datetime64[ns]")
-    if ok.any():
-        rows = [m.groups() for m in matches if m is not None]
-        cols = dict(zip(groups, zip(*rows)))
-        if "f" in cols or "j" in cols or "y" in cols:
-            # rare directives: per-name construction (still one regex match per name)
-            vals = [_datetime(dict(zip(groups, r))) for r in rows]
-            parsed = pd.to_datetime(
-                [np.datetime64("NaT") if v is None else v for v in vals], utc=True
-            )
-        else:
-            comp = pd.DataFrame(
-                {
-                    "year": np.asarray(cols["Y"], dtype=np.int64),
-                    "month": np.asarray(cols["m"], dtype=np.int64),
-                    "day": np.asarray(cols["d"], dtype=np.int64),
-                    "hour": np.asarray(cols.get("H", ["0"] * len(rows)), dtype=np.int64),
-                    "minute": np.asarray(cols.get("M", ["0"] * len(rows)), dtype=np.int64),
-                    "second": np.asarray(cols.get("S", ["0"] * len(rows)), dtype=np.int64),
-                }
-            )
-            # invalid dates (month 13, 31 February) become NaT instead of raising
-            parsed = pd.to_datetime(comp, errors="coerce", utc=True)
-        parsed = pd.DatetimeIndex(parsed).tz_convert("UTC").tz_localize(None).as_unit("ns")
-        out[ok] = parsed.to_numpy()
+    body = _regex_body(pattern)
+    # One RE2 pass in Arrow instead of a Python match object per name (GC pressure at 100k+ names):
+    # the pattern must start the file name and not run into more digits, as in parse_time.
+    rx = r"(?:^|[/\\])" + body + r"(?:[^0-9/\\][^/\\]*)?$"
+    arr = pa.array(names if isinstance(names, (list, tuple)) else list(names), pa.string())
+    n = len(arr)
+    if n == 0:
+        return pd.DatetimeIndex([], dtype="datetime64[ns, UTC]")
+    struct = pc.extract_regex(arr, rx)
+    valid = pc.fill_null(struct.is_valid(), False)
+    groups = {f.name for f in struct.type}
+    zeros = np.zeros(n, dtype=np.int64)
+    year = _ints(struct, valid, "Y") if "Y" in groups else _ints(struct, valid, "y")
+    if "Y" not in groups:
+        year = np.where(year < 69, 2000 + year, 1900 + year)  # the C/POSIX %y convention
+    comp = {
+        "year": year,
+        "month": _ints(struct, valid, "m") if "m" in groups else zeros + 1,
+        "day": _ints(struct, valid, "d") if "d" in groups else zeros + 1,
+        "hour": _ints(struct, valid, "H") if "H" in groups else zeros,
+        "minute": _ints(struct, valid, "M") if "M" in groups else zeros,
+        "second": _ints(struct, valid, "S") if "S" in groups else zeros,
+        "us": _ints(struct, valid, "f", pad=6) if "f" in groups else zeros,
+    }
+    ok = valid.to_numpy(zero_copy_only=False).copy()
+    for key, (low, high) in _RANGES.items():
+        ok &= (comp[key] >= low) & (comp[key] <= high)
+    for key, value in comp.items():
+        comp[key] = np.where(ok, value, _RANGES.get(key, (0, 0))[0])  # rows that end as NaT
+    # invalid dates and times (month 13, 31 February, hour 24) become NaT instead of raising
+    parsed = pd.to_datetime(pd.DataFrame(comp), errors="coerce")
+    if "j" in groups:
+        doy = _ints(struct, valid, "j")
+        ok &= (doy >= 1) & (doy <= 366)
+        parsed = parsed + pd.to_timedelta(np.where(ok, doy - 1, 0), unit="D")
+        ok &= np.asarray(parsed.dt.year) == comp["year"]  # day 366 of a common year
+    out = parsed.to_numpy(dtype="datetime64[ns]")
+    out[~ok] = np.datetime64("NaT")
     return pd.DatetimeIndex(out).tz_localize("UTC")
 
 

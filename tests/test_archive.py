@@ -76,13 +76,37 @@ def test_parse_time_multi_suffix_and_prefix_pattern():
     )
 
 
-def test_parse_times_vectorised_matches_scalar():
-    names = ["N20031221G030001.png", "bad.png", "N20040229G235959.jpg", "N20030229G000000.png"]
-    got = parse_times(names, YRS)
-    assert str(got.dtype) == "datetime64[ns, UTC]"
-    for n, t in zip(names, got):
-        want = parse_time(n, YRS)
-        assert (pd.isna(t) and want is None) or t == want
+@pytest.mark.parametrize(
+    "pattern, names",
+    [
+        (
+            YRS,
+            [
+                "N20031221G030001.png",
+                "bad.png",
+                "2004/20040229/N20040229G235959.jpg",  # leap day
+                "N20030229G000000.png",  # no 29 February in 2003
+                "N20031221G240000.png",  # hour 24
+                "N20031221G035960.png",  # second 60
+                "N00001221G030001.png",  # year 0
+                "N20031221G0300012.png",  # runs into more digits
+                "N20031221G030001.pgm.gz",
+                "N20031221G030001_b.png",
+                "xN20031221G030001.png",  # the pattern must start the name
+            ],
+        ),
+        (
+            "img_%y_%j_%H%M%S_%f",
+            ["img_04_366_235959_25.png", "img_03_366_000000_1.png", "img_70_001_000000_000001"],
+        ),
+    ],
+)
+def test_parse_times_vectorised_matches_scalar(pattern, names):
+    got = parse_times(names, pattern)
+    assert str(got.dtype) == "datetime64[ns, UTC]" and len(got) == len(names)
+    want = [parse_time(n, pattern) for n in names]
+    assert [None if pd.isna(t) else t for t in got] == want
+    assert 0 < sum(w is not None for w in want) < len(names)  # both outcomes are exercised
 
 
 def test_bad_pattern_is_a_config_error():
