@@ -232,28 +232,99 @@ def occurrence(**kwargs: object) -> None:
 @cli.command()
 @click.argument("image_set", metavar="SET", type=ExistingPath)
 @click.option("--checkpoint", type=ExistingPath, required=True)
-@click.option("--out", type=PathArg, required=True)
+@click.option("--out", type=PathArg, required=True, help="Index directory.")
 @click.option(
     "--features-dir",
     type=ExistingPath,
     default=None,
     help="classify-archive --features output to reuse.",
 )
-def index(**kwargs: object) -> None:
-    """Build a retrieval index of FC7 features for an image set."""
-    _not_implemented("issue #7")
+@click.option(
+    "--station", default=None, help="Station name or YAML (default: SET/calib/station.yaml, yrs)."
+)
+@click.option("--dark-dir", type=ExistingPath, default=None, help="Dark frames chosen by date.")
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
+@click.option(
+    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
+)
+def index(
+    image_set: Path,
+    checkpoint: Path,
+    out: Path,
+    features_dir: Path | None,
+    station: str | None,
+    dark_dir: Path | None,
+    batch_size: int,
+    device: str,
+) -> None:
+    """Build a retrieval index of FC7 features for SET (labelled set, archive, manifest, images)."""
+    from pipeline.retrieval_stage import build_index
+
+    info = build_index(
+        image_set, checkpoint, out, features_dir, station, dark_dir, batch_size, device
+    )
+    errs = f", {info['n_errors']} unreadable (errors.parquet)" if info["n_errors"] else ""
+    click.echo(f"indexed {info['count']} frames x {info['dim']} features{errs} -> {out}")
 
 
 @cli.command()
 @click.option("--index", "index_dir", type=ExistingPath, required=True)
-@click.option("--query", multiple=True, type=ExistingPath)
-@click.option("--evaluate", "query_set", type=ExistingPath, default=None)
+@click.option(
+    "--query", multiple=True, type=ExistingPath, help="Query image or folder (repeatable)."
+)
+@click.option(
+    "--evaluate", "query_set", type=ExistingPath, default=None, help="Labelled query set."
+)
 @click.option("--k", type=click.IntRange(1), default=20, show_default=True)
 @click.option("--ranks", default="1,3,5,8,10,15,20", show_default=True)
-@click.option("--out", type=PathArg, default=None)
-def retrieve(**kwargs: object) -> None:
+@click.option(
+    "--out", type=PathArg, default=Path("retrieval"), show_default=True, help="Output folder."
+)
+@click.option(
+    "--checkpoint",
+    type=ExistingPath,
+    default=None,
+    help="Checkpoint for the query features (default: the index's own).",
+)
+@click.option("--station", default=None, help="Station of the query images (default: index's).")
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
+@click.option(
+    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
+)
+def retrieve(
+    index_dir: Path,
+    query: tuple[Path, ...],
+    query_set: Path | None,
+    k: int,
+    ranks: str,
+    out: Path,
+    checkpoint: Path | None,
+    station: str | None,
+    batch_size: int,
+    device: str,
+) -> None:
     """Nearest neighbours of query images in an index, or precision@k of a labelled query set."""
-    _not_implemented("issue #7")
+    from pipeline.errors import InputError
+    from pipeline.retrieval_stage import evaluate_retrieval
+    from pipeline.retrieval_stage import retrieve as run_retrieve
+
+    if bool(query) == (query_set is not None):
+        raise InputError("give either --query IMAGE (repeatable) or --evaluate QUERY_SET")
+    if query_set is not None:
+        res = evaluate_retrieval(
+            index_dir, query_set, out, k, ranks, checkpoint, station, batch_size, device
+        )
+        overall = res["scores"][-1]
+        click.echo(
+            f"{res['n_queries']} queries: mAP@{res['k']} {overall['map']:.3f}, "
+            f"P@1 {overall.get('p@1', float('nan')):.3f} -> {out}/retrieval_eval.md"
+        )
+        return
+    table = run_retrieve(index_dir, query, out, k, ranks, checkpoint, station, batch_size, device)
+    click.echo(
+        f"{table['query'].nunique()} queries x {int(table['rank'].max())} neighbours -> "
+        f"{out}/neighbours.parquet, {out}/retrieval.png"
+    )
 
 
 # ------------------------------------------------------------------------------ run

@@ -1,0 +1,288 @@
+"""index / retrieve round trip on a tiny synthetic labelled set with a random-weight checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.classes import CLASSES
+from pipeline.cli import main
+
+SIZE = 64
+
+
+def _pattern(label: str, rng: np.random.Generator) -> np.ndarray:
+    """A crude 16-bit raw frame whose structure depends on the class (enough to differ in FC7)."""
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
+    c = SIZE / 2
+    img = rng.normal(800, 40, (SIZE, SIZE)).astype(np.float32)
+    if label == "arc":
+        row = rng.uniform(0.35, 0.65) * SIZE
+        img += 2500 * np.exp(-((yy - row) ** 2) / 8)
+    elif label == "drapery":
+        for col in rng.uniform(0.3, 0.7, 4) * SIZE:
+            img += 1800 * np.exp(-((xx - col) ** 2) / 3)
+    elif label == "radial":
+        ang = np.arctan2(yy - c, xx - c)
+        img += 1500 * (np.cos(8 * ang + rng.uniform(0, 6)) > 0.6)
+    else:
+        by, bx = rng.uniform(0.35, 0.65, 2) * SIZE
+        img += 3000 * np.exp(-((yy - by) ** 2 + (xx - bx) ** 2) / 30)
+    return np.clip(img, 0, 65535).astype(np.uint16)
+
+
+def _make_set(out: Path, n_per_class: int, seed: int, year: int) -> Path:
+    """OUT/<class>/N<date>G<time>.png raw frames, labels.parquet and calib/station.yaml (64 px)."""
+    from pipeline.config import dump_yaml, load_station
+    from pipeline.imageio import write_frame
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    t0 = pd.Timestamp(f"{year}-12-22 03:00:00", tz="UTC")
+    for ci, label in enumerate(CLASSES):
+        for j in range(n_per_class):
+            t = t0 + pd.Timedelta(seconds=10 * (ci * n_per_class + j))
+            rel = f"{label}/N{t:%Y%m%d}G{t:%H%M%S}.png"
+            (out / label).mkdir(parents=True, exist_ok=True)
+            write_frame(out / rel, _pattern(label, rng))
+            rows.append({"path": rel, "label": label, "time_utc": t, "winter": year})
+    pd.DataFrame(rows).to_parquet(out / "labels.parquet")
+    (out / "calib").mkdir(exist_ok=True)
+    dump_yaml(load_station("yrs").scaled(SIZE), out / "calib" / "station.yaml")
+    return out
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("retrieval")
+    return {
+        "index_set": _make_set(base / "later", 6, seed=3, year=2004),
+        "query_set": _make_set(base / "y2003", 2, seed=4, year=2003),
+        "base": base,
+    }
+
+
+def _checkpoint(out: Path, seed: int) -> Path:
+    import torch
+
+    from pipeline.checkpoint import save_checkpoint
+    from pipeline.models import build_model
+
+    torch.manual_seed(seed)
+    model = build_model("alexnet", input_size=SIZE)
+    save_checkpoint(out, model, {"classes": list(CLASSES)})
+    return out
+
+
+@pytest.fixture(scope="module")
+def ckpt(sets: dict[str, Path]) -> Path:
+    return _checkpoint(sets["base"] / "ckpt", seed=0)
+
+
+@pytest.fixture(scope="module")
+def index_dir(sets: dict[str, Path], ckpt: Path) -> Path:
+    out = sets["base"] / "index"
+    main(["index", "--checkpoint", str(ckpt), str(sets["index_set"]), "--out", str(out)])
+    return out
+
+
+def test_index_files(index_dir: Path, ckpt: Path, sets: dict[str, Path]):
+    from pipeline.checkpoint import read_meta
+    from pipeline.retrieval_stage import load_index
+
+    info = json.loads((index_dir / "index.json").read_text())
+    assert info["model_id"] == read_meta(ckpt)["model_id"]
+    assert info["count"] == 24 and info["dim"] == 4096 and info["input_size"] == SIZE
+    assert info["checkpoint"] == str(ckpt.resolve()) and info["labelled"]
+    feats = np.load(index_dir / "features.npy", mmap_mode="r")
+    assert feats.dtype == np.float16 and feats.shape == (24, 4096)
+    assert np.isfinite(np.asarray(feats, np.float32)).all() and np.asarray(feats).any()
+    items = pd.read_parquet(index_dir / "items.parquet")
+    assert list(items.columns) == ["path", "frame", "time_utc", "label"]
+    assert items["label"].value_counts().to_dict() == {c: 6 for c in CLASSES}
+    assert all(Path(p).is_absolute() and Path(p).is_file() for p in items["path"])
+    assert str(items["time_utc"].dtype) == "datetime64[ns, UTC]"
+    idx = load_index(index_dir)
+    assert isinstance(idx.features, np.memmap)
+
+
+def test_retrieve_round_trip(index_dir: Path, sets: dict[str, Path], tmp_path: Path):
+    items = pd.read_parquet(index_dir / "items.parquet")
+    q_in = items["path"].iloc[[0, 13]].tolist()  # two indexed frames: they must find themselves
+    q_out = sorted((sets["query_set"] / "radial").glob("*.png"))[0]
+    out = tmp_path / "r"
+    args = ["retrieve", "--index", str(index_dir), "--out", str(out), "--k", "10"]
+    args += ["--ranks", "1,3,5,10"]
+    for q in [*q_in, q_out]:
+        args += ["--query", str(q)]
+    main(args)
+    t = pd.read_parquet(out / "neighbours.parquet")
+    assert list(t.columns) == [
+        "query",
+        "query_label",
+        "rank",
+        "path",
+        "frame",
+        "time_utc",
+        "distance",
+        "label",
+    ]
+    assert len(t) == 3 * 10 and t["query"].nunique() == 3
+    for q in q_in:
+        first = t[(t["query"] == q) & (t["rank"] == 1)].iloc[0]
+        # ~0, not exactly 0: CPU convolutions differ in the last bits with the batch size.
+        rest = t[(t["query"] == q) & (t["rank"] > 1)]["distance"]
+        assert first["path"] == q and first["distance"] < 1e-3 * rest.min()
+    for _, g in t.groupby("query"):
+        assert (np.diff(g.sort_values("rank")["distance"].to_numpy()) >= 0).all()
+    csv = pd.read_csv(out / "neighbours.csv")
+    assert len(csv) == 30
+    assert (out / "retrieval.png").stat().st_size > 5000
+    # Queries from a set keep the order given; rank/label columns are filled from the index.
+    assert set(t["label"]) <= set(CLASSES)
+
+
+def test_query_features_match_index(index_dir: Path, ckpt: Path):
+    """A query is preprocessed like the index: same file -> same features (up to float16 steps)."""
+    from pipeline.retrieval_stage import (
+        FrameLoader,
+        _model_for_index,
+        _query_items,
+        embed,
+        load_index,
+    )
+
+    idx = load_index(index_dir)
+    model, meta = _model_for_index(idx, None)
+    q_items, loaders = _query_items([idx.items["path"][5]], idx, None)
+    f, ok, _ = embed(model, meta, q_items, loaders[0], strict=True)
+    ref = np.asarray(idx.features[5], np.float32)
+    np.testing.assert_allclose(
+        f[0].astype(np.float32), ref, rtol=2e-3, atol=1e-3 * np.abs(ref).max()
+    )
+    assert isinstance(loaders[0], FrameLoader) and ok.all()
+
+
+def test_wrong_size_query_is_refused(index_dir: Path, tmp_path: Path, capsys):
+    from pipeline.imageio import write_frame
+
+    bad = tmp_path / "big.png"
+    write_frame(bad, np.zeros((80, 80), np.uint16))
+    with pytest.raises(SystemExit) as exc:
+        main(["retrieve", "--index", str(index_dir), "--query", str(bad), "--out", str(tmp_path)])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "big.png" in err and "80x80" in err and "64x64" in err
+
+
+def test_index_from_another_model_is_refused(
+    index_dir: Path, sets: dict[str, Path], tmp_path: Path, capsys
+):
+    other = _checkpoint(tmp_path / "other", seed=1)
+    q = pd.read_parquet(index_dir / "items.parquet")["path"][0]
+    args = ["retrieve", "--index", str(index_dir), "--query", q, "--out", str(tmp_path / "o")]
+    with pytest.raises(SystemExit) as exc:
+        main([*args, "--checkpoint", str(other)])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    assert "model_id" in err and "rebuild the index" in err and "Traceback" not in err
+    # The index's own checkpoint gone: a clear message naming --checkpoint.
+    from pipeline.retrieval_stage import retrieve
+
+    moved = tmp_path / "index_copy"
+    moved.mkdir()
+    for name in ("features.npy", "items.parquet"):
+        (moved / name).write_bytes((index_dir / name).read_bytes())
+    info = json.loads((index_dir / "index.json").read_text())
+    info["checkpoint"] = str(tmp_path / "nowhere")
+    (moved / "index.json").write_text(json.dumps(info))
+    from pipeline.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="--checkpoint"):
+        retrieve(moved, [q], tmp_path / "o2", figure=False)
+
+
+def test_not_an_index_and_bad_ranks(index_dir: Path, tmp_path: Path, capsys):
+    from pipeline.errors import InputError
+    from pipeline.retrieval_stage import load_index, retrieve
+
+    with pytest.raises(InputError, match="index.json"):
+        load_index(tmp_path)
+    q = pd.read_parquet(index_dir / "items.parquet")["path"][0]
+    with pytest.raises(InputError, match="--k"):
+        retrieve(index_dir, [q], tmp_path / "o", k=5, ranks="1,10")
+    with pytest.raises(InputError, match="integer"):
+        retrieve(index_dir, [q], tmp_path / "o", ranks="1,a")
+    with pytest.raises(SystemExit):
+        main(["retrieve", "--index", str(index_dir), "--out", str(tmp_path)])
+    assert "--query" in capsys.readouterr().err
+
+
+def test_evaluate(index_dir: Path, sets: dict[str, Path], tmp_path: Path):
+    out = tmp_path / "eval"
+    main(
+        ["retrieve", "--evaluate", str(sets["query_set"]), "--index", str(index_dir)]
+        + ["--out", str(out), "--k", "10", "--ranks", "1,3,5,8,10"]
+    )
+    res = json.loads((out / "retrieval_eval.json").read_text())
+    assert res["n_queries"] == 8 and res["n_index"] == 24 and not res["self_matches_excluded"]
+    scores = pd.DataFrame(res["scores"]).set_index("class")
+    assert list(scores.index) == [*CLASSES, "all"]
+    assert scores.loc["all", "n_queries"] == 8
+    # Recompute P@k and the class rows from the neighbours table written beside.
+    nb = pd.read_parquet(out / "eval_neighbours.parquet")
+    hit = nb["label"] == nb["query_label"]
+    for k in (1, 5, 10):
+        p = hit[nb["rank"] <= k].groupby(nb["query"]).mean().mean()
+        assert scores.loc["all", f"p@{k}"] == pytest.approx(p)
+    for c in CLASSES:
+        m = nb["query_label"] == c
+        p = hit[m & (nb["rank"] <= 3)].groupby(nb["query"][m]).mean().mean()
+        assert scores.loc[c, "p@3"] == pytest.approx(p)
+    assert ((scores["map"] >= 0) & (scores["map"] <= 1)).all()
+    md = (out / "retrieval_eval.md").read_text()
+    assert "| all | 8 |" in md and "mAP@10" in md
+    assert (out / "retrieval.png").is_file()
+
+
+def test_evaluate_on_the_index_set_excludes_self(index_dir: Path, sets: dict[str, Path], tmp_path):
+    from pipeline.retrieval_stage import evaluate_retrieval
+
+    res = evaluate_retrieval(index_dir, sets["index_set"], tmp_path, k=5, ranks=[1, 5])
+    assert res["self_matches_excluded"] and res["k"] == 5
+    nb = pd.read_parquet(tmp_path / "eval_neighbours.parquet")
+    assert not (nb["query"] == nb["path"]).any()
+    # Another index built with the same model serves as query set without recomputing.
+    res2 = evaluate_retrieval(index_dir, index_dir, tmp_path / "b", k=5, ranks=[1, 5], figure=False)
+    assert res2["scores"] == res["scores"]
+
+
+def test_index_skips_unreadable_frames(sets: dict[str, Path], ckpt: Path, tmp_path: Path):
+    from pipeline.retrieval_stage import build_index, load_index
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    src = sorted((sets["index_set"] / "arc").glob("*.png"))[:3]
+    for p in src:
+        (folder / p.name).write_bytes(p.read_bytes())
+    (folder / "N20041222G999999.png").write_bytes(b"not a png")  # unreadable (and bad time)
+    info = build_index(
+        folder, ckpt, tmp_path / "idx", station=sets["index_set"] / "calib" / "station.yaml"
+    )
+    assert info["count"] == 3 and info["n_errors"] == 1 and info["source_kind"] == "folder"
+    idx = load_index(tmp_path / "idx")
+    assert idx.items["label"].isna().all() and not idx.labelled
+    errs = pd.read_parquet(tmp_path / "idx" / "errors.parquet")
+    assert errs["path"].str.endswith("G999999.png").all()
+    ref = load_index(sets["base"] / "index")
+    pos = {p: i for i, p in enumerate(ref.items["path"])}
+    for j, p in enumerate(src):
+        r = np.asarray(ref.features[pos[str(p.resolve())]], np.float32)
+        np.testing.assert_allclose(
+            np.asarray(idx.features[j], np.float32), r, rtol=2e-3, atol=1e-3 * np.abs(r).max()
+        )
