@@ -112,30 +112,64 @@ def synth_archive(
 @cli.command()
 @click.argument("input_", metavar="INPUT", type=ExistingPath)
 @click.option("--out", type=PathArg, required=True)
-@click.option("--station", default="yrs", show_default=True)
+@click.option(
+    "--station",
+    default=None,
+    help="Station name or YAML path (default: INPUT/calib/station.yaml if present, else yrs).",
+)
 @click.option(
     "--dark", type=ExistingPath, default=None, help="One dark frame for every input frame."
 )
-@click.option("--dark-dir", type=ExistingPath, default=None, help="Dark frames chosen by date.")
+@click.option(
+    "--dark-dir",
+    type=ExistingPath,
+    default=None,
+    help="Dark frames chosen by date (default: INPUT/calib if it holds dark_<YYYYMMDD>.png).",
+)
 @click.option(
     "--workers", type=click.IntRange(1), default=None, help="Worker processes (default: cores/2)."
 )
 @click.option("--scheduler", default=None, help="Address of a running Dask scheduler.")
 @click.option(
-    "--format", "fmt", type=click.Choice(["png", "npy"]), default="png", show_default=True
+    "--format",
+    "fmt",
+    type=click.Choice(["png", "npy"]),
+    default="png",
+    show_default=True,
+    help="png: 8-bit; npy: float32 in [0, 1].",
+)
+@click.option(
+    "--chunk-size",
+    type=click.IntRange(1),
+    default=None,
+    help="Frames per Dask task (default: automatic, at most 64).",
 )
 def preprocess(
     input_: Path,
     out: Path,
-    station: str,
+    station: str | None,
     dark: Path | None,
     dark_dir: Path | None,
     workers: int | None,
     scheduler: str | None,
     fmt: str,
+    chunk_size: int | None,
 ) -> None:
     """Subtract system noise, crop and mask every frame of INPUT (archive, manifest or labelled set)."""
-    _not_implemented("issue #3")
+    from pipeline.preprocess_stage import run_preprocess
+
+    summary = run_preprocess(
+        input_,
+        out,
+        station=station,
+        dark=dark,
+        dark_dir=dark_dir,
+        workers=workers,
+        scheduler=scheduler,
+        fmt=fmt,
+        chunk_size=chunk_size,
+    )
+    click.echo(summary.line())
 
 
 # ------------------------------------------------------------------------------ train / evaluate
