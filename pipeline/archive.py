@@ -13,6 +13,7 @@ import logging
 import os
 import re
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -206,20 +207,28 @@ def _exclude_regex(exclude: Sequence[str]) -> re.Pattern[str] | None:
     return re.compile("|".join(f"(?:{fnmatch.translate(g)})" for g in exclude))
 
 
+def _prune_regex(exclude: Sequence[str]) -> re.Pattern[str] | None:
+    """Folders to skip whole: ``F/`` matches a glob ending in ``*``, so every file below would too."""
+    return _exclude_regex([g for g in exclude if g.endswith("*")])
+
+
 def _walk(
-    root: str, exts: tuple[str, ...], excl: re.Pattern[str] | None
+    root: str, exts: tuple[str, ...], exclude: Sequence[str]
 ) -> tuple[list[str], list[int], list[int]]:
     """Relative paths, sizes and mtimes (ns) of the files under ``root`` with one of ``exts``.
 
     Hidden entries (``.name``, e.g. the ``.part`` files of interrupted writes) are skipped; so are
     folders whose path matches an exclude glob ending in ``*`` (every file below would match).
     """
+    excl, prune = _exclude_regex(exclude), _prune_regex(exclude)
     rels: list[str] = []
     sizes: list[int] = []
     mtimes: list[int] = []
     seen: set[tuple[int, int]] = set()
     stack: list[tuple[str, str]] = [(root, "")]
+    bar = tqdm(desc="scanning", unit=" files", disable=None, leave=False)
     while stack:
+        bar.update(len(rels) - bar.n)
         folder, prefix = stack.pop()
         try:
             st = os.stat(folder)
@@ -242,7 +251,7 @@ def _walk(
                 except OSError:
                     continue
                 if is_dir:
-                    if excl is not None and excl.match(rel + "/"):
+                    if prune is not None and prune.match(rel + "/"):
                         continue
                     stack.append((entry.path, rel + "/"))
                     continue
@@ -257,6 +266,7 @@ def _walk(
                 rels.append(rel)
                 sizes.append(st.st_size)
                 mtimes.append(st.st_mtime_ns)
+    bar.close()
     return rels, sizes, mtimes
 
 
@@ -311,6 +321,13 @@ def _stat_list(
 # ----------------------------------------------------------------------------- scan
 
 
+def _header_times(path: str) -> list[pd.Timestamp] | FrameReadError:
+    try:
+        return pgm_times(path)
+    except FrameReadError as exc:
+        return exc
+
+
 def _errors_frame(rows: list[tuple[str, int, str, str]]) -> pd.DataFrame:
     if not rows:
         return empty_frame(ERRORS_SCHEMA)
@@ -337,10 +354,10 @@ def _manifest_frame(
 ) -> pd.DataFrame:
     df = pd.DataFrame(
         {
-            "path": pd.array(paths, dtype="string"),
+            "path": pd.Series(paths, dtype=str),
             "frame": np.asarray(frames, dtype=np.int16),
             "time_utc": times.as_unit("ns"),
-            "station": pd.array([code] * len(paths), dtype="string"),
+            "station": pd.Series([code] * len(paths), dtype=str),
             "bytes": np.asarray(sizes, dtype=np.int64),
             "mtime": pd.to_datetime(np.asarray(mtimes, dtype=np.int64), unit="ns", utc=True),
         }
@@ -362,14 +379,14 @@ def scan(
     """
     src = Path(root)
     exts = tuple(e.lower() for e in station.extensions)
-    excl = _exclude_regex(tuple(exclude))
     _compile(station.filename_pattern)  # a bad pattern fails before the walk
     bad: list[tuple[str, str, str]] = []
     if src.is_dir():
         base = os.path.abspath(src)
-        rels, sizes, mtimes = _walk(base, exts, excl)
+        rels, sizes, mtimes = _walk(base, exts, tuple(exclude))
     elif src.is_file() and src.suffix.lower() in _LIST_SUFFIXES:
         base = os.path.abspath(src.parent)
+        excl = _exclude_regex(tuple(exclude))
         rels, sizes, mtimes, bad = _stat_list(_read_list(src), base, exts, excl)
     elif src.exists():
         raise InputError(
@@ -407,11 +424,22 @@ def scan(
     # PGM stacks: per-frame times from the headers (header bytes only, no pixel arrays)
     header_times: list[pd.Timestamp] = []
     by_header = [i for i, h in enumerate(is_pgm) if h]
-    for i in tqdm(by_header, desc="PGM headers", unit="file", disable=len(by_header) < 20):
-        try:
-            times = pgm_times(os.path.join(base, rels[i]))
-        except FrameReadError as exc:
-            err_rows.append((rels[i], 0, "FrameReadError", exc.reason))
+    # gzip inflation releases the GIL: a few threads read headers of many stacks in parallel
+    with ThreadPoolExecutor(
+        max_workers=max(1, min(8, os.cpu_count() or 1, len(by_header)))
+    ) as pool:
+        results = pool.map(_header_times, (os.path.join(base, rels[i]) for i in by_header))
+        results = tqdm(
+            results,
+            total=len(by_header),
+            desc="PGM headers",
+            unit=" files",
+            disable=None if len(by_header) >= 20 else True,
+        )
+        header_results = list(results)
+    for i, times in zip(by_header, header_results):
+        if isinstance(times, FrameReadError):
+            err_rows.append((rels[i], 0, "FrameReadError", times.reason))
             continue
         for k, t in enumerate(times):
             if pd.isna(t):

@@ -232,7 +232,7 @@ def test_manifest_round_trip_resolves_abspath(archive, yrs, tmp_path):
     assert pq.read_schema(out).metadata[ROOT_KEY] == str(archive).encode()
     assert pq.read_schema(out).remove_metadata().equals(MANIFEST_SCHEMA)
     loaded = load_manifest(out, yrs)
-    pd.testing.assert_frame_equal(loaded.drop(columns="abspath"), manifest, check_dtype=False)
+    pd.testing.assert_frame_equal(loaded.drop(columns="abspath"), manifest)
     assert loaded.attrs["root"] == str(archive)
     for p, a in zip(loaded["path"], loaded["abspath"]):
         assert a == os.path.join(archive, p) and os.path.isfile(a)
