@@ -1,0 +1,881 @@
+"""classify-archive: distributed, resumable inference over a whole archive (DESIGN.md sections 3, 5).
+
+The driver splits the manifest into shards of frames; only paths, frame indices and times travel
+through the task graph, with the checkpoint PATH and a few settings. Each Dask worker loads the
+model once (a per-process cache keyed by checkpoint path, model_id and device), decodes and
+preprocesses frames in a small thread pool while the model runs the previous batch, and writes
+its shard itself, atomically, as ``PRED_DIR/shard-000123.parquet`` (PREDICTIONS_SCHEMA).
+
+Output folder (PRED_DIR):
+
+- ``shard-NNNNNN.parquet``: predictions, one row per classified frame, manifest order (time).
+- ``features/shard-NNNNNN.npy`` (``--features``): FC7 features, float16, shape (rows, 4096), in
+  the same row order as the shard's parquet file (written before the parquet file, so a shard's
+  parquet file implies its features).
+- ``errors.parquet``: frames that could not be classified (stage ``classify``), one row per
+  frame with the reason. ``ShardFailed`` rows (a shard that kept raising or whose workers kept
+  dying) are retried by the next run; per-frame errors (unreadable, wrong geometry) are not.
+- ``_run.json``: model_id, checkpoint, manifest hash, shard size, the done shards and a history
+  of runs. Rewritten atomically after every finished shard.
+
+Resuming: a shard is done when its parquet file exists and ``_run.json`` lists it. A rerun reads
+the (path, frame) keys of the done shards plus the per-frame error rows, and classifies only the
+manifest frames not covered yet, in new shards numbered after the highest existing one. So a
+rerun with the same inputs does no work, ``--since`` runs append, a crashed run resumes where it
+stopped, and the union of the shards holds every frame once. Read the predictions back with
+:func:`read_predictions` (``pd.read_parquet(PRED_DIR)`` would also pick up errors.parquet).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipeline.classes import CLASSES, PROB_COLUMNS
+from pipeline.config import StationConfig, load_station
+from pipeline.errors import AuroraError, FrameGeometryError, InputError
+from pipeline.storage import (
+    ERRORS_SCHEMA,
+    PREDICTIONS_SCHEMA,
+    atomic_path,
+    empty_frame,
+    write_table,
+)
+
+log = logging.getLogger(__name__)
+
+STAGE = "classify"
+RUN_FILE = "_run.json"
+ERRORS_FILE = "errors.parquet"
+FEATURES_DIR = "features"
+#: error class of rows written for a whole shard that failed after its retries (retried by reruns).
+SHARD_FAILED = "ShardFailed"
+_SHARD_RE = re.compile(r"^shard-(\d{6,})\.parquet$")
+
+
+def shard_name(shard: int) -> str:
+    """File name of a shard's predictions: ``shard-000123.parquet``."""
+    return f"shard-{shard:06d}.parquet"
+
+
+def features_name(shard: int) -> str:
+    """File name of a shard's FC7 features inside ``features/``: ``shard-000123.npy``."""
+    return f"shard-{shard:06d}.npy"
+
+
+# =============================================================================== worker side
+
+
+@dataclass(frozen=True)
+class ShardSettings:
+    """Everything a shard task needs besides its frames: small and picklable (no weights)."""
+
+    checkpoint: str
+    model_id: str
+    out_dir: str
+    station: StationConfig
+    device: str = "auto"
+    batch_size: int = 64
+    dark_dir: str | None = None
+    preprocessed: bool = False
+    features: bool = False
+    #: torch intra-op threads per worker; None = the worker's cores / workers on its host.
+    torch_threads: int | None = None
+    #: decoding threads per worker; None = as many as torch threads (CPU) or the cores (GPU).
+    decode_threads: int | None = None
+    #: worker processes per host, so a worker can share its host's cores fairly.
+    workers_per_host: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class ShardResult:
+    """What a shard task returns to the driver (small: counts and error rows, no predictions)."""
+
+    shard: int
+    n_frames: int
+    n_predicted: int
+    class_counts: dict[str, int]
+    #: (path, frame, error class, message) of frames that could not be classified.
+    errors: list[tuple[str, int, str, str]]
+    worker_pid: int
+    #: how many times this worker process has loaded this checkpoint (1 when the cache works).
+    model_loads: int
+    t_decode: float
+    t_model: float
+    t_wall: float
+
+
+# Per-process caches: a Dask worker process keeps its model between shard tasks; the weights are
+# read from the checkpoint path once, never shipped through the task graph.
+_MODELS: dict[tuple[str, str, str], tuple[Any, dict, Any]] = {}
+_MODEL_LOADS: Counter[tuple[str, str, str]] = Counter()
+_MODEL_LOCK = threading.Lock()
+_CALIBS: dict[tuple[str | None, str, bool], Any] = {}
+_CALIB_LOCK = threading.Lock()
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _host_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def _worker_identity() -> tuple[str | None, Any]:
+    """(host, name) of the Dask worker running this task, (None, None) outside a worker."""
+    try:
+        from distributed import get_worker
+
+        w = get_worker()
+    except (ImportError, ValueError):
+        return None, None
+    host = w.address.split("://")[-1].rsplit(":", 1)[0]
+    return host, w.name
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` becomes ``cuda`` where CUDA is visible, else ``cpu``; a missing GPU is an error."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device is visible here; use --device cpu or auto")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise InputError(f"--device {device!r}: use auto, cpu or cuda")
+    return device
+
+
+def _torch_threads(settings: ShardSettings) -> int:
+    if settings.torch_threads:
+        return settings.torch_threads
+    host, _ = _worker_identity()
+    per_host = settings.workers_per_host.get(host or "", 1) or 1
+    return max(1, _host_cores() // per_host)
+
+
+def worker_model(settings: ShardSettings) -> tuple[Any, dict, Any, int]:
+    """The cached (model, meta, torch device, load count) of this process for the settings."""
+    import torch
+
+    from pipeline.checkpoint import load_checkpoint
+    from pipeline.errors import CheckpointError
+
+    key = (settings.checkpoint, settings.model_id, settings.device)
+    with _MODEL_LOCK:
+        hit = _MODELS.get(key)
+        if hit is None:
+            device = resolve_device(settings.device)
+            if device == "cuda" and torch.cuda.device_count() > 1:
+                # LocalCluster names its workers 0..n-1: one GPU each.
+                _, name = _worker_identity()
+                idx = int(name) if isinstance(name, int) or str(name).isdigit() else 0
+                device = f"cuda:{idx % torch.cuda.device_count()}"
+            if device == "cpu":
+                torch.set_num_threads(_torch_threads(settings))
+            model, meta = load_checkpoint(settings.checkpoint, map_location="cpu")
+            if meta.get("model_id") != settings.model_id:
+                raise CheckpointError(
+                    f"{settings.checkpoint}: model_id changed during the run "
+                    f"({settings.model_id} -> {meta.get('model_id')}); rerun classify-archive"
+                )
+            tdev = torch.device(device)
+            model = model.to(tdev).eval()
+            _MODELS.clear()  # one model per run: free the previous one before holding the next
+            hit = _MODELS[key] = (model, meta, tdev)
+            _MODEL_LOADS[key] += 1
+        return (*hit, _MODEL_LOADS[key])
+
+
+def model_load_counts() -> dict[tuple[str, str, str], int]:
+    """How often this process loaded each checkpoint (tests: one load per worker)."""
+    return dict(_MODEL_LOADS)
+
+
+def _decode_pool(n: int) -> ThreadPoolExecutor:
+    pool = _POOLS.get(n)
+    if pool is None:
+        pool = _POOLS[n] = ThreadPoolExecutor(n, thread_name_prefix="aurora-decode")
+    return pool
+
+
+def _calibration(settings: ShardSettings, time_utc: pd.Timestamp) -> Any:
+    """The station calibration for a frame time, with the dark frame of its date when available."""
+    from pipeline.imageio import read_frame
+    from pipeline.preprocess import calibration_from_station, dark_for_time
+
+    dark_path = None
+    if (
+        settings.dark_dir
+        and not settings.preprocessed
+        and settings.station.preprocess.dark_subtract
+    ):
+        p = dark_for_time(Path(settings.dark_dir), time_utc)
+        dark_path = str(p) if p is not None else None
+    key = (dark_path, settings.station.code, settings.preprocessed)
+    with _CALIB_LOCK:
+        calib = _CALIBS.get(key)
+        if calib is None:
+            dark = read_frame(dark_path) if dark_path else None
+            calib = _CALIBS[key] = calibration_from_station(
+                settings.station, dark=dark, dtype="float32"
+            )
+        return calib
+
+
+def decode_frame(
+    abspath: str, frame: int, time_utc: pd.Timestamp, settings: ShardSettings
+) -> np.ndarray:
+    """Read one frame and preprocess it like the preprocess stage: float32 (crop, crop) in [0, 1]."""
+    from pipeline.imageio import read_frame
+    from pipeline.preprocess import preprocess
+
+    arr = read_frame(abspath, frame)
+    st = settings.station
+    if settings.preprocessed and arr.shape != (st.crop_size, st.crop_size):
+        raise FrameGeometryError(
+            abspath,
+            f"frame is {'x'.join(map(str, arr.shape))}, but --preprocessed frames of station "
+            f"{st.code} are {st.crop_size}x{st.crop_size} (drop --preprocessed for raw frames)",
+        )
+    # preprocess() refuses other geometries itself (FrameGeometryError naming the file).
+    out = preprocess(arr, _calibration(settings, time_utc), source=abspath)
+    return np.asarray(out, dtype=np.float32)
+
+
+def predict_batch(
+    model: Any,
+    batch: np.ndarray,
+    input_size: int,
+    device: Any,
+    features: bool = False,
+    in_chans: int = 1,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Softmax probabilities (B, 4) float32 (and FC7 features (B, D) float16) of a batch."""
+    import torch
+
+    from pipeline.models import to_model_input
+
+    x = to_model_input(batch, input_size, in_chans)
+    cuda = device.type == "cuda"
+    if cuda:
+        x = x.pin_memory().to(device, non_blocking=True)
+    # bf16 autocast on GPU only: on CPU it is slower and would break the 1e-5 agreement.
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    feats = None
+    with torch.inference_mode(), autocast:
+        if features and hasattr(model, "head"):
+            feats = model.features(x)  # FC7 once; the FC8 head on it gives the same logits
+            logits = model.head(feats)
+        else:
+            logits = model(x)
+            feats = model.features(x) if features else None
+    probs = torch.softmax(logits.float(), dim=1).cpu().numpy().astype(np.float32)
+    f16 = feats.float().cpu().numpy().astype(np.float16) if feats is not None else None
+    return probs, f16
+
+
+def ut_to_mlt_hours(times: pd.DatetimeIndex, station: StationConfig) -> np.ndarray:
+    """MLT (hours in [0, 24)) of each frame time by the station's MLT method."""
+    from pipeline.mlt import ut_to_mlt
+
+    return np.asarray(ut_to_mlt(times, station), dtype=np.float64)
+
+
+def classify_shard(
+    shard: int,
+    paths: Sequence[str],
+    abspaths: Sequence[str],
+    frames: Sequence[int],
+    times_ns: Sequence[int],
+    settings: ShardSettings,
+) -> ShardResult:
+    """Classify one shard on this worker and write its predictions (and features) atomically."""
+    t0 = time.perf_counter()
+    model, meta, device, loads = worker_model(settings)
+    input_size = int(meta.get("input_size", 227))
+    in_chans = int(meta.get("in_chans", 1))
+    n = len(paths)
+    times = pd.to_datetime(np.asarray(times_ns, dtype="int64"), utc=True)
+    cores = _host_cores()
+    n_dec = settings.decode_threads or (
+        _torch_threads(settings) if device.type == "cpu" else max(1, cores - 1)
+    )
+    pool = _decode_pool(n_dec)
+    bs = settings.batch_size
+
+    def decode(i: int) -> np.ndarray | AuroraError:
+        try:
+            return decode_frame(abspaths[i], int(frames[i]), times[i], settings)
+        except AuroraError as exc:  # per-frame problems: recorded, the shard goes on
+            return exc
+        except (OSError, ValueError) as exc:
+            return FrameGeometryError(abspaths[i], f"{type(exc).__name__}: {exc}")
+
+    def submit(start: int) -> list:
+        return [pool.submit(decode, i) for i in range(start, min(n, start + bs))]
+
+    errors: list[tuple[str, int, str, str]] = []
+    keep: list[int] = []
+    probs_parts: list[np.ndarray] = []
+    feat_parts: list[np.ndarray] = []
+    t_decode = t_model = 0.0
+    pending = submit(0)
+    for start in range(0, n, bs):
+        futs = pending
+        # Decode the next batch while the model runs this one (PIL/zlib release the GIL).
+        pending = submit(start + bs) if start + bs < n else []
+        td = time.perf_counter()
+        arrays, idx = [], []
+        for i, fut in zip(range(start, start + len(futs)), futs):
+            res = fut.result()
+            if isinstance(res, AuroraError):
+                errors.append((paths[i], int(frames[i]), type(res).__name__, str(res)))
+            else:
+                arrays.append(res)
+                idx.append(i)
+        tm = time.perf_counter()
+        t_decode += tm - td
+        if arrays:
+            p, f = predict_batch(
+                model, np.stack(arrays), input_size, device, settings.features, in_chans
+            )
+            probs_parts.append(p)
+            if f is not None:
+                feat_parts.append(f)
+            keep.extend(idx)
+        t_model += time.perf_counter() - tm
+
+    probs = np.concatenate(probs_parts) if probs_parts else np.zeros((0, len(CLASSES)), "f4")
+    k = np.asarray(keep, dtype=np.int64)
+    labels = pd.Categorical.from_codes(probs.argmax(axis=1), categories=list(CLASSES))
+    df = pd.DataFrame(
+        {
+            "path": [paths[i] for i in keep],
+            "frame": np.asarray(frames, dtype=np.int16)[k] if n else np.zeros(0, np.int16),
+            "time_utc": times[k],
+            "mlt": ut_to_mlt_hours(times[k], settings.station),
+            "label": labels,
+            **{c: probs[:, j] for j, c in enumerate(PROB_COLUMNS)},
+            "model_id": settings.model_id,
+        }
+    )
+    out = Path(settings.out_dir)
+    if settings.features:
+        feats = np.concatenate(feat_parts) if feat_parts else np.zeros((0, 4096), dtype=np.float16)
+        with atomic_path(out / FEATURES_DIR / features_name(shard)) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, feats)
+    # The parquet file last: its presence means the shard (and its features) is complete.
+    write_table(df, out / shard_name(shard), PREDICTIONS_SCHEMA)
+    counts = Counter(labels.astype(str)) if len(df) else Counter()
+    return ShardResult(
+        shard=shard,
+        n_frames=n,
+        n_predicted=len(df),
+        class_counts={c: int(counts.get(c, 0)) for c in CLASSES},
+        errors=errors,
+        worker_pid=os.getpid(),
+        model_loads=loads,
+        t_decode=t_decode,
+        t_model=t_model,
+        t_wall=time.perf_counter() - t0,
+    )
+
+
+# =============================================================================== planning (pure)
+
+
+def manifest_hash(manifest: pd.DataFrame) -> str:
+    """A content hash of the manifest's (path, frame, time) list, independent of its row order."""
+    keys = manifest[["path", "frame", "time_utc"]].sort_values(["time_utc", "path", "frame"])
+    ns = pd.to_datetime(keys["time_utc"], utc=True).astype("int64").astype(str)
+    lines = keys["path"].astype(str) + "\t" + keys["frame"].astype(int).astype(str) + "\t" + ns
+    h = hashlib.sha256()
+    for chunk in range(0, len(lines), 100_000):
+        h.update(("\n".join(lines.iloc[chunk : chunk + 100_000]) + "\n").encode())
+    return h.hexdigest()[:16]
+
+
+def remaining_frames(manifest: pd.DataFrame, covered: pd.DataFrame) -> pd.DataFrame:
+    """Rows of ``manifest`` whose (path, frame) is not in ``covered``, in time order."""
+    m = manifest.sort_values(["time_utc", "path", "frame"], kind="stable")
+    if len(covered) == 0 or len(m) == 0:
+        return m.reset_index(drop=True)
+    c = covered[["path", "frame"]].astype({"path": str, "frame": "int64"}).drop_duplicates()
+    key = m[["path", "frame"]].astype({"path": str, "frame": "int64"})
+    hit = key.merge(c, how="left", on=["path", "frame"], indicator=True)["_merge"].to_numpy()
+    return m[hit == "left_only"].reset_index(drop=True)
+
+
+def plan_shards(
+    frames: pd.DataFrame, shard_size: int, first_shard: int = 0
+) -> list[tuple[int, pd.DataFrame]]:
+    """Consecutive chunks of ``shard_size`` frames numbered from ``first_shard``."""
+    if shard_size < 1:
+        raise InputError(f"--shard-size must be at least 1, got {shard_size}")
+    return [
+        (first_shard + k, frames.iloc[s : s + shard_size])
+        for k, s in enumerate(range(0, len(frames), shard_size))
+    ]
+
+
+def parse_since(since: str | pd.Timestamp | None) -> pd.Timestamp | None:
+    """``--since`` as a UTC timestamp (naive values are UTC)."""
+    if since is None or since == "":
+        return None
+    try:
+        ts = pd.Timestamp(since)
+    except (ValueError, TypeError):
+        raise InputError(
+            f"--since {since!r}: not a date/time; use e.g. 2004-12-01 or 2004-12-01T06:00"
+        ) from None
+    return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
+
+
+# =============================================================================== output folder
+
+
+def read_run(out: str | os.PathLike) -> dict | None:
+    """The ``_run.json`` of a predictions folder, or None when there is none."""
+    p = Path(out) / RUN_FILE
+    if not p.exists():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{p}: not valid JSON ({exc}); delete it or pass --overwrite") from None
+
+
+def _write_run(out: Path, run: dict) -> None:
+    with atomic_path(out / RUN_FILE) as tmp:
+        tmp.write_text(json.dumps(run, indent=1, sort_keys=False, default=str) + "\n")
+
+
+def shard_files(out: str | os.PathLike) -> dict[int, Path]:
+    """Shard number -> predictions file of a predictions folder."""
+    found = {}
+    for p in Path(out).glob("shard-*.parquet"):
+        m = _SHARD_RE.match(p.name)
+        if m:
+            found[int(m.group(1))] = p
+    return dict(sorted(found.items()))
+
+
+def read_predictions(out: str | os.PathLike, columns: Sequence[str] | None = None) -> pd.DataFrame:
+    """All predictions of a folder (the union of its done shards), in shard order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    run = read_run(out) or {}
+    done = {int(k) for k in run.get("shards", {})}
+    files = [p for s, p in shard_files(out).items() if s in done]
+    cols = list(columns) if columns else None
+    if not files:
+        df = empty_frame(PREDICTIONS_SCHEMA)
+        return df[cols] if cols else df
+    tables = [pq.read_table(f, columns=cols, schema=PREDICTIONS_SCHEMA) for f in files]
+    return pa.concat_tables(tables).to_pandas()
+
+
+def read_errors(out: str | os.PathLike) -> pd.DataFrame:
+    """The errors table of a predictions folder (empty when there is none)."""
+    p = Path(out) / ERRORS_FILE
+    return pd.read_parquet(p) if p.exists() else empty_frame(ERRORS_SCHEMA)
+
+
+def _clean_stale(out: Path, done: set[int]) -> None:
+    """Remove temporary files of killed writers and shard files no _run.json entry vouches for."""
+    for p in list(out.glob(".shard-*.part")) + list((out / FEATURES_DIR).glob(".shard-*.part")):
+        p.unlink(missing_ok=True)
+    for s, p in shard_files(out).items():
+        if s not in done:
+            log.info("removing %s: written by an interrupted run, not marked done", p.name)
+            p.unlink(missing_ok=True)
+            (out / FEATURES_DIR / features_name(s)).unlink(missing_ok=True)
+
+
+def _wipe(out: Path) -> None:
+    """--overwrite: forget every shard, feature file, run record and classify error of ``out``."""
+    for p in shard_files(out).values():
+        p.unlink()
+    if (out / FEATURES_DIR).is_dir():
+        for p in (out / FEATURES_DIR).glob("shard-*.npy"):
+            p.unlink()
+    (out / RUN_FILE).unlink(missing_ok=True)
+    err = read_errors(out)
+    if len(err):
+        write_table(err[err["stage"] != STAGE], out / ERRORS_FILE, ERRORS_SCHEMA)
+
+
+class _ErrorBook:
+    """errors.parquet of a run: new rows merged in, retried ShardFailed rows removed on success."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.table = read_errors(path.parent).astype({"frame": "int64"})
+
+    def covered(self) -> pd.DataFrame:
+        """(path, frame) of frames already settled by a per-frame error (not retried)."""
+        t = self.table
+        return t[(t["stage"] == STAGE) & (t["error"] != SHARD_FAILED)][["path", "frame"]]
+
+    def retried_keys(self) -> set[tuple[str, int]]:
+        t = self.table
+        t = t[(t["stage"] == STAGE) & (t["error"] == SHARD_FAILED)]
+        return set(zip(t["path"].astype(str), t["frame"].astype(int)))
+
+    def update(self, add: pd.DataFrame, drop: set[tuple[str, int]]) -> None:
+        t = self.table
+        if drop:
+            mask = (t["stage"] == STAGE) & pd.Series(
+                [(p, int(f)) in drop for p, f in zip(t["path"], t["frame"])], index=t.index
+            )
+            t = t[~mask]
+        if len(add):
+            t = pd.concat([t, add.astype({"frame": "int64"})], ignore_index=True)
+            t = t.drop_duplicates(subset=["path", "frame", "stage"], keep="last")
+        self.table = t.reset_index(drop=True)
+        write_table(self.table, self.path, ERRORS_SCHEMA)
+
+
+# =============================================================================== driver
+
+
+@dataclass
+class ClassifySummary:
+    """What a classify-archive run did (printed by the CLI, returned to callers and tests)."""
+
+    out: str
+    model_id: str
+    manifest_frames: int
+    already_done: int
+    frames_planned: int
+    frames_classified: int = 0
+    frames_errors: int = 0
+    shards_submitted: int = 0
+    shards_failed: int = 0
+    wall_s: float = 0.0
+    class_counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CLASSES, 0))
+    #: worker pid -> model loads of this checkpoint reported by that worker (max over its shards).
+    model_loads: dict[int, int] = field(default_factory=dict)
+    t_decode_s: float = 0.0
+    t_model_s: float = 0.0
+
+    @property
+    def frames_per_s(self) -> float:
+        """Frames handled (classified or in errors) per second of wall time."""
+        done = self.frames_classified + self.frames_errors
+        return done / self.wall_s if self.wall_s > 0 else 0.0
+
+    def text(self) -> str:
+        """A human-readable summary block."""
+        if self.frames_planned == 0:
+            return (
+                f"nothing to do: all {self.already_done} frames of the manifest are already "
+                f"classified in {self.out} (model {self.model_id})"
+            )
+        counts = ", ".join(f"{c} {n}" for c, n in self.class_counts.items())
+        return "\n".join(
+            [
+                f"classified {self.frames_classified} frames, {self.frames_errors} in errors "
+                f"({self.shards_submitted} shards, {self.shards_failed} failed), "
+                f"{self.already_done} already done",
+                f"wall time {self.wall_s:.1f} s, {self.frames_per_s:.1f} frames/s",
+                f"per class: {counts}",
+                f"predictions: {self.out}",
+            ]
+        )
+
+
+def _default_workers(device: str) -> tuple[int, dict[str, float] | None]:
+    """One worker per GPU (declared with resource GPU=1) when CUDA is used, else cores / 2."""
+    from pipeline.cluster import default_workers
+
+    if device.startswith("cuda"):
+        import torch
+
+        return max(1, torch.cuda.device_count()), {"GPU": 1}
+    return default_workers(), None
+
+
+def _iso(ts: pd.Timestamp) -> str:
+    return pd.Timestamp(ts).isoformat()
+
+
+def classify_archive(
+    source: str | os.PathLike,
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    station: str | os.PathLike | StationConfig = "yrs",
+    workers: int | None = None,
+    threads_per_worker: int | None = None,
+    decode_threads: int | None = None,
+    scheduler: str | None = None,
+    dark_dir: str | os.PathLike | None = None,
+    shard_size: int = 512,
+    batch_size: int = 64,
+    device: str = "auto",
+    preprocessed: bool = False,
+    since: str | pd.Timestamp | None = None,
+    features: bool = False,
+    overwrite: bool = False,
+    window: int | None = None,
+    retries: int = 2,
+    client: Any = None,
+) -> ClassifySummary:
+    """Classify every frame of an archive or manifest into ``out`` (resumable, see module doc)."""
+    from pipeline.archive import load_manifest
+    from pipeline.checkpoint import read_meta
+
+    t_start = time.perf_counter()
+    st = station if isinstance(station, StationConfig) else load_station(station)
+    ckpt = Path(checkpoint).resolve()
+    meta = read_meta(ckpt)
+    model_id = str(meta["model_id"])
+    out = Path(out).resolve()
+
+    manifest = load_manifest(source, st)
+    n_manifest = len(manifest)
+    root = manifest.attrs.get("root")
+    since_ts = parse_since(since)
+    if since_ts is not None:
+        manifest = manifest[pd.to_datetime(manifest["time_utc"], utc=True) > since_ts]
+    mhash = manifest_hash(manifest)
+
+    out.mkdir(parents=True, exist_ok=True)
+    run = read_run(out)
+    if run is not None and overwrite:
+        _wipe(out)
+        run = None
+    if run is not None and run.get("model_id") != model_id:
+        raise InputError(
+            f"{out}: holds predictions of model {run.get('model_id')} "
+            f"({run.get('checkpoint')}), not {model_id} ({ckpt}); refusing to mix models in one "
+            "output: pass --overwrite to replace them or choose another --out"
+        )
+    if run is None:
+        run = {
+            "stage": STAGE,
+            "model_id": model_id,
+            "checkpoint": str(ckpt),
+            "variant": meta.get("variant"),
+            "station": st.code,
+            "shards": {},
+            "runs": [],
+        }
+    done = {int(k) for k in run["shards"]}
+    _clean_stale(out, done)
+    book = _ErrorBook(out / ERRORS_FILE)
+    files = shard_files(out)
+    covered_parts = [book.covered()]
+    if files:
+        import pyarrow.parquet as pq
+
+        for s in sorted(done & set(files)):
+            covered_parts.append(pq.read_table(files[s], columns=["path", "frame"]).to_pandas())
+        # A done shard whose file vanished is redone.
+        for s in sorted(done - set(files)):
+            run["shards"].pop(f"{s:06d}", None)
+    elif done:
+        run["shards"] = {}
+    covered = pd.concat(covered_parts, ignore_index=True)
+    todo = remaining_frames(manifest, covered)
+    first = max([int(k) for k in run["shards"]] + [s for s in files], default=-1) + 1
+    shards = plan_shards(todo, shard_size, first)
+
+    summary = ClassifySummary(
+        out=str(out),
+        model_id=model_id,
+        manifest_frames=len(manifest),
+        already_done=len(manifest) - len(todo),
+        frames_planned=len(todo),
+    )
+    run_entry = {
+        "started": _iso(pd.Timestamp.now(tz="UTC")),
+        "source": str(Path(source).resolve()),
+        "manifest_hash": mhash,
+        "manifest_frames": n_manifest,
+        "since": _iso(since_ts) if since_ts is not None else None,
+        "shard_size": shard_size,
+        "batch_size": batch_size,
+        "device": device,
+        "preprocessed": preprocessed,
+        "features": features,
+        "frames_planned": len(todo),
+        "shards_planned": [s for s, _ in shards],
+    }
+    run.update(
+        manifest_hash=mhash,
+        manifest_frames=n_manifest,
+        shard_size=shard_size,
+        checkpoint=str(ckpt),
+    )
+    run["runs"].append(run_entry)
+    _write_run(out, run)
+    if not shards:
+        summary.wall_s = time.perf_counter() - t_start
+        return summary
+
+    if dark_dir is None and root is not None and not preprocessed and st.preprocess.dark_subtract:
+        from pipeline.preprocess import find_dark_dir
+
+        found = find_dark_dir(Path(root))
+        dark_dir = str(found) if found is not None else None
+    if dark_dir is None and not preprocessed and st.preprocess.dark_subtract:
+        log.warning("no dark frames found (calib/ or --dark-dir): noise from the corners only")
+
+    local_device = device
+    resources = None
+    with contextlib.ExitStack() as stack:
+        if client is None:
+            from pipeline.cluster import dask_client
+
+            if scheduler is None:
+                local_device = resolve_device(device)
+                n_default, resources = _default_workers(local_device)
+                client = stack.enter_context(
+                    dask_client(workers or n_default, 1, None, resources=resources)
+                )
+            else:
+                client = stack.enter_context(dask_client(scheduler=scheduler))
+        info = client.scheduler_info(n_workers=-1) if _accepts_n_workers(client) else None
+        info = info or client.scheduler_info()
+        wk = info.get("workers", {})
+        if resources is None and device != "cpu":
+            if any(w.get("resources", {}).get("GPU") for w in wk.values()):
+                resources = {"GPU": 1}
+        per_host = Counter(a.split("://")[-1].rsplit(":", 1)[0] for a in wk)
+        settings = ShardSettings(
+            checkpoint=str(ckpt),
+            model_id=model_id,
+            out_dir=str(out),
+            station=st,
+            device=local_device,
+            batch_size=batch_size,
+            dark_dir=str(dark_dir) if dark_dir else None,
+            preprocessed=preprocessed,
+            features=features,
+            torch_threads=threads_per_worker,
+            decode_threads=decode_threads,
+            workers_per_host=dict(per_host),
+        )
+        n_slots = max(1, len(wk))
+        retried = book.retried_keys()
+        shard_frames = {s: df for s, df in shards}
+
+        def tasks() -> Iterator[tuple[int, tuple, int]]:
+            for s, df in shards:
+                args = (
+                    s,
+                    df["path"].astype(str).tolist(),
+                    df["abspath"].astype(str).tolist(),
+                    df["frame"].astype(int).tolist(),
+                    pd.to_datetime(df["time_utc"], utc=True).astype("int64").tolist(),
+                    settings,
+                )
+                yield s, args, len(df)
+
+        def on_result(s: int, res: ShardResult) -> None:
+            df = shard_frames.pop(s)
+            keys = set(zip(df["path"].astype(str), df["frame"].astype(int)))
+            add = pd.DataFrame(
+                [(p, f, STAGE, e, m) for p, f, e, m in res.errors], columns=ERRORS_SCHEMA.names
+            )
+            drop = keys & retried
+            if len(add) or drop:
+                book.update(add, drop)  # errors on disk before the shard counts as done
+                retried.difference_update(drop)
+            run["shards"][f"{s:06d}"] = {
+                "frames": res.n_frames,
+                "predicted": res.n_predicted,
+                "errors": len(res.errors),
+                "first": _iso(df["time_utc"].iloc[0]),
+                "last": _iso(df["time_utc"].iloc[-1]),
+                "worker_pid": res.worker_pid,
+            }
+            _write_run(out, run)
+            summary.shards_submitted += 1
+            summary.frames_classified += res.n_predicted
+            summary.frames_errors += len(res.errors)
+            for c, n in res.class_counts.items():
+                summary.class_counts[c] += n
+            summary.model_loads[res.worker_pid] = max(
+                res.model_loads, summary.model_loads.get(res.worker_pid, 0)
+            )
+            summary.t_decode_s += res.t_decode
+            summary.t_model_s += res.t_model
+
+        def on_error(s: int, exc: BaseException) -> None:
+            df = shard_frames.pop(s)
+            log.error("shard %06d failed after %d retries: %s", s, retries, exc)
+            rows = pd.DataFrame(
+                {
+                    "path": df["path"].astype(str).to_numpy(),
+                    "frame": df["frame"].astype(int).to_numpy(),
+                    "stage": STAGE,
+                    "error": SHARD_FAILED,
+                    "message": f"shard {s:06d}: {type(exc).__name__}: {exc}"[:500],
+                }
+            )
+            book.update(rows, set())
+            (out / shard_name(s)).unlink(missing_ok=True)
+            summary.shards_submitted += 1
+            summary.shards_failed += 1
+            summary.frames_errors += len(df)
+
+        from pipeline.cluster import run_windowed
+
+        run_windowed(
+            client,
+            classify_shard,
+            tasks(),
+            on_result=on_result,
+            on_error=on_error,
+            window=window or 2 * n_slots,
+            total=len(todo),
+            desc="classify",
+            retries=retries,
+            resources=resources,
+        )
+    _clean_stale(out, {int(k) for k in run["shards"]})
+    summary.wall_s = time.perf_counter() - t_start
+    run_entry.update(
+        finished=_iso(pd.Timestamp.now(tz="UTC")),
+        frames_classified=summary.frames_classified,
+        frames_errors=summary.frames_errors,
+        wall_s=round(summary.wall_s, 3),
+    )
+    _write_run(out, run)
+    return summary
+
+
+def _accepts_n_workers(client: Any) -> bool:
+    import inspect
+
+    try:
+        return "n_workers" in inspect.signature(client.scheduler_info).parameters
+    except (TypeError, ValueError):  # pragma: no cover
+        return False
+
+
+def print_summary(summary: ClassifySummary, file: Any = None) -> None:
+    """Print the end-of-run summary (stderr by default, so stdout stays clean for pipes)."""
+    print(summary.text(), file=file or sys.stderr)

@@ -1,0 +1,359 @@
+"""classify-archive on a 2-worker CPU LocalCluster with tiny 64-px frames and a random-weight AlexNet."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline.archive import load_manifest, write_manifest
+from pipeline.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.classes import CLASSES, PROB_COLUMNS
+from pipeline.classify import (
+    SHARD_FAILED,
+    classify_archive,
+    manifest_hash,
+    parse_since,
+    plan_shards,
+    read_errors,
+    read_predictions,
+    read_run,
+    remaining_frames,
+    shard_files,
+)
+from pipeline.cli import main
+from pipeline.config import load_station
+from pipeline.errors import FrameReadError, InputError
+from pipeline.imageio import read_frame, write_frame
+from pipeline.mlt import ut_to_mlt
+from pipeline.models import build_model, to_model_input
+from pipeline.preprocess import calibration_from_station, dark_for_time, find_dark_dir, preprocess
+from pipeline.storage import PREDICTIONS_SCHEMA
+
+SIZE = 64
+N_GOOD = 34
+#: archive-relative paths of the two bad frames (a truncated PNG and a 48x48 frame).
+CORRUPT = "2004/20041201/N20041201G064000.png"
+WRONG_SIZE = "2004/20041201/N20041201G071000.png"
+
+
+# ------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def station(tiny_station_path):
+    return load_station(tiny_station_path)
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory) -> Path:
+    """34 good raw 16-bit frames, 1 corrupt, 1 of the wrong size, and a dark frame in calib/."""
+    root = tmp_path_factory.mktemp("classify_archive")
+    rng = np.random.default_rng(5)
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    t0 = pd.Timestamp("2004-12-01T06:00:00")
+    for i in range(N_GOOD + 2):
+        t = t0 + pd.Timedelta(minutes=2 * i)
+        rel = f"2004/{t:%Y%m%d}/N{t:%Y%m%d}G{t:%H%M%S}.png"
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if rel == CORRUPT:
+            path.write_bytes(b"\x89PNG\r\n\x1a\n" + rng.bytes(200))
+            continue
+        size = 48 if rel == WRONG_SIZE else SIZE
+        img = rng.normal(300, 20, (size, size))
+        for _ in range(rng.integers(1, 4)):  # a few bright blobs / arcs so the classes vary
+            cy, cx, s = rng.uniform(10, 54), rng.uniform(10, 54), rng.uniform(2, 12)
+            img += rng.uniform(500, 3500) * np.exp(
+                -(
+                    (yy[:size, :size] - cy) ** 2 / (s * rng.uniform(0.2, 3))
+                    + (xx[:size, :size] - cx) ** 2 / s
+                )
+            )
+        write_frame(path, np.clip(img, 0, 65535).astype(np.uint16))
+    (root / "calib").mkdir()
+    write_frame(root / "calib" / "dark_20041101.png", np.full((SIZE, SIZE), 280, np.uint16))
+    return root
+
+
+def _checkpoint(out: Path, seed: int) -> Path:
+    torch.manual_seed(seed)
+    model = build_model("alexnet", input_size=SIZE)
+    save_checkpoint(out, model, {"classes": list(CLASSES)})
+    return out
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    return _checkpoint(tmp_path_factory.mktemp("ckpt_a"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def ckpt_b(tmp_path_factory) -> Path:
+    return _checkpoint(tmp_path_factory.mktemp("ckpt_b"), seed=1)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A running 2-worker cluster, used through --scheduler like a SLURM or Kubernetes one."""
+    from distributed import Client, LocalCluster
+
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
+        ) as lc,
+        Client(lc) as client,
+    ):
+        yield lc, client
+
+
+def _reference(archive: Path, station, ckpt: Path) -> pd.DataFrame:
+    """A plain in-process loop: read, preprocess, model on one frame at a time."""
+    model, meta = load_checkpoint(ckpt)
+    manifest = load_manifest(archive, station)
+    dark_dir = find_dark_dir(archive)
+    rows = []
+    for r in manifest.itertuples():
+        try:
+            raw = read_frame(r.abspath, r.frame)
+            dark = read_frame(dark_for_time(dark_dir, r.time_utc))
+            x = preprocess(raw, calibration_from_station(station, dark=dark))
+        except FrameReadError:  # FrameGeometryError is a FrameReadError
+            continue
+        with torch.inference_mode():
+            inp = to_model_input(x[None].astype(np.float32), meta["input_size"])
+            p = torch.softmax(model(inp), dim=1)[0].numpy()
+            f = model.features(inp)[0].numpy()
+        rows.append({"path": r.path, "frame": r.frame, **dict(zip(PROB_COLUMNS, p)), "fc7": f})
+    return pd.DataFrame(rows)
+
+
+def _assert_exactly_once(out: Path, archive: Path, station) -> pd.DataFrame:
+    """Every manifest frame in exactly one of predictions and errors; returns the predictions."""
+    manifest = load_manifest(archive, station)
+    pred = read_predictions(out)
+    err = read_errors(out)
+    keys = [(p, int(f)) for p, f in zip(pred["path"], pred["frame"])]
+    ekeys = [(p, int(f)) for p, f in zip(err["path"], err["frame"])]
+    assert len(keys) == len(set(keys)), "a frame is in two shards"
+    assert len(ekeys) == len(set(ekeys))
+    assert not set(keys) & set(ekeys)
+    assert sorted(keys + ekeys) == sorted(zip(manifest["path"], manifest["frame"].astype(int)))
+    assert not list(out.rglob("*.part")), "a partial file was left behind"
+    return pred
+
+
+# ------------------------------------------------------------------------------ pure planning
+
+
+def test_plan_and_remaining_are_deterministic_and_disjoint():
+    t = pd.date_range("2004-12-01", periods=10, freq="10s", tz="UTC")
+    m = pd.DataFrame({"path": [f"f{i}.png" for i in range(10)], "frame": 0, "time_utc": t})
+    shuffled = m.sample(frac=1, random_state=0)
+    assert manifest_hash(m) == manifest_hash(shuffled)
+    assert manifest_hash(m) != manifest_hash(m.iloc[:9])
+    left = remaining_frames(shuffled, m.iloc[[0, 3, 4]][["path", "frame"]])
+    assert left["path"].tolist() == [f"f{i}.png" for i in (1, 2, 5, 6, 7, 8, 9)]
+    shards = plan_shards(left, 3, first_shard=7)
+    assert [s for s, _ in shards] == [7, 8, 9]
+    assert [len(df) for _, df in shards] == [3, 3, 1]
+    with pytest.raises(InputError, match="--since"):
+        parse_since("yesterday-ish")
+    assert parse_since("2004-12-01") == pd.Timestamp("2004-12-01", tz="UTC")
+
+
+# ------------------------------------------------------------------------------ end to end
+
+
+def test_local_cluster_matches_plain_loop_one_model_load_per_worker(
+    archive, station, ckpt, tmp_path
+):
+    out = tmp_path / "pred"
+    summary = classify_archive(
+        archive,
+        ckpt,
+        out,
+        station=station,
+        workers=2,
+        threads_per_worker=1,
+        shard_size=6,
+        batch_size=4,
+        device="cpu",
+        features=True,
+    )
+    pred = _assert_exactly_once(out, archive, station)
+    assert summary.frames_classified == N_GOOD and summary.frames_errors == 2
+    assert sum(summary.class_counts.values()) == N_GOOD
+    # one model load per worker process, however many shards it ran
+    assert summary.shards_submitted == 6 and 1 <= len(summary.model_loads) <= 2
+    assert set(summary.model_loads.values()) == {1}
+
+    ref = _reference(archive, station, ckpt)
+    got = pred.merge(ref, on=["path", "frame"], suffixes=("", "_ref"))
+    assert len(got) == N_GOOD
+    for c in PROB_COLUMNS:
+        np.testing.assert_allclose(got[c], got[f"{c}_ref"], atol=1e-5)
+    ref_label = np.asarray(CLASSES)[got[[f"{c}_ref" for c in PROB_COLUMNS]].to_numpy().argmax(1)]
+    assert (got["label"].astype(str).to_numpy() == ref_label).all()
+    assert pq.read_schema(next(iter(shard_files(out).values()))).equals(
+        PREDICTIONS_SCHEMA, check_metadata=False
+    )
+    np.testing.assert_allclose(pred["mlt"], ut_to_mlt(pred["time_utc"], station))
+    assert (pred["model_id"] == json.loads((ckpt / "meta.json").read_text())["model_id"]).all()
+
+    err = read_errors(out).set_index("path")
+    assert set(err.index) == {CORRUPT, WRONG_SIZE}
+    assert (err["stage"] == "classify").all()
+    assert err.loc[CORRUPT, "error"] == "FrameReadError"
+    assert (
+        err.loc[WRONG_SIZE, "error"] == "FrameGeometryError"
+        and "48x48" in err.loc[WRONG_SIZE, "message"]
+    )
+
+    # features: float16 FC7, the same rows in the same order as each shard's parquet file
+    fc7 = {}
+    for s, f in shard_files(out).items():
+        feats = np.load(out / "features" / f"shard-{s:06d}.npy")
+        rows = pd.read_parquet(f, columns=["path"])
+        assert feats.dtype == np.float16 and feats.shape == (len(rows), 4096)
+        fc7.update(zip(rows["path"], feats))
+    for p, f in zip(ref["path"], ref["fc7"]):
+        np.testing.assert_allclose(fc7[p].astype(np.float32), f, rtol=1e-2, atol=1e-2)
+
+
+def test_cli_scheduler_then_rerun_does_no_new_work(
+    archive, station, tiny_station_path, ckpt, cluster, tmp_path, capsys
+):
+    lc, _ = cluster
+    out = tmp_path / "pred"
+    args = [
+        "classify-archive", str(archive), "--checkpoint", str(ckpt), "--out", str(out),
+        "--scheduler", lc.scheduler_address, "--station", str(tiny_station_path),
+        "--shard-size", "8", "--batch-size", "8", "--device", "cpu",
+    ]  # fmt: skip
+    main(args)
+    assert f"classified {N_GOOD} frames, 2 in errors" in capsys.readouterr().err
+    _assert_exactly_once(out, archive, station)
+    run = read_run(out)
+    assert run["shard_size"] == 8 and len(run["shards"]) == 5
+    assert run["manifest_hash"] == manifest_hash(load_manifest(archive, station))
+    before = {p: p.stat().st_mtime_ns for p in out.iterdir()}
+
+    main(args)
+    assert "nothing to do" in capsys.readouterr().err
+    after = {p: p.stat().st_mtime_ns for p in out.iterdir()}
+    changed = {p.name for p in before if before[p] != after.get(p)}
+    assert changed <= {"_run.json"}, "a rerun rewrote shards or errors"
+    assert len(read_run(out)["shards"]) == 5
+
+
+def test_other_checkpoint_refused_unless_overwrite(
+    archive, station, tiny_station_path, ckpt, ckpt_b, cluster, tmp_path, capsys
+):
+    lc, _ = cluster
+    out = tmp_path / "pred"
+    kw = dict(station=station, scheduler=lc.scheduler_address, shard_size=12, device="cpu")
+    classify_archive(archive, ckpt, out, **kw)
+    with pytest.raises(InputError, match="refusing to mix models.*--overwrite"):
+        classify_archive(archive, ckpt_b, out, **kw)
+    with pytest.raises(SystemExit) as exc:
+        main(["classify-archive", str(archive), "--checkpoint", str(ckpt_b), "--out", str(out),
+              "--station", str(tiny_station_path), "--scheduler", lc.scheduler_address])  # fmt: skip
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and "Traceback" not in err
+
+    summary = classify_archive(archive, ckpt_b, out, overwrite=True, **kw)
+    assert summary.frames_classified == N_GOOD and summary.already_done == 0
+    pred = _assert_exactly_once(out, archive, station)
+    model_b = json.loads((ckpt_b / "meta.json").read_text())["model_id"]
+    assert set(pred["model_id"]) == {model_b} and read_run(out)["model_id"] == model_b
+
+
+def test_since_appends_only_newer_frames(archive, station, ckpt, cluster, tmp_path):
+    lc, _ = cluster
+    out = tmp_path / "pred"
+    manifest = load_manifest(archive, station)
+    first = tmp_path / "first.parquet"
+    write_manifest(manifest.iloc[:20], first, root=archive)  # yesterday's archive
+    kw = dict(station=station, scheduler=lc.scheduler_address, shard_size=8, device="cpu")
+    s1 = classify_archive(first, ckpt, out, **kw)
+    assert s1.frames_planned == 20
+    old = dict(shard_files(out))
+    assert list(old) == [0, 1, 2]
+
+    since = manifest["time_utc"].iloc[19]
+    s2 = classify_archive(archive, ckpt, out, since=str(since), **kw)
+    assert s2.frames_planned == len(manifest) - 20 and s2.already_done == 0
+    new = {s: p for s, p in shard_files(out).items() if s not in old}
+    assert min(new) == 3, "appended shards must be numbered after the existing ones"
+    newer = pd.concat([pd.read_parquet(p) for p in new.values()])
+    assert (newer["time_utc"] > since).all()
+    _assert_exactly_once(out, archive, station)
+    # a nightly rerun with the same --since does nothing new
+    assert classify_archive(archive, ckpt, out, since=str(since), **kw).frames_planned == 0
+
+
+def test_failing_shards_are_recorded_then_retried_by_the_next_run(
+    archive, station, ckpt, cluster, tmp_path
+):
+    lc, _ = cluster
+    out = tmp_path / "pred"
+    out.mkdir()
+    (out / "features").write_text("a file where the features folder should be")
+    kw = dict(station=station, scheduler=lc.scheduler_address, shard_size=12, device="cpu")
+    s1 = classify_archive(archive, ckpt, out, features=True, retries=1, **kw)
+    assert s1.shards_failed == 3 and s1.frames_classified == 0
+    err = read_errors(out)
+    assert len(err) == N_GOOD + 2 and (err["error"] == SHARD_FAILED).all()
+    assert (
+        "NotADirectoryError" in err["message"].iloc[0]
+        or "FileExistsError" in err["message"].iloc[0]
+    )
+    _assert_exactly_once(out, archive, station)
+
+    (out / "features").unlink()
+    s2 = classify_archive(archive, ckpt, out, features=True, **kw)
+    assert s2.frames_classified == N_GOOD and s2.shards_failed == 0
+    err = read_errors(out)
+    assert set(err["path"]) == {CORRUPT, WRONG_SIZE} and SHARD_FAILED not in set(err["error"])
+    _assert_exactly_once(out, archive, station)
+
+
+def test_killed_worker_mid_run_still_every_frame_once(archive, station, ckpt, cluster, tmp_path):
+    lc, client = cluster
+    out = tmp_path / "pred"
+    pids = client.run(os.getpid)
+    killed: list[int] = []
+
+    def killer() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not killed:
+            if shard_files(out):  # the run is under way: kill a worker that holds a shard
+                busy = [a for a, keys in client.processing().items() if keys and a in pids]
+                pid = pids[(busy or list(pids))[0]]
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                return
+            time.sleep(0.005)
+
+    th = threading.Thread(target=killer, daemon=True)
+    th.start()
+    summary = classify_archive(
+        archive, ckpt, out, station=station, scheduler=lc.scheduler_address,
+        shard_size=2, batch_size=2, device="cpu",
+    )  # fmt: skip
+    th.join(5)
+    assert killed, "the run ended before a worker could be killed"
+    assert summary.shards_failed == 0 and summary.frames_classified == N_GOOD
+    _assert_exactly_once(out, archive, station)
+    assert len(read_run(out)["shards"]) == (N_GOOD + 2) // 2
