@@ -233,9 +233,22 @@ def evaluate(
 @click.option("--since", default=None, help="Only frames after this UTC date/time (nightly runs).")
 @click.option("--features", is_flag=True, help="Also write FC7 features per shard (float16).")
 @click.option("--overwrite", is_flag=True, help="Replace predictions made with another checkpoint.")
-def classify_archive(**kwargs: object) -> None:
-    """Classify every frame of an archive or manifest on a Dask cluster."""
-    _not_implemented("issue #5")
+@click.option(
+    "--decode-threads",
+    type=click.IntRange(1),
+    default=None,
+    help="Decoding threads per worker (default: the torch threads on CPU, the cores on GPU).",
+)
+def classify_archive(source: Path, checkpoint: Path, out: Path, **kwargs: object) -> None:
+    """Classify every frame of an archive or manifest on a Dask cluster (resumable).
+
+    --threads-per-worker sets the torch threads of each worker (default: its share of the cores);
+    each worker runs one shard at a time and decodes the next batch while the model runs.
+    """
+    from pipeline.classify import classify_archive as run_classify
+    from pipeline.classify import print_summary
+
+    print_summary(run_classify(source, checkpoint, out, **kwargs))  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------------ occurrence
