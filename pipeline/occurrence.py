@@ -135,17 +135,21 @@ def label_codes(labels) -> np.ndarray:
     """Class index (CLASSES order) of each label name; -1 for missing; unknown names raise."""
     if isinstance(labels, pd.Series):
         labels = labels.array
-    cat = pd.Categorical(labels, categories=list(CLASSES))
-    codes = np.asarray(cat.codes, dtype=np.int64)
-    if not (codes < 0).any():
-        return codes
-    bad = (codes < 0) & ~np.asarray(pd.isna(labels))
-    if bad.any():
-        unknown = sorted({str(v) for v in np.asarray(labels, dtype=object)[bad]})[:5]
+    if isinstance(labels, pd.Categorical):
+        codes, uniques = np.asarray(labels.codes, dtype=np.int64), labels.categories
+    else:
+        # factorize hashes each distinct value once: fast for millions of repeated strings
+        codes, uniques = pd.factorize(np.asarray(labels, dtype=object), use_na_sentinel=True)
+        codes = codes.astype(np.int64)
+    lookup = {c: i for i, c in enumerate(CLASSES)}
+    table = np.array([lookup.get(u, -2) for u in uniques] + [-1], dtype=np.int64)
+    out = table[codes]  # code -1 (missing) picks the trailing -1
+    if (out == -2).any():
+        unknown = sorted(str(u) for u in uniques if u not in lookup)[:5]
         raise InputError(
             f"unknown labels {', '.join(unknown)}; allowed classes: {', '.join(CLASSES)}"
         )
-    return codes
+    return out
 
 
 def _partition_counts(

@@ -1,0 +1,186 @@
+"""The occurrence stage and CLI: predictions dirs, Parquet, label text files, outputs, errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import xarray as xr
+
+from pipeline.classes import CLASSES, LABEL_CODES
+from pipeline.cli import main
+from pipeline.config import load_station
+from pipeline.errors import InputError
+from pipeline.occurrence import occurrence_schema
+from pipeline.occurrence_stage import read_confusion, read_label_file, run_occurrence
+from pipeline.storage import PREDICTIONS_SCHEMA, write_table
+
+
+def _predictions(n: int, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    t = pd.Timestamp("2004-01-01 03:00", tz="UTC") + pd.to_timedelta(
+        rng.integers(0, 12 * 3600, n) + 86400 * rng.integers(0, 40, n), unit="s"
+    )
+    df = pd.DataFrame(
+        {
+            "path": [f"f{i}.png" for i in range(n)],
+            "frame": 0,
+            "time_utc": t,
+            "mlt": -1.0,  # deliberately wrong: the stage recomputes MLT from time_utc
+            "label": rng.choice(CLASSES, n),
+            "model_id": "m",
+        }
+    )
+    for c in CLASSES:
+        df[f"p_{c}"] = np.float32(0.25)
+    return df
+
+
+@pytest.fixture()
+def pred_dir(tmp_path):
+    d = tmp_path / "predictions"
+    df = _predictions(300)
+    for i, part in enumerate(np.array_split(np.arange(len(df)), 3)):
+        write_table(df.iloc[part], d / f"shard-{i:06d}.parquet", PREDICTIONS_SCHEMA)
+    return d, df
+
+
+def test_cli_on_a_predictions_directory_writes_every_output(tmp_path, pred_dir, capsys):
+    d, df = pred_dir
+    out = tmp_path / "occ"
+    main(["occurrence", str(d), "--bins", "0.5h", "--ci", "--by", "winter", "--out", str(out)])
+    said = capsys.readouterr().out
+    assert "binned 300 frames into 24 bins" in said
+    for name in ("occurrence.parquet", "occurrence.nc", "occurrence.png", "occurrence.pdf"):
+        assert (out / name).stat().st_size > 0
+    schema = pq.read_schema(out / "occurrence.parquet")
+    assert schema.remove_metadata() == occurrence_schema("winter", ci=True)
+    tab = pd.read_parquet(out / "occurrence.parquet")
+    assert tab["winter"].unique().tolist() == [2003]
+    assert tab["n_frames"].sum() == 300  # 03-15 UT is 06-18 MLT: nothing dropped
+    with xr.open_dataset(out / "occurrence.nc", engine="netcdf4") as ds:
+        assert ds["ratio"].dims == ("winter", "mlt_bin", "class")
+        assert int(ds["n_frames"].sum()) == 300
+    info = json.loads((out / "occurrence_run.json").read_text())
+    assert info["mlt_method"] == "offset" and info["n_dropped"] == 0
+    assert "--by winter" in (out / "occurrence.md").read_text()
+
+
+def test_parquet_file_and_aacgm_method(tmp_path):
+    df = _predictions(200, seed=1)
+    src = tmp_path / "pred.parquet"
+    write_table(df, src, PREDICTIONS_SCHEMA)
+    a = run_occurrence(src, tmp_path / "off", bins="1h")
+    b = run_occurrence(src, tmp_path / "aacgm", bins="1h", mlt_method="aacgm")
+    assert a["n_binned"] == 200 and b["mlt_method"] == "aacgm"
+    # aacgm MLT runs ~0.1-0.9 h behind UT + 3 h at YRS: frames shift towards earlier bins.
+    assert b["n_dropped"] > 0
+    ta = pd.read_parquet(tmp_path / "off" / "occurrence.parquet")
+    tb = pd.read_parquet(tmp_path / "aacgm" / "occurrence.parquet")
+    mean_a = np.average(ta["mlt_start"], weights=ta["n_frames"])
+    mean_b = np.average(tb["mlt_start"], weights=tb["n_frames"])
+    assert mean_b < mean_a
+
+
+def test_confusion_parquet_gives_corrected_ratios(tmp_path):
+    src = tmp_path / "pred.parquet"
+    write_table(_predictions(200, seed=2), src, PREDICTIONS_SCHEMA)
+    conf = pd.DataFrame({"true": list(CLASSES)})
+    for j, c in enumerate(CLASSES):
+        conf[f"pred_{c}"] = [90 if i == j else 10 for i in range(4)]
+    conf = conf.iloc[[2, 0, 3, 1]]  # any row order
+    conf.to_parquet(tmp_path / "confusion.parquet")
+    m = read_confusion(tmp_path / "confusion.parquet")
+    assert m[0, 0] == 90 and m[2, 1] == 10
+    run_occurrence(src, tmp_path / "out", bins="1h", correct=tmp_path / "confusion.parquet")
+    tab = pd.read_parquet(tmp_path / "out" / "occurrence.parquet")
+    corr = tab[[f"ratio_{c}_corrected" for c in CLASSES]].to_numpy()
+    full = tab["n_frames"].to_numpy() > 0
+    np.testing.assert_allclose(corr[full].sum(axis=1), 1.0)
+
+
+@pytest.mark.parametrize(
+    "frame, match",
+    [
+        (pd.DataFrame({"arc": [1]}), "'true' column"),
+        (pd.DataFrame({"true": list(CLASSES), "arc": 1, "drapery": 1, "radial": 1}), "hotspot"),
+        (
+            pd.DataFrame({"true": ["arc"] * 4, **{c: [1] * 4 for c in CLASSES}}),
+            "each of",
+        ),
+    ],
+)
+def test_bad_confusion_files_are_clear_errors(tmp_path, frame, match):
+    path = tmp_path / "confusion.parquet"
+    frame.to_parquet(path)
+    with pytest.raises(InputError, match=match):
+        read_confusion(path)
+
+
+def test_label_text_file_is_parsed(tmp_path):
+    p = tmp_path / "labels.txt"
+    p.write_text("N20031221G030001  1\nN20031221G030011  4\nN20040110G145959  2\n")
+    df = read_label_file(p, load_station("yrs"))
+    assert df["label"].tolist() == ["arc", "hotspot", "drapery"]
+    assert df["time_utc"].iloc[2] == pd.Timestamp("2004-01-10 14:59:59", tz="UTC")
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("N20031221G030001  7\n", "line 1: unknown label '7'"),
+        ("N20031221G030001  1\nX20031221  1\n", "line 2.*filename pattern"),
+        ("N20031221G030001\n", "line 1 has no label"),
+    ],
+)
+def test_bad_label_files_are_clear_errors(tmp_path, text, match):
+    p = tmp_path / "labels.txt"
+    p.write_text(text)
+    with pytest.raises(InputError, match=match):
+        read_label_file(p, load_station("yrs"))
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    p = tmp_path / "labels.txt"
+    p.write_text("N20031221G030001  1\n")
+    with pytest.raises(SystemExit) as exc:
+        main(["occurrence", str(p), "--bins", "7min", "--out", str(tmp_path / "o")])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "whole bins" in err and "Traceback" not in err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SystemExit):
+        main(["occurrence", str(empty), "--out", str(tmp_path / "o")])
+    assert "shard-*.parquet" in capsys.readouterr().err
+
+
+def test_real_labels_total_and_hourly_shares(shared_data, tmp_path):
+    """The 38,044 expert labels: total, and per-hour class shares counted independently."""
+    src = shared_data / "yrs_labels" / "Alllabel2003_38044.txt"
+    out = tmp_path / "real"
+    main(["occurrence", str(src), "--bins", "3min", "--out", str(out)])
+    tab = pd.read_parquet(out / "occurrence.parquet")
+    assert len(tab) == 240
+    assert tab["n_frames"].sum() == 38044
+    for code, cls in LABEL_CODES.items():
+        want = {1: 18417, 2: 8167, 3: 7646, 4: 3814}[code]
+        assert tab[f"n_{cls}"].sum() == want
+    # Independent count: the hour of UT + 3 straight from the file names.
+    raw = pd.read_csv(src, sep=r"\s+", header=None, names=["name", "code"])
+    hour = raw["name"].str[10:12].astype(int) + 3
+    shares = pd.crosstab(hour, raw["code"], normalize="index")
+    tab["hour"] = np.floor(tab["mlt_start"] + 1e-9).astype(int)
+    hourly = tab.groupby("hour")[[f"n_{c}" for c in CLASSES]].sum()
+    mine = hourly.div(hourly.sum(axis=1), axis=0)
+    np.testing.assert_allclose(mine.to_numpy(), shares.loc[mine.index].to_numpy(), atol=1e-12)
+    # The known physics: drapery prenoon, radial at noon, hotspot early afternoon, arcs on flanks.
+    assert mine["n_drapery"].idxmax() in (9, 10, 11)
+    assert mine["n_radial"].idxmax() == 12
+    assert mine["n_hotspot"].idxmax() == 13
+    assert mine.loc[6, "n_arc"] > 0.7 and mine.loc[16, "n_arc"] > 0.9
+    md = (out / "occurrence.md").read_text()
+    assert "| all | 38,044 | 48.4 | 21.5 | 20.1 | 10.0 |" in md
