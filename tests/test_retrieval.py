@@ -175,3 +175,13 @@ def test_parse_ranks():
         parse_ranks("1,x")
     with pytest.raises(ValueError, match=">= 1"):
         parse_ranks("0,1")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_knn_on_cuda_matches_cpu(feats, metric):
+    q, x = feats
+    d0, i0 = knn(q, x.astype(np.float16), 10, metric=metric, chunk_size=64, device="cpu")
+    d1, i1 = knn(q, x.astype(np.float16), 10, metric=metric, chunk_size=64, device="cuda")
+    np.testing.assert_array_equal(i1, i0)
+    np.testing.assert_allclose(d1, d0, rtol=1e-4, atol=1e-5)

@@ -286,3 +286,68 @@ def test_index_skips_unreadable_frames(sets: dict[str, Path], ckpt: Path, tmp_pa
         np.testing.assert_allclose(
             np.asarray(idx.features[j], np.float32), r, rtol=2e-3, atol=1e-3 * np.abs(r).max()
         )
+
+
+def test_index_of_archive_reuses_classify_feature_shards(
+    index_dir: Path, sets: dict[str, Path], ckpt: Path, tmp_path: Path
+):
+    """An archive (YRS layout, truth.parquet) indexed with --features-dir copies shard features."""
+    from pipeline.classify import FEATURES_DIR, RUN_FILE, features_name, shard_name
+    from pipeline.retrieval_stage import build_index, load_index
+    from pipeline.storage import PREDICTIONS_SCHEMA, write_table
+
+    ref = load_index(index_dir)
+    arch = tmp_path / "archive"
+    truth = []
+    for p, lab in zip(ref.items["path"], ref.items["label"]):
+        p = Path(p)
+        rel = f"2004/{p.name[1:9]}/{p.name}"
+        (arch / rel).parent.mkdir(parents=True, exist_ok=True)
+        (arch / rel).write_bytes(p.read_bytes())
+        truth.append({"path": rel, "label": lab})
+    (arch / "calib").mkdir()
+    (arch / "calib" / "station.yaml").write_bytes(
+        (sets["index_set"] / "calib" / "station.yaml").read_bytes()
+    )
+    pd.DataFrame(truth).to_parquet(arch / "truth.parquet")
+    # A classify-archive --features output holding the first 10 frames in two shards, with
+    # features marked (+1) so that reuse is visible.
+    pred = tmp_path / "pred"
+    (pred / FEATURES_DIR).mkdir(parents=True)
+    marked = np.asarray(ref.features[:10], np.float32) + 1
+    run = {"model_id": ref.meta["model_id"], "checkpoint": str(ckpt), "shards": {}}
+    for s, rows in enumerate([range(0, 6), range(6, 10)]):
+        rows = list(rows)
+        df = pd.DataFrame(
+            {
+                "path": [truth[r]["path"] for r in rows],
+                "frame": 0,
+                "time_utc": ref.items["time_utc"].iloc[rows].to_numpy(),
+                "mlt": 9.0,
+                "label": "arc",
+                **{f"p_{c}": np.float32(0.25) for c in CLASSES},
+                "model_id": ref.meta["model_id"],
+            }
+        )
+        np.save(pred / FEATURES_DIR / features_name(s), marked[rows].astype(np.float16))
+        write_table(df, pred / shard_name(s), PREDICTIONS_SCHEMA)
+        run["shards"][f"{s:06d}"] = {"n": len(rows)}
+    (pred / RUN_FILE).write_text(json.dumps(run))
+
+    info = build_index(arch, ckpt, tmp_path / "idx", features_dir=pred)
+    assert info["source_kind"] == "archive" and info["count"] == 24
+    assert info["features_reused"] == 10 and info["labelled"]
+    idx = load_index(tmp_path / "idx")
+    by_name = {Path(p).name: i for i, p in enumerate(idx.items["path"])}
+    for j, p in enumerate(ref.items["path"]):
+        got = np.asarray(idx.features[by_name[Path(p).name]], np.float32)
+        want = marked[j] if j < 10 else np.asarray(ref.features[j], np.float32)
+        np.testing.assert_allclose(got, want, rtol=2e-3, atol=1e-3 * np.abs(want).max())
+        assert idx.items["label"][by_name[Path(p).name]] == ref.items["label"][j]
+    # Shards of another model are refused.
+    run["model_id"] = "0" * 16
+    (pred / RUN_FILE).write_text(json.dumps(run))
+    from pipeline.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="features of model"):
+        build_index(arch, ckpt, tmp_path / "idx2", features_dir=pred)
