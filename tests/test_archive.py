@@ -300,3 +300,12 @@ def test_cli_scan_without_errors_writes_no_errors_table(shared_data, tmp_path, c
     main(["scan", str(shared_data / "themis"), "--station", "themis_gill", "-o", str(out)])
     assert "scanned 40 frame(s) in 2 file(s)" in capsys.readouterr().out
     assert out.exists() and not (tmp_path / "errors.parquet").exists()
+
+
+def test_scan_synthetic_archive_matches_its_truth(tiny_archive, tiny_station_path):
+    manifest, errors = scan(tiny_archive, load_station(tiny_station_path))
+    truth = pd.read_parquet(tiny_archive / "truth.parquet").sort_values(["time_utc", "path"])
+    assert len(errors) == 0 and len(manifest) == len(truth) == 60
+    assert list(manifest["path"]) == list(truth["path"])  # calib/ dark frames skipped
+    assert (manifest["time_utc"].to_numpy() == truth["time_utc"].to_numpy()).all()
+    assert (manifest["bytes"] > 0).all()
