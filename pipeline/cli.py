@@ -269,10 +269,43 @@ def classify_archive(source: Path, checkpoint: Path, out: Path, **kwargs: object
 @click.option("--ci", is_flag=True, help="Wilson 95% intervals per ratio.")
 @click.option("--correct", type=ExistingPath, default=None, help="confusion.parquet of evaluate.")
 @click.option("--min-frames", type=click.IntRange(0), default=0, show_default=True)
+@click.option(
+    "--regions",
+    type=ExistingPath,
+    default=None,
+    help="Active-regions YAML for the figure (default: configs/occurrence/regions.yaml).",
+)
 @click.option("--out", type=PathArg, required=True)
-def occurrence(**kwargs: object) -> None:
+def occurrence(
+    pred: Path,
+    bins: str,
+    mlt_range: tuple[float, float],
+    station: str,
+    mlt_method: str | None,
+    by: str | None,
+    ci: bool,
+    correct: Path | None,
+    min_frames: int,
+    regions: Path | None,
+    out: Path,
+) -> None:
     """Occurrence ratio of each class per MLT bin (table, NetCDF and the paper's Fig. 7)."""
-    _not_implemented("issue #6")
+    from pipeline.occurrence_stage import format_summary, run_occurrence
+
+    info = run_occurrence(
+        pred,
+        out,
+        bins=bins,
+        mlt_range=mlt_range,
+        station=station,
+        mlt_method=mlt_method,
+        by=by,
+        ci=ci,
+        correct=correct,
+        min_frames=min_frames,
+        regions=regions,
+    )
+    click.echo(format_summary(info))
 
 
 # ------------------------------------------------------------------------------ retrieval
