@@ -8,6 +8,7 @@ empty, truncated, not an image, unsupported pixel mode, frame out of range) into
 from __future__ import annotations
 
 import contextlib
+import functools
 import gzip
 import logging
 import os
@@ -49,8 +50,8 @@ def _is_pgm(path: str) -> bool:
     return path.lower().endswith(PGM_SUFFIXES)
 
 
-def _check_file(path: str) -> int:
-    """Size of ``path`` in bytes, or a FrameReadError for a missing, empty or non-regular file."""
+def _check_file(path: str) -> os.stat_result:
+    """``os.stat`` of ``path``, or a FrameReadError for a missing, empty or non-regular file."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -61,7 +62,7 @@ def _check_file(path: str) -> int:
         raise FrameReadError(path, "is a directory, not a frame file")
     if st.st_size == 0:
         raise FrameReadError(path, "empty file (0 bytes)")
-    return st.st_size
+    return st
 
 
 # ----------------------------------------------------------------------------- Pillow formats
@@ -367,10 +368,26 @@ def read_frame(path: str | os.PathLike, frame: int = 0) -> np.ndarray:
     p = os.fspath(path)
     if frame < 0:
         raise FrameReadError(p, f"frame index must be >= 0, got {frame}")
-    _check_file(p)
+    st = _check_file(p)
     if _is_pgm(p):
+        if p.lower().endswith(".gz"):
+            # Frame k of a gzip stream costs inflating frames 0..k: stages read a stack's frames
+            # one after another, so keep the last stacks decoded (keyed by size and mtime).
+            stack = _cached_stack(p, st.st_size, st.st_mtime_ns)
+            if frame >= len(stack):
+                raise FrameReadError(
+                    p, f"frame {frame} out of range (the file holds {len(stack)} frame(s))"
+                )
+            return stack[frame].copy()
         return _read_pgm_frame(p, int(frame))
     return _read_pillow(p, int(frame))
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_stack(path: str, size: int, mtime_ns: int) -> np.ndarray:
+    stack, _ = read_pgm_stack(path)
+    stack.flags.writeable = False  # shared between callers: they get copies
+    return stack
 
 
 def write_frame(path: str | os.PathLike, array: np.ndarray, *, compress_level: int = 1) -> None:

@@ -235,3 +235,16 @@ def test_real_pgm_stacks(shared_data, name, n, shape, first):
     assert pgm_times(path) == times
     np.testing.assert_array_equal(read_frame(path, frame=n - 1), stack[-1])
     assert 0 < stack.mean() < 65535 and stack.std() > 0  # real sky, not zeros or saturation
+
+
+def test_gz_stack_cache_sees_a_rewritten_file(tmp_path, rng):
+    path = tmp_path / "s.pgm.gz"
+    a, b = rng.integers(0, 65535, size=(2, 2, 4, 4)).astype(np.uint16)
+    path.write_bytes(gzip.compress(b"".join(_pgm_frame(f, None) for f in a)))
+    first = read_frame(path, 1)
+    first[:] = 0  # callers get copies: this must not leak into the next read
+    np.testing.assert_array_equal(read_frame(path, 1), a[1])
+    path.write_bytes(gzip.compress(b"".join(_pgm_frame(f, None) for f in b[:1])))
+    np.testing.assert_array_equal(read_frame(path, 0), b[0])
+    with pytest.raises(FrameReadError, match="frame 1 out of range"):
+        read_frame(path, 1)
