@@ -70,7 +70,7 @@ def synth() -> None:
 @synth.command("labelled")
 @click.argument("out", type=PathArg)
 @click.option("--n", "n", type=click.IntRange(1), default=800, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0), default=0, show_default=True)
 @click.option(
     "--winter", type=int, default=2003, show_default=True, help="Winter (its December's year)."
 )
@@ -83,7 +83,11 @@ def synth_labelled(
     out: Path, n: int, seed: int, winter: int, balanced: bool, size: int, workers: int
 ) -> None:
     """Write an ImageFolder-style labelled set OUT/<class>/<name>.png with labels.parquet."""
-    _not_implemented("issue #2")
+    from pipeline.synth import make_labelled
+
+    labels = make_labelled(out, n, seed, winter, balanced, size, workers)
+    counts = ", ".join(f"{c} {k}" for c, k in labels["label"].value_counts().items())
+    click.echo(f"wrote {len(labels)} raw {size}x{size} frames ({counts}) to {out}")
 
 
 @synth.command("archive")
@@ -95,7 +99,7 @@ def synth_labelled(
     help="Expert label file (Alllabel2003_38044.txt) whose times and classes to follow.",
 )
 @click.option("--n", "n", type=click.IntRange(1), default=2000, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0), default=0, show_default=True)
 @click.option(
     "--winters", default="2004", show_default=True, help="Winters, e.g. 2004-2009 or 2004,2006."
 )
@@ -105,7 +109,16 @@ def synth_archive(
     out: Path, timeline: Path | None, n: int, seed: int, winters: str, size: int, workers: int
 ) -> None:
     """Write an unlabelled archive in the YRS layout with truth.parquet and calib/ dark frames."""
-    _not_implemented("issue #2")
+    from pipeline.errors import InputError
+    from pipeline.synth import make_archive, parse_winters
+
+    try:
+        years = parse_winters(winters)
+    except InputError as exc:
+        raise click.BadParameter(str(exc), param_hint="--winters") from None
+    truth = make_archive(out, n, seed, timeline, years, size, workers)
+    span = f"{truth['time_utc'].min():%Y-%m-%d} .. {truth['time_utc'].max():%Y-%m-%d}"
+    click.echo(f"wrote {len(truth)} raw {size}x{size} frames ({span}) to {out}")
 
 
 # ------------------------------------------------------------------------------ preprocess

@@ -1,0 +1,268 @@
+"""The synthetic YRS archive: determinism, geometry, class balance, timelines, layout, realism checks."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from pipeline import synth
+from pipeline.classes import ASI8K_COUNTS, CLASSES
+from pipeline.cli import main
+from pipeline.config import load_station
+from pipeline.errors import InputError
+
+SIZE = 64
+
+
+def _read(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path)).astype(np.int64)
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synth_labelled")
+    synth.make_labelled(out, n=24, seed=3, winter=2003, size=SIZE, workers=1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synth_archive")
+    synth.make_archive(out, n=30, seed=4, winters=(2004, 2005), size=SIZE, workers=1)
+    return out
+
+
+# ------------------------------------------------------------------ determinism
+def test_render_is_deterministic_per_seed():
+    a = synth.render_frame("drapery", synth.frame_rng(1, 5), SIZE)
+    b = synth.render_frame("drapery", synth.frame_rng(1, 5), SIZE)
+    c = synth.render_frame("drapery", synth.frame_rng(2, 5), SIZE)
+    assert a.dtype == np.uint16 and a.shape == (SIZE, SIZE)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_worker_count_does_not_change_bytes(labelled, tmp_path):
+    synth.make_labelled(tmp_path, n=24, seed=3, winter=2003, size=SIZE, workers=2)
+    one = sorted(p.relative_to(labelled) for p in labelled.rglob("*.png"))
+    two = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.png"))
+    assert one == two and len(one) == 24 + 1  # frames + the season's dark frame
+    for rel in one:
+        assert (labelled / rel).read_bytes() == (tmp_path / rel).read_bytes(), rel
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(labelled / "labels.parquet"), pd.read_parquet(tmp_path / "labels.parquet")
+    )
+
+
+# ------------------------------------------------------------------ geometry and camera
+def test_outside_fov_is_dark_and_dark_frame_subtracts_to_zero(labelled):
+    st = load_station("yrs").scaled(SIZE)
+    radius = synth.FOV_RADIUS_512 * SIZE / 512
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    r = np.hypot(yy - st.optical_centre[0], xx - st.optical_centre[1])
+    outside, inside = r > radius + 1.5, r < 0.8 * radius
+    assert outside.sum() > 200
+    dark = _read(labelled / "calib" / "dark_20031101.png")
+    assert np.array_equal(dark, synth.dark_frame(2003, SIZE))
+    assert 200 < np.median(dark) < 600  # bias level of a few hundred counts
+    season = synth.season_for(2003)
+    for p in sorted(labelled.glob("*/N*.png"))[:6]:
+        d = _read(p) - dark
+        assert abs(d[outside].mean()) < 2.0
+        assert d[outside].std() < 3 * season.read_noise
+        assert d[inside].mean() > 200  # sky: airglow + aurora above the dark level
+
+
+def test_ring_features_stay_outside_the_crop():
+    g = synth._geometry(SIZE)
+    ring = synth._ring(g, np.random.default_rng(0), synth.season_for(2004))
+    assert np.all(ring[g.ring_rho < g.crop_rho + 0.01] == 0)
+    assert ring.max() > 100
+
+
+def test_seasons_drift_but_are_reproducible():
+    a, b = synth.season_for(2004), synth.season_for(2007)
+    assert a == synth.season_for(2004)
+    assert a.gain != b.gain and a.read_noise != b.read_noise
+    assert not np.array_equal(synth.dark_frame(2004, SIZE), synth.dark_frame(2007, SIZE))
+    assert a.dark_name == "dark_20041101.png"
+
+
+# ------------------------------------------------------------------ class balance
+@pytest.mark.parametrize("n", [7, 80, 1001])
+def test_class_counts_follow_asi8k_or_are_equal(n):
+    counts = synth.class_counts(n)
+    total = sum(ASI8K_COUNTS.values())
+    assert sum(counts.values()) == n
+    for c in CLASSES:
+        assert abs(counts[c] - n * ASI8K_COUNTS[c] / total) < 1
+    bal = synth.class_counts(n, balanced=True)
+    assert sum(bal.values()) == n and max(bal.values()) - min(bal.values()) <= 1
+
+
+def test_labelled_set_layout(labelled):
+    labels = pd.read_parquet(labelled / "labels.parquet")
+    assert list(labels.columns) == ["path", "label", "time_utc", "winter"]
+    assert str(labels["time_utc"].dt.tz) == "UTC"
+    assert labels["path"].is_unique
+    counts = labels["label"].value_counts().to_dict()
+    assert counts == {c: k for c, k in synth.class_counts(24).items() if k}
+    for rel, lab, t in zip(labels["path"], labels["label"], labels["time_utc"]):
+        p = labelled / rel
+        assert p.parent.name == lab and p.is_file()
+        name_time = datetime.strptime(p.stem, "N%Y%m%dG%H%M%S").replace(tzinfo=timezone.utc)
+        assert name_time == t.to_pydatetime()
+        assert 3 <= t.hour < 15 and t.month in (12, 1, 2)
+        assert synth.winter_of(t) == 2003
+    assert (labelled / "calib" / "station.yaml").is_file()
+    assert load_station(labelled / "calib" / "station.yaml").raw_size == SIZE
+
+
+# ------------------------------------------------------------------ archives
+def test_archive_layout_and_names(archive):
+    truth = pd.read_parquet(archive / "truth.parquet")
+    assert list(truth.columns) == ["path", "time_utc", "label"]
+    assert len(truth) == 30 and truth["path"].is_unique
+    assert truth["time_utc"].is_monotonic_increasing
+    pattern = load_station("yrs").filename_pattern
+    for rel, t in zip(truth["path"], truth["time_utc"]):
+        assert re.fullmatch(r"\d{4}/\d{8}/N\d{8}G\d{6}\.png", rel), rel
+        stem = Path(rel).stem
+        assert datetime.strptime(stem, pattern).replace(tzinfo=timezone.utc) == t
+        assert rel.startswith(f"{t:%Y}/{t:%Y%m%d}/")
+        assert (archive / rel).is_file()
+        assert _read(archive / rel).shape == (SIZE, SIZE)
+    darks = sorted(p.name for p in (archive / "calib").glob("dark_*.png"))
+    assert darks == ["dark_20041101.png", "dark_20051101.png"]
+
+
+def test_archive_follows_the_real_timeline(shared_data, tmp_path):
+    path = shared_data / "yrs_labels" / "Alllabel2003_38044.txt"
+    tl = synth.read_timeline(path)
+    assert len(tl) == 38044
+    plan = synth.archive_plan(500, timeline=tl, winters=(2003, 2005))
+    assert len(plan) == 500 and plan["path"].is_unique
+    # every frame is a real labelled frame (shifted by whole years) and keeps its label
+    lookup = dict(zip(tl["time_utc"], tl["label"]))
+    for t, lab, w in zip(plan["time_utc"], plan["label"], plan["winter"]):
+        assert lookup[t - pd.DateOffset(years=w - 2003)] == lab
+    # evenly strided in time order: both winters, the real day structure, real class shares
+    assert plan["winter"].value_counts().to_dict() == {2003: 250, 2005: 250}
+    assert plan["time_utc"].dt.hour.between(3, 14).all()
+    real = tl["label"].value_counts(normalize=True)
+    got = plan["label"].value_counts(normalize=True)
+    for c in CLASSES:
+        assert abs(real[c] - got[c]) < 0.05
+    # and the rendered archive's truth is that plan
+    truth = synth.make_archive(tmp_path, n=12, seed=0, timeline=path, winters=(2004,), size=32)
+    plan12 = synth.archive_plan(12, timeline=tl, winters=(2004,))
+    assert truth["label"].tolist() == plan12["label"].tolist()
+    assert truth["path"].tolist() == plan12["path"].tolist()
+
+
+def test_archive_without_timeline_follows_the_occurrence_model():
+    model = synth.load_occurrence_model()
+    plan = synth.archive_plan(20000, seed=1, winters=(2004, 2005))
+    assert len(plan) == 20000 and plan["path"].is_unique
+    mlt = (plan["time_utc"].dt.hour + 3) % 24
+    counts = mlt.value_counts(normalize=True)
+    expected = model.set_index("mlt_hour")["n_frames"]
+    expected = expected / expected.sum()
+    for h, share in expected.items():
+        assert abs(counts.get(h, 0.0) - share) < 0.03, h
+        sel = plan["label"][mlt == h].value_counts(normalize=True)
+        for c in CLASSES:
+            assert abs(sel.get(c, 0.0) - model.set_index("mlt_hour").loc[h, f"share_{c}"]) < 0.12
+
+
+def test_occurrence_model_is_derived_from_the_labels(shared_data):
+    derived = synth.derive_occurrence_model(shared_data / "yrs_labels" / "Alllabel2003_38044.txt")
+    committed = synth.load_occurrence_model()
+    pd.testing.assert_frame_equal(derived, committed, check_dtype=False)
+    assert committed["n_frames"].sum() == 38044
+
+
+def test_too_many_frames_for_the_timeline_is_a_clear_error():
+    tl = pd.DataFrame(
+        {"time_utc": pd.to_datetime(["2003-12-21 03:00:01"], utc=True), "label": ["arc"]}
+    )
+    with pytest.raises(InputError, match="exceeds"):
+        synth.archive_plan(5, timeline=tl, winters=(2004,))
+
+
+def test_same_second_frames_get_unique_names():
+    t = pd.Series(pd.to_datetime(["2004-01-01 03:00:01"] * 3 + ["2004-01-01 03:00:02"], utc=True))
+    out = synth._dedupe_seconds(t)
+    assert out.is_unique
+    assert (out - t).max() <= pd.Timedelta(seconds=3)
+
+
+def test_bad_timeline_names_the_line(tmp_path):
+    p = tmp_path / "labels.txt"
+    p.write_text("N20031221G030001  1\nN2003122XG030011  2\n")
+    with pytest.raises(InputError, match="line 2"):
+        synth.read_timeline(p)
+
+
+# ------------------------------------------------------------------ CLI
+def test_parse_winters():
+    assert synth.parse_winters("2004-2009") == (2004, 2005, 2006, 2007, 2008, 2009)
+    assert synth.parse_winters("2004,2006") == (2004, 2006)
+    for bad in ("20x4", "2009-2004", "", "3000"):
+        with pytest.raises(InputError):
+            synth.parse_winters(bad)
+
+
+def test_cli_archive_and_bad_winters(tmp_path, capsys):
+    main(["synth", "archive", str(tmp_path / "a"), "--n", "4", "--size", "32", "--winters", "2006"])
+    assert str(tmp_path / "a") in capsys.readouterr().out
+    assert len(list((tmp_path / "a").rglob("N*.png"))) == 4
+    with pytest.raises(SystemExit) as exc:
+        main(["synth", "archive", str(tmp_path / "b"), "--n", "4", "--winters", "20x4"])
+    assert exc.value.code == 2
+    assert "--winters" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ realism
+def test_brightness_alone_does_not_separate_the_classes():
+    """A nearest-class-mean classifier on [mean, std] inside the crop stays far from perfect."""
+    season = synth.season_for(2003)
+    g = synth._geometry(SIZE)
+    dark = synth.dark_frame(2003, SIZE).astype(np.float32)
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    crop = np.hypot(yy - g.centre[0], xx - g.centre[1]) < g.radius * g.crop_rho
+    feats, ys = [], []
+    for i in range(200):
+        k = i % 4
+        raw = synth.render_frame(CLASSES[k], synth.frame_rng(11, i), SIZE, season)
+        v = (raw.astype(np.float32) - dark)[crop]
+        feats.append([v.mean(), v.std()])
+        ys.append(k)
+    x, y = np.array(feats), np.array(ys)
+    train = (np.arange(len(y)) // 4) % 2 == 0  # half of every class
+    mu, sd = x[train].mean(0), x[train].std(0)
+    z = (x - mu) / sd
+    centres = np.array([z[train & (y == k)].mean(0) for k in range(4)])
+    pred = ((z[~train, None, :] - centres[None]) ** 2).sum(-1).argmin(1)
+    acc = float((pred == y[~train]).mean())
+    assert 0.15 < acc < 0.6, acc
+
+
+def test_signal_levels_suit_the_4000_count_stretch():
+    season = synth.season_for(2003)
+    dark = synth.dark_frame(2003, SIZE).astype(np.float32)
+    g = synth._geometry(SIZE)
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    crop = np.hypot(yy - g.centre[0], xx - g.centre[1]) < g.radius * g.crop_rho
+    p99 = []
+    for i in range(40):
+        raw = synth.render_frame(CLASSES[i % 4], synth.frame_rng(12, i), SIZE, season)
+        p99.append(np.percentile((raw - dark)[crop], 99))
+    assert 1000 < np.median(p99) < 5000
+    assert np.mean(np.array(p99) > 4000) < 0.3  # only a minority saturates the stretch
