@@ -201,3 +201,18 @@ def test_init_weights_refuses_pickled_objects(tmp_path):
     with pytest.raises(CheckpointError, match="weights_only"):
         build_model("alexnet", init_weights=path)
     assert not marker.exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["stn-lsoftmax-alexnet", "vgg16", "resnet18"])
+def test_train_step_on_cuda_with_autocast(variant):
+    model = build_model(variant).cuda().train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    x = torch.randn(4, 1, 227, 227, device="cuda")
+    y = torch.tensor([0, 1, 2, 3], device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = F.cross_entropy(model(x, y).float(), y)
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p).all() for p in model.parameters())

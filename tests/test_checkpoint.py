@@ -181,3 +181,13 @@ def test_save_checks_its_inputs(small_ckpt, tmp_path):
         save_checkpoint(tmp_path / "x", torch.nn.Linear(2, 2), {})
     with pytest.raises(CheckpointError, match="do not match the model's 4 outputs"):
         save_checkpoint(tmp_path / "x", model, {"classes": ["a", "b"]})
+
+
+@pytest.mark.gpu
+def test_load_onto_cuda(small_ckpt):
+    path, model = small_ckpt
+    loaded, _ = load_checkpoint(path, map_location="cuda")
+    assert next(loaded.parameters()).is_cuda
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x.cuda()).cpu(), model(x), atol=1e-3)

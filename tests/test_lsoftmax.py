@@ -150,3 +150,19 @@ def test_half_precision_input_is_computed_in_float32():
 def test_invalid_margin():
     with pytest.raises(ValueError, match="positive integer"):
         LSoftmaxLinear(4, 4, margin=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_autocast_on_cuda_is_finite_and_close(dtype):
+    layer = _layer(3, 64, lam=0.0).cuda()
+    x = (torch.randn(32, 64) * 4).cuda().requires_grad_(True)
+    y = torch.randint(0, 4, (32,)).cuda()
+    with torch.autocast("cuda", dtype=dtype):
+        out = layer(x, y)
+        loss = F.cross_entropy(out.float(), y)
+    loss.backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(layer.weight.grad).all()
+    ref = layer(x.detach(), y).gather(1, y[:, None])
+    got = out.float().gather(1, y[:, None])
+    assert torch.allclose(got, ref, atol=0.1, rtol=2e-2)
