@@ -275,3 +275,19 @@ def test_dark_for_time_picks_the_latest_dark_on_or_before_the_date(tmp_path):
     assert find_dark_dir(tmp_path) == calib
     assert find_dark_dir(calib) is None
     assert dark_for_time(tmp_path / "nowhere", t) is None
+
+
+@pytest.mark.parametrize("size", [64, 128])
+def test_bias_estimate_on_synthetic_yrs_frames(size):
+    synth = pytest.importorskip("pipeline.synth")
+    calib = calibration_from_station(YRS.scaled(size))
+    for k, (label, winter) in enumerate(
+        [("arc", 2003), ("drapery", 2005), ("radial", 2007), ("hotspot", 2009)]
+    ):
+        season = synth.season_for(winter)
+        frame = synth.render_frame(label, np.random.default_rng(k), size=size, season=season)
+        assert abs(estimate_bias(frame, calib) - season.bias) / season.bias < 0.02
+        # with the season's dark frame instead, the unlit corners of the raw frame go to ~0
+        dark = synth.dark_frame(winter, size).astype(np.float64)
+        corners = (frame - dark).ravel()[pp._geometry(calib._key(frame.shape)).bias_idx]
+        assert abs(np.median(corners)) < 0.01 * season.bias
