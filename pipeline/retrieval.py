@@ -58,8 +58,9 @@ def _pairwise(q: torch.Tensor, q_sq: torch.Tensor, x: torch.Tensor, metric: str)
         x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
         return (1.0 - q @ x.T).clamp_(0.0, 2.0)
     x_sq = (x * x).sum(dim=1)
-    d2 = q_sq[:, None] - 2.0 * (q @ x.T) + x_sq[None, :]
-    return d2.clamp_(min=0.0).sqrt_()
+    # ||x||^2 - 2 q.x in one GEMM call, then + ||q||^2 in place: one (nq, nx) buffer, not three.
+    d2 = torch.addmm(x_sq.unsqueeze(0), q, x.T, alpha=-2.0)
+    return d2.add_(q_sq.unsqueeze(1)).clamp_(min=0.0).sqrt_()
 
 
 def _select(d: torch.Tensor, idx: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -216,24 +216,23 @@ def open_image_set(
         return ImageSet(items, st, dd, "files", str(src))
     st = _resolve_station(src, station, station_fallback)
     dd = Path(dark_dir) if dark_dir else _dark_dir(src)
-    files = _image_files(src, st)
-    timed = [_parse_time(p.name, st) for p in files]
-    if files and all(t is not None for t in timed):
-        # Every file carries a time: an archive in the station's layout (the scan's manifest).
-        from pipeline.archive import load_manifest
+    from pipeline.archive import load_manifest
 
-        man = load_manifest(src, st)
-        if len(man):
-            items = _items_frame(
-                man["abspath"], man.get("frame"), man.get("time_utc"), relpaths=man["path"]
-            )
-            return ImageSet(_attach_truth(items, src), st, dd, "archive", str(src))
+    # A folder whose file names carry times is an archive (the scan's manifest, time-sorted;
+    # files without a time are left out with a warning); one without any is a plain folder.
+    man = load_manifest(src, st)
+    if len(man):
+        items = _items_frame(
+            man["abspath"], man.get("frame"), man.get("time_utc"), relpaths=man["path"]
+        )
+        return ImageSet(_attach_truth(items, src), st, dd, "archive", str(src))
+    files = _image_files(src, st)
     if not files:
         raise InputError(
             f"{src}: no images ({', '.join(st.extensions)}) found; give a labelled set, an archive, "
             "a manifest or a folder of images"
         )
-    items = _items_frame([str(p) for p in files], times=timed)
+    items = _items_frame([str(p) for p in files])
     return ImageSet(_attach_truth(items, src), st, dd, "folder", str(src))
 
 
@@ -639,7 +638,31 @@ def _query_items(
         loaders.extend([loader] * len(iset.items))
     if not frames:
         raise InputError("no query images given; use --query IMAGE (repeatable) or --evaluate SET")
-    return pd.concat(frames, ignore_index=True), loaders
+    items = pd.concat(frames, ignore_index=True)
+    return _known_labels(items), loaders
+
+
+def _known_labels(items: pd.DataFrame) -> pd.DataFrame:
+    """Fill missing query labels from the labels.parquet of the set a query file lies in."""
+    from pipeline.labelled import load_labelled
+
+    items = items.copy()
+    sets: dict[Path, dict[str, str]] = {}
+    for j in np.flatnonzero(items["label"].isna().to_numpy()):
+        path = Path(items["path"].iloc[j]).resolve()
+        for parent in list(path.parents)[:3]:
+            if (parent / "labels.parquet").is_file():
+                if parent not in sets:
+                    try:
+                        df = load_labelled(parent)
+                        sets[parent] = dict(zip(df["path"].astype(str), df["label"]))
+                    except AuroraError:
+                        sets[parent] = {}
+                label = sets[parent].get(str(path))
+                if label is not None:
+                    items.iloc[j, items.columns.get_loc("label")] = label
+                break
+    return items
 
 
 def _embed_each(

@@ -142,8 +142,10 @@ def test_retrieve_round_trip(index_dir: Path, sets: dict[str, Path], tmp_path: P
     csv = pd.read_csv(out / "neighbours.csv")
     assert len(csv) == 30
     assert (out / "retrieval.png").stat().st_size > 5000
-    # Queries from a set keep the order given; rank/label columns are filled from the index.
+    # Query files inside a labelled set carry its label; neighbour labels come from the index.
     assert set(t["label"]) <= set(CLASSES)
+    qlab = t.groupby("query", sort=False)["query_label"].first()
+    assert qlab[str(q_out)] == "radial" and qlab[q_in[0]] == items["label"][0]
 
 
 def test_query_features_match_index(index_dir: Path, ckpt: Path):
@@ -271,6 +273,9 @@ def test_index_skips_unreadable_frames(sets: dict[str, Path], ckpt: Path, tmp_pa
     for p in src:
         (folder / p.name).write_bytes(p.read_bytes())
     (folder / "N20041222G999999.png").write_bytes(b"not a png")  # unreadable (and bad time)
+    for j, p in enumerate(src):  # names without times: a plain folder, not an archive
+        (folder / p.name).rename(folder / f"img{j}.png")
+    copies = [folder / f"img{j}.png" for j in range(len(src))]
     info = build_index(
         folder, ckpt, tmp_path / "idx", station=sets["index_set"] / "calib" / "station.yaml"
     )
@@ -279,6 +284,7 @@ def test_index_skips_unreadable_frames(sets: dict[str, Path], ckpt: Path, tmp_pa
     assert idx.items["label"].isna().all() and not idx.labelled
     errs = pd.read_parquet(tmp_path / "idx" / "errors.parquet")
     assert errs["path"].str.endswith("G999999.png").all()
+    assert [Path(p).name for p in idx.items["path"]] == [p.name for p in copies]
     ref = load_index(sets["base"] / "index")
     pos = {p: i for i, p in enumerate(ref.items["path"])}
     for j, p in enumerate(src):
