@@ -9,6 +9,8 @@ OUT/errors.parquet and the run goes on. The resolved settings are written to OUT
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import itertools
 import json
@@ -17,7 +19,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +54,7 @@ log = logging.getLogger(__name__)
 STAGE = "preprocess"
 PARAMS_NAME = "_preprocess.json"
 ERRORS_NAME = "errors.parquet"
+LOCK_NAME = ".preprocess.lock"
 LABELS_NAME = "labels.parquet"
 #: Failures that belong to the frame file itself: retried on a rerun only when the file changed.
 _FRAME_FAULTS = ("FrameReadError", "FrameGeometryError")
@@ -337,6 +340,22 @@ def _check_settings(out: Path, settings: dict[str, Any]) -> None:
     )
 
 
+@contextlib.contextmanager
+def _out_lock(out: Path) -> Iterator[None]:
+    """Hold OUT/.preprocess.lock: two runs writing one folder would delete each other's temp files."""
+    fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(
+                f"{out}: another preprocess run is writing this folder; wait for it to finish"
+            ) from None
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock; the empty file stays (no mtime churn)
+
+
 def _clean_partials(out: Path) -> int:
     """Remove temporary ``.<name>.*.part`` files a killed run left behind; returns their count."""
     n = 0
@@ -416,80 +435,81 @@ def run_preprocess(
         dark_note = "no dark frame, no bias subtraction"
 
     settings = _settings(st, darks, fmt, dtype)
-    _check_settings(out_dir, settings)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_json_if_changed(
-        out_dir / PARAMS_NAME,
-        {
-            "stage": STAGE,
-            "pipeline_version": __version__,
-            "input": str(source),
-            "input_kind": kind,
-            "station": to_dict(st),
-            "settings": settings,
-        },
-    )
-    _clean_partials(out_dir)
+    with _out_lock(out_dir):
+        _check_settings(out_dir, settings)
+        _write_json_if_changed(
+            out_dir / PARAMS_NAME,
+            {
+                "stage": STAGE,
+                "pipeline_version": __version__,
+                "input": str(source),
+                "input_kind": kind,
+                "station": to_dict(st),
+                "settings": settings,
+            },
+        )
+        _clean_partials(out_dir)
 
-    summary = PreprocessSummary(out=out_dir, total=len(df), dark=dark_note)
-    rels = [str(p) for p in df["path"]]
-    frames = [int(f) for f in df["frame"]] if "frame" in df.columns else [0] * len(df)
-    times = list(df["time_utc"]) if "time_utc" in df.columns else [None] * len(df)
-    abspaths = [str(p) for p in df["abspath"]]
-    outs = [out_dir / _out_relpath(r, f, fmt) for r, f in zip(rels, frames)]
+        summary = PreprocessSummary(out=out_dir, total=len(df), dark=dark_note)
+        rels = [str(p) for p in df["path"]]
+        frames = [int(f) for f in df["frame"]] if "frame" in df.columns else [0] * len(df)
+        times = list(df["time_utc"]) if "time_utc" in df.columns else [None] * len(df)
+        abspaths = [str(p) for p in df["abspath"]]
+        outs = [out_dir / _out_relpath(r, f, fmt) for r, f in zip(rels, frames)]
 
-    errors_path = out_dir / ERRORS_NAME
-    old_errors = pd.read_parquet(errors_path) if errors_path.is_file() else None
-    errors_mtime = _mtime_ns(str(errors_path)) if old_errors is not None else None
-    known: set[tuple[str, int]] = set()
-    if old_errors is not None and len(old_errors):
-        faults = old_errors[
-            (old_errors["stage"] == STAGE) & old_errors["error"].isin(_FRAME_FAULTS)
-        ]
-        known = {(str(p), int(f)) for p, f in zip(faults["path"], faults["frame"])}
+        errors_path = out_dir / ERRORS_NAME
+        old_errors = pd.read_parquet(errors_path) if errors_path.is_file() else None
+        errors_mtime = _mtime_ns(str(errors_path)) if old_errors is not None else None
+        known: set[tuple[str, int]] = set()
+        if old_errors is not None and len(old_errors):
+            faults = old_errors[
+                (old_errors["stage"] == STAGE) & old_errors["error"].isin(_FRAME_FAULTS)
+            ]
+            known = {(str(p), int(f)) for p, f in zip(faults["path"], faults["frame"])}
 
-    todo: list[int] = []
-    new_errors: list[pd.DataFrame] = []
-    seen: dict[Path, int] = {}
-    for i, (ap, o) in enumerate(zip(abspaths, outs)):
-        if o in seen:
-            new_errors.append(
-                error_rows(
-                    [(rels[i], frames[i])],
-                    STAGE,
-                    f"output {o} would also be written from {rels[seen[o]]}; rename one input",
-                    error="InputError",
+        todo: list[int] = []
+        new_errors: list[pd.DataFrame] = []
+        seen: dict[Path, int] = {}
+        for i, (ap, o) in enumerate(zip(abspaths, outs)):
+            if o in seen:
+                new_errors.append(
+                    error_rows(
+                        [(rels[i], frames[i])],
+                        STAGE,
+                        f"output {o} would also be written from {rels[seen[o]]}; rename one input",
+                        error="InputError",
+                    )
                 )
-            )
-            summary.failed += 1
-            continue
-        seen[o] = i
-        t_in = _mtime_ns(ap)
-        t_out = _mtime_ns(str(o))
-        if t_in is not None and t_out is not None and t_out >= t_in:
-            summary.up_to_date += 1
-        elif (
-            t_in is not None
-            and errors_mtime is not None
-            and t_in <= errors_mtime
-            and (rels[i], frames[i]) in known
-        ):
-            summary.known_errors += 1  # the same unchanged file failed before: not retried
-        else:
-            todo.append(i)
+                summary.failed += 1
+                continue
+            seen[o] = i
+            t_in = _mtime_ns(ap)
+            t_out = _mtime_ns(str(o))
+            if t_in is not None and t_out is not None and t_out >= t_in:
+                summary.up_to_date += 1
+            elif (
+                t_in is not None
+                and errors_mtime is not None
+                and t_in <= errors_mtime
+                and (rels[i], frames[i]) in known
+            ):
+                summary.known_errors += 1  # the same unchanged file failed before: not retried
+            else:
+                todo.append(i)
 
-    done: set[tuple[str, int]] = set()
-    if todo:
-        _run_chunks(
-            todo, rels, frames, times, abspaths, outs, st, darks, dtype,
-            workers, scheduler, chunk_size, summary, new_errors, done,
-        )  # fmt: skip
+        done: set[tuple[str, int]] = set()
+        if todo:
+            _run_chunks(
+                todo, rels, frames, times, abspaths, outs, st, darks, dtype,
+                workers, scheduler, chunk_size, summary, new_errors, done,
+            )  # fmt: skip
 
-    _update_errors(errors_path, old_errors, new_errors, done)
-    if kind == "labelled":
-        _carry_labels(source, out_dir, df, outs)
-    summary.seconds = time.perf_counter() - t0
-    return summary
+        _update_errors(errors_path, old_errors, new_errors, done)
+        if kind == "labelled":
+            _carry_labels(source, out_dir, df, outs)
+        summary.seconds = time.perf_counter() - t0
+        return summary
 
 
 def _run_chunks(

@@ -217,6 +217,14 @@ def test_user_mistakes_are_clear_errors(archive, tmp_path):
     )
     with pytest.raises(InputError, match="other settings"):
         run_preprocess(root, tmp_path / "o2")
+    # two runs into one folder at once: the second refuses instead of racing the first
+    import fcntl
+
+    (tmp_path / "o3").mkdir()
+    with open(tmp_path / "o3" / ".preprocess.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(InputError, match="another preprocess run"):
+            run_preprocess(root, tmp_path / "o3")
 
 
 def test_dark_source_by_date(archive):
