@@ -325,3 +325,13 @@ def test_from_counts_collapses_groups(hand_table):
     a = occurrence_from_counts(counts, spec, None)
     b = occurrence_table(hand_table, bins="1h", mlt_range=(6, 9))
     pd.testing.assert_frame_equal(a, b)
+
+
+def test_frames_without_label_are_counted_as_missing(hand_table):
+    df = hand_table.assign(
+        label=[None, "arc", "drapery", "radial", "radial", None, "arc", "arc", "arc"]
+    )
+    tab = occurrence_table(df, bins="1h", mlt_range=(6, 9))
+    assert tab["n_frames"].tolist() == [2, 2, 0]
+    assert tab.attrs["n_missing"] == 3  # two without label, one without MLT
+    assert tab.attrs["n_dropped"] == 2

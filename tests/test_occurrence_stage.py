@@ -184,3 +184,17 @@ def test_real_labels_total_and_hourly_shares(shared_data, tmp_path):
     assert mine.loc[6, "n_arc"] > 0.7 and mine.loc[16, "n_arc"] > 0.9
     md = (out / "occurrence.md").read_text()
     assert "| all | 38,044 | 48.4 | 21.5 | 20.1 | 10.0 |" in md
+
+
+def test_table_with_stored_mlt_and_no_times_is_binned_on_its_mlt(tmp_path):
+    src = tmp_path / "mlt_only.parquet"
+    pd.DataFrame(
+        {"mlt": [6.01, 6.06, 12.5, 19.0], "label": ["arc", "radial", "hotspot", "arc"]}
+    ).to_parquet(src)
+    info = run_occurrence(src, tmp_path / "out", bins="3min")
+    assert info["mlt_method"] == "stored"
+    assert (info["n_binned"], info["n_dropped"]) == (3, 1)
+    tab = pd.read_parquet(tmp_path / "out" / "occurrence.parquet")
+    assert tab.loc[0, "n_arc"] == 1 and tab.loc[1, "n_radial"] == 1
+    with pytest.raises(InputError, match="time_utc"):
+        run_occurrence(src, tmp_path / "out2", by="winter")
