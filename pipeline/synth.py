@@ -207,19 +207,40 @@ def _interp_index(n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray, np.nda
     return i0, i1, (pos - i0).astype(np.float32)
 
 
+def _box(a: np.ndarray, width: int, axis: int) -> np.ndarray:
+    """Moving average of odd ``width`` along ``axis`` (edge-padded), via a cumulative sum."""
+    if width <= 1:
+        return a
+    h = width // 2
+    pad = [(0, 0)] * a.ndim
+    pad[axis] = (h + 1, h)
+    c = np.cumsum(np.pad(a, pad, mode="edge"), axis=axis, dtype=np.float64)
+    n = a.shape[axis]
+    hi = np.take(c, np.arange(width, width + n), axis=axis)
+    lo = np.take(c, np.arange(0, n), axis=axis)
+    return ((hi - lo) / width).astype(np.float32)
+
+
 def _smooth_field(rng: np.random.Generator, knots: int, n: int) -> np.ndarray:
-    """A smooth random field (n, n), unit variance at the knots: low-res noise, upsampled."""
+    """A smooth random field (n, n): low-res noise, bilinear upsampling, then a box blur of one
+    knot spacing, which removes the creases that bilinear interpolation leaves at the knots."""
     i0, i1, t = _interp_index(n, knots)
     z = rng.standard_normal((knots, knots)).astype(np.float32)
     z = z[i0] * (1 - t)[:, None] + z[i1] * t[:, None]
-    return z[:, i0] * (1 - t)[None, :] + z[:, i1] * t[None, :]
+    z = z[:, i0] * (1 - t)[None, :] + z[:, i1] * t[None, :]
+    w = int(n / knots) | 1
+    z = _box(_box(z, w, 0), w, 1)
+    return z / max(float(z.std()), 1e-6)
 
 
 def _smooth_1d(rng: np.random.Generator, v: np.ndarray, scale_km: float, span: float = 3000.0):
     """A smooth random function of an along-structure coordinate (km), unit variance."""
     n = int(span / scale_km) + 2
-    knots = np.linspace(-span / 2, span / 2, n)
-    return np.interp(v, knots, rng.standard_normal(n)).astype(np.float32)
+    fine = np.linspace(-span / 2, span / 2, 4 * n)
+    table = np.interp(fine, np.linspace(-span / 2, span / 2, n), rng.standard_normal(n))
+    table = _box(table, 5, 0)  # one knot spacing: no kinks
+    table /= max(float(table.std()), 1e-6)
+    return np.interp(v, fine, table).astype(np.float32)
 
 
 def _upsample2(a: np.ndarray) -> np.ndarray:
@@ -375,7 +396,7 @@ def _arc(sky: _Sky, rng: np.random.Generator, weight: float) -> None:
     """One to a few long, thin, quiet bands with smooth along-arc brightness."""
     n = int(rng.choice([1, 2, 3, 4], p=[0.3, 0.35, 0.23, 0.12]))
     beta = _beta(rng)
-    u, v = sky.uv(beta, u0=rng.uniform(-190, 130))
+    u, v = sky.uv(beta, u0=rng.uniform(-160, 110))
     spacing = rng.uniform(25, 90)
     curv = rng.uniform(-1, 1) / rng.uniform(1500, 5000)
     length = rng.uniform(700, 1600)
@@ -392,7 +413,7 @@ def _arc(sky: _Sky, rng: np.random.Generator, weight: float) -> None:
             du = rng.choice([-1, 1]) * rng.uniform(1.5, 3.0) * width
             f += 0.4 * b * along * ends * np.exp(-0.5 * ((u - centre - du) / (0.5 * width)) ** 2)
     sky.sheet += weight * f / max(float(f.max()), 1e-6)
-    sky.sheet_profile.append((weight, _profile(rng.uniform(112, 135), rng.uniform(14, 24))))
+    sky.sheet_profile.append((weight, _profile(rng.uniform(115, 150), rng.uniform(15, 35))))
 
 
 def _drapery(sky: _Sky, rng: np.random.Generator, weight: float) -> None:
@@ -455,7 +476,7 @@ def _radial(sky: _Sky, rng: np.random.Generator, weight: float) -> None:
     ).sum(0)
     amp = np.clip(sector, 0.02, None) * rng.lognormal(0, 0.6, n) * np.exp(-r / (2 * scale))
     amp *= np.clip(r / 60.0, 0.15, 1.0)  # a ray seen end-on is short and would look spot-bright
-    sky.add_rays(cx + r * np.cos(ang), cy + r * np.sin(ang), amp, weight, blur=3)
+    sky.add_rays(cx + r * np.cos(ang), cy + r * np.sin(ang), amp, weight, blur=5)
     d2 = (sky.g.fx - cx) ** 2 + (sky.g.fy - cy) ** 2
     sky.sheet += weight * rng.uniform(0.1, 0.3) * np.exp(-d2 / (2 * rng.uniform(40, 110) ** 2))
     sky.sheet_profile.append((weight, _profile(rng.uniform(125, 150), rng.uniform(20, 30))))
@@ -500,7 +521,7 @@ def _hotspot(sky: _Sky, rng: np.random.Generator, weight: float) -> None:
 
 _BUILDERS = {"arc": _arc, "drapery": _drapery, "radial": _radial, "hotspot": _hotspot}
 #: Median 99.5th-percentile aurora level (counts above background) per class; spreads overlap.
-_PEAK_COUNTS = {"arc": 2300.0, "drapery": 2100.0, "radial": 1300.0, "hotspot": 3300.0}
+_PEAK_COUNTS = {"arc": 2700.0, "drapery": 2100.0, "radial": 1300.0, "hotspot": 3300.0}
 
 
 def _mix_profiles(parts: list[tuple[float, np.ndarray]]) -> np.ndarray | None:
@@ -673,7 +694,8 @@ def render_frame(
     sky_in = (aurora + bg) * (1.0 - season.vignetting * g.rho_in**2.5) * season.sensitivity
     work = np.zeros(g.work * g.work, dtype=np.float32)
     work[g.in_idx] = sky_in
-    work = work.reshape(g.work, g.work)
+    # one binomial pass hides the altitude dither of thin sheets seen obliquely
+    work = _blur(work.reshape(g.work, g.work), 1)
     signal = _upsample2(work) if g.work != g.size else work
     signal = signal * g.fov
     flat = signal.ravel()
