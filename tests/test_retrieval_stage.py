@@ -357,3 +357,20 @@ def test_index_of_archive_reuses_classify_feature_shards(
 
     with pytest.raises(CheckpointError, match="features of model"):
         build_index(arch, ckpt, tmp_path / "idx2", features_dir=pred)
+
+
+def test_real_yrs_frames(shared_data: Path, ckpt: Path, tmp_path: Path):
+    """Real preprocessed 440x440 YRS JPEGs pass through; a real THEMIS frame is refused."""
+    from pipeline.errors import FrameGeometryError
+    from pipeline.retrieval_stage import build_index, retrieve
+
+    yrs = shared_data / "yrs"
+    info = build_index(yrs, ckpt, tmp_path / "idx")
+    assert info["count"] == 5 and info["source_kind"] == "archive"  # figures/, eraseMap skipped
+    q = yrs / "N20041112G031108.jpg"
+    t = retrieve(tmp_path / "idx", [q], tmp_path / "out", k=5, ranks=[1, 5])
+    assert t["path"].iloc[0] == str(q) and t["distance"].iloc[0] < 1e-3 * t["distance"].iloc[1]
+    assert t["time_utc"].iloc[0] == pd.Timestamp("2004-11-12 03:11:08", tz="UTC")
+    themis = shared_data / "themis" / "20140310_0605_gill_themis19_full.pgm"
+    with pytest.raises(FrameGeometryError, match="0605_gill_themis19_full.pgm.*256x256"):
+        retrieve(tmp_path / "idx", [themis], tmp_path / "out2", k=5, ranks=[1])
