@@ -103,5 +103,7 @@ def aacgm_mlt(ns: np.ndarray, lat: float, lon: float, alt_km: float = 110.0) -> 
     # Unwrap across midnight: MLT moves forwards by ~1/6 h per cell, so the step mod 24 is it.
     step = np.mod(b - a, 24.0)
     frac = (t - cell * AACGM_GRID_NS) / AACGM_GRID_NS
-    out[good] = np.mod(a[inv] + frac * step[inv], 24.0)
+    mlt = np.mod(a[inv] + frac * step[inv], 24.0)
+    mlt[mlt >= 24.0] = 0.0  # np.mod(-1e-17, 24) rounds to 24.0
+    out[good] = mlt
     return out

@@ -27,6 +27,8 @@ Z95 = 1.959963984540054
 DROPPED_BIN = -1
 MISSING_BIN = -2
 COUNT_COLUMNS = ("group", "bin", "cls", "n")
+#: Guard against widths without a sensible unit (one-second bins over 24 h are 86,400).
+MAX_BINS = 100_000
 
 
 # ----------------------------------------------------------------------------- bins
@@ -63,6 +65,8 @@ class BinSpec:
 
 def make_bins(bins: str | pd.Timedelta = "3min", mlt_range=(6.0, 18.0)) -> BinSpec:
     """Bins of width ``bins`` (pandas offset: '3min', '5min', '0.5h') spanning ``mlt_range`` hours."""
+    if isinstance(bins, (int, float)) or (isinstance(bins, str) and bins.strip().isdigit()):
+        raise InputError(f"bin width {bins!r} has no unit; write e.g. 3min, 5min or 0.5h")
     try:
         width = pd.Timedelta(bins).value
     except (ValueError, TypeError):
@@ -79,6 +83,8 @@ def make_bins(bins: str | pd.Timedelta = "3min", mlt_range=(6.0, 18.0)) -> BinSp
     if width <= 0 or width > end_ns - start_ns:
         raise InputError(f"bin width {bins!r} must be positive and at most the MLT range")
     nbins, rest = divmod(end_ns - start_ns, width)
+    if nbins > MAX_BINS:
+        raise InputError(f"bin width {bins!r} gives {nbins:,} bins; at most {MAX_BINS:,} allowed")
     if rest:
         raise InputError(
             f"bin width {bins!r} does not divide the MLT range {start:g}-{end:g} h into whole "

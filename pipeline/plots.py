@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
@@ -109,12 +110,13 @@ def plot_occurrence(
     low = n < max(min_frames, 1)
     lo_x, hi_x = float(start.min()), float(end.max())
 
-    import matplotlib
-
     with matplotlib.rc_context(_RC):
         fig = Figure(figsize=(width_in, width_in * 1.75), layout="constrained")
         axes = fig.subplots(
-            len(CLASSES) + 1, 1, sharex=True, gridspec_kw={"height_ratios": [1.2] + [1] * 4}
+            len(CLASSES) + 1,
+            1,
+            sharex=True,
+            gridspec_kw={"height_ratios": [1.2] + [1] * len(CLASSES)},
         )
         top = axes[0]
         colours = np.where(low, LOW_COUNT_COLOUR, "0.25")

@@ -54,6 +54,9 @@ def test_3min_bins_over_6_to_18_are_240_with_exact_last_edge():
         ("3min", (18, 6), "start < end"),
         ("3min", (6, 25), "start < end"),
         ("13h", (6, 18), "at most"),
+        ("3", (6, 18), "no unit"),
+        (3, (6, 18), "no unit"),
+        ("1ms", (6, 18), "bins; at most"),
     ],
 )
 def test_bad_bins_are_clear_errors(bins, mlt_range, match):
