@@ -279,7 +279,13 @@ class PreprocessSummary:
     failed: int = 0
     seconds: float = 0.0
     dark: str = ""
+    #: the first few error messages, for the summary line.
     errors: list[str] = field(default_factory=list)
+
+    def note_error(self, message: str) -> None:
+        """Keep the first few error messages (the table holds them all)."""
+        if len(self.errors) < 5:
+            self.errors.append(message)
 
     def line(self) -> str:
         """The one-line summary the CLI prints."""
@@ -291,7 +297,10 @@ class PreprocessSummary:
         ]
         if self.passed_through:
             parts.append(f"{self.passed_through} already preprocessed (passed through)")
-        tail = f" (see {self.out / ERRORS_NAME})" if self.failed + self.known_errors else ""
+        tail = ""
+        if self.failed + self.known_errors:
+            first = f"; first: {self.errors[0]}" if self.errors else ""
+            tail = f" (see {self.out / ERRORS_NAME}{first})"
         return ", ".join(parts) + f"; {self.dark}; {self.seconds:.1f} s -> {self.out}" + tail
 
 
@@ -482,6 +491,7 @@ def run_preprocess(
                     )
                 )
                 summary.failed += 1
+                summary.note_error(f"output name collision: {rels[i]} and {rels[seen[o]]}")
                 continue
             seen[o] = i
             t_in = _mtime_ns(ap)
@@ -548,8 +558,8 @@ def _run_chunks(
             for i, status, err, msg in results:
                 if status == "error":
                     summary.failed += 1
-                    summary.errors.append(msg)
-                    new_errors.append(error_rows([(rels[i], frames[i])], STAGE, msg, error=err))
+                    summary.note_error(msg)
+                    frame_errors.append((rels[i], frames[i], STAGE, err, msg))
                 else:
                     done.add((rels[i], frames[i]))
                     if status == "passed":
@@ -561,9 +571,11 @@ def _run_chunks(
             # The whole chunk failed (a worker died): every frame of it is recorded.
             chunk = chunks[key]
             summary.failed += len(chunk)
-            summary.errors.append(str(exc))
+            summary.note_error(f"{type(exc).__name__}: {exc}")
             new_errors.append(error_rows([(rels[i], frames[i]) for i in chunk], STAGE, exc))
 
+        # One row tuple per failed frame, made into one table at the end (not one per frame).
+        frame_errors: list[tuple[str, int, str, str, str]] = []
         run_windowed(
             client,
             process_chunk,
@@ -574,6 +586,8 @@ def _run_chunks(
             total=len(todo),
             desc="preprocess",
         )
+        if frame_errors:
+            new_errors.append(pd.DataFrame(frame_errors, columns=ERRORS_SCHEMA.names))
 
 
 def _update_errors(
