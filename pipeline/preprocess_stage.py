@@ -17,7 +17,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import yaml
 
 from pipeline import __version__
 from pipeline.config import StationConfig, load_station, to_dict
@@ -517,7 +517,8 @@ def run_preprocess(
 
         _update_errors(errors_path, old_errors, new_errors, done)
         if kind == "labelled":
-            _carry_labels(source, out_dir, df, outs)
+            _carry_labels(out_dir, df, outs)
+        _write_station(st, out_dir)
         summary.seconds = time.perf_counter() - t0
         return summary
 
@@ -617,8 +618,8 @@ def _update_errors(
         write_table(pd.DataFrame(columns=ERRORS_SCHEMA.names), path, ERRORS_SCHEMA)
 
 
-def _carry_labels(source: Path, out_dir: Path, df: pd.DataFrame, outs: list[Path]) -> None:
-    """OUT/labels.parquet (paths relative to OUT, frames that exist) and OUT/calib/station.yaml."""
+def _carry_labels(out_dir: Path, df: pd.DataFrame, outs: list[Path]) -> None:
+    """OUT/labels.parquet: the input's table with paths relative to OUT, frames that exist."""
     keep = [o.is_file() for o in outs]
     labels = df.loc[keep].drop(columns=df.attrs.get("added", ["abspath"])).reset_index(drop=True)
     labels["path"] = [o.relative_to(out_dir).as_posix() for o, k in zip(outs, keep) if k]
@@ -633,16 +634,17 @@ def _carry_labels(source: Path, out_dir: Path, df: pd.DataFrame, outs: list[Path
     if not unchanged:  # a rerun leaves the file (and its mtime) alone
         with atomic_path(target) as tmp:
             pq.write_table(table, tmp)
-    _carry_station(source, out_dir)
 
 
-def _carry_station(source: Path, out_dir: Path) -> None:
-    """Copy INPUT/calib/station.yaml so readers of OUT know the camera (tiny synthetic sets)."""
-    src = source / "calib" / "station.yaml"
-    if not src.is_file():
-        return
+def _write_station(st: StationConfig, out_dir: Path) -> None:
+    """OUT/calib/station.yaml: the camera the frames came from, for every reader of OUT.
+
+    Training, classification and retrieval look for ROOT/calib/station.yaml first, so a set
+    preprocessed from a tiny synthetic archive stays readable without repeating --station.
+    """
+    text = yaml.safe_dump(to_dict(st), sort_keys=False)
     dst = out_dir / "calib" / "station.yaml"
-    if dst.is_file() and dst.read_bytes() == src.read_bytes():
+    if dst.is_file() and dst.read_text() == text:
         return
     with atomic_path(dst) as tmp:
-        shutil.copyfile(src, tmp)
+        tmp.write_text(text)

@@ -119,6 +119,7 @@ def test_one_output_per_frame_with_darks_by_date(archive, tmp_path, scheduler):
     assert params["settings"]["dark"] == {"mode": "dir", "path": str((root / "calib").resolve())}
     assert params["settings"]["calibration"]["crop_size"] == TINY.crop_size
     assert params["station"]["raw_size"] == 64  # taken from ARCHIVE/calib/station.yaml
+    assert load_station(out / "calib" / "station.yaml") == TINY  # for the readers of OUT
     assert len(pd.read_parquet(out / "errors.parquet")) == 0
     assert "12 written" in s.line() and "0 failed" in s.line()
 
