@@ -380,6 +380,13 @@ def index(
     help="Checkpoint for the query features (default: the index's own).",
 )
 @click.option("--station", default=None, help="Station of the query images (default: index's).")
+@click.option(
+    "--metric",
+    type=click.Choice(["euclidean", "cosine"]),
+    default="euclidean",
+    show_default=True,
+    help="Distance between FC7 vectors (the paper: euclidean).",
+)
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
 @click.option(
     "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
@@ -393,6 +400,7 @@ def retrieve(
     out: Path,
     checkpoint: Path | None,
     station: str | None,
+    metric: str,
     batch_size: int,
     device: str,
 ) -> None:
@@ -405,7 +413,16 @@ def retrieve(
         raise InputError("give either --query IMAGE (repeatable) or --evaluate QUERY_SET")
     if query_set is not None:
         res = evaluate_retrieval(
-            index_dir, query_set, out, k, ranks, checkpoint, station, batch_size, device
+            index_dir,
+            query_set,
+            out,
+            k,
+            ranks,
+            checkpoint,
+            station,
+            batch_size,
+            device,
+            metric=metric,
         )
         overall = res["scores"][-1]
         click.echo(
@@ -413,7 +430,9 @@ def retrieve(
             f"P@1 {overall.get('p@1', float('nan')):.3f} -> {out}/retrieval_eval.md"
         )
         return
-    table = run_retrieve(index_dir, query, out, k, ranks, checkpoint, station, batch_size, device)
+    table = run_retrieve(
+        index_dir, query, out, k, ranks, checkpoint, station, batch_size, device, metric=metric
+    )
     click.echo(
         f"{table['query'].nunique()} queries x {int(table['rank'].max())} neighbours -> "
         f"{out}/neighbours.parquet, {out}/retrieval.png"

@@ -36,7 +36,7 @@ from pipeline.errors import (
     FrameGeometryError,
     InputError,
 )
-from pipeline.retrieval import knn, parse_ranks, resolve_device, retrieval_scores
+from pipeline.retrieval import METRICS, knn, parse_ranks, resolve_device, retrieval_scores
 from pipeline.storage import ERRORS_SCHEMA, atomic_path, error_rows, write_table
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,8 @@ FEATURES_FILE = "features.npy"
 ITEMS_FILE = "items.parquet"
 META_FILE = "index.json"
 PAPER_RANKS: tuple[int, ...] = (1, 3, 5, 8, 10, 15, 20)
+#: Query rows drawn in retrieval.png at most (the tables hold every query).
+FIGURE_MAX_ROWS = 16
 
 #: items.parquet: what each feature row is.
 ITEMS_SCHEMA = pa.schema(
@@ -494,7 +496,6 @@ def build_index(
         "dim": int(feats.shape[1]),
         "count": int(feats.shape[0]),
         "dtype": "float16",
-        "metric": "euclidean",
         "source": iset.source,
         "source_kind": iset.kind,
         "labelled": bool(items["label"].notna().all()),
@@ -746,23 +747,39 @@ def retrieve(
     batch_size: int = 64,
     device: str = "auto",
     figure: bool = True,
+    metric: str = "euclidean",
 ) -> pd.DataFrame:
-    """Nearest index frames of each query image: neighbours.parquet/.csv and retrieval.png in OUT."""
+    """Nearest index frames of each query image: neighbours.parquet/.csv and retrieval.png in OUT.
+
+    The figure shows the first FIGURE_MAX_ROWS queries; the table holds them all.
+    """
+    _check_metric(metric)
     ranks = _parse_ranks(ranks)
     idx = load_index(index_dir)
     ranks = _check_ranks(ranks, k, len(idx.items))
     model, meta = _model_for_index(idx, checkpoint)
     q_items, loaders = _query_items(queries, idx, station)
     qf = _embed_each(model, meta, q_items, loaders, batch_size, device)
-    d, i = knn(qf, idx.features, k, device=device, progress=len(idx.items) > 100_000)
+    d, i = knn(qf, idx.features, k, metric=metric, device=device, progress=len(idx.items) > 100_000)
     table = neighbours_table(q_items, idx.items, d, i)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _write_neighbours(table, out)
     if figure:
-        query_frames = [ld(p, f, t) for ld, p, f, t in _iter_items(q_items, loaders)]
+        m = min(len(q_items), FIGURE_MAX_ROWS)
+        if m < len(q_items):
+            log.warning("figure shows the first %d of %d queries", m, len(q_items))
+        shown = q_items.iloc[:m].reset_index(drop=True)
+        query_frames = [ld(p, f, t) for ld, p, f, t in _iter_items(shown, loaders[:m])]
         retrieval_figure(
-            query_frames, q_items, idx, i, d, ranks, out / "retrieval.png", title=_title(idx)
+            query_frames,
+            shown,
+            idx,
+            i[:m],
+            d[:m],
+            ranks,
+            out / "retrieval.png",
+            _title(idx, metric),
         )
     _write_json(
         {
@@ -771,7 +788,7 @@ def retrieve(
             "queries": [str(q) for q in q_items["path"]],
             "k": k,
             "ranks": ranks,
-            "metric": "euclidean",
+            "metric": metric,
         },
         out / "retrieve.json",
     )
@@ -790,11 +807,16 @@ def _iter_items(items: pd.DataFrame, loaders: Sequence[FrameLoader]) -> Iterable
         yield ld, str(p), int(f), t
 
 
-def _title(idx: Index) -> str:
+def _title(idx: Index, metric: str = "euclidean") -> str:
     return (
-        f"FC7 retrieval ({idx.meta.get('variant')}, model {str(idx.meta.get('model_id'))[:12]}), "
-        f"{idx.meta.get('count')} frames indexed"
+        f"FC7 retrieval ({idx.meta.get('variant')}, model {str(idx.meta.get('model_id'))[:12]}, "
+        f"{metric}), {idx.meta.get('count')} frames indexed"
     )
+
+
+def _check_metric(metric: str) -> None:
+    if metric not in METRICS:
+        raise InputError(f"--metric {metric!r}: allowed {', '.join(METRICS)}")
 
 
 # ------------------------------------------------------------------------------ evaluation
@@ -809,12 +831,15 @@ def evaluate_retrieval(
     batch_size: int = 64,
     device: str = "auto",
     figure: bool = True,
+    metric: str = "euclidean",
 ) -> dict[str, Any]:
     """Precision at ``ranks`` and mAP@k per class of a labelled query set (Markdown + JSON in OUT).
 
     QUERY_SET is a labelled set (features computed with the index's model) or another index
     built with the same model. Queries that are also index items do not retrieve themselves.
+    The figure retrieval.png shows the first query of each class (the paper's Fig. 6).
     """
+    _check_metric(metric)
     ranks = _parse_ranks(ranks)
     idx = load_index(index_dir)
     if not idx.labelled:
@@ -849,7 +874,9 @@ def evaluate_retrieval(
     self_index = _self_positions(q_items, idx.items)
     overlap = bool((self_index >= 0).any())
     kk = min(k + (1 if overlap else 0), len(idx.items))
-    d, i = knn(qf, idx.features, kk, device=device, progress=len(idx.items) > 100_000)
+    d, i = knn(
+        qf, idx.features, kk, metric=metric, device=device, progress=len(idx.items) > 100_000
+    )
     if overlap:
         from pipeline.retrieval import drop_self
 
@@ -872,7 +899,7 @@ def evaluate_retrieval(
         "queries": str(qpath.resolve()),
         "model_id": model_id,
         "variant": idx.meta.get("variant"),
-        "metric": "euclidean",
+        "metric": metric,
         "k": int(i.shape[1]),
         "ranks": ranks,
         "self_matches_excluded": overlap,
@@ -910,7 +937,7 @@ def evaluate_retrieval(
             d[first],
             ranks,
             out / "retrieval.png",
-            title=_title(idx),
+            title=_title(idx, metric),
         )
     return result
 
@@ -931,7 +958,7 @@ def scores_markdown(scores: pd.DataFrame, info: dict[str, Any]) -> str:
     cols = [c for c in scores.columns if c.startswith("p@")]
     head = ["class", "queries", *[f"P@{c[2:]}" for c in cols], f"mAP@{info['k']}"]
     lines = [
-        "# Retrieval evaluation (FC7, Euclidean)",
+        f"# Retrieval evaluation (FC7, {info['metric']} distance)",
         "",
         f"Index `{info['index']}` ({info['n_index']} frames), queries `{info['queries']}` "
         f"({info['n_queries']} frames), model `{info['model_id']}` ({info['variant']}).",
