@@ -1,0 +1,45 @@
+import os
+import stat
+
+import pandas as pd
+import pytest
+
+from pipeline.storage import ERRORS_SCHEMA, atomic_path, error_rows, merge_errors, write_table
+
+
+def test_atomic_path_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out.txt"
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("crash")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_path_renames_with_normal_permissions(tmp_path):
+    target = tmp_path / "sub" / "out.txt"
+    with atomic_path(target) as tmp:
+        tmp.write_text("done")
+    assert target.read_text() == "done"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask
+    assert [p.name for p in target.parent.iterdir()] == ["out.txt"]
+
+
+def test_merge_errors_keeps_one_row_per_frame_and_stage(tmp_path):
+    p = tmp_path / "errors.parquet"
+    merge_errors(p, error_rows([("a.png", 0), ("b.png", 0)], "classify", ValueError("bad")))
+    both = merge_errors(p, error_rows([("a.png", 0)], "classify", OSError("worse")))
+    assert len(both) == 2
+    back = pd.read_parquet(p)
+    assert list(back.columns) == ERRORS_SCHEMA.names
+    assert back.set_index("path").loc["a.png", "error"] == "OSError"
+
+
+def test_write_table_casts_to_schema(tmp_path):
+    df = pd.DataFrame(
+        {"path": ["x"], "frame": [3], "stage": ["s"], "error": ["E"], "message": ["m"]}
+    )
+    write_table(df, tmp_path / "e.parquet", ERRORS_SCHEMA)
+    assert str(pd.read_parquet(tmp_path / "e.parquet")["frame"].dtype) == "int16"
