@@ -374,3 +374,13 @@ def test_real_yrs_frames(shared_data: Path, ckpt: Path, tmp_path: Path):
     themis = shared_data / "themis" / "20140310_0605_gill_themis19_full.pgm"
     with pytest.raises(FrameGeometryError, match="0605_gill_themis19_full.pgm.*256x256"):
         retrieve(tmp_path / "idx", [themis], tmp_path / "out2", k=5, ranks=[1])
+
+
+def test_retrieve_cosine(index_dir: Path, tmp_path: Path):
+    from pipeline.retrieval_stage import retrieve
+
+    q = pd.read_parquet(index_dir / "items.parquet")["path"][7]
+    t = retrieve(index_dir, [q], tmp_path, k=3, ranks=[1, 3], metric="cosine", figure=False)
+    assert t["path"].iloc[0] == q and t["distance"].iloc[0] < 1e-4
+    assert (t["distance"] <= 2).all()
+    assert json.loads((tmp_path / "retrieve.json").read_text())["metric"] == "cosine"
