@@ -1,4 +1,4 @@
-"""How fast `scan` lists an archive: N tiny files in the YRS layout, scanned side by side with a naive walk.
+"""How fast `scan` lists an archive: N tiny files in the YRS layout, side by side with a naive walk.
 
     python benchmarks/scan_speed.py            # 100,000 files
     python benchmarks/scan_speed.py --quick    # 10,000 files

@@ -56,7 +56,7 @@ _DIRECTIVES = {
 
 @functools.lru_cache(maxsize=64)
 def _regex_body(pattern: str) -> str:
-    """A strftime pattern as a regex with one named group per directive (Python re and RE2 syntax)."""
+    """A strftime pattern as a regex, one named group per directive (Python re and RE2 syntax)."""
     parts: list[str] = []
     seen: set[str] = set()
     i = 0
@@ -103,7 +103,7 @@ def _stem(name: str) -> str:
     return base[:dot] if dot > 0 else base
 
 
-#: Valid component ranges (years: those of timestamp[ns]); pandas would roll hour 24 into the next day.
+#: Valid component ranges (years: those of timestamp[ns]); pandas would roll hour 24 over.
 _RANGES = {
     "year": (1678, 2261),
     "month": (1, 12),
@@ -140,7 +140,7 @@ def _datetime(g: dict[str, str | None]) -> datetime | None:
 
 
 def parse_time(name: str, pattern: str) -> pd.Timestamp | None:
-    """UTC time encoded in a file name by a strftime ``pattern`` (e.g. N%Y%m%dG%H%M%S); None if absent."""
+    """UTC time in a file name by a strftime ``pattern`` (N%Y%m%dG%H%M%S); None if absent."""
     m = _compile(pattern).match(_stem(name))
     if m is None:
         return None
@@ -156,7 +156,7 @@ def _ints(struct: pa.StructArray, valid: pa.Array, name: str, pad: int = 0) -> n
 
 
 def parse_times(names: Iterable[str], pattern: str) -> pd.DatetimeIndex:
-    """Vectorised :func:`parse_time`: a UTC DatetimeIndex (ns) with NaT where a name holds no time."""
+    """Vectorised :func:`parse_time`: a UTC DatetimeIndex (ns), NaT where a name holds no time."""
     body = _regex_body(pattern)
     # One RE2 pass in Arrow instead of a Python match object per name (GC pressure at 100k+ names):
     # the pattern must start the file name and not run into more digits, as in parse_time.
@@ -208,7 +208,7 @@ def _exclude_regex(exclude: Sequence[str]) -> re.Pattern[str] | None:
 
 
 def _prune_regex(exclude: Sequence[str]) -> re.Pattern[str] | None:
-    """Folders to skip whole: ``F/`` matches a glob ending in ``*``, so every file below would too."""
+    """Folders to skip whole: ``F/`` matches a glob ending in ``*``, as every file below would."""
     return _exclude_regex([g for g in exclude if g.endswith("*")])
 
 
@@ -472,7 +472,7 @@ def scan(
 def write_manifest(
     df: pd.DataFrame, path: str | os.PathLike, root: str | os.PathLike | None = None
 ) -> Path:
-    """Write the manifest atomically with its schema and the archive root in the Parquet metadata."""
+    """Write the manifest atomically, with its schema and the archive root in Parquet metadata."""
     root = root if root is not None else df.attrs.get("root")
     table = pa.Table.from_pandas(
         df.reindex(columns=MANIFEST_SCHEMA.names), schema=MANIFEST_SCHEMA, preserve_index=False
@@ -513,7 +513,7 @@ def _read_manifest(path: Path) -> tuple[pd.DataFrame, str]:
 
 
 def load_manifest(source: str | os.PathLike, station: StationConfig) -> pd.DataFrame:
-    """Manifest rows plus an absolute ``abspath`` column from an archive folder, manifest or path list."""
+    """Manifest rows plus an absolute ``abspath`` column, from an archive, manifest or path list."""
     src = Path(source)
     if src.is_dir():
         df, errors = scan(src, station)

@@ -51,10 +51,19 @@ def test_png_round_trip_is_exact(tmp_path, rng, dtype):
     assert not list(tmp_path.glob("*.part"))  # the atomic write left no temporary behind
 
 
-def test_npy_round_trip(tmp_path, rng):
-    arr = rng.integers(0, 65535, size=(16, 16)).astype(np.uint16)
+@pytest.mark.parametrize("dtype", [np.uint16, np.float32])
+def test_npy_round_trip(tmp_path, rng, dtype):
+    arr = (rng.random((16, 12)) * 1000).astype(dtype)
     write_frame(tmp_path / "f.npy", arr)
     np.testing.assert_array_equal(np.load(tmp_path / "f.npy"), arr)
+    out = read_frame(tmp_path / "f.npy")
+    assert out.dtype == dtype
+    np.testing.assert_array_equal(out, arr)
+    with pytest.raises(FrameReadError, match="out of range"):
+        read_frame(tmp_path / "f.npy", 1)
+    (tmp_path / "bad.npy").write_bytes(b"\x93NUMPY garbage")
+    with pytest.raises(FrameReadError, match="not a readable .npy"):
+        read_frame(tmp_path / "bad.npy")
 
 
 def test_write_rejects_bad_dtype_and_suffix(tmp_path):
