@@ -254,7 +254,7 @@ class _PgmReader:
         self.f.seek(rest, os.SEEK_CUR)  # forward only: gzip decompresses and discards
 
     def frames(self) -> Iterator[tuple[dict[str, str], int, int, int, int]]:
-        """Yield (comments, w, h, maxval, raster bytes) per frame; the caller may read the raster."""
+        """Yield (comments, w, h, maxval, raster bytes) per frame; the caller may read it."""
         index = 0
         while True:
             if not self.buf.strip(_WS) and not self._fill(8192):
