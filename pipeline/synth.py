@@ -723,6 +723,12 @@ def winter_of(time: pd.Timestamp | str) -> int:
     return int(t.year if t.month >= 7 else t.year - 1)
 
 
+def _winters(times: pd.Series) -> np.ndarray:
+    """Vectorised :func:`winter_of`."""
+    t = pd.to_datetime(times, utc=True)
+    return np.where(t.dt.month >= 7, t.dt.year, t.dt.year - 1).astype(np.int64)
+
+
 def frame_name(time: pd.Timestamp) -> str:
     """YRS file stem ``N<yyyymmdd>G<hhmmss>``."""
     return f"N{time:%Y%m%d}G{time:%H%M%S}"
@@ -889,8 +895,17 @@ def archive_plan(
     if timeline is not None:
         tl = read_timeline(timeline) if not isinstance(timeline, pd.DataFrame) else timeline
         base = winter_of(tl["time_utc"].iloc[0])
+        # The real labels span one month of one winter (29 days). More frames than that per
+        # winter (ASI399K: ~67k a winter) come from copies of the month shifted by whole
+        # blocks of its length: after it, then before it (Nov..Feb, the dayside season).
+        days = tl["time_utc"].dt.normalize()
+        block = int((days.iloc[-1] - days.iloc[0]).days) + 1
+        copies = max(1, math.ceil(n / (len(tl) * len(winters))))
+        shifts = [0, 1, -1][:copies]
         for w in winters:
-            parts.append(tl.assign(time_utc=_shift_years(tl["time_utc"], w - base)))
+            yearly = _shift_years(tl["time_utc"], w - base)
+            for k in shifts:
+                parts.append(tl.assign(time_utc=yearly + pd.Timedelta(days=k * block)))
     else:
         model = occurrence if occurrence is not None else load_occurrence_model()
         rng = np.random.default_rng(np.random.SeedSequence([int(seed), _PLAN_SALT, 1]))
@@ -901,13 +916,14 @@ def archive_plan(
         src = timeline if timeline is not None else "the occurrence model"
         raise InputError(
             f"--n {n} exceeds the {len(full)} frames that {src} gives for winters "
-            f"{winters[0]}-{winters[-1]}; ask for fewer frames or more winters"
+            f"{winters[0]}-{winters[-1]} (three shifted copies of the timeline a winter at "
+            "most); ask for fewer frames or more winters"
         )
     full = full.sort_values("time_utc", kind="stable").reset_index(drop=True)
     plan = full.iloc[_stride(len(full), n)].reset_index(drop=True)
     plan["time_utc"] = _dedupe_seconds(plan["time_utc"])
-    plan["path"] = [f"{t:%Y}/{t:%Y%m%d}/{frame_name(t)}.png" for t in plan["time_utc"]]
-    plan["winter"] = [winter_of(t) for t in plan["time_utc"]]
+    plan["path"] = plan["time_utc"].dt.strftime("%Y/%Y%m%d/N%Y%m%dG%H%M%S.png")
+    plan["winter"] = _winters(plan["time_utc"])
     return plan[["path", "time_utc", "label", "winter"]]
 
 
@@ -952,7 +968,7 @@ def labelled_plan(
         {"label": labels.astype(str), "time_utc": times.to_numpy(), "winter": int(winter)}
     )
     df["time_utc"] = pd.to_datetime(df["time_utc"], utc=True).dt.as_unit("ns")
-    df["path"] = [f"{c}/{frame_name(t)}.png" for c, t in zip(df["label"], df["time_utc"])]
+    df["path"] = df["label"] + df["time_utc"].dt.strftime("/N%Y%m%dG%H%M%S.png")
     return df[["path", "label", "time_utc", "winter"]]
 
 

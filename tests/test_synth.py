@@ -166,6 +166,21 @@ def test_archive_follows_the_real_timeline(shared_data, tmp_path):
     assert truth["path"].tolist() == plan12["path"].tolist()
 
 
+def test_archive_larger_than_the_timeline_uses_day_shifted_copies(shared_data):
+    tl = synth.read_timeline(shared_data / "yrs_labels" / "Alllabel2003_38044.txt")
+    plan = synth.archive_plan(60000, timeline=tl, winters=(2004,))
+    assert len(plan) == 60000 and plan["path"].is_unique
+    assert plan["time_utc"].dt.month.isin([11, 12, 1, 2]).all()
+    # a copy shifted by whole 29-day blocks keeps the real class sequence
+    lookup = dict(zip(tl["time_utc"], tl["label"]))
+    for t, lab in zip(plan["time_utc"][::997], plan["label"][::997]):
+        t0 = t - pd.DateOffset(years=1)
+        hits = [lookup.get(t0 - pd.Timedelta(days=k * 29)) for k in (0, 1, -1)]
+        assert lab in hits
+    with pytest.raises(InputError, match="exceeds"):
+        synth.archive_plan(4 * len(tl), timeline=tl, winters=(2004,))
+
+
 def test_archive_without_timeline_follows_the_occurrence_model():
     model = synth.load_occurrence_model()
     plan = synth.archive_plan(20000, seed=1, winters=(2004, 2005))
