@@ -512,36 +512,41 @@ def _read_manifest(path: Path) -> tuple[pd.DataFrame, str]:
     return df, root
 
 
-def load_manifest(source: str | os.PathLike, station: StationConfig) -> pd.DataFrame:
-    """Manifest rows plus an absolute ``abspath`` column, from an archive, manifest or path list."""
+def load_manifest(
+    source: str | os.PathLike,
+    station: StationConfig,
+    exclude: Sequence[str] = DEFAULT_EXCLUDE,
+) -> pd.DataFrame:
+    """Manifest rows plus an absolute ``abspath`` column, from an archive, manifest or path list.
+
+    ``attrs["root"]`` is the folder the relative paths start from: the archive folder, the root
+    stored in the manifest (its own folder if that root is gone), or the list's folder.
+    """
     src = Path(source)
-    if src.is_dir():
-        df, errors = scan(src, station)
+    is_parquet = src.is_file() and src.suffix.lower() == ".parquet"
+    schema = None
+    if is_parquet:
+        try:
+            schema = pq.read_schema(src)
+        except Exception as exc:  # noqa: BLE001 - a broken file is the user's input
+            raise InputError(f"{src}: not a readable Parquet file ({exc})") from None
+    if schema is not None and _is_manifest(schema):
+        df, root = _read_manifest(src)
+        other = sorted(set(df["station"].dropna().unique()) - {station.code})
+        if len(df) and other:
+            raise InputError(
+                f"{src}: manifest is of station {', '.join(other)}, not {station.code!r}; "
+                f"pass --station {other[0]} or rescan"
+            )
+    elif src.is_dir() or is_parquet or (src.is_file() and src.suffix.lower() == ".csv"):
+        df, errors = scan(src, station, exclude)
         if len(errors):
             log.warning(
-                "%s: %d file(s) without a time skipped (run `aurora-pipeline scan` to list them)",
+                "%s: %d file(s) skipped without a time or unreadable "
+                "(`aurora-pipeline scan` lists them)",
                 src,
                 len(errors),
             )
-        root = df.attrs["root"]
-    elif src.is_file() and src.suffix.lower() == ".parquet":
-        try:
-            schema = pq.read_schema(src)
-        except Exception as exc:  # noqa: BLE001
-            raise InputError(f"{src}: not a readable Parquet file ({exc})") from None
-        if _is_manifest(schema):
-            df, root = _read_manifest(src)
-            other = sorted(set(df["station"].dropna().unique()) - {station.code})
-            if len(df) and other:
-                raise InputError(
-                    f"{src}: manifest is of station {', '.join(other)}, not {station.code!r}; "
-                    f"pass --station {other[0]} or rescan"
-                )
-        else:
-            df, _ = scan(src, station)
-            root = df.attrs["root"]
-    elif src.is_file() and src.suffix.lower() == ".csv":
-        df, _ = scan(src, station)
         root = df.attrs["root"]
     elif src.exists():
         raise InputError(

@@ -309,3 +309,7 @@ def test_scan_synthetic_archive_matches_its_truth(tiny_archive, tiny_station_pat
     assert list(manifest["path"]) == list(truth["path"])  # calib/ dark frames skipped
     assert (manifest["time_utc"].to_numpy() == truth["time_utc"].to_numpy()).all()
     assert (manifest["bytes"] > 0).all()
+    # a table with a `path` column that is not a manifest (truth.parquet) is a list of paths
+    listed = load_manifest(tiny_archive / "truth.parquet", load_station(tiny_station_path))
+    assert list(listed["path"]) == list(manifest["path"])
+    assert listed["abspath"].map(os.path.isfile).all()
