@@ -20,6 +20,7 @@ import json
 import logging
 import os
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -331,17 +332,27 @@ def embed(
     frames = items["frame"].astype(int).tolist() if "frame" in items else [0] * n
     times = items["time_utc"].tolist() if "time_utc" in items else [None] * n
     bar = tqdm(total=n, desc=desc, unit="frame", disable=n < 2 * batch_size)
-    with torch.inference_mode():
+
+    def load(j: int) -> np.ndarray | AuroraError:
+        try:
+            return loader(paths[j], frames[j], times[j])
+        except AuroraError as exc:
+            return exc
+
+    # Decoding and preprocessing (PIL, zlib, numpy release the GIL) overlap in a few threads.
+    threads = max(1, min(4, (os.cpu_count() or 2) - 1))
+    with torch.inference_mode(), ThreadPoolExecutor(threads) as pool:
         for s in range(0, n, batch_size):
             batch, rows = [], []
-            for j in range(s, min(n, s + batch_size)):
-                try:
-                    batch.append(loader(paths[j], frames[j], times[j]))
-                    rows.append(j)
-                except AuroraError as exc:
+            span = range(s, min(n, s + batch_size))
+            for j, img in zip(span, pool.map(load, span)):
+                if isinstance(img, AuroraError):
                     if strict:
-                        raise
-                    errors.append(error_rows([(paths[j], frames[j])], "index", exc))
+                        raise img
+                    errors.append(error_rows([(paths[j], frames[j])], "index", img))
+                else:
+                    batch.append(img)
+                    rows.append(j)
             if batch:
                 x = to_model_input(np.stack(batch), input_size, in_chans).to(dev)
                 f = model.features(x).float().cpu().numpy()
