@@ -1,4 +1,4 @@
-"""Synthetic Yellow River Station 557.7 nm all-sky archive: raw 16-bit frames, labelled sets, timelines.
+"""Synthetic Yellow River Station 557.7 nm all-sky archive: raw frames, labelled sets, timelines.
 
 The generator is a small physical instrument model, so that every later measurement made on its
 output means something:
@@ -64,6 +64,7 @@ OCCURRENCE_MODEL = CONFIG_DIR / "occurrence" / "occurrence_model.csv"
 _PLAN_SALT = 0x5EED_0F_A11
 _SEASON_SALT = 0xDA4C
 _STARS_SALT = 0x57A25
+_GEOM_SALT = 0x6E0
 
 
 # ============================================================================ geometry
@@ -95,7 +96,8 @@ class _Geometry:
 
 
 def _ground_distance(theta: np.ndarray, z_km: float) -> tuple[np.ndarray, np.ndarray]:
-    """Ground distance (km) and local zenith angle's cosine where a ray at zenith angle ``theta`` meets altitude ``z``."""
+    """Ground distance (km), and cos(local zenith angle), where a line of sight at zenith angle
+    ``theta`` reaches altitude ``z_km`` (spherical Earth)."""
     elev = np.pi / 2 - theta
     sin_local = RE_KM * np.cos(elev) / (RE_KM + z_km)
     gamma = np.pi / 2 - elev - np.arcsin(sin_local)
@@ -103,7 +105,7 @@ def _ground_distance(theta: np.ndarray, z_km: float) -> tuple[np.ndarray, np.nda
 
 
 def _q_of(x: np.ndarray, y: np.ndarray, nf: int, sc: float) -> np.ndarray:
-    """Nearest F-grid cell of horizontal positions (km); q = s / (s + sc) keeps zenith detail fine."""
+    """Nearest F-grid cell of horizontal positions (km); q = s/(s + sc) keeps zenith detail fine."""
     s = np.hypot(x, y)
     k = 1.0 / (s + sc)
     col = ((x * k + 1.0) * 0.5 * nf).astype(np.int64)
@@ -142,10 +144,10 @@ def _geometry(size: int) -> _Geometry:
     mag = (math.sin(a), math.cos(a))  # magnetic south, across the arcs, towards lower right
     cot_dip = 1.0 / math.tan(math.radians(DIP_DEG))
     nf = int(np.clip(round(size * 0.625), 64, 320))
-    sc = 100.0 * max(1.0, 64.0 / nf * 5.0 / 5.0)
+    sc = 100.0  # km: F cells of ~0.6 km at zenith for nf = 320 (a 512 px pixel is 0.7 km there)
     dz = np.gradient(LAYERS_KM)
     # a fixed per-pixel altitude dither turns the layers' discreteness into fine noise
-    dither = np.random.default_rng(np.random.SeedSequence([_STARS_SALT, size])).random(theta.size)
+    dither = np.random.default_rng(np.random.SeedSequence([_GEOM_SALT, size])).random(theta.size)
     idx, w = [], []
     for zk, dzk in zip(LAYERS_KM, dz):
         zk = zk + (dither - 0.5) * dzk
@@ -276,7 +278,7 @@ def _profile(z_peak: float, h: float) -> np.ndarray:
 # ============================================================================ camera seasons
 @dataclass(frozen=True)
 class Season:
-    """One camera season (a winter): gain, sensitivity, noise and fixed pattern, derived from the year."""
+    """One camera season (a winter): gain, sensitivity, noise and dark pattern, from the year."""
 
     winter: int
     gain: float  # counts per photo-electron (sets the shot noise)
@@ -541,7 +543,7 @@ def _project(g: _Geometry, f: np.ndarray, profile: np.ndarray) -> np.ndarray:
     return out
 
 
-# ============================================================================ the sky and the camera
+# ============================================================================ sky and camera
 @functools.lru_cache(maxsize=1)
 def _star_catalogue() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A fixed synthetic star field (RA, Dec in rad, peak counts), the same for every frame."""
@@ -793,8 +795,8 @@ def write_occurrence_model(
     """Derive the occurrence model from a label file and write it as a commented CSV."""
     model = derive_occurrence_model(timeline)
     header = (
-        "# Frame counts, coverage (share of 10 s slots with a labelled frame) and class shares per\n"
-        "# MLT hour (MLT = UT + 3 h) of the real YRS expert labels, winter 2003/04.\n"
+        "# Frame counts, coverage (share of 10 s slots with a labelled frame) and class\n"
+        "# shares per MLT hour (MLT = UT + 3 h) of the real YRS expert labels, winter 2003/04.\n"
         f"# Derived from {Path(timeline).name} by:\n"
         '#   .venv/bin/python -c "from pipeline.synth import write_occurrence_model as w; '
         "w('../shared/data/yrs_labels/Alllabel2003_38044.txt')\"\n"
@@ -946,7 +948,11 @@ def labelled_plan(
     balanced: bool = False,
     occurrence: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
-    """Classes, times (Dec-Feb of ``winter``, 03-15 UT, hours by class from the occurrence model) and paths."""
+    """Classes, times and paths of a labelled set (pure; no rendering).
+
+    Times fall in December-February of ``winter`` at 03-15 UT; the hour of each frame is drawn
+    from its class's hourly counts in the occurrence model, so labelled times look like real ones.
+    """
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), _PLAN_SALT, 0]))
     model = occurrence if occurrence is not None else load_occurrence_model()
     counts = class_counts(n, balanced)

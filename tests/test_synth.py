@@ -1,4 +1,4 @@
-"""The synthetic YRS archive: determinism, geometry, class balance, timelines, layout, realism checks."""
+"""Synthetic YRS archive: determinism, geometry, class balance, timelines, layout, realism."""
 
 from __future__ import annotations
 
