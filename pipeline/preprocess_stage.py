@@ -81,9 +81,14 @@ class DarkSource:
         return None
 
 
-@functools.lru_cache(maxsize=8)
 def load_dark(path: str | os.PathLike) -> np.ndarray:
     """Read a dark frame once per process (16-bit PNG); later calls return the cached array."""
+    p = os.fspath(path)
+    return _load_dark(p, _mtime_ns(p))  # a replaced file (new mtime) is read again
+
+
+@functools.lru_cache(maxsize=8)
+def _load_dark(path: str, _mtime_ns: int | None) -> np.ndarray:
     from pipeline.imageio import read_frame
 
     arr = read_frame(path)
@@ -92,7 +97,9 @@ def load_dark(path: str | os.PathLike) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=16)
-def _calibration(station: StationConfig, dark_path: str | None, dtype: str) -> Calibration:
+def _calibration(
+    station: StationConfig, dark_path: str | None, _mtime_ns: int | None, dtype: str
+) -> Calibration:
     dark = None if dark_path is None else load_dark(dark_path)
     return calibration_from_station(station, dark=dark, dtype=dtype)  # type: ignore[arg-type]
 
@@ -102,7 +109,8 @@ def calibration_for(
 ) -> Calibration:
     """The (cached) Calibration for a frame of ``station`` taken at ``time``."""
     dark_path = darks.path_for(time) if station.preprocess.dark_subtract else None
-    return _calibration(station, dark_path, dtype)
+    mtime = None if dark_path is None else _mtime_ns(dark_path)
+    return _calibration(station, dark_path, mtime, dtype)
 
 
 def _check_darks(station: StationConfig, darks: DarkSource) -> None:
