@@ -18,7 +18,8 @@ output means something:
 * **Drift.** :class:`Season` (one per winter, derived from the year) changes gain, sensitivity,
   read noise, vignetting, dark frame and hot pixels, so train-on-2003/test-on-later is a real test.
 * **Classes.** Brightness distributions of the four classes overlap on purpose and ~15 % of
-  frames carry a weaker second morphology, so only shape and texture separate the classes.
+  frames carry a weaker second morphology (40 % of archive frames that sit at a class change of
+  the timeline carry the neighbouring class), so only shape and texture separate the classes.
 
 Public API: :func:`render_frame`, :func:`make_labelled`, :func:`make_archive`, :class:`Season`,
 :func:`season_for`, :func:`dark_frame`, :func:`read_timeline`, :func:`derive_occurrence_model`,
@@ -56,8 +57,9 @@ ARC_DIRECTION_DEG = 30.0
 NORTH_IMAGE_DEG = 61.11
 #: Altitude layers of the line-of-sight integration (denser low down, where 557.7 nm peaks).
 LAYERS_KM = (90.0 + 230.0 * np.linspace(0.0, 1.0, 20) ** 1.6).astype(np.float64)
-#: Share of frames with a weaker second morphology mixed in.
+#: Share of frames with a weaker second morphology mixed in (anywhere; at class changes).
 AMBIGUOUS_SHARE = 0.15
+TRANSITION_SHARE = 0.4
 #: Default occurrence model (frame counts and class shares per MLT hour of the real labels).
 OCCURRENCE_MODEL = CONFIG_DIR / "occurrence" / "occurrence_model.csv"
 #: Offsets that keep the plan and the season generators independent of the frame generators.
@@ -642,6 +644,7 @@ def render_frame(
     *,
     time: pd.Timestamp | None = None,
     secondary: str | None | bool = None,
+    transition: str | None = None,
 ) -> np.ndarray:
     """Render one raw YRS-like 557.7 nm frame of class ``label`` (uint16, size x size).
 
@@ -657,11 +660,11 @@ def render_frame(
     sky = _Sky(g)
     _BUILDERS[label](sky, rng, 1.0)
     if secondary is None:
-        secondary = (
-            str(rng.choice([c for c in CLASSES if c != label]))
-            if rng.random() < AMBIGUOUS_SHARE
-            else False
-        )
+        # frames next to a class change in a timeline mix in the neighbouring class more often
+        if rng.random() < (TRANSITION_SHARE if transition else AMBIGUOUS_SHARE):
+            secondary = transition or str(rng.choice([c for c in CLASSES if c != label]))
+        else:
+            secondary = False
     if secondary:
         _BUILDERS[secondary](sky, rng, float(rng.uniform(0.2, 0.45)))
     aurora = np.zeros(g.in_idx.size, dtype=np.float32)
@@ -926,7 +929,24 @@ def archive_plan(
     plan["time_utc"] = _dedupe_seconds(plan["time_utc"])
     plan["path"] = plan["time_utc"].dt.strftime("%Y/%Y%m%d/N%Y%m%dG%H%M%S.png")
     plan["winter"] = _winters(plan["time_utc"])
-    return plan[["path", "time_utc", "label", "winter"]]
+    plan["transition"] = _transitions(plan["time_utc"], plan["label"])
+    return plan[["path", "time_utc", "label", "winter", "transition"]]
+
+
+def _transitions(times: pd.Series, labels: pd.Series, gap_s: float = 900.0) -> np.ndarray:
+    """The neighbouring class where a frame sits at a class change (previous or next frame
+    within ``gap_s`` has another class), else ''."""
+    lab = labels.to_numpy().astype(str)
+    t = pd.to_datetime(times, utc=True).dt.as_unit("ns").astype("int64").to_numpy() / 1e9
+    out = np.full(lab.size, "", dtype=object)
+    if lab.size < 2:
+        return out
+    near = np.diff(t) <= gap_s
+    change = near & (lab[1:] != lab[:-1])
+    nxt = np.flatnonzero(change)  # frame i differs from frame i + 1
+    out[nxt] = lab[nxt + 1]
+    out[nxt + 1] = lab[nxt]  # the later frame sees the earlier class (overrides ''-only)
+    return out
 
 
 def class_counts(n: int, balanced: bool = False) -> dict[str, int]:
@@ -984,14 +1004,16 @@ def frame_rng(seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=(int(index),)))
 
 
-def _render_chunk(out: str, size: int, seed: int, items: list[tuple[int, str, str, int]]) -> int:
+def _render_chunk(
+    out: str, size: int, seed: int, items: list[tuple[int, str, str, int, str]]
+) -> int:
     from pipeline.imageio import write_frame
 
-    for index, label, rel, t_ns in items:
+    for index, label, rel, t_ns, transition in items:
         time = pd.Timestamp(t_ns, tz="UTC")
-        arr = render_frame(
-            label, frame_rng(seed, index), size, season_for(winter_of(time)), time=time
-        )
+        season = season_for(winter_of(time))
+        rng = frame_rng(seed, index)
+        arr = render_frame(label, rng, size, season, time=time, transition=transition or None)
         write_frame(Path(out) / rel, arr)
     return len(items)
 
@@ -1001,9 +1023,12 @@ def _render_all(
 ) -> None:
     from tqdm.auto import tqdm
 
+    trans = plan["transition"] if "transition" in plan else [""] * len(plan)
     items = [
-        (i, str(lab), str(rel), int(t.value))
-        for i, (lab, rel, t) in enumerate(zip(plan["label"], plan["path"], plan["time_utc"]))
+        (i, str(lab), str(rel), int(t.value), str(tr))
+        for i, (lab, rel, t, tr) in enumerate(
+            zip(plan["label"], plan["path"], plan["time_utc"], trans)
+        )
     ]
     chunk = max(1, min(32, len(items) // (4 * max(workers, 1)) or 1))
     chunks = [items[i : i + chunk] for i in range(0, len(items), chunk)]

@@ -218,6 +218,23 @@ def test_same_second_frames_get_unique_names():
     assert (out - t).max() <= pd.Timedelta(seconds=3)
 
 
+def test_frames_at_class_changes_know_the_neighbouring_class():
+    t = pd.Series(
+        pd.to_datetime(
+            [
+                "2004-01-01 03:00:01",
+                "2004-01-01 03:00:11",
+                "2004-01-01 03:00:21",
+                "2004-01-01 09:00:01",
+                "2004-01-01 09:00:11",
+            ],
+            utc=True,
+        )
+    )
+    lab = pd.Series(["arc", "arc", "drapery", "radial", "radial"])
+    assert synth._transitions(t, lab).tolist() == ["", "drapery", "arc", "", ""]
+
+
 def test_bad_timeline_names_the_line(tmp_path):
     p = tmp_path / "labels.txt"
     p.write_text("N20031221G030001  1\nN2003122XG030011  2\n")
