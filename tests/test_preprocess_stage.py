@@ -361,3 +361,19 @@ def test_synthetic_archive_and_labelled_set(tiny_archive, tiny_labelled, tmp_pat
     # training on the written 8-bit set sees the same frames as preprocessing on the fly
     for i in (0, 41, 79):
         np.testing.assert_allclose(pre.frame(i), raw.frame(i), atol=0.5 / 255 + 1e-6)
+
+
+def test_multi_frame_pgm_stacks_get_one_output_per_frame(shared_data, tmp_path, scheduler):
+    from pipeline.imageio import read_pgm_stack
+
+    src = shared_data / "themis" / "20140310_0605_gill_themis19_full.pgm"
+    pd.DataFrame({"path": [str(src)]}).to_csv(tmp_path / "list.csv", index=False)
+    out = tmp_path / "out"
+    s = run_preprocess(tmp_path / "list.csv", out, station="themis_gill", scheduler=scheduler)
+    assert s.written == 20 and s.failed == 0
+    got = sorted(p.name for p in out.rglob("*.png"))
+    assert got == [f"20140310_0605_gill_themis19_full_f{i:03d}.png" for i in range(20)]
+    stack, _ = read_pgm_stack(src)
+    calib = calibration_from_station(load_station("themis_gill"), dtype="uint8")
+    (f7,) = out.rglob("*_f007.png")
+    np.testing.assert_array_equal(read_frame(f7), preprocess(stack[7], calib))
