@@ -124,7 +124,12 @@ def synth_archive(
 # ------------------------------------------------------------------------------ preprocess
 @cli.command()
 @click.argument("input_", metavar="INPUT", type=ExistingPath)
-@click.option("--out", type=PathArg, required=True)
+@click.option(
+    "--out",
+    type=PathArg,
+    required=True,
+    help="Output folder: INPUT's layout, errors.parquet, _preprocess.json.",
+)
 @click.option(
     "--station",
     default=None,
