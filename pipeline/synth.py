@@ -42,7 +42,7 @@ import pandas as pd
 from pipeline.classes import ASI8K_COUNTS, CLASSES, LABEL_CODES
 from pipeline.config import CONFIG_DIR, StationConfig, dump_yaml, load_station
 from pipeline.errors import InputError
-from pipeline.storage import write_table
+from pipeline.storage import atomic_path, write_table
 
 #: Fisheye horizon radius of the YRS camera at 512 px (scaled with the frame size).
 FOV_RADIUS_512 = 250.0
@@ -805,8 +805,8 @@ def write_occurrence_model(
         "w('../shared/data/yrs_labels/Alllabel2003_38044.txt')\"\n"
     )
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(header + model.to_csv(index=False))
+    with atomic_path(out) as tmp:
+        tmp.write_text(header + model.to_csv(index=False))
     return out
 
 
@@ -1049,7 +1049,27 @@ def _write_calib(out: Path, winters: Iterable[int], size: int) -> None:
     for w in sorted(set(winters)):
         write_frame(out / "calib" / season_for(w).dark_name, dark_frame(w, size))
     if size != 512:
-        dump_yaml(_station(size), out / "calib" / "station.yaml")
+        with atomic_path(out / "calib" / "station.yaml") as tmp:
+            dump_yaml(_station(size), tmp)
+
+
+def _write_run(out: Path, kind: str, seasons: Iterable[int], **params) -> None:
+    """Record what made this folder (synth.json): parameters, camera seasons, version."""
+    import dataclasses
+    import json
+
+    from pipeline import __version__
+
+    run = {
+        "kind": kind,
+        **{k: (str(v) if isinstance(v, Path) else v) for k, v in params.items()},
+        "ambiguous_share": AMBIGUOUS_SHARE,
+        "transition_share": TRANSITION_SHARE,
+        "seasons": {str(w): dataclasses.asdict(season_for(w)) for w in sorted(set(seasons))},
+        "pipeline_version": __version__,
+    }
+    with atomic_path(out / "synth.json") as tmp:
+        tmp.write_text(json.dumps(run, indent=2) + "\n")
 
 
 def _check(n: int, seed: int, size: int, workers: int) -> None:
@@ -1079,6 +1099,9 @@ def make_labelled(
     _write_calib(out, [winter], size)
     _render_all(out, plan, seed, size, workers, f"synth labelled {winter}")
     write_table(plan, out / "labels.parquet")
+    _write_run(
+        out, "labelled", [winter], n=n, seed=seed, winter=winter, balanced=balanced, size=size
+    )
     return plan
 
 
@@ -1099,6 +1122,11 @@ def make_archive(
     _render_all(out, plan, seed, size, workers, "synth archive")
     truth = plan[["path", "time_utc", "label"]]
     write_table(truth, out / "truth.parquet")
+    seasons = plan["winter"].unique().tolist()
+    source = "DataFrame" if isinstance(timeline, pd.DataFrame) else timeline
+    _write_run(
+        out, "archive", seasons, n=n, seed=seed, timeline=source, winters=list(winters), size=size
+    )
     return truth
 
 
