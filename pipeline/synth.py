@@ -525,7 +525,7 @@ def _hotspot(sky: _Sky, rng: np.random.Generator, weight: float) -> None:
 
 _BUILDERS = {"arc": _arc, "drapery": _drapery, "radial": _radial, "hotspot": _hotspot}
 #: Median 99.5th-percentile aurora level (counts above background) per class; spreads overlap.
-_PEAK_COUNTS = {"arc": 2700.0, "drapery": 2100.0, "radial": 1300.0, "hotspot": 3300.0}
+_PEAK_COUNTS = {"arc": 3300.0, "drapery": 2900.0, "radial": 1700.0, "hotspot": 4000.0}
 
 
 def _mix_profiles(parts: list[tuple[float, np.ndarray]]) -> np.ndarray | None:
