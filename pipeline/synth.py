@@ -482,7 +482,7 @@ def _radial(sky: _Sky, rng: np.random.Generator, weight: float) -> None:
     amp *= np.clip(r / 60.0, 0.15, 1.0)  # a ray seen end-on is short and would look spot-bright
     sky.add_rays(cx + r * np.cos(ang), cy + r * np.sin(ang), amp, weight, blur=5)
     d2 = (sky.g.fx - cx) ** 2 + (sky.g.fy - cy) ** 2
-    sky.sheet += weight * rng.uniform(0.1, 0.3) * np.exp(-d2 / (2 * rng.uniform(40, 110) ** 2))
+    sky.sheet += weight * rng.uniform(0.05, 0.2) * np.exp(-d2 / (2 * rng.uniform(40, 110) ** 2))
     sky.sheet_profile.append((weight, _profile(rng.uniform(125, 150), rng.uniform(20, 30))))
     sky.ray_profile.append((weight, _profile(rng.uniform(130, 170), rng.uniform(35, 60))))
 
