@@ -190,6 +190,8 @@ def worker_model(settings: ShardSettings) -> tuple[Any, dict, Any, int]:
                 device = f"cuda:{idx % torch.cuda.device_count()}"
             if device == "cpu":
                 torch.set_num_threads(_torch_threads(settings))
+            else:
+                torch.backends.cudnn.benchmark = True  # fixed batch shapes: pick kernels once
             model, meta = load_checkpoint(settings.checkpoint, map_location="cpu")
             if meta.get("model_id") != settings.model_id:
                 raise CheckpointError(
@@ -273,10 +275,12 @@ def predict_batch(
 
     from pipeline.models import to_model_input
 
-    x = to_model_input(batch, input_size, in_chans)
     cuda = device.type == "cuda"
     if cuda:
-        x = x.pin_memory().to(device, non_blocking=True)
+        # Resize and normalise on the GPU: on the host they would cap a GPU worker's rate.
+        x = to_model_input(torch.from_numpy(batch).to(device), input_size, in_chans)
+    else:
+        x = to_model_input(batch, input_size, in_chans)
     # bf16 autocast on GPU only: on CPU it is slower and would break the 1e-5 agreement.
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
     feats = None
@@ -524,6 +528,45 @@ def _wipe(out: Path) -> None:
         write_table(err[err["stage"] != STAGE], out / ERRORS_FILE, ERRORS_SCHEMA)
 
 
+LOCK_FILE = ".classify.lock"
+
+
+@contextlib.contextmanager
+def _run_lock(out: Path) -> Iterator[None]:
+    """One driver per predictions folder: a second run would delete the first one's new shards."""
+    import socket
+
+    lock = out / LOCK_FILE
+    me = f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            host, _, pid = lock.read_text().partition(" ")
+            alive = True
+            if host == socket.gethostname() and pid.strip().isdigit():
+                try:
+                    os.kill(int(pid), 0)
+                except ProcessLookupError:
+                    alive = False
+                except PermissionError:
+                    pass
+            if alive:
+                raise InputError(
+                    f"{out}: another classify-archive run ({host} pid {pid.strip()}) is writing "
+                    f"here; wait for it to finish, or delete {lock} if it is gone"
+                ) from None
+            lock.unlink(missing_ok=True)  # left by a run that died: take it over
+            continue
+        with os.fdopen(fd, "w") as fh:
+            fh.write(me)
+        break
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
 class _ErrorBook:
     """errors.parquet of a run: new rows merged in, retried ShardFailed rows removed on success."""
 
@@ -642,6 +685,54 @@ def classify_archive(
     client: Any = None,
 ) -> ClassifySummary:
     """Classify every frame of an archive or manifest into ``out`` (resumable, see module doc)."""
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    with _run_lock(out):
+        return _classify(
+            source,
+            checkpoint,
+            out,
+            station=station,
+            workers=workers,
+            threads_per_worker=threads_per_worker,
+            decode_threads=decode_threads,
+            scheduler=scheduler,
+            dark_dir=dark_dir,
+            shard_size=shard_size,
+            batch_size=batch_size,
+            device=device,
+            preprocessed=preprocessed,
+            since=since,
+            features=features,
+            overwrite=overwrite,
+            window=window,
+            retries=retries,
+            client=client,
+        )
+
+
+def _classify(
+    source: str | os.PathLike,
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    station: str | os.PathLike | StationConfig = "yrs",
+    workers: int | None = None,
+    threads_per_worker: int | None = None,
+    decode_threads: int | None = None,
+    scheduler: str | None = None,
+    dark_dir: str | os.PathLike | None = None,
+    shard_size: int = 512,
+    batch_size: int = 64,
+    device: str = "auto",
+    preprocessed: bool = False,
+    since: str | pd.Timestamp | None = None,
+    features: bool = False,
+    overwrite: bool = False,
+    window: int | None = None,
+    retries: int = 2,
+    client: Any = None,
+) -> ClassifySummary:
     from pipeline.archive import load_manifest
     from pipeline.checkpoint import read_meta
 
@@ -671,6 +762,7 @@ def classify_archive(
             f"({run.get('checkpoint')}), not {model_id} ({ckpt}); refusing to mix models in one "
             "output: pass --overwrite to replace them or choose another --out"
         )
+    fresh = run is None
     if run is None:
         run = {
             "stage": STAGE,
@@ -691,11 +783,10 @@ def classify_archive(
 
         for s in sorted(done & set(files)):
             covered_parts.append(pq.read_table(files[s], columns=["path", "frame"]).to_pandas())
-        # A done shard whose file vanished is redone.
-        for s in sorted(done - set(files)):
-            run["shards"].pop(f"{s:06d}", None)
-    elif done:
-        run["shards"] = {}
+    # A done shard whose file vanished is redone.
+    lost = sorted(done - set(files))
+    for s in lost:
+        run["shards"].pop(f"{s:06d}", None)
     covered = pd.concat(covered_parts, ignore_index=True)
     todo = remaining_frames(manifest, covered)
     first = max([int(k) for k in run["shards"]] + [s for s in files], default=-1) + 1
@@ -713,6 +804,7 @@ def classify_archive(
         "source": str(Path(source).resolve()),
         "manifest_hash": mhash,
         "manifest_frames": n_manifest,
+        "frames_considered": len(manifest),
         "since": _iso(since_ts) if since_ts is not None else None,
         "shard_size": shard_size,
         "batch_size": batch_size,
@@ -728,11 +820,14 @@ def classify_archive(
         shard_size=shard_size,
         checkpoint=str(ckpt),
     )
-    run["runs"].append(run_entry)
-    _write_run(out, run)
     if not shards:
+        # Nothing to do: leave _run.json untouched (its mtime tells workflows nothing changed).
+        if fresh or lost:
+            _write_run(out, run)
         summary.wall_s = time.perf_counter() - t_start
         return summary
+    run["runs"].append(run_entry)
+    _write_run(out, run)
 
     if dark_dir is None and root is not None and not preprocessed and st.preprocess.dark_subtract:
         from pipeline.preprocess import find_dark_dir
@@ -843,6 +938,10 @@ def classify_archive(
 
         from pipeline.cluster import run_windowed
 
+        # run_windowed's as_completed() binds to the *current* client's event loop: make that
+        # ours (a caller inside `with Client(...)` would otherwise lend its loop, which breaks
+        # when a worker dies and a result must be re-gathered).
+        stack.enter_context(client.as_current())
         run_windowed(
             client,
             classify_shard,

@@ -251,8 +251,7 @@ def test_cli_scheduler_then_rerun_does_no_new_work(
     main(args)
     assert "nothing to do" in capsys.readouterr().err
     after = {p: p.stat().st_mtime_ns for p in out.iterdir()}
-    changed = {p.name for p in before if before[p] != after.get(p)}
-    assert changed <= {"_run.json"}, "a rerun rewrote shards or errors"
+    assert before == after, "a rerun with nothing to do rewrote files"
     assert len(read_run(out)["shards"]) == 5
 
 
@@ -357,3 +356,17 @@ def test_killed_worker_mid_run_still_every_frame_once(archive, station, ckpt, cl
     assert summary.shards_failed == 0 and summary.frames_classified == N_GOOD
     _assert_exactly_once(out, archive, station)
     assert len(read_run(out)["shards"]) == (N_GOOD + 2) // 2
+
+
+def test_second_driver_on_the_same_folder_is_refused(tmp_path):
+    import socket
+
+    out = tmp_path / "pred"
+    out.mkdir()
+    (out / ".classify.lock").write_text(f"{socket.gethostname()} {os.getpid()}")
+    with pytest.raises(InputError, match="another classify-archive run"):
+        classify_archive(tmp_path, tmp_path / "no-checkpoint", out)
+    (out / ".classify.lock").write_text(f"{socket.gethostname()} 999999999")  # a dead run's lock
+    with pytest.raises(Exception, match="no checkpoint here"):
+        classify_archive(tmp_path, tmp_path / "no-checkpoint", out)
+    assert not (out / ".classify.lock").exists()
