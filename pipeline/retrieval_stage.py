@@ -919,7 +919,11 @@ def evaluate_retrieval(
         ),
         "n_queries": int(len(q_items)),
         "n_index": int(len(idx.items)),
-        "scores": scores.to_dict(orient="records"),
+        # NaN (a class without queries) becomes null: strict JSON readers reject NaN.
+        "scores": [
+            {c: (None if isinstance(v, float) and np.isnan(v) else v) for c, v in row.items()}
+            for row in scores.to_dict(orient="records")
+        ],
     }
     _write_json(result, out / "retrieval_eval.json")
     with atomic_path(out / "retrieval_eval.md") as tmp:

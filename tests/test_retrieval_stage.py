@@ -384,3 +384,29 @@ def test_retrieve_cosine(index_dir: Path, tmp_path: Path):
     assert t["path"].iloc[0] == q and t["distance"].iloc[0] < 1e-4
     assert (t["distance"] <= 2).all()
     assert json.loads((tmp_path / "retrieve.json").read_text())["metric"] == "cosine"
+
+
+def test_evaluate_json_is_strict_when_a_class_has_no_queries(
+    index_dir: Path, sets: dict[str, Path], tmp_path: Path
+):
+    from pipeline.retrieval_stage import evaluate_retrieval
+
+    qs = tmp_path / "arcs"
+    (qs / "calib").mkdir(parents=True)
+    (qs / "calib" / "station.yaml").write_bytes(
+        (sets["query_set"] / "calib" / "station.yaml").read_bytes()
+    )
+    lab = pd.read_parquet(sets["query_set"] / "labels.parquet")
+    lab = lab[lab["label"] == "arc"].copy()
+    lab["path"] = [str(sets["query_set"] / p) for p in lab["path"]]
+    lab.to_parquet(qs / "labels.parquet")
+    evaluate_retrieval(index_dir, qs, tmp_path / "out", k=5, ranks=[1, 5], figure=False)
+
+    def no_nan(token: str) -> None:
+        raise AssertionError(f"non-standard JSON constant {token}")
+
+    res = json.loads((tmp_path / "out" / "retrieval_eval.json").read_text(), parse_constant=no_nan)
+    rows = {r["class"]: r for r in res["scores"]}
+    assert rows["drapery"]["n_queries"] == 0 and rows["drapery"]["p@1"] is None
+    assert rows["arc"]["n_queries"] == 2 and rows["all"]["p@5"] == rows["arc"]["p@5"]
+    assert "n/a" in (tmp_path / "out" / "retrieval_eval.md").read_text()
