@@ -645,7 +645,15 @@ def _query_items(
     frames, loaders = [], []
     for q in queries:
         iset = open_image_set(q, station, idx.meta.get("station"))
-        loader = FrameLoader(iset.station, iset.dark_dir, what="query image")
+        dark_dir = iset.dark_dir
+        if (
+            dark_dir is None
+            and idx.meta.get("dark_dir")
+            and to_dict(iset.station) == idx.meta.get("station")
+        ):
+            # A lone query of the indexed camera: the index's dark frames (chosen by date).
+            dark_dir = Path(idx.meta["dark_dir"])
+        loader = FrameLoader(iset.station, dark_dir, what="query image")
         frames.append(iset.items)
         loaders.extend([loader] * len(iset.items))
     if not frames:

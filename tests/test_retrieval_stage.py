@@ -410,3 +410,19 @@ def test_evaluate_json_is_strict_when_a_class_has_no_queries(
     assert rows["drapery"]["n_queries"] == 0 and rows["drapery"]["p@1"] is None
     assert rows["arc"]["n_queries"] == 2 and rows["all"]["p@5"] == rows["arc"]["p@5"]
     assert "n/a" in (tmp_path / "out" / "retrieval_eval.md").read_text()
+
+
+def test_lone_query_uses_the_index_dark_frames(tiny_labelled: Path, ckpt: Path, tmp_path: Path):
+    """A query copied out of its set (no calib/ beside it) is preprocessed with the index's darks."""
+    from pipeline.retrieval_stage import build_index, load_index, retrieve
+
+    info = build_index(tiny_labelled, ckpt, tmp_path / "idx")
+    assert info["dark_dir"] is not None and info["source_kind"] == "labelled"
+    idx = load_index(tmp_path / "idx")
+    src = Path(idx.items["path"][3])
+    lone = tmp_path / "lone" / src.name
+    lone.parent.mkdir()
+    lone.write_bytes(src.read_bytes())
+    t = retrieve(tmp_path / "idx", [lone], tmp_path / "out", k=3, ranks=[1, 3], figure=False)
+    assert t["path"].iloc[0] == str(src)
+    assert t["distance"].iloc[0] < 1e-3 * t["distance"].iloc[1]
