@@ -221,6 +221,8 @@ def e2e(
         "errors": s.frames_errors,
         "wall_s": round(s.wall_s, 2),
         "frames_per_s": round(s.frames_per_s, 2),
+        "compute_s": round(s.compute_s, 2),
+        "steady_frames_per_s": round(s.steady_frames_per_s, 2),
         "cluster_start_and_warmup_s": round(cold, 2),
         "model_loads_per_worker": sorted(set(s.model_loads.values())),
         "worker_decode_s": round(s.t_decode_s, 2),

@@ -620,12 +620,20 @@ class ClassifySummary:
     model_loads: dict[int, int] = field(default_factory=dict)
     t_decode_s: float = 0.0
     t_model_s: float = 0.0
+    #: seconds from the first shard submitted to the last result (no cluster start, no planning).
+    compute_s: float = 0.0
 
     @property
     def frames_per_s(self) -> float:
         """Frames handled (classified or in errors) per second of wall time."""
         done = self.frames_classified + self.frames_errors
         return done / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def steady_frames_per_s(self) -> float:
+        """Frames handled per second of ``compute_s`` (cluster start and planning excluded)."""
+        done = self.frames_classified + self.frames_errors
+        return done / self.compute_s if self.compute_s > 0 else 0.0
 
     def text(self) -> str:
         """A human-readable summary block."""
@@ -640,7 +648,8 @@ class ClassifySummary:
                 f"classified {self.frames_classified} frames, {self.frames_errors} in errors "
                 f"({self.shards_submitted} shards, {self.shards_failed} failed), "
                 f"{self.already_done} already done",
-                f"wall time {self.wall_s:.1f} s, {self.frames_per_s:.1f} frames/s",
+                f"wall time {self.wall_s:.1f} s, {self.frames_per_s:.1f} frames/s "
+                f"({self.steady_frames_per_s:.1f} frames/s once the cluster was up)",
                 f"per class: {counts}",
                 f"predictions: {self.out}",
             ]
@@ -942,6 +951,7 @@ def _classify(
         # ours (a caller inside `with Client(...)` would otherwise lend its loop, which breaks
         # when a worker dies and a result must be re-gathered).
         stack.enter_context(client.as_current())
+        t_compute = time.perf_counter()
         run_windowed(
             client,
             classify_shard,
@@ -954,6 +964,7 @@ def _classify(
             retries=retries,
             resources=resources,
         )
+        summary.compute_s = time.perf_counter() - t_compute
     _clean_stale(out, {int(k) for k in run["shards"]})
     summary.wall_s = time.perf_counter() - t_start
     run_entry.update(
@@ -961,6 +972,7 @@ def _classify(
         frames_classified=summary.frames_classified,
         frames_errors=summary.frames_errors,
         wall_s=round(summary.wall_s, 3),
+        compute_s=round(summary.compute_s, 3),
     )
     _write_run(out, run)
     return summary

@@ -370,3 +370,35 @@ def test_second_driver_on_the_same_folder_is_refused(tmp_path):
     with pytest.raises(Exception, match="no checkpoint here"):
         classify_archive(tmp_path, tmp_path / "no-checkpoint", out)
     assert not (out / ".classify.lock").exists()
+
+
+def test_preprocessed_frames_pass_through(archive, station, ckpt, cluster, tmp_path):
+    """--preprocessed: crop-size uint8 frames go to the model as x / 255; raw ones are refused."""
+    lc, _ = cluster
+    manifest = load_manifest(archive, station)
+    rows = manifest[~manifest["path"].isin([CORRUPT, WRONG_SIZE])].iloc[:6]
+    pre = tmp_path / "pre"
+    crop = station.crop_size
+    rng = np.random.default_rng(0)
+    for r in rows.itertuples():
+        (pre / r.path).parent.mkdir(parents=True, exist_ok=True)
+        write_frame(pre / r.path, rng.integers(0, 256, (crop, crop), dtype=np.uint8))
+    raw_rel = manifest["path"].iloc[-1]  # one raw frame among them: wrong for --preprocessed
+    (pre / raw_rel).parent.mkdir(parents=True, exist_ok=True)
+    (pre / raw_rel).write_bytes((archive / raw_rel).read_bytes())
+    out = tmp_path / "pred"
+    s = classify_archive(
+        pre, ckpt, out, station=station, scheduler=lc.scheduler_address, preprocessed=True
+    )
+    assert s.frames_classified == 6 and s.frames_errors == 1
+    err = read_errors(out)
+    assert err["path"].tolist() == [raw_rel] and "--preprocessed" in err["message"].iloc[0]
+    model, meta = load_checkpoint(ckpt)
+    pred = read_predictions(out).set_index("path")
+    for r in rows.itertuples():
+        x = read_frame(pre / r.path).astype(np.float32)[None] / 255
+        with torch.inference_mode():
+            p = torch.softmax(model(to_model_input(x, meta["input_size"])), dim=1)[0].numpy()
+        np.testing.assert_allclose(
+            pred.loc[r.path, list(PROB_COLUMNS)].to_numpy(float), p, atol=1e-5
+        )
