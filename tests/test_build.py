@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
+import pickle
 
 import numpy as np
 import pytest
@@ -91,6 +93,16 @@ def test_lsoftmax_variants_use_margin_only_when_training():
     # the plain variants accept (and ignore) a target, so training code needs no special case
     plain_model = _model("alexnet")
     assert torch.equal(plain_model(x, y), plain_model(x))
+
+
+def test_models_pickle_and_deepcopy():
+    # Dask or DataLoader workers may pickle a model: no lambdas or unpicklable state inside.
+    model = _model("stn-lsoftmax-alexnet")
+    clone = pickle.loads(pickle.dumps(model))
+    x = torch.randn(1, 1, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(clone(x), model(x))
+    assert copy.deepcopy(model).lsoftmax.margin == 3
 
 
 def test_build_arguments_are_recorded_and_checked():

@@ -56,6 +56,7 @@ def test_round_trip_same_outputs_and_schedule_state(tmp_path):
     assert meta["train_config"] == {"lr": 0.01} and meta["torch_version"] == torch.__version__
     assert meta["backbone"] == "alexnet" and meta["model_input"]["std"] == 0.25
     assert loaded.lsoftmax.margin == 4 and int(loaded.lsoftmax.schedule.iteration) == 7
+    assert loaded.lsoftmax.schedule.count == 7 and loaded.lsoftmax.lam == model.lsoftmax.lam
     x = torch.randn(2, 1, 64, 64)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))

@@ -12,6 +12,7 @@ from pipeline.models.lsoftmax import (
     DEFAULT_SCHEDULE,
     LambdaSchedule,
     LSoftmaxLinear,
+    chebyshev_coefficients,
     chebyshev_cos_m,
     psi_from_cos,
 )
@@ -64,7 +65,13 @@ def test_target_logit_matches_psi_from_acos(m):
     assert torch.equal(out[mask], plain[mask])
 
 
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5])
+def test_chebyshev_coefficients_are_t_m():
+    assert chebyshev_coefficients(2) == (-1.0, 0.0, 2.0)
+    assert chebyshev_coefficients(3) == (0.0, -3.0, 0.0, 4.0)
+    assert chebyshev_coefficients(4) == (1.0, 0.0, -8.0, 0.0, 8.0)
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 6])
 def test_chebyshev_and_psi_on_a_theta_grid(m):
     theta = torch.linspace(0, math.pi, 2001, dtype=torch.float64)
     cos = torch.cos(theta)
@@ -106,7 +113,7 @@ def test_lambda_schedule_values():
     assert s2.value_at(2) == pytest.approx(1000 / 4.0)
     values = [s.step() for _ in range(5)]
     assert values == sorted(values, reverse=True)
-    assert int(s.iteration) == 5
+    assert int(s.iteration) == 5 and s.count == 5
     # the schedule's state travels with the layer's state_dict
     layer = LSoftmaxLinear(4, 4, 3, s)
     sd = layer.state_dict()

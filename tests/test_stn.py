@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from pipeline.models.stn import IDENTITY_THETA, SpatialTransformer
+from pipeline.models.stn import IDENTITY_THETA, SpatialTransformer, affine_grid
 
 
 @pytest.mark.parametrize(("chans", "h", "w"), [(1, 64, 64), (1, 227, 227), (3, 112, 80)])
@@ -55,3 +56,53 @@ def test_small_cost():
     assert n < 100_000
     with pytest.raises(ValueError):
         SpatialTransformer(1, loc_size=16)
+
+
+@pytest.mark.parametrize(("h", "w"), [(64, 64), (227, 227), (50, 80)])
+def test_affine_grid_matches_torch(h, w):
+    torch.manual_seed(0)
+    theta = torch.randn(3, 2, 3, dtype=torch.float64, requires_grad=True)
+    x = torch.rand(3, 2, h, w, dtype=torch.float64)
+    ref = F.affine_grid(theta, [3, 2, h, w], align_corners=False)
+    grid = affine_grid(theta, h, w)
+    assert grid.shape == ref.shape
+    assert torch.allclose(grid, ref, atol=1e-12)
+    out = F.grid_sample(x, grid, align_corners=False)
+    out_ref = F.grid_sample(x, ref, align_corners=False)
+    assert torch.allclose(out, out_ref, atol=1e-12)
+    (g,) = torch.autograd.grad(out.sum(), theta)
+    (g_ref,) = torch.autograd.grad(out_ref.sum(), theta)
+    assert torch.allclose(g, g_ref, atol=1e-9)
+
+
+def test_grid_cached_in_inference_mode_still_trains():
+    stn = SpatialTransformer(1)
+    x = torch.rand(2, 1, 97, 97)  # a size no other test uses: the cache starts empty for it
+    with torch.inference_mode():
+        stn(x)
+    stn(x).sum().backward()
+    assert stn.regress.bias.grad is not None
+
+
+def test_affine_grid_stays_float32_under_autocast():
+    theta = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        grid = affine_grid(theta.bfloat16(), 227, 227)
+    assert grid.dtype == torch.float32
+    ref = F.affine_grid(theta, [1, 1, 227, 227], align_corners=False)
+    assert torch.allclose(grid, ref, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_identity_and_grid_on_cuda():
+    torch.manual_seed(0)
+    stn = SpatialTransformer(1).cuda()
+    x = torch.rand(4, 1, 227, 227, device="cuda")
+    assert torch.allclose(stn(x), x, atol=1e-4)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert torch.allclose(stn(x).float(), x, atol=1e-4)
+    theta = torch.randn(4, 2, 3, device="cuda")
+    ref_grid = F.affine_grid(theta, [4, 1, 227, 227], align_corners=False)
+    ref = F.grid_sample(x, ref_grid, align_corners=False)
+    out = F.grid_sample(x, affine_grid(theta, 227, 227), align_corners=False)
+    assert torch.allclose(out, ref, atol=1e-4)

@@ -8,6 +8,7 @@ keys of the matching torchvision (or timm) ImageNet state dict onto ours, for ``
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -57,7 +58,7 @@ def alexnet(in_chans: int = 1) -> Backbone:
         tv.avgpool,
         neck,
         4096,
-        lambda k: _tv_features_classifier_map(k, "classifier.6."),
+        functools.partial(_tv_features_classifier_map, last_fc="classifier.6."),
         "trunk.0.weight",
     )
 
@@ -77,7 +78,7 @@ def vgg16(in_chans: int = 1) -> Backbone:
         tv.avgpool,
         neck,
         4096,
-        lambda k: _tv_features_classifier_map(k, "classifier.6."),
+        functools.partial(_tv_features_classifier_map, last_fc="classifier.6."),
         "trunk.0.weight",
     )
 

@@ -10,6 +10,7 @@ forward pass needs no ``acos`` (whose gradient is unbounded at +-1); ``k`` comes
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -27,6 +28,8 @@ class LambdaSchedule(nn.Module):
 
     Keeping the iteration count as a buffer puts it in the model's ``state_dict``, so a checkpoint
     (and ``--resume``) carries the schedule's state; the law's parameters are build arguments.
+    A Python mirror of the count lets ``value`` and ``step()`` run without reading the buffer back
+    from the GPU (a device sync per training step otherwise).
     """
 
     def __init__(
@@ -47,6 +50,13 @@ class LambdaSchedule(nn.Module):
         self.power = float(power)
         self.floor = float(floor)
         self.register_buffer("iteration", torch.zeros((), dtype=torch.int64))
+        self._count = 0  # mirror of ``iteration``
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        key = prefix + "iteration"
+        if key in state_dict:
+            self._count = int(state_dict[key])
 
     def value_at(self, iteration: int) -> float:
         """lambda after ``iteration`` optimiser steps."""
@@ -54,13 +64,19 @@ class LambdaSchedule(nn.Module):
         return max(self.floor, decayed)
 
     @property
+    def count(self) -> int:
+        """Optimiser steps taken so far."""
+        return self._count
+
+    @property
     def value(self) -> float:
         """The current lambda."""
-        return self.value_at(int(self.iteration))
+        return self.value_at(self._count)
 
     def step(self) -> float:
         """Advance by one optimiser step; returns the new lambda."""
-        self.iteration += 1
+        self._count += 1
+        self.iteration.fill_(self._count)  # asynchronous on a GPU: no host sync
         return self.value
 
     def params(self) -> dict[str, float]:
@@ -68,24 +84,61 @@ class LambdaSchedule(nn.Module):
         return {"base": self.base, "gamma": self.gamma, "power": self.power, "floor": self.floor}
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v:g}" for k, v in self.params().items())
+        return ", ".join(f"{k}={v:g}" for k, v in self.params().items()) + f", step={self._count}"
+
+
+@functools.cache
+def chebyshev_coefficients(m: int) -> tuple[float, ...]:
+    """Coefficients of cos(m theta) as a polynomial in c = cos(theta), lowest power first.
+
+    From the expansion sum_n (-1)^n C(m, 2n) c^(m-2n) s^(2n) with s^2 = 1 - c^2 (so these are
+    the coefficients of the Chebyshev polynomial T_m; e.g. m = 3 gives 4c^3 - 3c).
+    """
+    coef = [0.0] * (m + 1)
+    for n in range(m // 2 + 1):
+        outer = (-1) ** n * math.comb(m, 2 * n)
+        for i in range(n + 1):  # (1 - c^2)^n = sum_i C(n, i) (-c^2)^i
+            coef[m - 2 * n + 2 * i] += outer * math.comb(n, i) * (-1) ** i
+    return tuple(float(c) for c in coef)
 
 
 def chebyshev_cos_m(cos: torch.Tensor, m: int) -> torch.Tensor:
-    """cos(m theta) from cos(theta): sum_n (-1)^n C(m, 2n) cos^(m-2n) sin^(2n), sin^2 = 1 - cos^2."""
-    sin2 = (1.0 - cos * cos).clamp_min(0.0)
-    out = torch.zeros_like(cos)
-    for n in range(m // 2 + 1):
-        out = out + ((-1) ** n) * math.comb(m, 2 * n) * cos ** (m - 2 * n) * sin2**n
-    return out
+    """cos(m theta) from cos(theta) through the Chebyshev expansion (Horner in cos^2)."""
+    coef = chebyshev_coefficients(m)
+    # only powers of m's parity are non-zero: T_m(c) = c^(m mod 2) * P(c^2)
+    powers = coef[m % 2 :: 2]
+    c2 = cos * cos
+    acc = c2 * powers[-1] + powers[-2] if len(powers) > 1 else torch.full_like(cos, powers[-1])
+    for a in reversed(powers[:-2]):
+        acc = acc * c2 + a
+    return acc * cos if m % 2 else acc
+
+
+def interval_index(cos: torch.Tensor, m: int) -> torch.Tensor:
+    """k with theta in [k pi/m, (k+1) pi/m], from comparing cos(theta) with cos(j pi/m), j < m."""
+    if m == 1:
+        return torch.zeros_like(cos)
+    # ascending thresholds cos((m-1) pi/m) < ... < cos(pi/m); bucketize counts those < cos, so
+    # k = #{j : cos <= cos(j pi/m)} = (m - 1) - bucketize.  psi is continuous at the thresholds.
+    key = (m, cos.device, cos.dtype)
+    thresholds = _THRESHOLDS.get(key)
+    if thresholds is None:  # made once per device: no host-to-device copy per training step
+        with torch.inference_mode(False), torch.no_grad():
+            values = [math.cos(j * math.pi / m) for j in range(m - 1, 0, -1)]
+            thresholds = _THRESHOLDS[key] = torch.tensor(values, dtype=cos.dtype).to(cos.device)
+    below = torch.bucketize(cos.detach(), thresholds)
+    return (m - 1 - below).to(cos.dtype)
+
+
+#: Cached interval thresholds, keyed by (m, device, dtype).
+_THRESHOLDS: dict[tuple, torch.Tensor] = {}
 
 
 def psi_from_cos(cos: torch.Tensor, m: int) -> torch.Tensor:
     """psi(theta) = (-1)^k cos(m theta) - 2k, with k found by threshold comparison (no acos)."""
-    k = torch.zeros_like(cos)
-    for j in range(1, m):
-        # theta >= j pi / m  <=>  cos(theta) <= cos(j pi / m); psi is continuous at the thresholds.
-        k = k + (cos <= math.cos(j * math.pi / m)).to(cos.dtype)
+    if m == 1:
+        return cos
+    k = interval_index(cos, m)
     sign = 1.0 - 2.0 * torch.remainder(k, 2.0)
     return sign * chebyshev_cos_m(cos, m) - 2.0 * k
 

@@ -54,6 +54,38 @@ class SpatialTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Warp ``x`` by its predicted affine transform at full resolution."""
-        theta = self.theta(x).to(x.dtype)
-        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        grid = affine_grid(self.theta(x), x.shape[-2], x.shape[-1]).to(x.dtype)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def _base_grid(h: int, w: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(3, H*W) rows x, y, 1 of the output pixel centres in [-1, 1] (align_corners=False)."""
+    xs = (torch.arange(w, device=device, dtype=dtype) * 2 + 1) / w - 1
+    ys = (torch.arange(h, device=device, dtype=dtype) * 2 + 1) / h - 1
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([gx.reshape(-1), gy.reshape(-1), torch.ones_like(gx).reshape(-1)])
+
+
+def affine_grid(theta: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """``F.affine_grid(theta, (N, C, h, w), align_corners=False)`` as one matrix product.
+
+    torch's version fills an (N, H, W, 3) base grid and runs a batched product with K = 3 on
+    every call; here (N*2, 3) @ (3, H*W) is one plain matmul on a base grid that is built once
+    per size and device (it is a constant), and the result is a (N, H, W, 2) strided view.
+    """
+    theta = theta.float() if theta.dtype in (torch.float16, torch.bfloat16) else theta
+    key = (h, w, theta.device, theta.dtype)
+    base = _BASE_GRIDS.get(key)
+    if base is None:
+        # Built outside inference mode: an inference tensor could not be reused under autograd.
+        with torch.inference_mode(False), torch.no_grad():
+            base = _BASE_GRIDS[key] = _base_grid(h, w, theta.device, theta.dtype)
+    n = theta.shape[0]
+    # Coordinates in half precision would be off by ~1 pixel at 227 px: keep autocast out.
+    with torch.autocast(theta.device.type, enabled=False):
+        grid = theta @ base
+    return grid.view(n, 2, h, w).permute(0, 2, 3, 1)
+
+
+#: Cached base grids, keyed by (h, w, device, dtype): a few per process (one per input size).
+_BASE_GRIDS: dict[tuple, torch.Tensor] = {}
