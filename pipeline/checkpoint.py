@@ -42,6 +42,19 @@ def file_model_id(path: str | os.PathLike) -> str:
     return h.hexdigest()[:16]
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside torch.compile / DataParallel / DDP wrappers (their keys carry prefixes)."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
+        if inner is None and isinstance(
+            model, nn.DataParallel | nn.parallel.DistributedDataParallel
+        ):
+            inner = model.module
+        if inner is None:
+            return model
+        model = inner
+
+
 def _plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """CPU, contiguous, unshared tensors: what safetensors accepts."""
     out: dict[str, torch.Tensor] = {}
@@ -63,6 +76,7 @@ def save_checkpoint(out_dir: str | os.PathLike, model: nn.Module, meta: dict | N
     (variant, backbone, build arguments, input transform, torch version, model_id) is added here.
     """
     meta = dict(meta or {})
+    model = unwrap_model(model)
     variant = getattr(model, "variant", None)
     build = getattr(model, "build_kwargs", None)
     if variant not in VARIANTS or not build:

@@ -176,6 +176,18 @@ def test_pickled_objects_are_refused_without_running_them(small_ckpt, tmp_path):
         load_checkpoint(d)
 
 
+def test_wrapped_models_save_plain_keys(small_ckpt, tmp_path):
+    _, model = small_ckpt
+    compiled = torch.compile(model)  # not run: only the wrapper and its "_orig_mod." keys
+    assert any(k.startswith("_orig_mod.") for k in compiled.state_dict())
+    save_checkpoint(tmp_path / "c", torch.nn.DataParallel(compiled), {})
+    loaded, meta = load_checkpoint(tmp_path / "c")
+    assert meta["variant"] == "resnet18"
+    x = torch.randn(1, 1, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
 def test_save_checks_its_inputs(small_ckpt, tmp_path):
     _, model = small_ckpt
     with pytest.raises(CheckpointError, match="build_model"):
