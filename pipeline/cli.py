@@ -202,7 +202,12 @@ def preprocess(
 @click.option(
     "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
 )
-@click.option("--station", default="yrs", show_default=True)
+@click.option(
+    "--station",
+    default=None,
+    help="Station name or YAML for raw frames (default: DATA/calib/station.yaml, else the "
+    "config's station, else yrs).",
+)
 def train(
     config_path: Path,
     data: Path,
@@ -210,10 +215,28 @@ def train(
     resume: bool,
     init_weights: Path | None,
     device: str,
-    station: str,
+    station: str | None,
 ) -> None:
     """Train a classifier variant on a labelled set."""
-    _not_implemented("issue #4")
+    from pipeline.train import load_train_config
+    from pipeline.train import train as run_train
+
+    cfg = load_train_config(config_path)
+    res = run_train(
+        cfg,
+        data,
+        out,
+        resume=resume,
+        init_weights=init_weights,
+        device=device,
+        station=station,
+        config_source=str(config_path),
+    )
+    click.echo(
+        f"{cfg.variant}: best validation accuracy {res['best_val_accuracy']:.3f} at epoch "
+        f"{res['best_epoch']} of {res['epochs_run']} ({res['n_train']} train / {res['n_val']} val "
+        f"frames, {res['device']}); checkpoint in {out}"
+    )
 
 
 @cli.command()
@@ -224,12 +247,39 @@ def train(
     "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
 )
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
-@click.option("--station", default="yrs", show_default=True)
+@click.option(
+    "--station",
+    default=None,
+    help="Station name or YAML for raw frames (default: DATA/calib/station.yaml, else yrs).",
+)
+@click.option("--no-timing", is_flag=True, help="Skip the time-per-image measurement.")
 def evaluate(
-    checkpoint: Path, data: Path, out: Path, device: str, batch_size: int, station: str
+    checkpoint: Path,
+    data: Path,
+    out: Path,
+    device: str,
+    batch_size: int,
+    station: str | None,
+    no_timing: bool,
 ) -> None:
     """Per-class accuracy, confusion matrix and time per image of a checkpoint on a labelled set."""
-    _not_implemented("issue #4")
+    from pipeline.evaluate import evaluate_checkpoint
+
+    res = evaluate_checkpoint(
+        checkpoint,
+        data,
+        out,
+        device=device,
+        batch_size=batch_size,
+        station=station,
+        timing=not no_timing,
+    )
+    # Classes absent from DATA have NaN accuracy; leave them out of the summary line.
+    per = ", ".join(f"{c} {v:.3f}" for c, v in res["per_class_accuracy"].items() if v == v)
+    click.echo(
+        f"{res['variant']}: average accuracy {res['average_accuracy']:.3f} on {res['n']} frames "
+        f"({per}); metrics in {out}"
+    )
 
 
 # ------------------------------------------------------------------------------ classify-archive

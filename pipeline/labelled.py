@@ -1,0 +1,210 @@
+"""Labelled image sets (ImageFolder layout + labels.parquet): reading, validation, a torch Dataset."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from pipeline.classes import CLASSES
+from pipeline.config import StationConfig, load_station
+from pipeline.errors import InputError
+
+#: Columns of the DataFrame returned by load_labelled.
+LABELLED_COLUMNS: tuple[str, ...] = ("path", "label", "time_utc", "winter", "frame")
+
+
+def _winter_of(times: pd.Series) -> pd.Series:
+    """The winter a time belongs to, named by its December's year (Jan-Jun count to the year before)."""
+    t = pd.to_datetime(times, utc=True)
+    return (t.dt.year - (t.dt.month < 7).astype(int)).astype("Int64")
+
+
+def load_labelled(root: str | os.PathLike, classes: Sequence[str] = CLASSES) -> pd.DataFrame:
+    """Read ROOT/labels.parquet: absolute ``path``, ``label``, ``time_utc``, ``winter``, ``frame``."""
+    root = Path(root).resolve()
+    table = root / "labels.parquet"
+    if not table.is_file():
+        raise InputError(
+            f"{table}: labels.parquet not found; a labelled set is a folder written by "
+            "`aurora-pipeline synth labelled` or `aurora-pipeline preprocess`"
+        )
+    try:
+        df = pd.read_parquet(table)
+    except Exception as exc:  # noqa: BLE001 - any decode failure is the user's file
+        raise InputError(f"{table}: cannot read as Parquet ({exc})") from None
+    missing = [c for c in ("path", "label") if c not in df.columns]
+    if missing:
+        raise InputError(
+            f"{table}: missing column {missing[0]!r}; labels.parquet needs path and label "
+            "(time_utc and winter optional)"
+        )
+    if len(df) == 0:
+        raise InputError(f"{table}: no labelled frames")
+    df = df.reset_index(drop=True)
+    labels = df["label"].astype(str)
+    unknown = sorted(set(labels) - set(classes))
+    if unknown:
+        n_bad = int((~labels.isin(classes)).sum())
+        raise InputError(
+            f"{table}: unknown class {unknown[0]!r} ({n_bad} rows); allowed classes: "
+            f"{', '.join(classes)}"
+        )
+    paths = [Path(p) if Path(p).is_absolute() else root / p for p in df["path"].astype(str)]
+    absent = [p for p in paths if not p.is_file()]
+    if absent:
+        raise InputError(
+            f"{table}: {len(absent)} listed frames do not exist, first {absent[0]}; "
+            "paths are relative to the folder holding labels.parquet"
+        )
+    if "time_utc" in df.columns:
+        time_utc = pd.to_datetime(df["time_utc"], utc=True)
+    else:
+        time_utc = pd.Series(pd.NaT, index=df.index, dtype="datetime64[ns, UTC]")
+    if "winter" in df.columns:
+        winter = df["winter"].astype("Int64")
+    elif time_utc.notna().all():
+        winter = _winter_of(time_utc)
+    else:
+        winter = pd.Series(pd.NA, index=df.index, dtype="Int64")
+    frame = df["frame"].astype("int64") if "frame" in df.columns else 0
+    out = pd.DataFrame(
+        {
+            "path": [str(p) for p in paths],
+            "label": labels.to_numpy(),
+            "time_utc": time_utc.to_numpy(),
+            "winter": winter.to_numpy(),
+            "frame": frame,
+        }
+    )
+    out["time_utc"] = pd.to_datetime(out["time_utc"], utc=True)
+    out.attrs["root"] = str(root)
+    return out
+
+
+def station_for_set(root: str | os.PathLike, fallback: str | os.PathLike | None) -> StationConfig:
+    """The station of a labelled set: ROOT/calib/station.yaml if present, else ``fallback`` (yrs)."""
+    own = Path(root) / "calib" / "station.yaml"
+    if own.is_file():
+        return load_station(own)
+    return load_station(fallback if fallback is not None else "yrs")
+
+
+class FramePreprocessor:
+    """Raw frame -> preprocessed float32 [0, 1] (crop, crop) with the station and date-chosen darks."""
+
+    def __init__(self, station: StationConfig, dark_dir: str | os.PathLike | None = None) -> None:
+        from pipeline import preprocess as pp
+
+        self.station = station
+        self.dark_dir = Path(dark_dir) if dark_dir is not None else None
+        self._pp = pp
+        self._calibs: dict[str | None, Any] = {}
+
+    def calibration(self, time: pd.Timestamp | None) -> Any:
+        """The Calibration for a frame taken at ``time`` (dark frame: latest one dated <= time)."""
+        dark_path = None
+        use_dark = self.station.preprocess.dark_subtract
+        if use_dark and self.dark_dir is not None and time is not None and not pd.isna(time):
+            dark_path = self._pp.dark_for_time(self.dark_dir, time)
+        key = None if dark_path is None else str(dark_path)
+        if key not in self._calibs:
+            from pipeline.imageio import read_frame
+
+            dark = None if dark_path is None else read_frame(dark_path)
+            self._calibs[key] = self._pp.calibration_from_station(
+                self.station, dark=dark, dtype="float32"
+            )
+        return self._calibs[key]
+
+    def __call__(self, path: str, frame: int = 0, time: pd.Timestamp | None = None) -> np.ndarray:
+        from pipeline.imageio import read_frame
+
+        raw = read_frame(path, frame)
+        out = self._pp.preprocess(raw, self.calibration(time))
+        return np.asarray(out, dtype=np.float32)
+
+    @property
+    def describe(self) -> dict[str, Any]:
+        """Preprocessing parameters for checkpoint metadata."""
+        from pipeline.config import to_dict
+
+        return {
+            "calibration": self.calibration(None).params(),
+            "dark_dir": None if self.dark_dir is None else str(self.dark_dir),
+            "dark": "latest calib/dark_<YYYYMMDD>.png on or before the frame's date",
+            "station": to_dict(self.station),
+        }
+
+
+class LabelledSet(Dataset):
+    """Items (frame float32 (crop, crop) in [0, 1], class index); optional in-memory cache."""
+
+    def __init__(
+        self,
+        df: pd.DataFrame,
+        station: StationConfig,
+        dark_dir: str | os.PathLike | None = None,
+        cache: bool = False,
+        classes: Sequence[str] = CLASSES,
+    ) -> None:
+        self.df = df.reset_index(drop=True)
+        self.classes = tuple(classes)
+        self.targets = np.array([self.classes.index(c) for c in self.df["label"]], dtype=np.int64)
+        self.pre = FramePreprocessor(station, dark_dir)
+        self.cache = cache
+        self._cache: dict[int, np.ndarray] = {}
+        frames = self.df["frame"] if "frame" in self.df.columns else [0] * len(self.df)
+        times = self.df["time_utc"] if "time_utc" in self.df.columns else [None] * len(self.df)
+        self._items = list(zip(self.df["path"].astype(str), (int(f) for f in frames), times))
+
+    def __len__(self) -> int:
+        return len(self.df)
+
+    def frame(self, i: int) -> np.ndarray:
+        """The preprocessed frame ``i``."""
+        if self.cache and i in self._cache:
+            return self._cache[i]
+        path, frame, time = self._items[i]
+        img = self.pre(path, frame, time)
+        if self.cache:
+            self._cache[i] = img
+        return img
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+        return self.frame(int(i)), int(self.targets[i])
+
+
+def open_labelled(
+    root: str | os.PathLike,
+    station: str | os.PathLike | None = None,
+    cache: bool = False,
+    df: pd.DataFrame | None = None,
+) -> LabelledSet:
+    """A LabelledSet for the folder ROOT, with its own station/dark frames where it has them."""
+    from pipeline.preprocess import find_dark_dir
+
+    df = load_labelled(root) if df is None else df
+    return LabelledSet(
+        df, station_for_set(root, station), dark_dir=find_dark_dir(Path(root)), cache=cache
+    )
+
+
+class ToModelInput:
+    """DataLoader collate: stack frames and apply models.to_model_input (picklable for workers)."""
+
+    def __init__(self, input_size: int) -> None:
+        self.input_size = input_size
+
+    def __call__(self, batch: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        from pipeline.models import to_model_input
+
+        frames = np.stack([b[0] for b in batch]).astype(np.float32, copy=False)
+        labels = torch.as_tensor([b[1] for b in batch], dtype=torch.long)
+        return to_model_input(frames, self.input_size), labels

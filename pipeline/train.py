@@ -1,0 +1,635 @@
+"""Training: config, stratified split, augmentation, the SGD loop with early stopping and resume."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+
+from pipeline.classes import CLASSES
+from pipeline.config import dump_yaml, load_config, to_dict
+from pipeline.errors import CheckpointError, ConfigError, InputError
+from pipeline.labelled import (  # noqa: F401  (re-exported: the contract names train.load_labelled)
+    LabelledSet,
+    ToModelInput,
+    load_labelled,
+    open_labelled,
+)
+from pipeline.storage import atomic_path, write_table
+
+log = logging.getLogger(__name__)
+
+#: The resumable state of the last finished epoch, beside the best checkpoint.
+LAST_STATE = "last.pt"
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class LambdaScheduleConfig:
+    """L-Softmax blending factor: lambda = max(floor, base * (1 + gamma * step) ** -power)."""
+
+    base: float = 10000.0
+    gamma: float = 0.12
+    power: float = 1.0
+    floor: float = 15.0
+
+    def validate(self) -> None:
+        for name in ("base", "gamma", "power", "floor"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"lsoftmax.schedule.{name} must be >= 0")
+
+
+@dataclass(frozen=True)
+class LSoftmaxConfig:
+    """Margin m (paper's best: 3) and the lambda schedule; used by the *lsoftmax* variants only."""
+
+    m: int = 3
+    schedule: LambdaScheduleConfig = field(default_factory=LambdaScheduleConfig)
+
+    def validate(self) -> None:
+        if self.m < 1:
+            raise ValueError(f"lsoftmax.m must be a positive integer, got {self.m}")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Training augmentation (applied batch-wise to the model input)."""
+
+    #: random rotation by any angle: aurora has no preferred azimuth in an all-sky frame.
+    rotate: bool = True
+    #: random mirror image (with any rotation this covers both flips).
+    flip: bool = True
+    #: zoom factor drawn log-uniformly in [1/(1+j), 1+j]; 0 switches it off.
+    scale_jitter: float = 0.1
+
+    def validate(self) -> None:
+        if not 0 <= self.scale_jitter <= 0.5:
+            raise ValueError(f"augment.scale_jitter must be within 0..0.5, got {self.scale_jitter}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run depends on (written beside the checkpoint as config.yaml)."""
+
+    variant: str = "stn-lsoftmax-alexnet"
+    input_size: int = 227
+    epochs: int = 30
+    batch_size: int = 64
+    val_batch_size: int = 16
+    lr: float = 3e-5
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_epochs: int = 0
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lsoftmax: LSoftmaxConfig = field(default_factory=LSoftmaxConfig)
+    val_fraction: float = 0.2
+    seed: int = 0
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    #: stop after this many epochs without a better validation accuracy (0 = never).
+    patience: int = 10
+    #: mixed precision and torch.compile: GPU only (ignored with a warning on CPU).
+    amp: bool = False
+    compile: bool = False
+    num_workers: int = 0
+    #: keep preprocessed frames in memory across epochs (small sets only: 4 bytes/pixel).
+    cache_frames: bool = False
+    #: station for preprocessing when the set has no calib/station.yaml and no --station is given.
+    station: str | None = None
+    #: weights when training without --init-weights: the backbone's own ("default") or He
+    #: (Kaiming) normal for every conv/FC of trunk and neck ("kaiming"; the STN and head keep
+    #: theirs). From scratch, torchvision AlexNet's default init shrinks the signal ~6x per layer
+    #: and learns only after many steps; He init keeps it at scale (use a short lr warm-up).
+    scratch_init: Literal["default", "kaiming"] = "default"
+    #: side of the down-sampled copy the STN's localisation net looks at (output keeps full size).
+    stn_loc_size: int = 64
+
+    def validate(self) -> None:
+        try:
+            from pipeline.models import VARIANTS
+        except ImportError:  # pragma: no cover - models not installed yet
+            VARIANTS = ()
+        if VARIANTS and self.variant not in VARIANTS:
+            raise ValueError(
+                f"variant {self.variant!r} is not allowed; allowed values: {', '.join(VARIANTS)}"
+            )
+        checks = [
+            (self.input_size >= 64, f"input_size must be >= 64, got {self.input_size}"),
+            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
+            (self.batch_size >= 2, f"batch_size must be >= 2, got {self.batch_size}"),
+            (self.val_batch_size >= 1, f"val_batch_size must be >= 1, got {self.val_batch_size}"),
+            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (0 <= self.momentum < 1, f"momentum must be within [0, 1), got {self.momentum}"),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (
+                0 < self.val_fraction < 1,
+                f"val_fraction must be within (0, 1), got {self.val_fraction}",
+            ),
+            (self.patience >= 0, f"patience must be >= 0, got {self.patience}"),
+            (self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}"),
+            (self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}"),
+            (self.stn_loc_size >= 32, f"stn_loc_size must be >= 32, got {self.stn_loc_size}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+
+    @property
+    def uses_lsoftmax(self) -> bool:
+        """Whether the variant trains with the L-Softmax loss."""
+        return "lsoftmax" in self.variant
+
+
+def load_train_config(path: str | os.PathLike) -> TrainConfig:
+    """Load configs/train/<name>.yaml (errors name the file, key and allowed values)."""
+    return load_config(TrainConfig, path)
+
+
+# --------------------------------------------------------------------------- pure pieces
+
+
+def stratified_split(
+    labels: Sequence[str] | np.ndarray, val_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, val) with ``val_fraction`` of every class in val (4:1 at 0.2), seeded."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for c in sorted(set(labels.tolist())):
+        idx = np.flatnonzero(labels == c)
+        idx = idx[rng.permutation(len(idx))]
+        n_val = int(round(len(idx) * val_fraction))
+        if len(idx) >= 2:
+            n_val = min(max(n_val, 1), len(idx) - 1)  # every class on both sides when possible
+        else:
+            n_val = 0
+        val.append(idx[:n_val])
+        train.append(idx[n_val:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+
+def lr_at(cfg: TrainConfig, epoch: int) -> float:
+    """Learning rate of epoch ``epoch`` (0-based): linear warm-up, then constant or cosine."""
+    if epoch < cfg.warmup_epochs:
+        return cfg.lr * (epoch + 1) / (cfg.warmup_epochs + 1)
+    if cfg.lr_schedule == "cosine":
+        span = max(1, cfg.epochs - cfg.warmup_epochs)
+        t = (epoch - cfg.warmup_epochs) / span
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * t))
+    return cfg.lr
+
+
+def augment_batch(
+    x: torch.Tensor, aug: AugmentConfig, generator: torch.Generator, fill: float = 0.0
+) -> torch.Tensor:
+    """Random rotation (any angle), mirror and zoom of a (B, C, S, S) batch about its centre.
+
+    Areas brought in from outside the frame get ``fill`` (the model-input value of a masked,
+    black pixel), so the fisheye mask stays what the network sees at inference.
+    """
+    b = x.shape[0]
+    if not (aug.rotate or aug.flip or aug.scale_jitter > 0):
+        return x
+    angle = torch.rand(b, generator=generator) * (2 * math.pi) if aug.rotate else torch.zeros(b)
+    mirror = (
+        torch.where(torch.rand(b, generator=generator) < 0.5, -1.0, 1.0)
+        if aug.flip
+        else torch.ones(b)
+    )
+    if aug.scale_jitter > 0:
+        r = math.log1p(aug.scale_jitter)
+        scale = torch.exp((torch.rand(b, generator=generator) * 2 - 1) * r)
+    else:
+        scale = torch.ones(b)
+    cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0] = cos * mirror
+    theta[:, 0, 1] = -sin
+    theta[:, 1, 0] = sin * mirror
+    theta[:, 1, 1] = cos
+    theta = theta.to(device=x.device, dtype=x.dtype)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    out = F.grid_sample(x - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out + fill
+
+
+def model_input_fill(input_size: int) -> float:
+    """The model-input value of a black (masked) pixel, for padding after augmentation."""
+    from pipeline.models import to_model_input
+
+    z = to_model_input(np.zeros((1, input_size, input_size), np.float32), input_size)
+    return float(z.flatten()[0])
+
+
+# --------------------------------------------------------------------------- model
+
+
+def build_for_config(cfg: TrainConfig, classes: Sequence[str] = CLASSES) -> torch.nn.Module:
+    """The model of ``cfg`` (L-Softmax margin and lambda schedule passed where the variant has it)."""
+    from pipeline.models import build_model
+
+    return build_model(
+        cfg.variant,
+        num_classes=len(classes),
+        in_chans=1,
+        input_size=cfg.input_size,
+        lsoftmax_m=cfg.lsoftmax.m,
+        lambda_schedule=to_dict(cfg.lsoftmax.schedule),
+        stn_loc_size=cfg.stn_loc_size,
+    )
+
+
+def kaiming_reinit(model: torch.nn.Module) -> int:
+    """He-normal (fan-in, ReLU) weights and zero biases for the trunk and neck convs/FCs."""
+    n = 0
+    for part in (getattr(model, "trunk", None), getattr(model, "neck", None)):
+        if part is None:
+            continue
+        for mod in part.modules():
+            if isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear)):
+                torch.nn.init.kaiming_normal_(mod.weight, mode="fan_in", nonlinearity="relu")
+                if mod.bias is not None:
+                    torch.nn.init.zeros_(mod.bias)
+                n += 1
+    return n
+
+
+def _lsoftmax_layer(model: torch.nn.Module) -> Any:
+    return getattr(model, "lsoftmax", None)
+
+
+def _current_lambda(model: torch.nn.Module) -> float | None:
+    layer = _lsoftmax_layer(model)
+    return None if layer is None else float(layer.lam)
+
+
+# --------------------------------------------------------------------------- loop
+
+
+@dataclass
+class _RunState:
+    """What --resume needs besides model and optimiser."""
+
+    epoch: int = 0  # epochs finished
+    best_acc: float = -1.0
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    stopped: bool = False
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+#: Settings a resumed run may change: how long and how it runs, not what it learns.
+_RESUMABLE_CHANGES = ("epochs", "patience", "num_workers", "cache_frames")
+
+
+def _config_fingerprint(cfg: TrainConfig) -> str:
+    d = to_dict(cfg)
+    for key in _RESUMABLE_CHANGES:
+        d.pop(key, None)
+    return json.dumps(d, sort_keys=True)
+
+
+def _save_last(
+    path: Path,
+    cfg: TrainConfig,
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    st: _RunState,
+    loader_gen: torch.Generator,
+    aug_gen: torch.Generator,
+    data_fingerprint: str,
+) -> None:
+    """Tensors, numbers and strings only, so the file loads with torch.load(weights_only=True)."""
+    state = {
+        "format": "aurora-train-state-1",
+        "config": _config_fingerprint(cfg),
+        "data": data_fingerprint,
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "epoch": st.epoch,
+        "best_acc": st.best_acc,
+        "best_epoch": st.best_epoch,
+        "bad_epochs": st.bad_epochs,
+        "stopped": st.stopped,
+        "history": json.dumps(st.history),
+        "torch_rng": torch.get_rng_state(),
+        "loader_rng": loader_gen.get_state(),
+        "aug_rng": aug_gen.get_state(),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _load_last(path: Path) -> dict[str, Any]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - corrupt or unsafe file: the user's to fix
+        raise CheckpointError(
+            f"{path}: cannot load the training state safely ({str(exc).splitlines()[0]}); "
+            "delete it and train without --resume"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != "aurora-train-state-1":
+        raise CheckpointError(f"{path}: not a training state written by `aurora-pipeline train`")
+    return state
+
+
+def _data_fingerprint(df: pd.DataFrame, root: Path) -> str:
+    rel = [os.path.relpath(p, root) for p in df["path"]]
+    return json.dumps(sorted(zip(rel, df["label"].tolist())))
+
+
+def _train_one_epoch(
+    model: torch.nn.Module,
+    step_model: torch.nn.Module,
+    loader: DataLoader,
+    opt: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    device: torch.device,
+    aug_gen: torch.Generator,
+    fill: float,
+    amp: dict[str, Any] | None,
+    desc: str,
+) -> dict[str, float]:
+    from tqdm.auto import tqdm
+
+    model.train()
+    layer = _lsoftmax_layer(model)
+    n = correct = 0
+    loss_sum = 0.0
+    t0 = time.perf_counter()
+    bar = tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
+    for x, y in bar:
+        x = augment_batch(x, cfg.augment, aug_gen, fill).to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        with torch.autocast(device.type, **amp) if amp else _nullcontext():
+            logits = step_model(x, y) if layer is not None else step_model(x)
+            loss = F.cross_entropy(logits.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if layer is not None:
+            layer.step()  # lambda decays per optimiser step (Liu et al.)
+        b = y.shape[0]
+        n += b
+        loss_sum += float(loss.detach()) * b
+        # The margin logits make the target look worse than it is; accuracy from plain argmax
+        # of the blended logits is still a fair running indicator of training progress.
+        correct += int((logits.detach().argmax(1) == y).sum())
+        post = {"loss": f"{loss_sum / n:.3f}", "acc": f"{correct / n:.3f}"}
+        if layer is not None:
+            post["lambda"] = f"{layer.lam:.1f}"
+        bar.set_postfix(post)
+    bar.close()
+    dt = time.perf_counter() - t0
+    return {
+        "train_loss": loss_sum / max(n, 1),
+        "train_acc": correct / max(n, 1),
+        "train_images_per_s": n / dt if dt > 0 else float("nan"),
+    }
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _validate(
+    model: torch.nn.Module, loader: DataLoader, device: torch.device, classes: Sequence[str]
+) -> tuple[float, dict[str, Any]]:
+    from pipeline.evaluate import metrics_from_predictions, predict
+
+    y_true, y_pred, probs = predict(model, loader, device, desc="validate")
+    eps = 1e-12
+    loss = float(-np.log(probs[np.arange(len(y_true)), y_true] + eps).mean()) if len(y_true) else 0
+    return loss, metrics_from_predictions(y_true, y_pred, classes)
+
+
+def _amp_settings(cfg: TrainConfig, device: torch.device) -> dict[str, Any] | None:
+    if not cfg.amp:
+        return None
+    if device.type != "cuda":
+        log.warning("amp: mixed precision is a GPU option; training in float32 on %s", device)
+        return None
+    # bfloat16 needs no loss scaling; the L-Softmax layer computes its margin in float32 anyway.
+    if torch.cuda.is_bf16_supported():
+        return {"dtype": torch.bfloat16}
+    log.warning("amp: this GPU has no bfloat16; training in float32")
+    return None
+
+
+def train(
+    cfg: TrainConfig,
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    resume: bool = False,
+    init_weights: str | os.PathLike | None = None,
+    device: str = "auto",
+    station: str | os.PathLike | None = None,
+    config_source: str | None = None,
+    classes: Sequence[str] = CLASSES,
+) -> dict[str, Any]:
+    """Train ``cfg`` on the labelled set DATA; best checkpoint + config.yaml + last.pt in OUT."""
+    from pipeline.checkpoint import save_checkpoint
+    from pipeline.evaluate import metrics_to_json, resolve_device
+    from pipeline.labelled import station_for_set
+    from pipeline.preprocess import find_dark_dir
+
+    data = Path(data).resolve()
+    out = Path(out)
+    dev = resolve_device(device)
+    df = load_labelled(data, classes=classes)
+    present = set(df["label"])
+    if len(present) < 2:
+        raise InputError(
+            f"{data}/labels.parquet: training needs at least two classes, got {present}"
+        )
+    stn = station_for_set(data, station if station is not None else cfg.station)
+    # Station: the set's own calib/station.yaml, else --station, else the config's, else yrs.
+    ds = LabelledSet(df, stn, dark_dir=find_dark_dir(data), cache=cfg.cache_frames)
+    train_idx, val_idx = stratified_split(df["label"].to_numpy(), cfg.val_fraction, cfg.seed)
+    if len(val_idx) == 0:
+        raise InputError(f"{data}: too few frames for a validation split of {cfg.val_fraction}")
+    fingerprint = _data_fingerprint(df, data)
+
+    out.mkdir(parents=True, exist_ok=True)
+    last_path = out / LAST_STATE
+    torch.manual_seed(cfg.seed)
+    model = build_for_config(cfg, classes)
+    if init_weights is not None:
+        from pipeline.models import load_init_weights
+
+        load_init_weights(model, init_weights)
+    elif cfg.scratch_init == "kaiming":
+        kaiming_reinit(model)
+    model.to(dev)
+    opt = torch.optim.SGD(
+        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
+    loader_gen = torch.Generator().manual_seed(cfg.seed)
+    aug_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    st = _RunState()
+    if resume:
+        if not last_path.is_file():
+            raise InputError(f"{last_path}: nothing to resume; train without --resume first")
+        saved = _load_last(last_path)
+        if saved["config"] != _config_fingerprint(cfg):
+            raise ConfigError(
+                f"{last_path}: was written with another training config; resume with the "
+                f"config in {out / 'config.yaml'} or train into another --out"
+            )
+        if saved["data"] != fingerprint:
+            raise InputError(f"{last_path}: was trained on another labelled set than {data}")
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        st = _RunState(
+            epoch=int(saved["epoch"]),
+            best_acc=float(saved["best_acc"]),
+            best_epoch=int(saved["best_epoch"]),
+            bad_epochs=int(saved["bad_epochs"]),
+            stopped=bool(saved["stopped"]),
+            history=json.loads(saved["history"]),
+        )
+        torch.set_rng_state(saved["torch_rng"])
+        loader_gen.set_state(saved["loader_rng"])
+        aug_gen.set_state(saved["aug_rng"])
+        log.info("resuming %s after epoch %d", out, st.epoch)
+    elif last_path.exists():
+        log.warning("%s holds an earlier run; starting afresh (use --resume to continue it)", out)
+
+    dump_yaml(cfg, out / "config.yaml")
+    split = pd.DataFrame(
+        {
+            "path": [os.path.relpath(p, data) for p in df["path"]],
+            "label": df["label"],
+            "split": np.where(np.isin(np.arange(len(df)), val_idx), "val", "train"),
+        }
+    )
+    write_table(split, out / "split.parquet")
+
+    collate = ToModelInput(cfg.input_size)
+    train_ds, val_ds = Subset(ds, train_idx.tolist()), Subset(ds, val_idx.tolist())
+    train_loader = DataLoader(
+        train_ds,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        generator=loader_gen,
+        num_workers=cfg.num_workers,
+        collate_fn=collate,
+        # BatchNorm cannot train on a last batch of one frame.
+        drop_last=len(train_ds) % cfg.batch_size == 1,
+        pin_memory=dev.type == "cuda",
+        persistent_workers=cfg.num_workers > 0,
+    )
+    val_loader = DataLoader(
+        val_ds,
+        batch_size=cfg.val_batch_size,
+        shuffle=False,
+        num_workers=cfg.num_workers,
+        collate_fn=collate,
+    )
+    amp = _amp_settings(cfg, dev)
+    step_model: torch.nn.Module = model
+    if cfg.compile:
+        if dev.type == "cuda":
+            step_model = torch.compile(model)  # type: ignore[assignment]
+        else:
+            log.warning("compile: torch.compile is a GPU option here; running eagerly on CPU")
+    fill = model_input_fill(cfg.input_size)
+    preprocess_meta = ds.pre.describe
+    result: dict[str, Any] = {"out": str(out), "resumed_at_epoch": st.epoch if resume else None}
+
+    if st.stopped or st.epoch >= cfg.epochs:
+        log.info("%s: training already finished (epoch %d); nothing to do", out, st.epoch)
+    for epoch in range(st.epoch, cfg.epochs):
+        if st.stopped:
+            break
+        lr = lr_at(cfg, epoch)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        row: dict[str, float] = {"epoch": epoch + 1, "lr": lr}
+        row.update(
+            _train_one_epoch(
+                model,
+                step_model,
+                train_loader,
+                opt,
+                cfg,
+                dev,
+                aug_gen,
+                fill,
+                amp,
+                desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            )
+        )
+        val_loss, val = _validate(model, val_loader, dev, classes)
+        row.update({"val_loss": val_loss, "val_acc": val["average_accuracy"]})
+        lam = _current_lambda(model)
+        if lam is not None:
+            row["lambda"] = lam
+        st.history.append(row)
+        st.epoch = epoch + 1
+        msg = (
+            f"epoch {st.epoch}/{cfg.epochs}: loss {row['train_loss']:.3f} "
+            f"train acc {row['train_acc']:.3f} val acc {row['val_acc']:.3f}"
+        )
+        log.info(msg + (f" lambda {lam:.1f}" if lam is not None else ""))
+        if val["average_accuracy"] > st.best_acc:
+            st.best_acc = val["average_accuracy"]
+            st.best_epoch = st.epoch
+            st.bad_epochs = 0
+            metrics = {k: v for k, v in metrics_to_json(val).items() if k != "confusion_normalised"}
+            metrics.update({"epoch": st.epoch, "val_loss": val_loss, "split": "val"})
+            save_checkpoint(
+                out,
+                model,
+                {
+                    "variant": cfg.variant,
+                    "classes": list(classes),
+                    "input_size": cfg.input_size,
+                    "in_chans": 1,
+                    "preprocess": preprocess_meta,
+                    "train_config": to_dict(cfg),
+                    "train_config_source": config_source,
+                    "metrics": metrics,
+                    "init_weights": None if init_weights is None else str(init_weights),
+                    "data": str(data),
+                },
+            )
+        else:
+            st.bad_epochs += 1
+            if cfg.patience and st.bad_epochs >= cfg.patience:
+                st.stopped = True
+                log.info("early stop after epoch %d (best %d)", st.epoch, st.best_epoch)
+        _save_last(last_path, cfg, model, opt, st, loader_gen, aug_gen, fingerprint)
+        with atomic_path(out / "history.json") as tmp:
+            tmp.write_text(json.dumps(st.history, indent=1) + "\n")
+
+    result.update(
+        {
+            "epochs_run": st.epoch,
+            "best_epoch": st.best_epoch,
+            "best_val_accuracy": st.best_acc,
+            "early_stopped": st.stopped,
+            "history": st.history,
+            "device": str(dev),
+            "n_train": int(len(train_idx)),
+            "n_val": int(len(val_idx)),
+        }
+    )
+    return result

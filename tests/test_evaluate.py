@@ -1,0 +1,115 @@
+"""Evaluation: metrics from hand-made predictions, the on-disk outputs, the figure."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.classes import CLASSES
+from pipeline.errors import InputError
+from pipeline.evaluate import (
+    confusion_table,
+    metrics_from_predictions,
+    metrics_table,
+    read_confusion,
+    write_evaluation,
+)
+
+# 10 frames: arc 4 (3 right, 1 -> drapery), drapery 3 (all right), radial 2 (1 right, 1 ->
+# hotspot), hotspot 1 (-> radial).
+Y_TRUE = ["arc"] * 4 + ["drapery"] * 3 + ["radial"] * 2 + ["hotspot"]
+Y_PRED = ["arc", "arc", "arc", "drapery", "drapery", "drapery", "drapery", "radial", "hotspot"]
+Y_PRED = Y_PRED + ["radial"]
+
+
+def test_metrics_match_hand_counts():
+    m = metrics_from_predictions(Y_TRUE, Y_PRED)
+    assert m["n"] == 10 and m["correct"] == 7
+    assert m["average_accuracy"] == pytest.approx(0.7)
+    assert m["per_class_accuracy"] == pytest.approx(
+        {"arc": 0.75, "drapery": 1.0, "radial": 0.5, "hotspot": 0.0}
+    )
+    assert m["per_class_n"] == {"arc": 4, "drapery": 3, "radial": 2, "hotspot": 1}
+    expected = np.array([[3, 1, 0, 0], [0, 3, 0, 0], [0, 0, 1, 1], [0, 0, 1, 0]])
+    np.testing.assert_array_equal(m["confusion"].to_numpy(), expected)
+    assert list(m["confusion"].index) == list(CLASSES)
+    assert list(m["confusion"].columns) == list(CLASSES)
+    np.testing.assert_allclose(m["confusion_normalised"].sum(axis=1), 1.0)
+    assert m["confusion_normalised"].loc["arc", "drapery"] == pytest.approx(0.25)
+    assert m["mean_class_accuracy"] == pytest.approx((0.75 + 1 + 0.5 + 0) / 4)
+
+
+def test_indices_and_names_agree():
+    idx_t = [CLASSES.index(c) for c in Y_TRUE]
+    idx_p = np.array([CLASSES.index(c) for c in Y_PRED])
+    a = metrics_from_predictions(Y_TRUE, Y_PRED)
+    b = metrics_from_predictions(idx_t, idx_p)
+    pd.testing.assert_frame_equal(a["confusion"], b["confusion"])
+
+
+def test_absent_class_is_nan_not_zero():
+    m = metrics_from_predictions(["arc", "arc", "radial"], ["arc", "radial", "radial"])
+    assert math.isnan(m["per_class_accuracy"]["drapery"])
+    assert m["per_class_n"]["drapery"] == 0
+    assert m["mean_class_accuracy"] == pytest.approx(0.75)
+    assert m["confusion_normalised"].loc["drapery"].isna().all()
+
+
+def test_bad_inputs_are_clear():
+    with pytest.raises(InputError, match="unknown class 'aurora'.*allowed classes: arc"):
+        metrics_from_predictions(["arc", "aurora"], ["arc", "arc"])
+    with pytest.raises(InputError, match="outside 0..3"):
+        metrics_from_predictions([0, 4], [0, 0])
+    with pytest.raises(InputError, match="2 entries but y_pred has 1"):
+        metrics_from_predictions(["arc", "arc"], ["arc"])
+
+
+def test_confusion_table_layout_round_trips(tmp_path):
+    m = metrics_from_predictions(Y_TRUE, Y_PRED)
+    tab = confusion_table(m["confusion"])
+    assert list(tab.columns) == ["true", *CLASSES]
+    assert tab["true"].tolist() == list(CLASSES)
+    tab.to_parquet(tmp_path / "c.parquet")
+    back = read_confusion(tmp_path / "c.parquet")
+    pd.testing.assert_frame_equal(back, m["confusion"], check_names=False)
+
+
+def test_write_evaluation_outputs(tmp_path):
+    m = metrics_from_predictions(Y_TRUE, Y_PRED)
+    result = {
+        "variant": "alexnet",
+        **m,
+        "timing": {
+            "device": "cpu: test",
+            "what": "forward",
+            "input_size": 64,
+            "batch_size": 8,
+            "ms_per_image_batch1": 2.5,
+            "ms_per_image_batch": 1.25,
+        },
+    }
+    write_evaluation(result, tmp_path / "ev")
+    js = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert js["average_accuracy"] == pytest.approx(0.7)
+    assert js["confusion"][0] == [3, 1, 0, 0]
+    assert js["timing"]["ms_per_image_batch1"] == 2.5
+    md = (tmp_path / "ev" / "metrics.md").read_text()
+    assert "| arc accuracy | 0.750 |" in md
+    assert "| **Average accuracy** | 0.700 |" in md
+    assert "2.50" in md
+    conf = pd.read_parquet(tmp_path / "ev" / "confusion.parquet")
+    assert conf.loc[conf["true"] == "radial", "hotspot"].item() == 1
+    png = (tmp_path / "ev" / "confusion.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_metrics_table_has_one_column_per_method():
+    a = metrics_from_predictions(Y_TRUE, Y_PRED)
+    b = metrics_from_predictions(Y_TRUE, Y_TRUE)
+    md = metrics_table({"AlexNet": a, "STN-AlexNet": b})
+    assert md.splitlines()[0] == "| Method | AlexNet | STN-AlexNet |"
+    assert "| hotspot corona accuracy | 0.000 | 1.000 |" in md

@@ -1,0 +1,253 @@
+"""Training: config validation, the split, augmentation, the CLI end to end, resume, determinism."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from pipeline.classes import CLASSES
+from pipeline.cli import main
+from pipeline.config import CONFIG_DIR
+from pipeline.errors import ConfigError
+from pipeline.train import (
+    AugmentConfig,
+    TrainConfig,
+    augment_batch,
+    load_train_config,
+    lr_at,
+    stratified_split,
+)
+
+#: Small and quick: the CLI tests train for seconds on 64 px frames.
+TINY_CFG = {
+    "variant": "stn-lsoftmax-alexnet",
+    "input_size": 64,
+    "epochs": 1,
+    "batch_size": 8,
+    "val_batch_size": 8,
+    "lr": 0.002,
+    "warmup_epochs": 0,
+    "scratch_init": "kaiming",
+    "stn_loc_size": 32,
+    "cache_frames": True,
+    "patience": 0,
+    "lsoftmax": {"m": 2, "schedule": {"base": 100.0, "gamma": 1.0, "power": 1.0, "floor": 5.0}},
+}
+
+
+def write_cfg(path: Path, **over) -> Path:
+    cfg = {**TINY_CFG, **over}
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def mini_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """16 raw 64 px synthetic frames (4 per class): enough for the mechanics, not for learning."""
+    from pipeline import synth
+
+    out = tmp_path_factory.mktemp("mini")
+    synth.make_labelled(out, n=16, seed=3, winter=2003, balanced=True, size=64)
+    return out
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_shipped_configs_load():
+    paper = load_train_config(CONFIG_DIR / "train" / "paper.yaml")
+    assert paper.variant == "stn-lsoftmax-alexnet" and paper.input_size == 227
+    assert paper.lr == pytest.approx(3e-5) and paper.lsoftmax.m == 3
+    assert (paper.batch_size, paper.val_batch_size) == (64, 16)
+    assert paper.lsoftmax.schedule.base == 10000 and paper.lsoftmax.schedule.floor == 15
+    demo = load_train_config(CONFIG_DIR / "train" / "demo.yaml")
+    assert demo.input_size < 128 and demo.epochs <= 30
+
+
+@pytest.mark.parametrize(
+    ("over", "match"),
+    [
+        ({"variant": "googlenet"}, r"variant 'googlenet' is not allowed; allowed values: alexnet"),
+        ({"lr": -1.0}, r"lr must be > 0"),
+        ({"lr": "fast"}, r"lr: expected a number"),
+        ({"val_fraction": 1.5}, r"val_fraction must be within"),
+        ({"lr_schedule": "step"}, r"lr_schedule: 'step' is not allowed; allowed values"),
+        ({"augment": {"rotate": True, "shear": 3}}, r"augment: unknown key 'shear'; allowed keys"),
+        ({"lsoftmax": {"m": 0}}, r"lsoftmax.m must be a positive integer"),
+        ({"input_size": 32}, r"input_size must be >= 64"),
+    ],
+)
+def test_config_errors_name_file_key_and_allowed(tmp_path, over, match):
+    p = write_cfg(tmp_path / "bad.yaml", **over)
+    with pytest.raises(ConfigError, match=match) as err:
+        load_train_config(p)
+    assert str(p) in str(err.value)
+
+
+def test_cli_config_error_is_one_line(tmp_path, mini_set, capsys):
+    p = write_cfg(tmp_path / "bad.yaml", epochs=0)
+    with pytest.raises(SystemExit) as ex:
+        main(["train", "--config", str(p), "--data", str(mini_set), "--out", str(tmp_path / "o")])
+    assert ex.value.code == 1
+    err = capsys.readouterr().err
+    assert "epochs must be >= 1" in err and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- pure pieces
+
+
+def test_stratified_split_is_4_to_1_per_class_and_seeded():
+    labels = np.array(["arc"] * 50 + ["drapery"] * 20 + ["radial"] * 15 + ["hotspot"] * 10)
+    tr, va = stratified_split(labels, 0.2, seed=7)
+    assert len(set(tr) & set(va)) == 0 and len(tr) + len(va) == len(labels)
+    for c, n in zip(CLASSES, (50, 20, 15, 10)):
+        assert (labels[va] == c).sum() == round(n * 0.2)
+    tr2, va2 = stratified_split(labels, 0.2, seed=7)
+    np.testing.assert_array_equal(va, va2)
+    _, va3 = stratified_split(labels, 0.2, seed=8)
+    assert not np.array_equal(va, va3)
+
+
+def test_lr_warmup_and_cosine():
+    cfg = TrainConfig(variant="alexnet", lr=0.1, epochs=10, warmup_epochs=1, lr_schedule="cosine")
+    assert lr_at(cfg, 0) == pytest.approx(0.05)
+    assert lr_at(cfg, 1) == pytest.approx(0.1)
+    assert lr_at(cfg, 9) < 0.01
+
+
+def test_augment_off_is_identity_and_rotation_keeps_a_centred_disc():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 1, 32, 32)
+    off = AugmentConfig(rotate=False, flip=False, scale_jitter=0.0)
+    assert torch.equal(augment_batch(x, off, g), x)
+    yy, xx = torch.meshgrid(torch.arange(64) - 31.5, torch.arange(64) - 31.5, indexing="ij")
+    r = torch.hypot(yy, xx)
+    disc = torch.exp(-((r / 12) ** 2))[None, None].repeat(4, 1, 1, 1)
+    out = augment_batch(disc, AugmentConfig(rotate=True, flip=True, scale_jitter=0.0), g, fill=0)
+    assert torch.allclose(out, disc, atol=0.03)  # radially symmetric: only interpolation error
+    # An off-centre spot moves: the augmentation is not a no-op.
+    spot = torch.zeros(4, 1, 64, 64)
+    spot[:, :, 10:14, 40:44] = 1
+    moved = augment_batch(spot, AugmentConfig(rotate=True, flip=False, scale_jitter=0.0), g)
+    assert not torch.allclose(moved, spot, atol=0.1)
+    # Corners brought in from outside the frame get the fill value.
+    corner = augment_batch(torch.zeros(8, 1, 32, 32), AugmentConfig(True, True, 0.0), g, fill=-2.0)
+    assert corner.min() >= -2.0 - 1e-5 and corner.max() <= 1e-5
+    assert (corner[:, :, 0, 0] < -0.5).any()
+
+
+# ----------------------------------------------------------------------------- CLI end to end
+
+
+def _train(cfg: Path, data: Path, out: Path, *extra: str) -> None:
+    args = ["train", "--config", str(cfg), "--data", str(data), "--out", str(out)]
+    main([*args, "--device", "cpu", *extra])
+
+
+def test_train_learns_better_than_chance_through_cli(tmp_path):
+    """80 raw 64 px frames of four plainly different patterns: validation beats chance clearly.
+
+    The synthetic sky (pipeline.synth) needs minutes of training to separate its classes (see
+    results/ablation.md); this set checks in seconds that the loop learns at all (labels,
+    gradients, optimiser, schedule, best-epoch selection) through the real CLI.
+    """
+    from test_labelled import write_pattern_set
+
+    data = write_pattern_set(tmp_path / "set", per_class=20, seed=2)
+    cfg = write_cfg(
+        tmp_path / "c.yaml",
+        variant="alexnet",
+        epochs=8,
+        batch_size=16,
+        lr=0.003,
+        scratch_init="kaiming",
+    )
+    out = tmp_path / "ckpt"
+    _train(cfg, data, out)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["variant"] == "alexnet" and meta["classes"] == list(CLASSES)
+    assert meta["train_config"]["epochs"] == 8
+    assert meta["preprocess"]["calibration"]["crop_size"] == 55  # 440 px scaled to 64 px frames
+    best = meta["metrics"]["average_accuracy"]
+    assert best >= 0.5, f"validation accuracy {best} does not beat chance (0.25) clearly"
+    assert (out / "config.yaml").is_file() and (out / "last.pt").is_file()
+    history = json.loads((out / "history.json").read_text())
+    assert len(history) == 8 and max(h["val_acc"] for h in history) == pytest.approx(best)
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+
+
+def test_resume_continues_and_seed_makes_it_deterministic(tmp_path, mini_set):
+    """1 epoch + --resume to 2 epochs == 2 epochs straight, bit for bit (RNG state included)."""
+    one = write_cfg(tmp_path / "one.yaml", epochs=1)
+    two = write_cfg(tmp_path / "two.yaml", epochs=2)
+    _train(two, mini_set, tmp_path / "straight")
+    _train(one, mini_set, tmp_path / "a")
+    _train(one, mini_set, tmp_path / "b")
+    a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
+    assert a["epoch"] == 1
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), f"same seed, different {k}"
+    _train(two, mini_set, tmp_path / "a", "--resume")
+    resumed = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
+    straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
+    assert resumed["epoch"] == 2 and len(json.loads(resumed["history"])) == 2
+    for k in straight["model"]:
+        assert torch.equal(resumed["model"][k], straight["model"][k]), f"resume differs in {k}"
+    # The L-Softmax schedule advanced through both epochs (12 train frames / batch 8 = 2 steps).
+    assert int(resumed["model"]["head.schedule.iteration"]) == 4
+    # The checkpoint on disk loads safely and matches the best epoch.
+    w = load_file(str(tmp_path / "a" / "model.safetensors"))
+    assert "head.weight" in w
+
+
+def test_resume_refuses_another_config_or_nothing(tmp_path, mini_set, capsys):
+    cfg = write_cfg(tmp_path / "c.yaml")
+    with pytest.raises(SystemExit) as ex:
+        _train(cfg, mini_set, tmp_path / "none", "--resume")
+    assert ex.value.code == 1 and "nothing to resume" in capsys.readouterr().err
+    _train(cfg, mini_set, tmp_path / "o")
+    other = write_cfg(tmp_path / "d.yaml", lr=0.5)
+    with pytest.raises(SystemExit):
+        _train(other, mini_set, tmp_path / "o", "--resume")
+    assert "another training config" in capsys.readouterr().err
+
+
+def test_evaluate_cli_on_a_trained_checkpoint(tmp_path, mini_set):
+    cfg = write_cfg(tmp_path / "c.yaml", variant="alexnet")
+    _train(cfg, mini_set, tmp_path / "ck")
+    main(
+        [
+            "evaluate",
+            "--checkpoint",
+            str(tmp_path / "ck"),
+            "--data",
+            str(mini_set),
+            "--out",
+            str(tmp_path / "ev"),
+            "--device",
+            "cpu",
+            "--batch-size",
+            "4",
+        ]
+    )
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert m["n"] == 16 and sum(m["per_class_n"].values()) == 16
+    assert sum(map(sum, m["confusion"])) == 16
+    assert math.isclose(m["average_accuracy"], m["correct"] / 16)
+    assert m["timing"]["ms_per_image_batch1"] > 0 and m["timing"]["device"].startswith("cpu")
+    import pandas as pd
+
+    pred = pd.read_parquet(tmp_path / "ev" / "predictions.parquet")
+    from pipeline.evaluate import metrics_from_predictions
+
+    again = metrics_from_predictions(pred["label"], pred["predicted"])
+    assert again["correct"] == m["correct"]
+    assert (tmp_path / "ev" / "confusion.png").stat().st_size > 1000
