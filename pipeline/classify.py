@@ -49,7 +49,7 @@ import pandas as pd
 
 from pipeline.classes import CLASSES, PROB_COLUMNS
 from pipeline.config import StationConfig, load_station
-from pipeline.errors import AuroraError, FrameGeometryError, InputError
+from pipeline.errors import AuroraError, FrameGeometryError, FrameReadError, InputError
 from pipeline.storage import (
     ERRORS_SCHEMA,
     PREDICTIONS_SCHEMA,
@@ -66,6 +66,8 @@ ERRORS_FILE = "errors.parquet"
 FEATURES_DIR = "features"
 #: error class of rows written for a whole shard that failed after its retries (retried by reruns).
 SHARD_FAILED = "ShardFailed"
+#: at most one rewrite of _run.json and errors.parquet per this many seconds during a run.
+FLUSH_S = 2.0
 _SHARD_RE = re.compile(r"^shard-(\d{6,})\.parquet$")
 
 
@@ -330,8 +332,8 @@ def classify_shard(
             return decode_frame(abspaths[i], int(frames[i]), times[i], settings)
         except AuroraError as exc:  # per-frame problems: recorded, the shard goes on
             return exc
-        except (OSError, ValueError) as exc:
-            return FrameGeometryError(abspaths[i], f"{type(exc).__name__}: {exc}")
+        except (OSError, ValueError) as exc:  # e.g. a file that vanished or a truncated stream
+            return FrameReadError(abspaths[i], f"{type(exc).__name__}: {exc}")
 
     def submit(start: int) -> list:
         return [pool.submit(decode, i) for i in range(start, min(n, start + bs))]
@@ -383,7 +385,8 @@ def classify_shard(
     )
     out = Path(settings.out_dir)
     if settings.features:
-        feats = np.concatenate(feat_parts) if feat_parts else np.zeros((0, 4096), dtype=np.float16)
+        dim = int(getattr(model, "feature_dim", 4096))
+        feats = np.concatenate(feat_parts) if feat_parts else np.zeros((0, dim), np.float16)
         with atomic_path(out / FEATURES_DIR / features_name(shard)) as tmp, open(tmp, "wb") as fh:
             np.save(fh, feats)
     # The parquet file last: its presence means the shard (and its features) is complete.
@@ -897,16 +900,37 @@ def _classify(
                 )
                 yield s, args, len(df)
 
+        new_errors: list[pd.DataFrame] = []
+        drop_errors: set[tuple[str, int]] = set()
+        last_flush = [time.monotonic()]
+
+        def flush(force: bool = False) -> None:
+            # Throttled: rewriting _run.json and errors.parquet per shard would be quadratic in
+            # the archive size. Errors reach disk before the shards that reported them count as
+            # done; a crash loses at most FLUSH_S of finished shards (their files are redone).
+            if not force and time.monotonic() - last_flush[0] < FLUSH_S:
+                return
+            if new_errors or drop_errors:
+                add = pd.concat(new_errors, ignore_index=True) if new_errors else book.table[:0]
+                book.update(add, set(drop_errors))
+                new_errors.clear()
+                drop_errors.clear()
+            _write_run(out, run)
+            last_flush[0] = time.monotonic()
+
         def on_result(s: int, res: ShardResult) -> None:
             df = shard_frames.pop(s)
-            keys = set(zip(df["path"].astype(str), df["frame"].astype(int)))
-            add = pd.DataFrame(
-                [(p, f, STAGE, e, m) for p, f, e, m in res.errors], columns=ERRORS_SCHEMA.names
-            )
-            drop = keys & retried
-            if len(add) or drop:
-                book.update(add, drop)  # errors on disk before the shard counts as done
-                retried.difference_update(drop)
+            if res.errors:
+                new_errors.append(
+                    pd.DataFrame(
+                        [(p, f, STAGE, e, m) for p, f, e, m in res.errors],
+                        columns=ERRORS_SCHEMA.names,
+                    )
+                )
+            if retried:  # ShardFailed rows of an earlier run, now classified: forget them
+                keys = set(zip(df["path"].astype(str), df["frame"].astype(int)))
+                drop_errors.update(keys & retried)
+                retried.difference_update(keys)
             run["shards"][f"{s:06d}"] = {
                 "frames": res.n_frames,
                 "predicted": res.n_predicted,
@@ -915,7 +939,7 @@ def _classify(
                 "last": _iso(df["time_utc"].iloc[-1]),
                 "worker_pid": res.worker_pid,
             }
-            _write_run(out, run)
+            flush()
             summary.shards_submitted += 1
             summary.frames_classified += res.n_predicted
             summary.frames_errors += len(res.errors)
@@ -939,11 +963,12 @@ def _classify(
                     "message": f"shard {s:06d}: {type(exc).__name__}: {exc}"[:500],
                 }
             )
-            book.update(rows, set())
+            new_errors.append(rows)
             (out / shard_name(s)).unlink(missing_ok=True)
             summary.shards_submitted += 1
             summary.shards_failed += 1
             summary.frames_errors += len(df)
+            flush()
 
         from pipeline.cluster import run_windowed
 
@@ -965,6 +990,7 @@ def _classify(
             resources=resources,
         )
         summary.compute_s = time.perf_counter() - t_compute
+        flush(force=True)
     _clean_stale(out, {int(k) for k in run["shards"]})
     summary.wall_s = time.perf_counter() - t_start
     run_entry.update(

@@ -254,6 +254,19 @@ def test_cli_scheduler_then_rerun_does_no_new_work(
     assert before == after, "a rerun with nothing to do rewrote files"
     assert len(read_run(out)["shards"]) == 5
 
+    # A driver that died after a worker wrote shard 4 but before _run.json said so, and a
+    # worker killed while writing: the rerun drops both leftovers and redoes only shard 4.
+    run = read_run(out)
+    lost = run["shards"].pop("000004")
+    (out / "_run.json").write_text(json.dumps(run))
+    (out / ".shard-000002.parquet.x1y2.part").write_bytes(b"half a file")
+    s = classify_archive(
+        archive, ckpt, out, station=station, scheduler=lc.scheduler_address, shard_size=8
+    )
+    assert s.frames_planned == lost["predicted"] and s.frames_classified == lost["predicted"]
+    assert sorted(shard_files(out)) == [0, 1, 2, 3, 4]  # the orphan went, its number reused
+    _assert_exactly_once(out, archive, station)
+
 
 def test_other_checkpoint_refused_unless_overwrite(
     archive, station, tiny_station_path, ckpt, ckpt_b, cluster, tmp_path, capsys
