@@ -128,9 +128,11 @@ def measure_model(model: torch.nn.Module, crop: int, batches: int) -> tuple[floa
     return t_model, t_resize
 
 
-def naive_loop(model, manifest: pd.DataFrame, station, dark_dir: Path, n: int) -> float:
-    """Frames/s of the obvious serial loop: read, preprocess, model on one frame, same threads."""
-    torch.set_num_threads(cores())
+def naive_loop(
+    model, manifest: pd.DataFrame, station, dark_dir: Path, n: int, threads: int
+) -> float:
+    """Frames/s of the obvious serial loop: read, preprocess, model on one frame at a time."""
+    torch.set_num_threads(threads)
     rows = manifest.iloc[:n]
     calibs: dict[Path, object] = {}  # even a naive loop reads each dark frame once
     with torch.inference_mode():  # warm-up: first-call costs are not the loop's
@@ -281,10 +283,14 @@ def main() -> None:
     t_io = measure_io(manifest, station, dark_dir, min(n, 64 if args.quick else 400))
     t_model, t_resize = measure_model(model, station.crop_size, 2 if args.quick else 6)
     limit = 1.0 / (t_model + t_io)
-    naive = naive_loop(model, manifest, station, dark_dir, n_naive)
+    naive = naive_loop(model, manifest, station, dark_dir, n_naive, cores())
+    # Batch-1 forwards on all cores are erratic on a shared machine (a descheduled OpenMP
+    # thread stalls every layer); the 1-thread loop is the conservative baseline for (b).
+    naive_1 = naive_loop(model, manifest, station, dark_dir, n_naive, 1)
+    naive_best = max(naive, naive_1)
     print(f"t_io {1e3 * t_io:.2f} ms/frame, t_model {1e3 * t_model:.2f} ms/frame (batch 64), "
           f"resize {1e3 * t_resize:.2f} ms/frame; limit {limit:.1f} frames/s; "
-          f"naive loop {naive:.1f} frames/s")  # fmt: skip
+          f"naive loop {naive:.1f} frames/s ({naive_1:.1f} on 1 thread)")  # fmt: skip
 
     c = cores()
     long = e2e(manifest_path, warm, ckpt, work, 2, max(1, c // 2), "long", rss=True)
@@ -307,9 +313,11 @@ def main() -> None:
         "t_resize_ms": round(1e3 * t_resize, 3),
         "limit_frames_per_s": round(limit, 2),
         "naive_frames_per_s": round(naive, 2),
+        "naive_1thread_frames_per_s": round(naive_1, 2),
         "e2e_frames_per_s": long["frames_per_s"],
         "a_e2e_over_limit": round(long["frames_per_s"] / limit, 3),
         "b_e2e_over_naive": round(long["frames_per_s"] / naive, 3),
+        "b_e2e_over_best_naive": round(long["frames_per_s"] / naive_best, 3),
         "c_matrix": matrix,
         "c_matrix_frames": n_matrix,
         "d_rss_per_worker": long.get("rss", {}),
@@ -325,7 +333,10 @@ def main() -> None:
         "machine": platform.machine(),
     }
     print(f"(a) e2e / limit = {result['a_e2e_over_limit']:.2f} (target >= 0.85)")
-    print(f"(b) e2e / naive = {result['b_e2e_over_naive']:.2f} (target >= 2)")
+    print(
+        f"(b) e2e / naive = {result['b_e2e_over_naive']:.2f}, / best naive (1 or all threads) "
+        f"= {result['b_e2e_over_best_naive']:.2f} (target >= 2)"
+    )
     print(f"(d) worker peak RSS growth, last vs first quarter: {result['d_rss_max_growth']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -39,7 +39,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,6 +131,7 @@ _MODEL_LOCK = threading.Lock()
 _CALIBS: dict[tuple[str | None, str, bool], Any] = {}
 _CALIB_LOCK = threading.Lock()
 _POOLS: dict[int, ThreadPoolExecutor] = {}
+_BUFFERS: dict[tuple, list[tuple[Any, np.ndarray]]] = {}
 
 
 def _host_cores() -> int:
@@ -220,6 +221,26 @@ def _decode_pool(n: int) -> ThreadPoolExecutor:
     return pool
 
 
+def _batch_buffers(bs: int, crop: int, cuda: bool) -> list[tuple[Any, np.ndarray]]:
+    """Two reusable batch buffers (torch tensor, numpy view) per worker: decode threads write
+    frames straight into them (no serial np.stack), one filling while the other is classified.
+    On GPU workers they are pinned float16 (fast, asynchronous host-to-device copies, half the
+    bytes; the model runs in bf16 anyway); on CPU float32, bit-compatible with a plain loop."""
+    import torch
+
+    # Per thread: a worker with several Dask threads may run shards side by side.
+    key = (threading.get_ident(), bs, crop, cuda)
+    bufs = _BUFFERS.get(key)
+    if bufs is None:
+        dtype = torch.float16 if cuda else torch.float32
+        bufs = []
+        for _ in range(2):
+            t = torch.empty((bs, crop, crop), dtype=dtype, pin_memory=cuda)
+            bufs.append((t, t.numpy()))
+        _BUFFERS[key] = bufs
+    return bufs
+
+
 def _calibration(settings: ShardSettings, time_utc: pd.Timestamp) -> Any:
     """The station calibration for a frame time, with the dark frame of its date when available."""
     from pipeline.imageio import read_frame
@@ -266,13 +287,16 @@ def decode_frame(
 
 def predict_batch(
     model: Any,
-    batch: np.ndarray,
+    batch: Any,
     input_size: int,
     device: Any,
     features: bool = False,
     in_chans: int = 1,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Softmax probabilities (B, 4) float32 (and FC7 features (B, D) float16) of a batch."""
+    """Softmax probabilities (B, 4) float32 (and FC7 features (B, D) float16) of a batch.
+
+    ``batch``: (B, H, W) preprocessed frames in [0, 1], a numpy array or a (pinned) CPU tensor.
+    """
     import torch
 
     from pipeline.models import to_model_input
@@ -280,7 +304,8 @@ def predict_batch(
     cuda = device.type == "cuda"
     if cuda:
         # Resize and normalise on the GPU: on the host they would cap a GPU worker's rate.
-        x = to_model_input(torch.from_numpy(batch).to(device), input_size, in_chans)
+        t = batch if isinstance(batch, torch.Tensor) else torch.from_numpy(batch)
+        x = to_model_input(t.to(device, non_blocking=True), input_size, in_chans)
     else:
         x = to_model_input(batch, input_size, in_chans)
     # bf16 autocast on GPU only: on CPU it is slower and would break the 1e-5 agreement.
@@ -326,17 +351,20 @@ def classify_shard(
     )
     pool = _decode_pool(n_dec)
     bs = settings.batch_size
+    bufs = _batch_buffers(bs, settings.station.crop_size, device.type == "cuda")
 
-    def decode(i: int) -> np.ndarray | AuroraError:
+    def decode(i: int, dst: np.ndarray) -> AuroraError | None:
         try:
-            return decode_frame(abspaths[i], int(frames[i]), times[i], settings)
+            dst[...] = decode_frame(abspaths[i], int(frames[i]), times[i], settings)
         except AuroraError as exc:  # per-frame problems: recorded, the shard goes on
             return exc
         except (OSError, ValueError) as exc:  # e.g. a file that vanished or a truncated stream
             return FrameReadError(abspaths[i], f"{type(exc).__name__}: {exc}")
+        return None
 
     def submit(start: int) -> list:
-        return [pool.submit(decode, i) for i in range(start, min(n, start + bs))]
+        arr = bufs[(start // bs) % 2][1]
+        return [pool.submit(decode, i, arr[i - start]) for i in range(start, min(n, start + bs))]
 
     errors: list[tuple[str, int, str, str]] = []
     keep: list[int] = []
@@ -344,30 +372,40 @@ def classify_shard(
     feat_parts: list[np.ndarray] = []
     t_decode = t_model = 0.0
     pending = submit(0)
-    for start in range(0, n, bs):
-        futs = pending
-        # Decode the next batch while the model runs this one (PIL/zlib release the GIL).
-        pending = submit(start + bs) if start + bs < n else []
-        td = time.perf_counter()
-        arrays, idx = [], []
-        for i, fut in zip(range(start, start + len(futs)), futs):
-            res = fut.result()
-            if isinstance(res, AuroraError):
-                errors.append((paths[i], int(frames[i]), type(res).__name__, str(res)))
-            else:
-                arrays.append(res)
-                idx.append(i)
-        tm = time.perf_counter()
-        t_decode += tm - td
-        if arrays:
-            p, f = predict_batch(
-                model, np.stack(arrays), input_size, device, settings.features, in_chans
-            )
-            probs_parts.append(p)
-            if f is not None:
-                feat_parts.append(f)
-            keep.extend(idx)
-        t_model += time.perf_counter() - tm
+    futs: list = []
+    try:
+        for start in range(0, n, bs):
+            futs = pending
+            # Decode the next batch (into the other buffer) while the model runs this one; PIL,
+            # zlib and numpy release the GIL.
+            pending = submit(start + bs) if start + bs < n else []
+            td = time.perf_counter()
+            ok: list[int] = []
+            for j, fut in enumerate(futs):
+                res = fut.result()
+                if res is None:
+                    ok.append(j)
+                else:
+                    i = start + j
+                    errors.append((paths[i], int(frames[i]), type(res).__name__, str(res)))
+            tm = time.perf_counter()
+            t_decode += tm - td
+            if ok:
+                tensor = bufs[(start // bs) % 2][0]
+                m = len(futs)
+                batch = tensor[:m] if len(ok) == m else tensor[ok]
+                p, f = predict_batch(model, batch, input_size, device, settings.features, in_chans)
+                probs_parts.append(p)
+                if f is not None:
+                    feat_parts.append(f)
+                keep.extend(start + j for j in ok)
+            t_model += time.perf_counter() - tm
+    finally:
+        # A shard that fails must not leave decodes running: they write into the buffers the
+        # retry of this shard (on this worker) will use.
+        for fut in [*futs, *pending]:
+            fut.cancel()
+        wait([*futs, *pending])
 
     probs = np.concatenate(probs_parts) if probs_parts else np.zeros((0, len(CLASSES)), "f4")
     k = np.asarray(keep, dtype=np.int64)
