@@ -191,9 +191,7 @@ def worker_model(settings: ShardSettings) -> tuple[Any, dict, Any, int]:
                 _, name = _worker_identity()
                 idx = int(name) if isinstance(name, int) or str(name).isdigit() else 0
                 device = f"cuda:{idx % torch.cuda.device_count()}"
-            if device == "cpu":
-                torch.set_num_threads(_torch_threads(settings))
-            else:
+            if device != "cpu":
                 torch.backends.cudnn.benchmark = True  # fixed batch shapes: pick kernels once
             model, meta = load_checkpoint(settings.checkpoint, map_location="cpu")
             if meta.get("model_id") != settings.model_id:
@@ -206,6 +204,11 @@ def worker_model(settings: ShardSettings) -> tuple[Any, dict, Any, int]:
             _MODELS.clear()  # one model per run: free the previous one before holding the next
             hit = _MODELS[key] = (model, meta, tdev)
             _MODEL_LOADS[key] += 1
+        if hit[2].type == "cpu":
+            # every shard: a later run on a long-lived cluster may ask for other threads
+            n = _torch_threads(settings)
+            if torch.get_num_threads() != n:
+                torch.set_num_threads(n)
         return (*hit, _MODEL_LOADS[key])
 
 
