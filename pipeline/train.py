@@ -181,13 +181,17 @@ def stratified_split(
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
 
 
-def lr_at(cfg: TrainConfig, epoch: int) -> float:
-    """Learning rate of epoch ``epoch`` (0-based): linear warm-up, then constant or cosine."""
-    if epoch < cfg.warmup_epochs:
-        return cfg.lr * (epoch + 1) / (cfg.warmup_epochs + 1)
+def lr_at(cfg: TrainConfig, epoch: float) -> float:
+    """Learning rate at (fractional) epoch ``epoch``: linear warm-up, then constant or cosine.
+
+    Called per optimiser step with ``epoch + step / steps_per_epoch``, so the warm-up ramps over
+    steps: from scratch, the first full-size steps are what blows a plain AlexNet up.
+    """
+    if cfg.warmup_epochs and epoch < cfg.warmup_epochs:
+        return cfg.lr * max(epoch, 1e-3) / cfg.warmup_epochs
     if cfg.lr_schedule == "cosine":
         span = max(1, cfg.epochs - cfg.warmup_epochs)
-        t = (epoch - cfg.warmup_epochs) / span
+        t = min(1.0, (epoch - cfg.warmup_epochs) / span)
         return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * t))
     return cfg.lr
 
@@ -361,6 +365,7 @@ def _train_one_epoch(
     aug_gen: torch.Generator,
     fill: float,
     amp: dict[str, Any] | None,
+    epoch: int,
     desc: str,
 ) -> dict[str, float]:
     from tqdm.auto import tqdm
@@ -371,7 +376,11 @@ def _train_one_epoch(
     loss_sum = 0.0
     t0 = time.perf_counter()
     bar = tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
-    for x, y in bar:
+    steps = max(1, len(loader))
+    for i, (x, y) in enumerate(bar):
+        lr = lr_at(cfg, epoch + (i + 1) / steps)
+        for g in opt.param_groups:
+            g["lr"] = lr
         x = augment_batch(x, cfg.augment, aug_gen, fill).to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
         with torch.autocast(device.type, **amp) if amp else _nullcontext():
@@ -395,6 +404,7 @@ def _train_one_epoch(
     bar.close()
     dt = time.perf_counter() - t0
     return {
+        "lr": opt.param_groups[0]["lr"],
         "train_loss": loss_sum / max(n, 1),
         "train_acc": correct / max(n, 1),
         "train_images_per_s": n / dt if dt > 0 else float("nan"),
@@ -559,10 +569,7 @@ def train(
     for epoch in range(st.epoch, cfg.epochs):
         if st.stopped:
             break
-        lr = lr_at(cfg, epoch)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        row: dict[str, float] = {"epoch": epoch + 1, "lr": lr}
+        row: dict[str, float] = {"epoch": epoch + 1}
         row.update(
             _train_one_epoch(
                 model,
@@ -574,6 +581,7 @@ def train(
                 aug_gen,
                 fill,
                 amp,
+                epoch,
                 desc=f"epoch {epoch + 1}/{cfg.epochs}",
             )
         )

@@ -117,9 +117,12 @@ def test_stratified_split_is_4_to_1_per_class_and_seeded():
 
 def test_lr_warmup_and_cosine():
     cfg = TrainConfig(variant="alexnet", lr=0.1, epochs=10, warmup_epochs=1, lr_schedule="cosine")
-    assert lr_at(cfg, 0) == pytest.approx(0.05)
-    assert lr_at(cfg, 1) == pytest.approx(0.1)
-    assert lr_at(cfg, 9) < 0.01
+    assert lr_at(cfg, 0.25) == pytest.approx(0.025)  # ramps over the steps of the first epoch
+    assert lr_at(cfg, 1.0) == pytest.approx(0.1)
+    assert lr_at(cfg, 5.5) == pytest.approx(0.05)
+    assert lr_at(cfg, 10.0) == pytest.approx(0.0, abs=1e-12)
+    flat = TrainConfig(variant="alexnet", lr=0.1)
+    assert lr_at(flat, 0.0) == lr_at(flat, 7.3) == 0.1
 
 
 def test_augment_off_is_identity_and_rotation_keeps_a_centred_disc():
