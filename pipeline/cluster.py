@@ -78,7 +78,7 @@ def run_windowed(
     from distributed import as_completed
 
     it = iter(tasks)
-    pending = as_completed()
+    pending = as_completed(loop=client.loop)
     weights: dict[Any, tuple[Hashable, int]] = {}
 
     def submit_next() -> bool:
