@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -372,8 +373,10 @@ def _train_one_epoch(
 
     model.train()
     layer = _lsoftmax_layer(model)
-    n = correct = 0
-    loss_sum = 0.0
+    n = 0
+    # Running sums stay on the device; the host reads them only for the progress bar.
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
     t0 = time.perf_counter()
     bar = tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
     steps = max(1, len(loader))
@@ -383,7 +386,7 @@ def _train_one_epoch(
             g["lr"] = lr
         x = augment_batch(x, cfg.augment, aug_gen, fill).to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
-        with torch.autocast(device.type, **amp) if amp else _nullcontext():
+        with torch.autocast(device.type, **amp) if amp else contextlib.nullcontext():
             logits = step_model(x, y) if layer is not None else step_model(x)
             loss = F.cross_entropy(logits.float(), y)
         opt.zero_grad(set_to_none=True)
@@ -393,30 +396,29 @@ def _train_one_epoch(
             layer.step()  # lambda decays per optimiser step (Liu et al.)
         b = y.shape[0]
         n += b
-        loss_sum += float(loss.detach()) * b
-        # The margin logits make the target look worse than it is; accuracy from plain argmax
+        loss_sum += loss.detach() * b
+        # The margin logits make the target look worse than it is; accuracy from the argmax
         # of the blended logits is still a fair running indicator of training progress.
-        correct += int((logits.detach().argmax(1) == y).sum())
-        post = {"loss": f"{loss_sum / n:.3f}", "acc": f"{correct / n:.3f}"}
-        if layer is not None:
-            post["lambda"] = f"{layer.lam:.1f}"
-        bar.set_postfix(post)
+        correct += (logits.detach().argmax(1) == y).sum()
+        if i % 5 == 0 or i == steps - 1:
+            post = {"loss": f"{float(loss_sum) / n:.3f}", "acc": f"{int(correct) / n:.3f}"}
+            if layer is not None:
+                post["lambda"] = f"{layer.lam:.1f}"
+            bar.set_postfix(post, refresh=False)
     bar.close()
     dt = time.perf_counter() - t0
+    train_loss = float(loss_sum) / max(n, 1)
+    if not math.isfinite(train_loss):
+        raise ConfigError(
+            f"training diverged in epoch {epoch + 1} (loss {train_loss}); lower lr "
+            f"(now {cfg.lr}) or add warmup_epochs in the training config"
+        )
     return {
         "lr": opt.param_groups[0]["lr"],
-        "train_loss": loss_sum / max(n, 1),
-        "train_acc": correct / max(n, 1),
+        "train_loss": train_loss,
+        "train_acc": int(correct) / max(n, 1),
         "train_images_per_s": n / dt if dt > 0 else float("nan"),
     }
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _validate(

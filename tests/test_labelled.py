@@ -140,3 +140,11 @@ def test_collate_gives_model_input(pattern_set):
     assert tuple(x.shape) == (3, 1, 64, 64) and x.dtype.is_floating_point
     assert y.tolist() == [int(ds.targets[i]) for i in (0, 5, 9)]
     assert 0 in ds._cache  # cached for the next epoch
+
+
+def test_station_of_a_set_its_own_then_the_fallback(tmp_path, pattern_set, tiny_station_path):
+    from pipeline.labelled import station_for_set
+
+    assert station_for_set(pattern_set, "yrs").raw_size == SIZE  # calib/station.yaml wins
+    assert station_for_set(tmp_path, None).raw_size == 512  # default: yrs
+    assert station_for_set(tmp_path, tiny_station_path).raw_size == 64  # --station as a path

@@ -254,3 +254,11 @@ def test_evaluate_cli_on_a_trained_checkpoint(tmp_path, mini_set):
     again = metrics_from_predictions(pred["label"], pred["predicted"])
     assert again["correct"] == m["correct"]
     assert (tmp_path / "ev" / "confusion.png").stat().st_size > 1000
+
+
+def test_divergence_is_a_clear_config_error(tmp_path, mini_set, capsys):
+    cfg = write_cfg(tmp_path / "c.yaml", variant="alexnet", lr=1e30, epochs=2)
+    with pytest.raises(SystemExit) as ex:
+        _train(cfg, mini_set, tmp_path / "o")
+    assert ex.value.code == 1
+    assert "training diverged" in capsys.readouterr().err
