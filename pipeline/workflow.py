@@ -184,10 +184,7 @@ def stage_argv(stage: StageSpec, scheduler: str | None = None) -> list[str]:
     """The command line a stage runs (without the program name)."""
     argv = stage.command.split() + list(stage.args)
     for key, value in stage.options.items():
-        if key.startswith("-"):
-            flag = key
-        else:
-            flag = ("-" if len(key) == 1 else "--") + key.replace("_", "-")
+        flag = key if key.startswith("-") else "--" + key.replace("_", "-")
         if value is True:
             argv.append(flag)
         elif value is False or value is None:

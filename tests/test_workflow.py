@@ -19,7 +19,7 @@ def fake_cli(monkeypatch, tmp_path):
         calls.append(argv)
         if (tmp_path / "fail").exists() and argv[1].endswith("b.txt"):
             raise RuntimeError("boom")
-        src, out = Path(argv[1]), Path(argv[argv.index("-o") + 1])
+        src, out = Path(argv[1]), Path(argv[argv.index("--out") + 1])
         out.write_text(src.read_text() + "+")
 
     monkeypatch.setattr(wfmod, "_call_cli", fake)
@@ -36,7 +36,7 @@ def _chain(tmp_path: Path, extra_vars: dict | None = None) -> Path:
                 "name": n,
                 "command": "scan",
                 "args": [f"${{d}}/{i}.txt"],
-                "options": {"o": f"${{d}}/{o}.txt"},
+                "options": {"out": f"${{d}}/{o}.txt"},
                 "inputs": [f"${{d}}/{i}.txt"],
                 "outputs": [f"${{d}}/{o}.txt"],
             }
@@ -107,7 +107,7 @@ def test_from_and_only_force_stages(tmp_path, fake_cli):
 def test_variables_and_overrides(tmp_path):
     wf = load_workflow(_chain(tmp_path), {"d": "/elsewhere"})
     assert wf.stages[0].args == ("/elsewhere/a.txt",)
-    assert stage_argv(wf.stages[0]) == ["scan", "/elsewhere/a.txt", "-o", "/elsewhere/b.txt"]
+    assert stage_argv(wf.stages[0]) == ["scan", "/elsewhere/a.txt", "--out", "/elsewhere/b.txt"]
 
 
 @pytest.mark.parametrize(
@@ -165,7 +165,7 @@ def test_scheduler_address_reaches_the_stages(tmp_path, monkeypatch):
         addr = argv[argv.index("--scheduler") + 1]
         with Client(addr) as c:
             seen.append(len(c.scheduler_info()["workers"]))
-        Path(argv[argv.index("-o") + 1]).write_text("x")
+        Path(argv[argv.index("--out") + 1]).write_text("x")
 
     monkeypatch.setattr(wfmod, "_call_cli", fake)
     p = tmp_path / "w.yaml"
@@ -179,7 +179,7 @@ def test_scheduler_address_reaches_the_stages(tmp_path, monkeypatch):
                         "name": "s",
                         "command": "scan",
                         "args": [str(tmp_path)],
-                        "options": {"o": str(tmp_path / "m.txt")},
+                        "options": {"out": str(tmp_path / "m.txt")},
                         "outputs": [str(tmp_path / "m.txt")],
                         "scheduler": True,
                     }
