@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# classify-archive on one GPU worker (issue 5, GPU acceptance): ~50k 512x512 16-bit frames,
-# one Dask worker holding the model on the GPU (resource GPU=1) with decoding threads on the
-# host's cores; reports frames/s and GPU utilisation sampled by nvidia-smi.
+# classify-archive on one GPU (issue 5, GPU acceptance): ~50k 512x512 16-bit frames,
+# WORKERS Dask worker processes sharing the GPU (resource GPU=1 each; decoding holds the GIL, so
+# processes decode in parallel) with DECODE threads each; reports frames/s and GPU utilisation.
 #
 #   bash benchmarks/gpu_classify.sh                 # 50,000 frames
 #   FRAMES=5000 bash benchmarks/gpu_classify.sh     # a smoke run
@@ -24,7 +24,8 @@ UNIQUE="${UNIQUE:-256}"
 BATCH="${BATCH:-256}"
 SHARD="${SHARD:-4096}"
 NCORES="$(nproc)"
-DECODE="${DECODE:-$(( NCORES > 1 ? NCORES - 1 : 1 ))}"
+WORKERS="${WORKERS:-$(( NCORES / 2 > 8 ? 8 : (NCORES / 2 > 0 ? NCORES / 2 : 1) ))}"  # processes sharing the GPU
+DECODE="${DECODE:-$(( NCORES / WORKERS > 0 ? NCORES / WORKERS : 1 ))}"
 DEVICE="${DEVICE:-cuda}"  # cpu: a dry run of this script's plumbing where no GPU is lent
 WORK="${WORK:-/tmp/aurora-gpu-bench}"
 OUT="${OUT:-$REPO/results/bench}"
@@ -69,7 +70,7 @@ echo "archive ready in $(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1
 # Warm the page cache the way a second pass over a real archive would be (the unique files).
 cat "$WORK"/base/*/*/*.png > /dev/null 2>&1 || true
 
-echo "== classify-archive: 1 $DEVICE worker, $DECODE decode threads, batch $BATCH, shard $SHARD"
+echo "== classify-archive: $WORKERS $DEVICE worker(s), $DECODE decode threads, batch $BATCH, shard $SHARD"
 PRED="$WORK/pred"
 rm -rf "$PRED"
 nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader,nounits \
@@ -78,7 +79,7 @@ SMI=$!
 trap 'kill $SMI 2>/dev/null || true' EXIT
 t0=$(date +%s.%N)
 "$PYTHON" -m pipeline classify-archive "$WORK/archive" --checkpoint "$WORK/ckpt" --out "$PRED" \
-  --device "$DEVICE" --workers 1 --decode-threads "$DECODE" --batch-size "$BATCH" \
+  --device "$DEVICE" --workers "$WORKERS" --decode-threads "$DECODE" --batch-size "$BATCH" \
   --shard-size "$SHARD" 2>&1 | tr '\r' '\n' | grep -v '^classify:' | tee "$OUT/gpu_classify.log"
 t1=$(date +%s.%N)
 kill $SMI 2>/dev/null || true
