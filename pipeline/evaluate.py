@@ -361,7 +361,7 @@ def _predictions_frame(
         }
     )
     for i, c in enumerate(classes):
-        out[f"p_{c}"] = probs[:, i].astype(np.float32) if len(probs) else np.float32()
+        out[f"p_{c}"] = probs[:, i].astype(np.float32)
     return out
 
 

@@ -572,6 +572,7 @@ def train(
         if st.stopped:
             break
         row: dict[str, float] = {"epoch": epoch + 1}
+        t_epoch = time.perf_counter()
         row.update(
             _train_one_epoch(
                 model,
@@ -589,6 +590,7 @@ def train(
         )
         val_loss, val = _validate(model, val_loader, dev, classes)
         row.update({"val_loss": val_loss, "val_acc": val["average_accuracy"]})
+        row["epoch_s"] = time.perf_counter() - t_epoch
         lam = _current_lambda(model)
         if lam is not None:
             row["lambda"] = lam
