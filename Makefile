@@ -22,12 +22,12 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check pipeline tests benchmarks workflows
-	$(VENV)/bin/ruff format --check pipeline tests benchmarks workflows
+	$(VENV)/bin/ruff check pipeline tests benchmarks workflows scripts
+	$(VENV)/bin/ruff format --check pipeline tests benchmarks workflows scripts
 
 format: $(STAMP)
-	$(VENV)/bin/ruff format pipeline tests benchmarks workflows
-	$(VENV)/bin/ruff check --fix pipeline tests benchmarks workflows
+	$(VENV)/bin/ruff format pipeline tests benchmarks workflows scripts
+	$(VENV)/bin/ruff check --fix pipeline tests benchmarks workflows scripts
 
 test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -39,7 +39,7 @@ bench: $(STAMP)
 	@set -e; for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b; done
 
 ablation: $(STAMP)
-	$(VENV)/bin/aurora-pipeline run workflows/ablation.yaml
+	$(PY) scripts/ablation.py
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache .ruff_cache

@@ -502,8 +502,14 @@ def retrieve(
 @click.option("--only", default=None)
 @click.option("--dry-run", is_flag=True)
 @click.option("--set", "overrides", multiple=True, help="Variable override, e.g. --set out=demo.")
-def run(workflow: Path, scheduler: str | None, from_stage: str | None, only: str | None,
-        dry_run: bool, overrides: tuple[str, ...]) -> None:
+def run(
+    workflow: Path,
+    scheduler: str | None,
+    from_stage: str | None,
+    only: str | None,
+    dry_run: bool,
+    overrides: tuple[str, ...],
+) -> None:
     """Run a workflow: its stages in order, skipping those that are up to date."""
     from pipeline.workflow import main_run
 

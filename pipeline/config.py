@@ -128,7 +128,8 @@ def _from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
         try:
             validate()
         except ValueError as exc:
-            raise ConfigError(f"{where}: {exc}") from None
+            sep = " " if where.endswith(":") else ": "
+            raise ConfigError(f"{where}{sep}{exc}") from None
     return obj
 
 
@@ -256,3 +257,29 @@ def station_path(name_or_path: str | os.PathLike) -> Path:
 def load_station(name_or_path: str | os.PathLike = "yrs") -> StationConfig:
     """Load a station config by name (``yrs``) or path."""
     return load_config(StationConfig, station_path(name_or_path))
+
+
+def resolve_station(
+    given: StationConfig | str | os.PathLike | None = None,
+    root: str | os.PathLike | None = None,
+    fallback: StationConfig | str | os.PathLike | dict[str, Any] | None = None,
+) -> StationConfig:
+    """The station a stage uses: ``given`` (config, name or YAML path), else ROOT/calib/station.yaml
+    (written by synth and preprocess beside their frames), else ``fallback``, else yrs."""
+    for candidate in (
+        given,
+        None if root is None else Path(root) / "calib" / "station.yaml",
+        fallback,
+    ):
+        if candidate is None:
+            continue
+        if isinstance(candidate, StationConfig):
+            return candidate
+        if isinstance(candidate, dict):
+            return from_dict(
+                StationConfig, candidate, "station (recorded with the checkpoint/index)"
+            )
+        if isinstance(candidate, Path) and candidate is not given and not candidate.is_file():
+            continue
+        return load_station(candidate)
+    return load_station("yrs")

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import Dataset
 
 from pipeline.classes import CLASSES
-from pipeline.config import StationConfig, load_station
+from pipeline.config import StationConfig, resolve_station
 from pipeline.errors import InputError
 
 #: Columns of the DataFrame returned by load_labelled.
@@ -88,12 +88,14 @@ def load_labelled(root: str | os.PathLike, classes: Sequence[str] = CLASSES) -> 
     return out
 
 
-def station_for_set(root: str | os.PathLike, fallback: str | os.PathLike | None) -> StationConfig:
-    """The station of a labelled set: ROOT/calib/station.yaml if present, else ``fallback`` (yrs)."""
-    own = Path(root) / "calib" / "station.yaml"
-    if own.is_file():
-        return load_station(own)
-    return load_station(fallback if fallback is not None else "yrs")
+def station_for_set(
+    root: str | os.PathLike,
+    station: str | os.PathLike | None,
+    fallback: str | os.PathLike | None = None,
+) -> StationConfig:
+    """The station of a labelled set: ``station`` if given, else ROOT/calib/station.yaml, else
+    ``fallback`` (the training config's), else yrs."""
+    return resolve_station(station, root, fallback)
 
 
 class FramePreprocessor:

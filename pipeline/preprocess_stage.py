@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from pipeline import __version__
-from pipeline.config import StationConfig, load_station, to_dict
+from pipeline.config import StationConfig, resolve_station, to_dict
 from pipeline.errors import ConfigError, FrameReadError, InputError
 from pipeline.preprocess import (
     Calibration,
@@ -142,12 +142,7 @@ def _resolve_station(
     station: StationConfig | str | os.PathLike | None, root: Path
 ) -> StationConfig:
     """The given station, else ROOT/calib/station.yaml (synthetic sets at other sizes), else yrs."""
-    if isinstance(station, StationConfig):
-        return station
-    if station is not None:
-        return load_station(station)
-    own = root / "calib" / "station.yaml"
-    return load_station(own if own.is_file() else "yrs")
+    return resolve_station(station, root)
 
 
 def _load_labelled(root: Path) -> pd.DataFrame:

@@ -30,7 +30,7 @@ import pandas as pd
 import pyarrow as pa
 
 from pipeline.classes import CLASSES
-from pipeline.config import StationConfig, from_dict, load_station, to_dict
+from pipeline.config import StationConfig, resolve_station, to_dict
 from pipeline.errors import (
     AuroraError,
     CheckpointError,
@@ -97,12 +97,6 @@ class ImageSet:
     source: str
 
 
-def _own_station(root: Path) -> StationConfig | None:
-    """ROOT/calib/station.yaml (written by synth for scaled sets), if present."""
-    own = root / "calib" / "station.yaml"
-    return load_station(own) if own.is_file() else None
-
-
 def _dark_dir(root: Path) -> Path | None:
     from pipeline.preprocess import find_dark_dir
 
@@ -163,20 +157,8 @@ def _image_files(root: Path, station: StationConfig) -> list[Path]:
 def _resolve_station(
     root: Path | None, station: str | os.PathLike | StationConfig | None, fallback: Any = None
 ) -> StationConfig:
-    """The set's own calib/station.yaml, else ``station``, else ``fallback`` (dict/config), else yrs."""
-    if root is not None:
-        own = _own_station(root)
-        if own is not None:
-            return own
-    if isinstance(station, StationConfig):
-        return station
-    if station is not None:
-        return load_station(station)
-    if isinstance(fallback, StationConfig):
-        return fallback
-    if isinstance(fallback, dict):
-        return from_dict(StationConfig, fallback, "station (from index.json / checkpoint)")
-    return load_station("yrs")
+    """``station`` if given, else the set's calib/station.yaml, else ``fallback`` (index.json), else yrs."""
+    return resolve_station(station, root, fallback)
 
 
 def open_image_set(

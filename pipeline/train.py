@@ -471,7 +471,7 @@ def train(
         raise InputError(
             f"{data}/labels.parquet: training needs at least two classes, got {present}"
         )
-    stn = station_for_set(data, station if station is not None else cfg.station)
+    stn = station_for_set(data, station, cfg.station)
     # Station: the set's own calib/station.yaml, else --station, else the config's, else yrs.
     ds = LabelledSet(df, stn, dark_dir=find_dark_dir(data), cache=cfg.cache_frames)
     train_idx, val_idx = stratified_split(df["label"].to_numpy(), cfg.val_fraction, cfg.seed)

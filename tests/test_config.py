@@ -62,3 +62,23 @@ def test_scaled_geometry():
     assert st.raw_size == 64 and st.crop_size == 55
     assert st.mask_radius == pytest.approx(27.5)
     assert st.optical_centre == pytest.approx((258 / 8, 254 / 8))
+
+
+def test_resolve_station_prefers_given_then_the_sets_own_then_fallback(tmp_path):
+    from pipeline.config import dump_yaml, resolve_station
+
+    assert resolve_station(None, tmp_path).code == "yrs"
+    (tmp_path / "calib").mkdir()
+    dump_yaml(load_station("yrs").scaled(64), tmp_path / "calib" / "station.yaml")
+    assert resolve_station(None, tmp_path).raw_size == 64
+    assert resolve_station("themis_gill", tmp_path).code == "gill"
+    assert resolve_station(None, tmp_path / "nowhere", "themis_gill").code == "gill"
+    recorded = {"name": "x", "code": "x", "lat": 1.0, "lon": 2.0}
+    assert resolve_station(None, None, recorded).code == "x"
+
+
+def test_validate_error_has_one_colon(tmp_path):
+    p = _write(tmp_path, "name: x\ncode: x\nlat: 1\nlon: 2\ncrop_size: 600\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(StationConfig, p)
+    assert "::" not in str(exc.value)

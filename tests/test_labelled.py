@@ -142,9 +142,13 @@ def test_collate_gives_model_input(pattern_set):
     assert 0 in ds._cache  # cached for the next epoch
 
 
-def test_station_of_a_set_its_own_then_the_fallback(tmp_path, pattern_set, tiny_station_path):
+def test_station_of_a_set_given_then_its_own_then_the_fallback(
+    tmp_path, pattern_set, tiny_station_path
+):
     from pipeline.labelled import station_for_set
 
-    assert station_for_set(pattern_set, "yrs").raw_size == SIZE  # calib/station.yaml wins
+    assert station_for_set(pattern_set, None, "yrs").raw_size == SIZE  # calib/station.yaml
+    assert station_for_set(pattern_set, "yrs").raw_size == 512  # an explicit --station wins
     assert station_for_set(tmp_path, None).raw_size == 512  # default: yrs
+    assert station_for_set(tmp_path, None, tiny_station_path).raw_size == 64  # config's station
     assert station_for_set(tmp_path, tiny_station_path).raw_size == 64  # --station as a path
