@@ -55,6 +55,7 @@ from pipeline.storage import (
     PREDICTIONS_SCHEMA,
     atomic_path,
     empty_frame,
+    exclusive_lock,
     write_table,
 )
 
@@ -577,40 +578,9 @@ def _wipe(out: Path) -> None:
 LOCK_FILE = ".classify.lock"
 
 
-@contextlib.contextmanager
-def _run_lock(out: Path) -> Iterator[None]:
+def _run_lock(out: Path) -> contextlib.AbstractContextManager[None]:
     """One driver per predictions folder: a second run would delete the first one's new shards."""
-    import socket
-
-    lock = out / LOCK_FILE
-    me = f"{socket.gethostname()} {os.getpid()}"
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            host, _, pid = lock.read_text().partition(" ")
-            alive = True
-            if host == socket.gethostname() and pid.strip().isdigit():
-                try:
-                    os.kill(int(pid), 0)
-                except ProcessLookupError:
-                    alive = False
-                except PermissionError:
-                    pass
-            if alive:
-                raise InputError(
-                    f"{out}: another classify-archive run ({host} pid {pid.strip()}) is writing "
-                    f"here; wait for it to finish, or delete {lock} if it is gone"
-                ) from None
-            lock.unlink(missing_ok=True)  # left by a run that died: take it over
-            continue
-        with os.fdopen(fd, "w") as fh:
-            fh.write(me)
-        break
-    try:
-        yield
-    finally:
-        lock.unlink(missing_ok=True)
+    return exclusive_lock(out / LOCK_FILE, f"{out}: another classify-archive run is writing here")
 
 
 class _ErrorBook:

@@ -10,7 +10,6 @@ OUT/errors.parquet and the run goes on. The resolved settings are written to OUT
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import itertools
 import json
@@ -18,7 +17,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +44,7 @@ from pipeline.storage import (
     ERRORS_SCHEMA,
     atomic_path,
     error_rows,
+    exclusive_lock,
     merge_errors,
     write_table,
 )
@@ -352,20 +352,9 @@ def _check_settings(out: Path, settings: dict[str, Any]) -> None:
     )
 
 
-@contextlib.contextmanager
-def _out_lock(out: Path) -> Iterator[None]:
+def _out_lock(out: Path) -> contextlib.AbstractContextManager[None]:
     """Hold OUT/.preprocess.lock: two runs writing one folder would delete each other's temp files."""
-    fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise InputError(
-                f"{out}: another preprocess run is writing this folder; wait for it to finish"
-            ) from None
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock; the empty file stays (no mtime churn)
+    return exclusive_lock(out / LOCK_NAME, f"{out}: another preprocess run is writing this folder")
 
 
 def _clean_partials(out: Path) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -74,6 +75,29 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold an exclusive, non-blocking lock on ``path`` for the block, or raise InputError.
+
+    flock locks vanish with the process that held them, so a crashed run never leaves a stale
+    lock. Nothing is written into the file: its mtime must not change, since workflows compare
+    the mtimes of the folders that hold it.
+    """
+    from pipeline.errors import InputError
+
+    lock = Path(path)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(f"{what} (lock {lock}); wait for it to finish") from None
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def write_table(df: pd.DataFrame, path: str | os.PathLike, schema: pa.Schema | None = None) -> Path:

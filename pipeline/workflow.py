@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import fcntl
 import hashlib
 import json
 import logging
@@ -19,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import from_dict, load_yaml
-from pipeline.errors import AuroraError, ConfigError, InputError
-from pipeline.storage import atomic_path
+from pipeline.errors import AuroraError, ConfigError
+from pipeline.storage import atomic_path, exclusive_lock
 
 log = logging.getLogger(__name__)
 
@@ -277,25 +276,9 @@ def write_state(path: Path, state: dict[str, Any]) -> None:
         tmp.write_text(json.dumps(state, indent=2, sort_keys=True))
 
 
-@contextlib.contextmanager
-def run_lock(path: Path) -> Iterator[None]:
+def run_lock(path: Path) -> contextlib.AbstractContextManager[None]:
     """An exclusive, non-blocking lock: two runs of one workflow never overlap."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fh = open(path, "a+")  # noqa: SIM115 - held for the whole run
-    try:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise InputError(
-                f"another run of this workflow holds the lock {path}; wait for it to finish"
-            ) from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"{os.getpid()}\n")
-        fh.flush()
-        yield
-    finally:
-        fh.close()
+    return exclusive_lock(path, "another run of this workflow holds the lock")
 
 
 # ---------------------------------------------------------------------------- running

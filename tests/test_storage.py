@@ -43,3 +43,16 @@ def test_write_table_casts_to_schema(tmp_path):
     )
     write_table(df, tmp_path / "e.parquet", ERRORS_SCHEMA)
     assert str(pd.read_parquet(tmp_path / "e.parquet")["frame"].dtype) == "int16"
+
+
+def test_exclusive_lock_refuses_a_second_holder_and_leaves_no_stale_lock(tmp_path):
+    from pipeline.errors import InputError
+    from pipeline.storage import exclusive_lock
+
+    lock = tmp_path / "x.lock"
+    with exclusive_lock(lock, "busy"):
+        with pytest.raises(InputError, match=r"busy \(lock .*x\.lock\)"):
+            with exclusive_lock(lock, "busy"):
+                pass
+    with exclusive_lock(lock, "busy"):  # released on exit: taken again
+        pass
