@@ -40,6 +40,11 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
+def _loc(where: str) -> str:
+    """``file.yaml:`` or ``file.yaml: key.sub:``: where a message points, ending in one colon."""
+    return where if where.endswith(":") else where + ":"
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
@@ -53,7 +58,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin is Literal:
         if value not in args:
             allowed = ", ".join(repr(a) for a in args)
-            raise ConfigError(f"{where}: {value!r} is not allowed; allowed values: {allowed}")
+            raise ConfigError(f"{_loc(where)} {value!r} is not allowed; allowed values: {allowed}")
         return value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
@@ -66,17 +71,17 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, a, where)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+        raise ConfigError(errors[0] if errors else f"{_loc(where)} invalid value {value!r}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{_loc(where)} expected a mapping, got {value!r}")
         return _from_dict(tp, value, where)
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{_loc(where)} expected a list, got {value!r}")
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(value) != len(args):
-                raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
+                raise ConfigError(f"{_loc(where)} expected {len(args)} values, got {len(value)}")
             items = [_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
         else:
             item_tp = args[0] if args else Any
@@ -84,26 +89,26 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return tuple(items) if origin is tuple else items
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{_loc(where)} expected a mapping, got {value!r}")
         return dict(value)
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+            raise ConfigError(f"{_loc(where)} expected true or false, got {value!r}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
+            raise ConfigError(f"{_loc(where)} expected a number, got {value!r}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected a whole number, got {value!r}")
+            raise ConfigError(f"{_loc(where)} expected a whole number, got {value!r}")
         return value
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
+            raise ConfigError(f"{_loc(where)} expected a string, got {value!r}")
         return value
     if isinstance(tp, type) and not isinstance(value, tp):
-        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        raise ConfigError(f"{_loc(where)} expected {_type_name(tp)}, got {value!r}")
     return value
 
 
@@ -113,7 +118,7 @@ def _from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(
-            f"{where}: unknown key {unknown[0]!r}; allowed keys: {', '.join(sorted(fields))}"
+            f"{_loc(where)} unknown key {unknown[0]!r}; allowed keys: {', '.join(sorted(fields))}"
         )
     kwargs = {}
     for name, f in fields.items():
@@ -128,8 +133,7 @@ def _from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
         try:
             validate()
         except ValueError as exc:
-            sep = " " if where.endswith(":") else ": "
-            raise ConfigError(f"{where}{sep}{exc}") from None
+            raise ConfigError(f"{_loc(where)} {exc}") from None
     return obj
 
 

@@ -77,8 +77,9 @@ def test_resolve_station_prefers_given_then_the_sets_own_then_fallback(tmp_path)
     assert resolve_station(None, None, recorded).code == "x"
 
 
-def test_validate_error_has_one_colon(tmp_path):
-    p = _write(tmp_path, "name: x\ncode: x\nlat: 1\nlon: 2\ncrop_size: 600\n")
+@pytest.mark.parametrize("extra", ["crop_size: 600", "alt: 3"])
+def test_top_level_errors_have_one_colon(tmp_path, extra):
+    p = _write(tmp_path, f"name: x\ncode: x\nlat: 1\nlon: 2\n{extra}\n")
     with pytest.raises(ConfigError) as exc:
         load_config(StationConfig, p)
-    assert "::" not in str(exc.value)
+    assert f"{p}: " in str(exc.value) and "::" not in str(exc.value)
