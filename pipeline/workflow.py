@@ -396,6 +396,8 @@ def run_workflow(
         report_path = Path(wf.report.path or f"results/{wf.name}/report.html")
         write_report(wf, state, report_path)
         echo(f"report: {report_path}")
+    if "out" in wf.vars:
+        echo(f"outputs: {Path(str(wf.vars['out'])).resolve()}")
     return outcome
 
 

@@ -86,6 +86,12 @@ def test_failed_stage_stops_and_rerun_resumes_there(tmp_path, fake_cli):
     assert _ran(run_workflow(wf, echo=lambda s: None)) == ["second", "third"]
 
 
+def test_run_says_where_the_outputs_are(tmp_path, fake_cli):
+    lines: list[str] = []
+    run_workflow(_chain(tmp_path), echo=lines.append)
+    assert lines[-1] == f"outputs: {tmp_path.resolve()}"
+
+
 def test_dry_run_runs_nothing_and_says_why(tmp_path, fake_cli):
     wf = _chain(tmp_path)
     lines: list[str] = []
