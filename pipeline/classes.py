@@ -16,6 +16,15 @@ CLASS_LONG_NAMES: dict[str, str] = {
 #: Numeric codes of the expert label files (Alllabel2003_38044.txt): 1 = arc ... 4 = hotspot.
 LABEL_CODES: dict[int, str] = {i + 1: c for i, c in enumerate(CLASSES)}
 
+#: One colour per class for every figure (colour-blind safe Okabe-Ito, close to the paper's
+#: Fig. 6 boxes: red arc, green drapery, yellow radial, blue hotspot).
+CLASS_COLOURS: dict[str, str] = {
+    "arc": "#D55E00",
+    "drapery": "#009E73",
+    "radial": "#E69F00",
+    "hotspot": "#0072B2",
+}
+
 #: Probability columns of the predictions table.
 PROB_COLUMNS: tuple[str, ...] = tuple(f"p_{c}" for c in CLASSES)
 

@@ -156,15 +156,9 @@ def _worker_identity() -> tuple[str | None, Any]:
 
 def resolve_device(device: str) -> str:
     """``auto`` becomes ``cuda`` where CUDA is visible, else ``cpu``; a missing GPU is an error."""
-    import torch
+    from pipeline.devices import resolve_device as resolve
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("--device cuda: no CUDA device is visible here; use --device cpu or auto")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise InputError(f"--device {device!r}: use auto, cpu or cuda")
-    return device
+    return str(resolve(device))
 
 
 def _torch_threads(settings: ShardSettings) -> int:
@@ -258,7 +252,8 @@ def _calibration(settings: ShardSettings, time_utc: pd.Timestamp) -> Any:
     ):
         p = dark_for_time(Path(settings.dark_dir), time_utc)
         dark_path = str(p) if p is not None else None
-    key = (dark_path, settings.station.code, settings.preprocessed)
+    # The whole (frozen) station: a long-lived worker may serve runs with other geometries.
+    key = (dark_path, settings.station, settings.preprocessed)
     with _CALIB_LOCK:
         calib = _CALIBS.get(key)
         if calib is None:
@@ -529,14 +524,25 @@ def shard_files(out: str | os.PathLike) -> dict[int, Path]:
     return dict(sorted(found.items()))
 
 
+def done_shard_files(out: str | os.PathLike) -> list[Path]:
+    """The shard files ``_run.json`` vouches for, in shard order (a crashed run's strays are not).
+
+    A folder of shard files without ``_run.json`` (made elsewhere) counts all of them.
+    """
+    run = read_run(out)
+    files = shard_files(out)
+    if run is None:
+        return list(files.values())
+    done = {int(k) for k in run.get("shards", {})}
+    return [p for s, p in files.items() if s in done]
+
+
 def read_predictions(out: str | os.PathLike, columns: Sequence[str] | None = None) -> pd.DataFrame:
     """All predictions of a folder (the union of its done shards), in shard order."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    run = read_run(out) or {}
-    done = {int(k) for k in run.get("shards", {})}
-    files = [p for s, p in shard_files(out).items() if s in done]
+    files = done_shard_files(out)
     cols = list(columns) if columns else None
     if not files:
         df = empty_frame(PREDICTIONS_SCHEMA)

@@ -15,11 +15,6 @@ PathArg = click.Path(path_type=Path)
 ExistingPath = click.Path(exists=True, path_type=Path)
 
 
-def _not_implemented(issue: str) -> None:
-    click.echo(f"not implemented yet (see {issue})", err=True)
-    sys.exit(2)
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="aurora-pipeline")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")

@@ -216,13 +216,9 @@ def confusion_figure(
 
 def resolve_device(device: str) -> Any:
     """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is a clear error."""
-    import torch
+    from pipeline.devices import resolve_device as resolve
 
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda: no CUDA device is available here; use --device cpu")
-    return torch.device(device)
+    return resolve(device)
 
 
 def device_name(device: Any) -> str:

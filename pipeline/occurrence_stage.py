@@ -117,7 +117,9 @@ def read_predictions(source: str | os.PathLike, station: StationConfig):
     """PRED as a frames table: dask DataFrame for a predictions directory, pandas otherwise."""
     p = Path(source)
     if p.is_dir():
-        files = sorted(p.glob("shard-*.parquet")) or sorted(p.glob("*.parquet"))
+        from pipeline.classify import done_shard_files
+
+        files = done_shard_files(p)
         if not files:
             raise InputError(
                 f"{p}: no shard-*.parquet files; give a classify-archive predictions directory"

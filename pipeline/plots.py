@@ -15,17 +15,10 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MultipleLocator
 
-from pipeline.classes import CLASSES
+from pipeline.classes import CLASS_COLOURS, CLASSES
 from pipeline.config import CONFIG_DIR, load_config
 from pipeline.storage import atomic_path
 
-#: One colour per class, in CLASSES order (colour-blind safe, Okabe-Ito).
-CLASS_COLOURS: dict[str, str] = {
-    "arc": "#D55E00",
-    "drapery": "#009E73",
-    "radial": "#E69F00",
-    "hotspot": "#0072B2",
-}
 LOW_COUNT_COLOUR = "#c8c8c8"
 #: Journal single-column width in inches.
 COLUMN_WIDTH_IN = 3.5

@@ -31,10 +31,10 @@ def default_chunk_size(dim: int) -> int:
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``"auto"``/None -> CUDA when present, else CPU; otherwise ``torch.device(device)``."""
-    if device is None or (isinstance(device, str) and device == "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    """``"auto"``/None -> CUDA when present, else CPU; an absent CUDA device is an InputError."""
+    from pipeline.devices import resolve_device as resolve
+
+    return resolve(device)
 
 
 def _as_float32(block: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:

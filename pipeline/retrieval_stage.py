@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from pipeline.classes import CLASSES
+from pipeline.classes import CLASS_COLOURS, CLASSES
 from pipeline.config import StationConfig, resolve_station, to_dict
 from pipeline.errors import (
     AuroraError,
@@ -74,13 +74,6 @@ NEIGHBOURS_SCHEMA = pa.schema(
     ]
 )
 
-#: Box colours of the paper's Fig. 6: red arc, green drapery, yellow radial, blue hotspot.
-CLASS_COLOURS: dict[str, str] = {
-    "arc": "#d62728",
-    "drapery": "#2ca02c",
-    "radial": "#f2c200",
-    "hotspot": "#1f77b4",
-}
 
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
 

@@ -324,7 +324,11 @@ def _workflow_scheduler(wf: Workflow, scheduler: str | None, needed: bool) -> It
     from pipeline.cluster import dask_client
 
     workers = wf.vars.get("workers")
-    with dask_client(workers=int(workers) if workers else None) as client:
+    try:
+        n = int(workers) if workers not in (None, "") else None
+    except (TypeError, ValueError):
+        raise ConfigError(f"variable workers: expected a whole number, got {workers!r}") from None
+    with dask_client(workers=n) as client:
         yield client.scheduler.address
 
 

@@ -198,3 +198,14 @@ def test_table_with_stored_mlt_and_no_times_is_binned_on_its_mlt(tmp_path):
     assert tab.loc[0, "n_arc"] == 1 and tab.loc[1, "n_radial"] == 1
     with pytest.raises(InputError, match="time_utc"):
         run_occurrence(src, tmp_path / "out2", by="winter")
+
+
+def test_a_crashed_runs_stray_shard_is_not_counted(tmp_path, pred_dir, capsys):
+    """Only the shards _run.json lists as done are predictions (DESIGN.md section 3)."""
+    import json
+
+    d, df = pred_dir
+    (d / "_run.json").write_text(json.dumps({"shards": {"0": 100, "1": 100, "2": 100}}))
+    write_table(df.iloc[:50], d / "shard-000003.parquet", PREDICTIONS_SCHEMA)  # not done
+    main(["occurrence", str(d), "--bins", "0.5h", "--out", str(tmp_path / "occ")])
+    assert "binned 300 frames" in capsys.readouterr().out

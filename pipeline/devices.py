@@ -1,0 +1,29 @@
+"""Which torch device a stage runs on: the one place that turns ``--device`` into a device."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pipeline.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``auto``/None -> CUDA where visible, else CPU; a CUDA device that is absent is an InputError."""
+    import torch
+
+    if device is None or (isinstance(device, str) and device == "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise InputError(f"--device {device!r}: use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(
+            f"--device {device}: no CUDA device is visible here; use --device cpu or auto"
+        )
+    if dev.type not in ("cpu", "cuda"):
+        raise InputError(f"--device {device!r}: use auto, cpu, cuda or cuda:N")
+    return dev
