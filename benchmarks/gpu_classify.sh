@@ -70,6 +70,40 @@ echo "archive ready in $(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1
 # Warm the page cache the way a second pass over a real archive would be (the unique files).
 cat "$WORK"/base/*/*/*.png > /dev/null 2>&1 || true
 
+echo "== host decode scaling (the one-worker H200 run was decode-bound: threads or a CPU quota?)"
+cat /sys/fs/cgroup/cpu.max 2>/dev/null || true
+"$PYTHON" - "$WORK" "$OUT" <<'EOF'
+import glob
+import json
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+
+from pipeline.config import load_station
+from pipeline.imageio import read_frame
+from pipeline.preprocess import calibration_from_station, preprocess
+
+files = sorted(glob.glob(f"{sys.argv[1]}/base/**/N*.png", recursive=True))[:256]
+CAL = calibration_from_station(load_station("yrs"))
+
+
+def work(p):
+    return preprocess(read_frame(p), CAL).shape
+
+
+res = {}
+for kind, ex, n in [("threads", ThreadPoolExecutor, 1), ("threads", ThreadPoolExecutor, 4),
+                    ("threads", ThreadPoolExecutor, 15), ("processes", ProcessPoolExecutor, 15)]:
+    with ex(n) as pool:
+        list(pool.map(work, files[:32]))
+        t = time.perf_counter()
+        list(pool.map(work, files * 2, chunksize=4))
+        res[f"{kind}_{n}"] = round(2 * len(files) / (time.perf_counter() - t), 1)
+print("decode+preprocess frames/s:", res)
+with open(f"{sys.argv[2]}/gpu_decode_scaling.json", "w") as fh:
+    json.dump(res, fh, indent=2)
+EOF
+
 echo "== classify-archive: $WORKERS $DEVICE worker(s), $DECODE decode threads, batch $BATCH, shard $SHARD"
 PRED="$WORK/pred"
 rm -rf "$PRED"

@@ -681,10 +681,11 @@ class ClassifySummary:
 def _default_workers(device: str) -> tuple[int, dict[str, float] | None]:
     """Several worker processes per GPU (each declaring resource GPU=1), else cores / 2.
 
-    PNG decoding holds the GIL for much of its time: on one H200 one worker with 15 decode
-    threads reached 386 frames/s with the GPU idle (results/bench/gpu_classify.json). Worker
-    processes decode in parallel, so a GPU gets one worker per two host cores (at most 8), each
-    holding its own copy of the model (AlexNet: ~0.25 GB of the GPU's memory).
+    On one H200 a single worker with 15 decode threads reached 386 frames/s with the GPU idle
+    (results/bench/gpu_classify.json): one process did not decode fast enough. Several worker
+    processes decode independently of each other's interpreter, so a GPU gets one worker per two
+    host cores (at most 8), each holding its own copy of the model (AlexNet: ~0.25 GB of GPU
+    memory). Not yet measured on a GPU; benchmarks/gpu_classify.sh also probes decode scaling.
     """
     from pipeline.cluster import default_workers
 
