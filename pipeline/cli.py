@@ -522,7 +522,10 @@ def main(args: list[str] | None = None) -> None:
         exc.show()
         sys.exit(exc.exit_code)
     except AuroraError as exc:
-        click.echo(f"error: {exc}", err=True)
+        msg = str(exc).strip()
+        if "Traceback" in msg:  # re-raised from a worker process: its last line is the error
+            msg = msg.splitlines()[-1].split("Error: ", 1)[-1]
+        click.echo(f"error: {msg}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)

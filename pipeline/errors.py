@@ -14,7 +14,13 @@ class ConfigError(AuroraError):
 class FrameReadError(AuroraError):
     """A frame file cannot be read or decoded."""
 
-    def __init__(self, path: object, reason: str) -> None:
+    def __init__(self, path: object, reason: str | None = None) -> None:
+        if reason is None:
+            # Rebuilt from a message alone (torch's DataLoader re-raises worker errors as
+            # type(exc)(text)): keep the last line, "<path>: <reason>".
+            last = str(path).strip().splitlines()[-1] if str(path).strip() else ""
+            last = last.split("Error: ", 1)[-1]
+            path, _, reason = last.partition(": ")
         self.path = str(path)
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")

@@ -384,7 +384,9 @@ def _train_one_epoch(
         lr = lr_at(cfg, epoch + (i + 1) / steps)
         for g in opt.param_groups:
             g["lr"] = lr
-        x = augment_batch(x, cfg.augment, aug_gen, fill).to(device, non_blocking=True)
+        # Augment on the training device: on a GPU the rotation resampling would bind the step
+        # to the CPU. The random draws stay on the CPU generator (deterministic).
+        x = augment_batch(x.to(device, non_blocking=True), cfg.augment, aug_gen, fill)
         y = y.to(device, non_blocking=True)
         with torch.autocast(device.type, **amp) if amp else contextlib.nullcontext():
             logits = step_model(x, y) if layer is not None else step_model(x)

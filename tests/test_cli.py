@@ -42,3 +42,23 @@ def test_scan_unknown_station_is_one_line_exit_1(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "unknown station" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "m.parquet").exists()
+
+
+def test_error_reraised_from_a_worker_process_is_one_line(tmp_path, capsys):
+    """torch's DataLoader re-raises a worker's FrameReadError as FrameReadError(traceback text)."""
+    import torch.utils.data
+
+    from pipeline.errors import FrameReadError
+
+    class Bad(torch.utils.data.Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            raise FrameReadError(tmp_path / "x.png", "truncated PNG")
+
+    loader = torch.utils.data.DataLoader(Bad(), num_workers=1)
+    with pytest.raises(FrameReadError) as exc:
+        next(iter(loader))
+    assert exc.value.path == str(tmp_path / "x.png")
+    assert exc.value.reason == "truncated PNG"
