@@ -113,7 +113,8 @@ class FramePreprocessor:
         """The Calibration for a frame taken at ``time`` (dark frame: latest one dated <= time)."""
         dark_path = None
         use_dark = self.station.preprocess.dark_subtract
-        if use_dark and self.dark_dir is not None and time is not None and not pd.isna(time):
+        if use_dark and self.dark_dir is not None:
+            # The same rule as the preprocess and classify stages (no time: the earliest dark).
             dark_path = self._pp.dark_for_time(self.dark_dir, time)
         key = None if dark_path is None else str(dark_path)
         if key not in self._calibs:
