@@ -29,6 +29,7 @@ stopped, and the union of the shards holds every frame once. Read the prediction
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -702,6 +703,20 @@ def _iso(ts: pd.Timestamp) -> str:
     return pd.Timestamp(ts).isoformat()
 
 
+def _one_driver_per_folder(fn: Any) -> Any:
+    """Run ``fn(source, checkpoint, out, ...)`` holding the lock of the predictions folder."""
+
+    @functools.wraps(fn)
+    def locked(source: Any, checkpoint: Any, out: Any, **kwargs: Any) -> Any:
+        out = Path(out).resolve()
+        out.mkdir(parents=True, exist_ok=True)
+        with _run_lock(out):
+            return fn(source, checkpoint, out, **kwargs)
+
+    return locked
+
+
+@_one_driver_per_folder
 def classify_archive(
     source: str | os.PathLike,
     checkpoint: str | os.PathLike,
@@ -725,54 +740,6 @@ def classify_archive(
     client: Any = None,
 ) -> ClassifySummary:
     """Classify every frame of an archive or manifest into ``out`` (resumable, see module doc)."""
-    out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    with _run_lock(out):
-        return _classify(
-            source,
-            checkpoint,
-            out,
-            station=station,
-            workers=workers,
-            threads_per_worker=threads_per_worker,
-            decode_threads=decode_threads,
-            scheduler=scheduler,
-            dark_dir=dark_dir,
-            shard_size=shard_size,
-            batch_size=batch_size,
-            device=device,
-            preprocessed=preprocessed,
-            since=since,
-            features=features,
-            overwrite=overwrite,
-            window=window,
-            retries=retries,
-            client=client,
-        )
-
-
-def _classify(
-    source: str | os.PathLike,
-    checkpoint: str | os.PathLike,
-    out: str | os.PathLike,
-    *,
-    station: str | os.PathLike | StationConfig = "yrs",
-    workers: int | None = None,
-    threads_per_worker: int | None = None,
-    decode_threads: int | None = None,
-    scheduler: str | None = None,
-    dark_dir: str | os.PathLike | None = None,
-    shard_size: int = 512,
-    batch_size: int = 64,
-    device: str = "auto",
-    preprocessed: bool = False,
-    since: str | pd.Timestamp | None = None,
-    features: bool = False,
-    overwrite: bool = False,
-    window: int | None = None,
-    retries: int = 2,
-    client: Any = None,
-) -> ClassifySummary:
     from pipeline.archive import load_manifest
     from pipeline.checkpoint import read_meta
 
