@@ -28,7 +28,14 @@ from tqdm import tqdm
 from pipeline.config import StationConfig
 from pipeline.errors import ConfigError, FrameReadError, InputError
 from pipeline.imageio import PGM_SUFFIXES, pgm_times
-from pipeline.storage import ERRORS_SCHEMA, MANIFEST_SCHEMA, atomic_path, empty_frame, write_table
+from pipeline.storage import (
+    ERRORS_SCHEMA,
+    MANIFEST_SCHEMA,
+    atomic_path,
+    empty_frame,
+    read_errors,
+    write_table,
+)
 
 log = logging.getLogger(__name__)
 
@@ -593,7 +600,7 @@ class ScanResult:
 
 def _update_errors(path: Path, new: pd.DataFrame) -> bool:
     """Replace the scan rows of an errors table with ``new``; other stages' rows stay. Written?"""
-    old = pd.read_parquet(path) if path.exists() else empty_frame(ERRORS_SCHEMA)
+    old = read_errors(path)
     if "stage" in old.columns:
         old = old[old["stage"] != "scan"]
     if not len(new) and not len(old):

@@ -59,6 +59,7 @@ from pipeline.storage import (
     exclusive_lock,
     write_table,
 )
+from pipeline.storage import read_errors as storage_read_errors
 
 log = logging.getLogger(__name__)
 
@@ -555,7 +556,7 @@ def read_predictions(out: str | os.PathLike, columns: Sequence[str] | None = Non
 def read_errors(out: str | os.PathLike) -> pd.DataFrame:
     """The errors table of a predictions folder (empty when there is none)."""
     p = Path(out) / ERRORS_FILE
-    return pd.read_parquet(p) if p.exists() else empty_frame(ERRORS_SCHEMA)
+    return storage_read_errors(p)
 
 
 def _clean_stale(out: Path, done: set[int]) -> None:

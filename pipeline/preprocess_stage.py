@@ -46,6 +46,7 @@ from pipeline.storage import (
     error_rows,
     exclusive_lock,
     merge_errors,
+    read_errors,
     write_table,
 )
 
@@ -460,7 +461,7 @@ def run_preprocess(
         outs = [out_dir / _out_relpath(r, f, fmt) for r, f in zip(rels, frames)]
 
         errors_path = out_dir / ERRORS_NAME
-        old_errors = pd.read_parquet(errors_path) if errors_path.is_file() else None
+        old_errors = read_errors(errors_path) if errors_path.is_file() else None
         errors_mtime = _mtime_ns(str(errors_path)) if old_errors is not None else None
         known: set[tuple[str, int]] = set()
         if old_errors is not None and len(old_errors):

@@ -60,6 +60,10 @@ assert len(PROB_COLUMNS) == len(CLASSES)
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
     final = Path(path)
+    if final.is_dir():
+        from pipeline.errors import InputError
+
+        raise InputError(f"{final}: is a folder; give the name of a file to write")
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent)
     os.close(fd)
@@ -135,14 +139,28 @@ def error_rows(
     )
 
 
+def read_errors(path: str | os.PathLike) -> pd.DataFrame:
+    """An errors table (empty when the file is absent); an unreadable one is an InputError."""
+    from pipeline.errors import InputError
+
+    p = Path(path)
+    if not p.exists():
+        return empty_frame(ERRORS_SCHEMA)
+    try:
+        df = pd.read_parquet(p)
+    except Exception as exc:  # noqa: BLE001 - any decode failure is a damaged file
+        raise InputError(f"{p}: unreadable errors table ({exc}); move it away and rerun") from None
+    if "frame" not in df.columns:
+        df["frame"] = 0
+    return df
+
+
 def merge_errors(
     path: str | os.PathLike, new: pd.DataFrame, stage: str | None = None
 ) -> pd.DataFrame:
     """Merge new error rows into errors.parquet (one row per path, frame and stage; newest wins)."""
     p = Path(path)
-    old = pd.read_parquet(p) if p.exists() else empty_frame(ERRORS_SCHEMA)
-    if "frame" not in old.columns:
-        old["frame"] = 0
+    old = read_errors(p)
     both = pd.concat([old, new], ignore_index=True) if len(new) else old
     both = both.drop_duplicates(subset=["path", "frame", "stage"], keep="last")
     write_table(both, p, ERRORS_SCHEMA)

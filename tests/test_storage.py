@@ -56,3 +56,23 @@ def test_exclusive_lock_refuses_a_second_holder_and_leaves_no_stale_lock(tmp_pat
                 pass
     with exclusive_lock(lock, "busy"):  # released on exit: taken again
         pass
+
+
+def test_damaged_errors_table_is_a_clear_error(tmp_path):
+    from pipeline.errors import InputError
+    from pipeline.storage import read_errors
+
+    assert read_errors(tmp_path / "absent.parquet").empty
+    bad = tmp_path / "errors.parquet"
+    bad.write_text("not parquet")
+    with pytest.raises(InputError, match=r"errors\.parquet: unreadable errors table"):
+        merge_errors(bad, error_rows([("a.png", 0)], "scan", ValueError("x")))
+
+
+def test_writing_onto_a_folder_is_a_clear_error(tmp_path):
+    from pipeline.errors import InputError
+
+    (tmp_path / "out").mkdir()
+    with pytest.raises(InputError, match="is a folder; give the name of a file"):
+        with atomic_path(tmp_path / "out"):
+            pass
