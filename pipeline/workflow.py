@@ -221,12 +221,14 @@ def _mtime_newest(path: Path) -> float | None:
     return newest
 
 
-def _mtime_oldest_output(path: Path) -> float | None:
+def _output_time(path: Path) -> float | None:
+    """When an output was written: a file's mtime; a folder counts as its newest file's (stages
+    that write folders also rewrite a summary file in them on every run)."""
     if not path.exists():
         return None
     if path.is_file():
         return path.stat().st_mtime
-    return _mtime_newest(path)  # a folder output is as fresh as its newest file
+    return _mtime_newest(path)
 
 
 def why_run(stage: StageSpec, state: dict[str, Any]) -> str | None:
@@ -238,7 +240,7 @@ def why_run(stage: StageSpec, state: dict[str, Any]) -> str | None:
         return "arguments changed"
     out_times = []
     for o in stage.outputs:
-        t = _mtime_oldest_output(Path(o))
+        t = _output_time(Path(o))
         if t is None:
             return f"output {o} is missing"
         out_times.append(t)
