@@ -15,6 +15,12 @@ PathArg = click.Path(path_type=Path)
 ExistingPath = click.Path(exists=True, path_type=Path)
 
 
+#: The torch device of a stage (pipeline.devices.resolve_device turns it into one).
+device_option = click.option(
+    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
+)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="aurora-pipeline")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
@@ -194,9 +200,7 @@ def preprocess(
 @click.option(
     "--init-weights", type=ExistingPath, default=None, help="Local torchvision ImageNet weights."
 )
-@click.option(
-    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
-)
+@device_option
 @click.option(
     "--station",
     default=None,
@@ -238,9 +242,7 @@ def train(
 @click.option("--checkpoint", type=ExistingPath, required=True)
 @click.option("--data", type=ExistingPath, required=True)
 @click.option("--out", type=PathArg, required=True)
-@click.option(
-    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
-)
+@device_option
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
 @click.option(
     "--station",
@@ -289,9 +291,7 @@ def evaluate(
 @click.option("--dark-dir", type=ExistingPath, default=None)
 @click.option("--shard-size", type=click.IntRange(1), default=512, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
-@click.option(
-    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
-)
+@device_option
 @click.option("--preprocessed", is_flag=True, help="Frames are already preprocessed (440x440).")
 @click.option("--since", default=None, help="Only frames after this UTC date/time (nightly runs).")
 @click.option("--features", is_flag=True, help="Also write FC7 features per shard (float16).")
@@ -387,9 +387,7 @@ def occurrence(
 )
 @click.option("--dark-dir", type=ExistingPath, default=None, help="Dark frames chosen by date.")
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
-@click.option(
-    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
-)
+@device_option
 def index(
     image_set: Path,
     checkpoint: Path,
@@ -438,9 +436,7 @@ def index(
     help="Distance between FC7 vectors (the paper: euclidean).",
 )
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
-@click.option(
-    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
-)
+@device_option
 def retrieve(
     index_dir: Path,
     query: tuple[Path, ...],
