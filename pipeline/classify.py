@@ -184,10 +184,10 @@ def worker_model(settings: ShardSettings) -> tuple[Any, dict, Any, int]:
         if hit is None:
             device = resolve_device(settings.device)
             if device == "cuda" and torch.cuda.device_count() > 1:
-                # LocalCluster names its workers 0..n-1: one GPU each.
+                from pipeline.cluster import worker_gpu_index
+
                 _, name = _worker_identity()
-                idx = int(name) if isinstance(name, int) or str(name).isdigit() else 0
-                device = f"cuda:{idx % torch.cuda.device_count()}"
+                device = f"cuda:{worker_gpu_index(name, torch.cuda.device_count())}"
             if device != "cpu":
                 torch.backends.cudnn.benchmark = True  # fixed batch shapes: pick kernels once
             model, meta = load_checkpoint(settings.checkpoint, map_location="cpu")
@@ -224,18 +224,18 @@ def _decode_pool(n: int) -> ThreadPoolExecutor:
 def _batch_buffers(bs: int, crop: int, cuda: bool) -> list[tuple[Any, np.ndarray]]:
     """Two reusable batch buffers (torch tensor, numpy view) per worker: decode threads write
     frames straight into them (no serial np.stack), one filling while the other is classified.
-    On GPU workers they are pinned float16 (fast, asynchronous host-to-device copies, half the
-    bytes; the model runs in bf16 anyway); on CPU float32, bit-compatible with a plain loop."""
+    float32, as preprocess() returns: a float16 buffer would halve the host-to-device bytes but
+    costs the decode threads a 0.38 ms cast per 440x440 frame (numpy 2.4, no F16C), 8% of their
+    work, while the copy is not the bottleneck. Pinned on GPU workers (asynchronous copies)."""
     import torch
 
     # Per thread: a worker with several Dask threads may run shards side by side.
     key = (threading.get_ident(), bs, crop, cuda)
     bufs = _BUFFERS.get(key)
     if bufs is None:
-        dtype = torch.float16 if cuda else torch.float32
         bufs = []
         for _ in range(2):
-            t = torch.empty((bs, crop, crop), dtype=dtype, pin_memory=cuda)
+            t = torch.empty((bs, crop, crop), dtype=torch.float32, pin_memory=cuda)
             bufs.append((t, t.numpy()))
         _BUFFERS[key] = bufs
     return bufs
@@ -684,19 +684,16 @@ def _default_workers(device: str) -> tuple[int, dict[str, float] | None]:
     """Several worker processes per GPU (each declaring resource GPU=1), else cores / 2.
 
     On one H200 a single worker with 15 decode threads reached 386 frames/s with the GPU idle
-    (results/bench/gpu_classify.json): one process did not decode fast enough. Several worker
-    processes decode independently of each other's interpreter, so a GPU gets one worker per two
-    host cores (at most 8), each holding its own copy of the model (AlexNet: ~0.25 GB of GPU
-    memory). Not yet measured on a GPU; benchmarks/gpu_classify.sh also probes decode scaling.
+    (results/bench/gpu_classify.json): one process did not decode fast enough. See
+    ``cluster.workers_per_gpu``; benchmarks/gpu_classify.sh measures both layouts side by side.
     """
-    from pipeline.cluster import default_workers
+    from pipeline.cluster import default_workers, workers_per_gpu
 
     if device.startswith("cuda"):
         import torch
 
         n_gpu = max(1, torch.cuda.device_count())
-        per_gpu = max(1, min(8, _host_cores() // (2 * n_gpu)))
-        return n_gpu * per_gpu, {"GPU": 1}
+        return n_gpu * workers_per_gpu(_host_cores(), n_gpu), {"GPU": 1}
     return default_workers(), None
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from typing import Any
@@ -17,6 +18,31 @@ log = logging.getLogger(__name__)
 def default_workers() -> int:
     """One worker process per two cores (at least one): decoding and numpy share the cores."""
     return max(1, (os.cpu_count() or 2) // 2)
+
+
+#: Most worker processes one GPU is shared by (each holds a CUDA context and a model copy).
+MAX_WORKERS_PER_GPU = 8
+
+
+def workers_per_gpu(host_cores: int, gpus: int) -> int:
+    """Worker processes per GPU: one per two host cores, 1..MAX_WORKERS_PER_GPU.
+
+    Frame decoding runs on the host and holds the GIL for part of every frame (Pillow's chunk
+    loop, numpy dispatch): threads of one process stop scaling long before 16 cores, while
+    processes decode independently. A GPU therefore gets several workers, each with two cores.
+    """
+    return max(1, min(MAX_WORKERS_PER_GPU, host_cores // (2 * max(1, gpus))))
+
+
+def worker_gpu_index(name: object, gpus: int) -> int:
+    """The GPU (0..gpus-1) a worker process uses: the number its name ends with, modulo ``gpus``.
+
+    LocalCluster names workers 0..n-1, ``dask worker --nworkers k`` (dask-jobqueue, the
+    Kubernetes operator) appends -0..-(k-1) and SLURMRunner uses the MPI rank, so the workers
+    of one host spread over its GPUs; a name without a number uses GPU 0.
+    """
+    m = re.search(r"(\d+)$", str(name))
+    return int(m.group(1)) % max(1, gpus) if m else 0
 
 
 @contextlib.contextmanager

@@ -415,3 +415,22 @@ def test_preprocessed_frames_pass_through(archive, station, ckpt, cluster, tmp_p
         np.testing.assert_allclose(
             pred.loc[r.path, list(PROB_COLUMNS)].to_numpy(float), p, atol=1e-5
         )
+
+
+@pytest.mark.gpu
+def test_cuda_workers_agree_with_the_plain_cpu_loop(archive, station, ckpt, tmp_path):
+    """The GPU path (pinned float32 buffers, resize on the GPU, bf16 autocast, several worker
+    processes sharing the device) gives the CPU loop's classes and probabilities to bf16 precision."""
+    out = tmp_path / "pred"
+    summary = classify_archive(
+        archive, ckpt, out, station=station, workers=2, shard_size=6, batch_size=4, device="cuda"
+    )
+    pred = _assert_exactly_once(out, archive, station)
+    assert summary.frames_classified == N_GOOD and set(summary.model_loads.values()) == {1}
+    got = pred.merge(_reference(archive, station, ckpt), on=["path", "frame"], suffixes=("", "_r"))
+    assert len(got) == N_GOOD
+    probs = got[list(PROB_COLUMNS)].to_numpy()
+    ref = got[[f"{c}_r" for c in PROB_COLUMNS]].to_numpy()
+    np.testing.assert_allclose(probs, ref, atol=0.02)  # bf16 keeps ~3 significant digits
+    clear = np.sort(ref, axis=1)[:, -1] - np.sort(ref, axis=1)[:, -2] > 0.04
+    assert (probs.argmax(1) == ref.argmax(1))[clear].all()

@@ -32,7 +32,16 @@ def test_slurm_job_script_renders_with_gpu_workers():
     assert "#SBATCH --gres=gpu:2" in script
     assert "--resources GPU=1" in script
     assert "--lifetime 110m" in script
-    assert "--nworkers 2" in script
+    assert "--nworkers 4" in script  # 8 cores, 2 GPUs: two processes per GPU
+
+
+def test_slurm_cpu_jobs_get_one_process_per_two_cores():
+    pytest.importorskip("dask_jobqueue")
+    launch = _load("workflows/slurm/launch.py")
+    kwargs = launch.cluster_kwargs(queue="cpu", gpus_per_job=0, cores=16)
+    assert kwargs["processes"] == 8
+    assert "GPU=1" not in kwargs["worker_extra_args"]
+    assert kwargs["job_extra_directives"] == []
 
 
 def test_slurm_launcher_prints_job_script(capsys):
@@ -49,7 +58,9 @@ def test_kubernetes_spec_declares_gpus(capsys):
     assert worker["replicas"] == 3
     container = worker["spec"]["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
-    assert "GPU=1" in container["args"]
+    args = container["args"]
+    assert args[args.index("--resources") + 1] == "GPU=1"
+    assert args[args.index("--nworkers") + 1] == "4"  # 8 cores, 1 GPU: two cores per process
     assert worker["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] == "yrs"
     assert launch.main(["w.yaml", "--image", "img:1", "--print-spec"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["kind"] == "DaskCluster"

@@ -23,14 +23,22 @@ def cluster_spec(
     memory: str = "32Gi",
     archive_pvc: str = "aurora-data",
 ) -> dict[str, Any]:
-    """A DaskCluster custom resource: GPU workers declaring the Dask resource GPU=1, data at /data."""
+    """A DaskCluster custom resource: GPU worker pods, data at /data.
+
+    Each pod runs several worker processes per GPU (pipeline.cluster.workers_per_gpu: one per
+    two cores; one process cannot decode fast enough for a GPU), each declaring resource GPU=1.
+    """
+    from pipeline.cluster import workers_per_gpu
+
     volume = {"name": "data", "persistentVolumeClaim": {"claimName": archive_pvc}}
     mount = {"name": "data", "mountPath": "/data"}
     limits: dict[str, Any] = {"cpu": cpu, "memory": memory}
     worker_args = ["dask-worker", "--name", "$(DASK_WORKER_NAME)", "--dashboard-address", "8788"]
     if gpus_per_worker:
         limits["nvidia.com/gpu"] = str(gpus_per_worker)
-        worker_args += ["--resources", f"GPU={gpus_per_worker}"]
+        cores = max(1, int(cpu[:-1]) // 1000 if cpu.endswith("m") else int(float(cpu)))
+        procs = gpus_per_worker * workers_per_gpu(cores, gpus_per_worker)
+        worker_args += ["--nworkers", str(procs), "--resources", "GPU=1"]
     return {
         "apiVersion": "kubernetes.dask.org/v1",
         "kind": "DaskCluster",

@@ -1,13 +1,15 @@
 #!/bin/bash
 # Batch mode: one allocation holds the scheduler (rank 0), the client (rank 1) and the GPU
 # workers (the other ranks). Edit the partition, account, node/GPU counts and the venv path.
+# Four worker processes per GPU with two cores each: one process alone cannot decode frames fast
+# enough to keep a GPU busy; each worker picks GPU (rank mod GPUs on the node).
 #SBATCH --job-name=aurora-nightly
 #SBATCH --partition=gpu
 #SBATCH --account=CHANGE_ME
 #SBATCH --nodes=2
-#SBATCH --ntasks-per-node=4
+#SBATCH --ntasks-per-node=16
 #SBATCH --gres=gpu:4
-#SBATCH --cpus-per-task=4
+#SBATCH --cpus-per-task=2
 #SBATCH --time=02:00:00
 #SBATCH --output=aurora-%j.log
 set -euo pipefail

@@ -29,8 +29,17 @@ def cluster_kwargs(
     local_directory: str = "$TMPDIR",
     python: str | None = None,
 ) -> dict[str, Any]:
-    """SLURMCluster arguments: one worker process per GPU, each declaring the Dask resource GPU=1."""
-    workers_per_job = max(1, gpus_per_job)
+    """SLURMCluster arguments: several worker processes per GPU, each declaring resource GPU=1.
+
+    One process cannot decode frames fast enough for a GPU (the GIL): each GPU gets one worker
+    per two of the job's cores, as a local run does (pipeline.cluster.workers_per_gpu).
+    """
+    from pipeline.cluster import workers_per_gpu
+
+    if gpus_per_job:
+        workers_per_job = gpus_per_job * workers_per_gpu(cores, gpus_per_job)
+    else:
+        workers_per_job = max(1, cores // 2)
     extra = ["--resources", "GPU=1"] if gpus_per_job else []
     # --lifetime lets a worker retire gracefully before the SLURM wall time kills it, so no
     # shard is cut off mid-write; the adaptive cluster then submits a fresh job.

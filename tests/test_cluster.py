@@ -1,0 +1,41 @@
+"""Worker layout rules of pipeline/cluster.py: processes per GPU and which GPU a worker uses."""
+
+from collections import Counter
+
+import pytest
+
+from pipeline.cluster import MAX_WORKERS_PER_GPU, worker_gpu_index, workers_per_gpu
+
+
+@pytest.mark.parametrize(
+    ("cores", "gpus", "expected"),
+    [(16, 1, 8), (64, 1, MAX_WORKERS_PER_GPU), (16, 4, 2), (8, 4, 1), (2, 1, 1), (1, 2, 1)],
+)
+def test_workers_per_gpu_gives_each_worker_two_cores(cores, gpus, expected):
+    assert workers_per_gpu(cores, gpus) == expected
+
+
+@pytest.mark.parametrize(
+    ("name", "gpus", "expected"),
+    [
+        (0, 2, 0),  # LocalCluster names workers 0..n-1
+        (5, 2, 1),
+        ("3", 4, 3),
+        ("SLURMCluster-12-3", 2, 1),  # dask worker --nworkers k appends -0..-(k-1)
+        ("aurora-worker-7f9c-1", 4, 1),
+        ("gpu-node", 4, 0),
+        (None, 4, 0),
+        (7, 1, 0),
+    ],
+)
+def test_worker_gpu_index_from_name(name, gpus, expected):
+    assert worker_gpu_index(name, gpus) == expected
+
+
+def test_workers_of_one_host_spread_evenly_over_its_gpus():
+    gpus = 4
+    n = gpus * workers_per_gpu(32, gpus)
+    names = [f"SLURMCluster-0-{i}" for i in range(n)]
+    use = Counter(worker_gpu_index(nm, gpus) for nm in names)
+    assert sorted(use) == list(range(gpus))
+    assert set(use.values()) == {n // gpus}
