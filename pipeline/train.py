@@ -233,10 +233,9 @@ def augment_batch(
 
 def model_input_fill(input_size: int) -> float:
     """The model-input value of a black (masked) pixel, for padding after augmentation."""
-    from pipeline.models import to_model_input
+    from pipeline.models.build import INPUT_BLACK
 
-    z = to_model_input(np.zeros((1, input_size, input_size), np.float32), input_size)
-    return float(z.flatten()[0])
+    return INPUT_BLACK
 
 
 # --------------------------------------------------------------------------- model

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from pipeline.models import build_model, to_model_input
 from pipeline.models.stn import IDENTITY_THETA, SpatialTransformer, affine_grid
 
 
@@ -20,6 +22,23 @@ def test_identity_at_init_returns_input(chans, h, w):
     assert torch.allclose(out, x, atol=1e-4)
     theta = stn.theta(x)
     assert torch.allclose(theta, torch.tensor(IDENTITY_THETA).view(1, 2, 3).expand(2, 2, 3))
+
+
+def test_zoom_out_and_shift_bring_in_black_sky_not_grey():
+    """Areas from outside the frame take the model-input value of a black pixel (the mask)."""
+    model = build_model("stn-alexnet", input_size=64)
+    black = to_model_input(np.zeros((1, 64, 64), np.float32), 64)
+    assert model.stn.fill == pytest.approx(float(black.flatten()[0]))
+    with torch.no_grad():
+        model.stn.regress.bias.copy_(torch.tensor([2.0, 0.0, 0.5, 0.0, 2.0, 0.0]))  # zoom out, shift
+    frame = torch.full((1, 1, 64, 64), 0.7)
+    x = to_model_input(frame, 64)
+    with torch.no_grad():
+        out = model.stn(x)
+    border = out[0, 0, :, :4]  # far left: outside the source frame after the zoom-out
+    assert torch.allclose(border, black[0, 0, 0, 0].expand_as(border), atol=1e-5)
+    inside = out[0, 0, 32, 32]
+    assert inside == pytest.approx(float(x[0, 0, 0, 0]), abs=1e-5)
 
 
 def test_localisation_runs_on_downsampled_copy():

@@ -186,7 +186,17 @@ def test_train_learns_better_than_chance_through_cli(tmp_path):
     assert history[-1]["train_loss"] < history[0]["train_loss"]
 
 
-def test_resume_continues_and_seed_makes_it_deterministic(tmp_path, mini_set):
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: multi-threaded BLAS may pick its thread count by the machine's load
+    (float rounding then differs between runs), which bit-for-bit comparisons cannot allow."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_resume_continues_and_seed_makes_it_deterministic(tmp_path, mini_set, one_thread):
     """1 epoch + --resume to 2 epochs == 2 epochs straight, bit for bit (RNG state included)."""
     one = write_cfg(tmp_path / "one.yaml", epochs=1)
     two = write_cfg(tmp_path / "two.yaml", epochs=2)

@@ -43,6 +43,8 @@ MIN_INPUT_SIZE = 64
 #: and keeps values O(1); being fixed (not data statistics) it needs no fitting and never drifts.
 INPUT_MEAN = 0.5
 INPUT_STD = 0.25
+#: The model-input value of a black (masked) pixel: padding for the STN and augmentation.
+INPUT_BLACK = (0.0 - INPUT_MEAN) / INPUT_STD
 
 
 def model_input_params(input_size: int) -> dict[str, Any]:
@@ -183,7 +185,7 @@ def build_model(
         )
     else:
         head = nn.Linear(backbone.feature_dim, num_classes)
-    stn = SpatialTransformer(in_chans, loc_size=stn_loc_size) if with_stn else None
+    stn = SpatialTransformer(in_chans, loc_size=stn_loc_size, fill=INPUT_BLACK) if with_stn else None
     model = AuroraNet(variant, backbone, head, stn)
     model.build_kwargs = {
         "num_classes": int(num_classes),

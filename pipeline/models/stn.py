@@ -21,12 +21,17 @@ IDENTITY_THETA = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 class SpatialTransformer(nn.Module):
     """STN: x (B, C, H, W) -> x warped by a learned affine transform, same shape."""
 
-    def __init__(self, in_chans: int = 1, loc_size: int = 64, hidden: int = 64) -> None:
+    def __init__(
+        self, in_chans: int = 1, loc_size: int = 64, hidden: int = 64, fill: float = 0.0
+    ) -> None:
         super().__init__()
         if loc_size < 32:
             raise ValueError(f"STN loc_size must be >= 32 px, got {loc_size}")
         self.in_chans = int(in_chans)
         self.loc_size = int(loc_size)
+        # The input value of a black sky pixel: what a shift or zoom-out brings in from outside
+        # the frame. Zero padding would be mid-grey after normalisation, a border no frame has.
+        self.fill = float(fill)
         self.localization = nn.Sequential(
             nn.Conv2d(in_chans, 8, kernel_size=7, stride=2),
             nn.ReLU(inplace=True),
@@ -55,7 +60,12 @@ class SpatialTransformer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Warp ``x`` by its predicted affine transform at full resolution."""
         grid = affine_grid(self.theta(x), x.shape[-2], x.shape[-1]).to(x.dtype)
-        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        if not self.fill:
+            return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        out = F.grid_sample(
+            x - self.fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False
+        )
+        return out + self.fill
 
 
 def _base_grid(h: int, w: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
