@@ -30,7 +30,9 @@ def test_zoom_out_and_shift_bring_in_black_sky_not_grey():
     black = to_model_input(np.zeros((1, 64, 64), np.float32), 64)
     assert model.stn.fill == pytest.approx(float(black.flatten()[0]))
     with torch.no_grad():
-        model.stn.regress.bias.copy_(torch.tensor([2.0, 0.0, 0.5, 0.0, 2.0, 0.0]))  # zoom out, shift
+        model.stn.regress.bias.copy_(
+            torch.tensor([2.0, 0.0, 0.5, 0.0, 2.0, 0.0])
+        )  # zoom out, shift
     frame = torch.full((1, 1, 64, 64), 0.7)
     x = to_model_input(frame, 64)
     with torch.no_grad():

@@ -185,7 +185,9 @@ def build_model(
         )
     else:
         head = nn.Linear(backbone.feature_dim, num_classes)
-    stn = SpatialTransformer(in_chans, loc_size=stn_loc_size, fill=INPUT_BLACK) if with_stn else None
+    stn = (
+        SpatialTransformer(in_chans, loc_size=stn_loc_size, fill=INPUT_BLACK) if with_stn else None
+    )
     model = AuroraNet(variant, backbone, head, stn)
     model.build_kwargs = {
         "num_classes": int(num_classes),

@@ -61,7 +61,9 @@ class SpatialTransformer(nn.Module):
         """Warp ``x`` by its predicted affine transform at full resolution."""
         grid = affine_grid(self.theta(x), x.shape[-2], x.shape[-1]).to(x.dtype)
         if not self.fill:
-            return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+            return F.grid_sample(
+                x, grid, mode="bilinear", padding_mode="zeros", align_corners=False
+            )
         out = F.grid_sample(
             x - self.fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False
         )
