@@ -230,6 +230,12 @@ class StationConfig:
             )
         if self.bit_depth not in (8, 16):
             raise ValueError(f"bit_depth must be 8 or 16, got {self.bit_depth}")
+        top = 2**self.bit_depth - 1
+        if self.preprocess.stretch_high > top:
+            raise ValueError(
+                f"preprocess.stretch_high ({self.preprocess.stretch_high:g}) is above the "
+                f"{self.bit_depth}-bit maximum {top}: set the stretch in this camera's counts"
+            )
 
     def scaled(self, size: int) -> StationConfig:
         """The same camera rendered at ``size`` pixels square (tests and quick demos)."""

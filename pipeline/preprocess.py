@@ -44,6 +44,8 @@ class Calibration:
     on pixel (crop_size // 2, crop_size // 2) of the output. ``rotate_deg`` rotates
     counter-clockwise (None: no rotation). ``raw_size`` is the station's raw frame size: other
     frame sizes, except the already-preprocessed crop_size square, are refused (None: any size).
+    ``bit_depth`` is the camera's: raw frames of another depth are refused, since the stretch
+    limits are counts of that depth (None: any depth).
     """
 
     dark: np.ndarray | None = field(default=None, repr=False)
@@ -57,6 +59,7 @@ class Calibration:
     rotate_deg: float | None = None
     dtype: OutputDtype = "float32"
     raw_size: int | None = None
+    bit_depth: int | None = None
     #: corner pixels beyond this radius (raw pixels) estimate the bias; None: 0.55 * frame size.
     bias_radius: float | None = None
 
@@ -123,6 +126,7 @@ def calibration_from_station(
         rotate_deg=p.rotate_deg if p.rotate else None,
         dtype=dtype,
         raw_size=station.raw_size,
+        bit_depth=station.bit_depth,
     )
 
 
@@ -242,6 +246,8 @@ def preprocess_batch(stack: np.ndarray, calib: Calibration, *, source: str = "st
             f"frame is {h}x{w}; the station expects raw {calib.raw_size}x{calib.raw_size} "
             f"or preprocessed {crop}x{crop} frames (check --station)",
         )
+    if calib.bit_depth is not None:
+        _check_depth(stack, calib, source)
     dark = calib.dark
     if dark is not None and dark.shape != (h, w):
         raise FrameGeometryError(
@@ -260,6 +266,25 @@ def preprocess_batch(stack: np.ndarray, calib: Calibration, *, source: str = "st
     if calib.mask:
         x *= geo.mask
     return _to_dtype(x, calib.dtype)
+
+
+def _check_depth(stack: np.ndarray, calib: Calibration, source: str) -> None:
+    """Refuse raw frames of another bit depth than the camera's (its stretch is in its counts)."""
+    if calib.bit_depth == 16 and stack.dtype == np.uint8:
+        raise FrameGeometryError(
+            source,
+            f"frame is 8-bit, but the station's camera is 16-bit (stretch "
+            f"{calib.stretch_low:g}-{calib.stretch_high:g} counts would leave it near black); "
+            "use the 16-bit originals, or a station YAML with bit_depth: 8 and an 8-bit stretch",
+        )
+    if calib.bit_depth == 8 and stack.dtype != np.uint8 and stack.size:
+        top = float(stack.max())
+        if top > 255:
+            raise FrameGeometryError(
+                source,
+                f"frame holds values up to {top:g}, but the station's camera is 8-bit "
+                "(check --station, or set bit_depth: 16 with a 16-bit stretch)",
+            )
 
 
 def _bias(stack: np.ndarray, geo: _Geometry) -> np.ndarray:

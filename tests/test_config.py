@@ -53,6 +53,8 @@ def test_wrong_type_and_missing_key(tmp_path):
 def test_validate_hook_and_bad_yaml(tmp_path):
     with pytest.raises(ConfigError, match="crop_size .* must not exceed raw_size"):
         from_dict(StationConfig, {"name": "x", "code": "x", "lat": 1, "lon": 2, "crop_size": 600})
+    with pytest.raises(ConfigError, match="stretch_high .4000. is above the 8-bit maximum 255"):
+        from_dict(StationConfig, {"name": "x", "code": "x", "lat": 1, "lon": 2, "bit_depth": 8})
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(StationConfig, _write(tmp_path, "name: [unclosed\n"))
 

@@ -222,6 +222,27 @@ def test_wrong_geometry_raises_frame_geometry_error():
         preprocess_batch(np.zeros((512, 512), np.uint16), calib)
 
 
+def test_raw_frames_of_another_bit_depth_are_refused_not_blackened():
+    """The stretch is in the camera's counts: an 8-bit frame through a 16-bit stretch (0-4000)
+    would come out near black, so it is refused with the fix; an 8-bit camera works."""
+    frame8 = np.zeros((512, 512), np.uint8)
+    frame8[200:300, 200:300] = 250
+    with pytest.raises(FrameGeometryError, match="8-bit.*16-bit.*bit_depth: 8"):
+        preprocess(frame8, calibration_from_station(YRS), source="quicklook.png")
+    cam8 = dataclasses.replace(
+        YRS,
+        bit_depth=8,
+        preprocess=dataclasses.replace(YRS.preprocess, stretch_high=255.0, dark_subtract=False),
+    )
+    out = preprocess(frame8, calibration_from_station(cam8))
+    assert out.max() == pytest.approx(1.0, abs=0.02)  # bright, not 250/4000
+    with pytest.raises(FrameGeometryError, match="values up to 3000"):
+        preprocess(np.full((512, 512), 3000, np.uint16), calibration_from_station(cam8))
+    # A 16-bit container of 8-bit values is accepted; Calibration() alone checks no depth.
+    preprocess(frame8.astype(np.uint16), calibration_from_station(cam8))
+    preprocess(frame8, Calibration(centre=YRS.optical_centre))
+
+
 def test_already_preprocessed_frame_passes_through(caplog):
     rng = np.random.default_rng(0)
     img = rng.integers(0, 256, (440, 440), dtype=np.uint8)
