@@ -329,7 +329,11 @@ def classify_archive(source: Path, checkpoint: Path, out: Path, **kwargs: object
     help="Default: the station's method.",
 )
 @click.option("--by", type=click.Choice(["year", "winter", "day"]), default=None)
-@click.option("--ci", is_flag=True, help="Wilson 95% intervals per ratio.")
+@click.option(
+    "--ci",
+    is_flag=True,
+    help="95% intervals per ratio (Wilson, with the frames of one UT day as one cluster).",
+)
 @click.option("--correct", type=ExistingPath, default=None, help="confusion.parquet of evaluate.")
 @click.option("--min-frames", type=click.IntRange(0), default=0, show_default=True)
 @click.option(

@@ -23,6 +23,11 @@ from pipeline.mlt import NS_PER_DAY, NS_PER_HOUR, to_utc_ns, ut_to_mlt
 GROUPINGS = ("year", "winter", "day")
 #: Two-sided 95% normal quantile for the Wilson score interval.
 Z95 = 1.959963984540054
+#: What each ``ci_method`` of an occurrence table means (figure legends, NetCDF attributes).
+CI_DESCRIPTIONS = {
+    "wilson-days": "Wilson 95% interval, days as clusters (Kish effective n)",
+    "wilson-frames": "Wilson 95% interval, frames as independent",
+}
 #: Pseudo bin indices of the long count table: frames outside the MLT range, frames without MLT.
 DROPPED_BIN = -1
 MISSING_BIN = -2
@@ -159,9 +164,19 @@ def label_codes(labels) -> np.ndarray:
 
 
 def _partition_counts(
-    pdf: pd.DataFrame, spec: BinSpec, by: str | None, mlt_col: str, label_col: str, time_col: str
+    pdf: pd.DataFrame,
+    spec: BinSpec,
+    by: str | None,
+    mlt_col: str,
+    label_col: str,
+    time_col: str,
+    by_day: bool = False,
 ) -> pd.DataFrame:
-    """Long counts (group, bin, cls, n) of one partition; run as is on pandas, per partition on dask."""
+    """Long counts (group, bin, cls, n) of one partition; run as is on pandas, per partition on dask.
+
+    ``by_day`` adds a ``day`` column (UT days since 1970; -1 without a time): the clusters of the
+    day-level intervals.
+    """
     k = len(CLASSES)
     b = bin_index(pdf[mlt_col].to_numpy(dtype=float, na_value=np.nan), spec)
     c = label_codes(pdf[label_col])
@@ -173,6 +188,35 @@ def _partition_counts(
         gkeys, ginv = np.unique(group_keys(pdf[time_col], by), return_inverse=True)
     nb = spec.nbins + 2  # + the two pseudo bins
     key = (ginv * nb + (b - MISSING_BIN)) * k + c
+    if by_day:
+        ns = to_utc_ns(pdf[time_col])
+        missing = ns == np.iinfo(np.int64).min
+        day = ns // NS_PER_DAY
+        d0 = int(day[~missing].min()) - 1 if (~missing).any() else -1
+        day[missing] = d0  # one slot below the first day; reported as day -1
+        span = int(day.max()) - d0 + 1 if len(day) else 1
+        full = key * span + (day - d0)
+        if len(gkeys) * nb * k * span <= 1 << 25:
+            # a dense count is one pass (an archive's days are few thousand)
+            n = np.bincount(full, minlength=len(gkeys) * nb * k * span)
+            ukeys = np.flatnonzero(n)
+            n = n[ukeys]
+        else:  # sparse: sort
+            ukeys, n = np.unique(full, return_counts=True)
+        key, d = np.divmod(ukeys, span)
+        dkeys = np.arange(span, dtype=np.int64) + d0
+        dkeys[0] = -1
+        g, rem = np.divmod(key, nb * k)
+        bb, cc = np.divmod(rem, k)
+        return pd.DataFrame(
+            {
+                "group": gkeys[g].astype(np.int64),
+                "bin": (bb + MISSING_BIN).astype(np.int64),
+                "cls": cc.astype(np.int64),
+                "n": n.astype(np.int64),
+                "day": dkeys[d].astype(np.int64),
+            }
+        )
     n = np.bincount(key, minlength=len(gkeys) * nb * k)
     nz = np.flatnonzero(n)
     g, rem = np.divmod(nz, nb * k)
@@ -198,23 +242,30 @@ def count_bins(
     mlt_col: str = "mlt",
     label_col: str = "label",
     time_col: str = "time_utc",
+    by_day: bool = False,
 ) -> pd.DataFrame:
-    """Frames per (group, bin, class) of a pandas or dask DataFrame, as a small long table."""
-    need = [mlt_col, label_col] + ([time_col] if by else [])
+    """Frames per (group, bin, class) of a pandas or dask DataFrame, as a small long table.
+
+    ``by_day``: also per UT day (a ``day`` column), which ``occurrence_from_counts`` needs for
+    intervals that treat the frames of one day as one cluster.
+    """
+    need = [mlt_col, label_col] + ([time_col] if by or by_day else [])
     missing = [c for c in need if c not in df.columns]
     if missing:
         raise InputError(
             f"the frames table lacks column(s) {', '.join(missing)}; it has {', '.join(df.columns)}"
         )
-    args = (spec, by, mlt_col, label_col, time_col)
+    args = (spec, by, mlt_col, label_col, time_col, by_day)
+    columns = [*COUNT_COLUMNS, "day"] if by_day else list(COUNT_COLUMNS)
+    keys = ["group", "bin", "cls", "day"] if by_day else ["group", "bin", "cls"]
     if _is_dask(df):
-        meta = pd.DataFrame({c: pd.Series(dtype="int64") for c in COUNT_COLUMNS})
-        # Each partition shrinks to <= groups x bins x classes rows; only those travel back.
+        meta = pd.DataFrame({c: pd.Series(dtype="int64") for c in columns})
+        # Each partition shrinks to <= groups x bins x classes (x days) rows; only those travel.
         parts = df[need].map_partitions(_partition_counts, *args, meta=meta).compute()
     else:
         parts = _partition_counts(df[need], *args)
-    out = parts.groupby(["group", "bin", "cls"], as_index=False, sort=True)["n"].sum()
-    return out.astype("int64")
+    out = parts.groupby(keys, as_index=False, sort=True)["n"].sum()
+    return out[columns].astype("int64")
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -232,6 +283,42 @@ def wilson_interval(k, n, z: float = Z95) -> tuple[np.ndarray, np.ndarray]:
     low = np.where(n > 0, np.clip(centre - half, 0.0, 1.0), np.nan)
     high = np.where(n > 0, np.clip(centre + half, 0.0, 1.0), np.nan)
     return low, high
+
+
+def clustered_effective_n(
+    y: np.ndarray, n: np.ndarray, cell: np.ndarray, n_cells: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Kish effective sample size of each cell's class proportions, days as clusters.
+
+    ``y`` (rows, K) class counts and ``n`` (rows,) frames of one (cell, day) per row; ``cell``
+    (rows,) the cell (group x bin) index of each row. Frames 10 s apart on one day are far from
+    independent: the variance of p = sum y / sum n is the cluster (linearisation) estimate
+    D / (D - 1) * sum_d (y_d - p n_d)^2 / N^2 over the D days, and n_eff = p (1 - p) / var,
+    capped at N (never narrower than independent frames). Where that cannot be estimated (p is
+    0 or 1, or one day only) n_eff is the number of days. Returns (n_eff (cells, K), days).
+    """
+    y = np.asarray(y, dtype=float)
+    n = np.asarray(n, dtype=float)
+    k = y.shape[1]
+
+    def per_cell(w: np.ndarray) -> np.ndarray:
+        return np.bincount(cell, weights=w, minlength=n_cells)
+
+    big_n = per_cell(n)
+    days = per_cell((n > 0).astype(float))
+    s_nn = per_cell(n * n)
+    s_yy = np.stack([per_cell(y[:, j] ** 2) for j in range(k)], axis=1)
+    s_yn = np.stack([per_cell(y[:, j] * n) for j in range(k)], axis=1)
+    y_tot = np.stack([per_cell(y[:, j]) for j in range(k)], axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p = y_tot / big_n[:, None]
+        ss = s_yy - 2 * p * s_yn + p * p * s_nn[:, None]
+        var = days[:, None] / (days[:, None] - 1) * np.maximum(ss, 0.0) / big_n[:, None] ** 2
+        n_eff = p * (1 - p) / var
+    n_eff = np.minimum(n_eff, big_n[:, None])
+    fallback = ~np.isfinite(n_eff) | (p <= 0) | (p >= 1) | (days[:, None] < 2)
+    n_eff = np.where(fallback, np.minimum(days, big_n)[:, None], n_eff)
+    return n_eff, days
 
 
 def normalise_confusion(confusion) -> np.ndarray:
@@ -337,6 +424,7 @@ def occurrence_from_counts(
     k = len(CLASSES)
     if by is None and len(counts) and (counts["group"] != 0).any():
         counts = counts.assign(group=0)  # collapse a grouped count table over its groups
+    by_day = "day" in counts.columns
     in_range = counts[counts["bin"] >= 0]
     groups = np.unique(counts["group"].to_numpy()) if by else np.zeros(1, dtype=np.int64)
     cube = np.zeros((len(groups), spec.nbins, k), dtype=np.int64)
@@ -358,7 +446,12 @@ def occurrence_from_counts(
     for i, c in enumerate(CLASSES):
         cols[f"ratio_{c}"] = ratio[..., i].reshape(-1)
     if ci:
-        low, high = wilson_interval(cube, n_frames[..., None])
+        if by_day:
+            n_eff = _day_clustered_n(in_range, groups, spec.nbins)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                low, high = wilson_interval(ratio * n_eff, n_eff)
+        else:
+            low, high = wilson_interval(cube, n_frames[..., None])
         for i, c in enumerate(CLASSES):
             cols[f"ci_low_{c}"] = low[..., i].reshape(-1)
             cols[f"ci_high_{c}"] = high[..., i].reshape(-1)
@@ -380,12 +473,34 @@ def occurrence_from_counts(
             "n_dropped": int(dropped),
             "n_missing": int(missing),
             "ci": bool(ci),
+            # days as clusters when the counts carry days, else independent frames (too narrow
+            # for 10-s frames: neighbours are near-duplicates)
+            "ci_method": (None if not ci else "wilson-days" if by_day else "wilson-frames"),
             "confusion": None
             if confusion is None
             else normalise_confusion(confusion).round(12).tolist(),
         }
     )
     return table
+
+
+def _day_clustered_n(in_range: pd.DataFrame, groups: np.ndarray, nbins: int) -> np.ndarray:
+    """Effective sample sizes (groups, bins, K) of day-level counts (see clustered_effective_n)."""
+    k = len(CLASSES)
+    if not len(in_range):
+        return np.zeros((len(groups), nbins, k))
+    gi = np.searchsorted(groups, in_range["group"].to_numpy())
+    cell = gi * nbins + in_range["bin"].to_numpy()
+    day = in_range["day"].to_numpy()
+    d0 = int(day.min())
+    # one row per (cell, day) with the class counts side by side
+    row_keys, row = np.unique(cell * (int(day.max()) - d0 + 1) + (day - d0), return_inverse=True)
+    flat = row.reshape(-1) * k + in_range["cls"].to_numpy()
+    y = np.bincount(flat, weights=in_range["n"].to_numpy(), minlength=len(row_keys) * k)
+    y = y.reshape(len(row_keys), k)
+    row_cell = row_keys // (int(day.max()) - d0 + 1)
+    n_eff, _ = clustered_effective_n(y, y.sum(axis=1), row_cell, len(groups) * nbins)
+    return n_eff.reshape(len(groups), nbins, k)
 
 
 def occurrence_table(
@@ -404,7 +519,8 @@ def occurrence_table(
     attrs: n_binned, n_dropped (MLT outside the range), n_missing (no MLT or label), bins, ...
     """
     spec = make_bins(bins, mlt_range)
-    counts = count_bins(df, spec, by, mlt_col, label_col, time_col)
+    by_day = ci and time_col in df.columns
+    counts = count_bins(df, spec, by, mlt_col, label_col, time_col, by_day=by_day)
     return occurrence_from_counts(counts, spec, by, ci, confusion)
 
 
@@ -543,15 +659,16 @@ def to_dataset(
         ),
     }
     if f"ci_low_{CLASSES[0]}" in table.columns:
+        kind = CI_DESCRIPTIONS.get(table.attrs.get("ci_method"), "Wilson 95% interval")
         data["ci_low"] = (
             cdims,
             stack("ci_low_{}"),
-            {"units": "1", "long_name": "Wilson 95% interval, lower bound of ratio"},
+            {"units": "1", "long_name": f"{kind}, lower bound of ratio"},
         )
         data["ci_high"] = (
             cdims,
             stack("ci_high_{}"),
-            {"units": "1", "long_name": "Wilson 95% interval, upper bound of ratio"},
+            {"units": "1", "long_name": f"{kind}, upper bound of ratio"},
         )
     if f"ratio_{CLASSES[0]}_corrected" in table.columns:
         data["ratio_corrected"] = (

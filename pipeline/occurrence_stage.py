@@ -258,13 +258,15 @@ def run_occurrence(
         if by:
             raise InputError(f"{pred}: grouping by {by} needs a 'time_utc' column")
         method = "stored"
+    # Intervals treat the frames of one UT day as one cluster: they need counts per day.
+    by_day = ci and "time_utc" in frames.columns
     if hasattr(frames, "npartitions") and frames.npartitions > 1:
         from tqdm.dask import TqdmCallback
 
         with TqdmCallback(desc="occurrence", unit="task"):
-            counts = count_bins(frames, spec, by)
+            counts = count_bins(frames, spec, by, by_day=by_day)
     else:
-        counts = count_bins(frames, spec, by)
+        counts = count_bins(frames, spec, by, by_day=by_day)
     table = occurrence_from_counts(counts, spec, by, ci, confusion)
     overall = occurrence_from_counts(counts, spec, None, ci, confusion) if by else table
     hourly = hourly_summary(overall)

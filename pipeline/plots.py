@@ -133,7 +133,11 @@ def plot_occurrence(
                     alpha=0.25,
                     zorder=3,
                     lw=0,
-                    label="95% interval",
+                    label=(
+                        "95% interval (days as clusters)"
+                        if table.attrs.get("ci_method") == "wilson-days"
+                        else "95% interval"
+                    ),
                 )
             if corrected and f"ratio_{cls}_corrected" in table.columns:
                 rc = table[f"ratio_{cls}_corrected"].to_numpy(float)

@@ -13,6 +13,7 @@ from pipeline.occurrence import (
     DROPPED_BIN,
     MISSING_BIN,
     bin_index,
+    clustered_effective_n,
     correct_proportions,
     count_bins,
     group_keys,
@@ -213,6 +214,73 @@ def test_wilson_interval_known_values():
     np.testing.assert_allclose(high, [0.763407, 0.277533, 1.0], atol=1e-5)
     low, high = wilson_interval(0, 0)
     assert np.isnan(low) and np.isnan(high)
+
+
+def _days_table(day_classes, frames_per_day=100, mlt=12.01, seed=0):
+    """Frames in one MLT bin: for each day, its frames' classes drawn from that day's list."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for d, classes in enumerate(day_classes):
+        t0 = pd.Timestamp("2003-12-21T08:00", tz="UTC") + pd.Timedelta(days=d)
+        times = t0 + pd.to_timedelta(np.arange(frames_per_day) * 1, unit="s")
+        rows.append(
+            pd.DataFrame(
+                {"time_utc": times, "mlt": mlt, "label": rng.choice(classes, frames_per_day)}
+            )
+        )
+    return pd.concat(rows, ignore_index=True)
+
+
+def test_intervals_treat_one_day_as_one_cluster():
+    """10 days of 100 frames, each day all arc or all drapery: 10 observations, not 1,000."""
+    df = _days_table([["arc"]] * 5 + [["drapery"]] * 5)
+    tab = occurrence_table(df, bins="3min", ci=True)
+    assert tab.attrs["ci_method"] == "wilson-days"
+    row = tab[tab["n_frames"] > 0].iloc[0]
+    assert row["ratio_arc"] == 0.5
+    width = row["ci_high_arc"] - row["ci_low_arc"]
+    lo, hi = wilson_interval(4.5, 9)  # n_eff = p(1-p)/var = D - 1 = 9 for this design
+    assert row["ci_low_arc"] == pytest.approx(lo[()]) and row["ci_high_arc"] == pytest.approx(
+        hi[()]
+    )
+    assert width > 0.5
+    flo, fhi = wilson_interval(500, 1000)
+    assert width > 8 * (fhi - flo)  # what independent frames would claim
+    # hotspot never occurs: p = 0 cannot give a variance; n_eff falls back to the 10 days
+    assert row["ci_high_hotspot"] == pytest.approx(wilson_interval(0, 10)[1][()])
+
+
+def test_intervals_of_independent_frames_stay_binomial():
+    """Days that all draw from the same mix: the day-level n_eff is close to the frame count."""
+    df = _days_table([list(CLASSES)] * 40, frames_per_day=50, seed=4)
+    y = np.stack([(df["label"] == c).to_numpy() for c in CLASSES], axis=1).astype(int)
+    day = (pd.to_datetime(df["time_utc"]) - pd.Timestamp("2003-12-21", tz="UTC")).dt.days
+    y_day = pd.DataFrame(y).groupby(day.to_numpy()).sum().to_numpy()
+    n_eff, days = clustered_effective_n(y_day, y_day.sum(1), np.zeros(len(y_day), int), 1)
+    assert days[0] == 40
+    assert np.all(n_eff <= 2000) and np.all(n_eff > 2000 * 0.6)
+    tab = occurrence_table(df, bins="3min", ci=True)
+    row = tab[tab["n_frames"] > 0].iloc[0]
+    flo, fhi = wilson_interval(row["n_arc"], 2000)
+    assert row["ci_high_arc"] - row["ci_low_arc"] < 1.4 * (fhi - flo)
+
+
+def test_one_day_gives_the_widest_honest_interval():
+    df = _days_table([["arc", "radial"]])
+    row = occurrence_table(df, bins="3min", ci=True).query("n_frames > 0").iloc[0]
+    lo, hi = wilson_interval(row["ratio_arc"] * 1, 1)
+    assert row["ci_low_arc"] == pytest.approx(lo[()]) and row["ci_high_arc"] == pytest.approx(
+        hi[()]
+    )
+
+
+def test_tables_without_times_keep_frame_level_intervals():
+    df = _days_table([["arc", "radial"]] * 3).drop(columns="time_utc")
+    tab = occurrence_table(df, bins="3min", ci=True)
+    assert tab.attrs["ci_method"] == "wilson-frames"
+    row = tab.query("n_frames > 0").iloc[0]
+    lo, hi = wilson_interval(row["n_arc"], row["n_frames"])
+    assert row["ci_low_arc"] == pytest.approx(lo[()])
 
 
 # ----------------------------------------------------------------------------- correction

@@ -14,7 +14,7 @@ from pipeline.classes import CLASSES, LABEL_CODES
 from pipeline.cli import main
 from pipeline.config import load_station
 from pipeline.errors import InputError
-from pipeline.occurrence import occurrence_schema
+from pipeline.occurrence import occurrence_schema, wilson_interval
 from pipeline.occurrence_stage import read_confusion, read_label_file, run_occurrence
 from pipeline.storage import PREDICTIONS_SCHEMA, write_table
 
@@ -184,6 +184,38 @@ def test_real_labels_total_and_hourly_shares(shared_data, tmp_path):
     assert mine.loc[6, "n_arc"] > 0.7 and mine.loc[16, "n_arc"] > 0.9
     md = (out / "occurrence.md").read_text()
     assert "| all | 38,044 | 48.4 | 21.5 | 20.1 | 10.0 |" in md
+
+
+def test_real_label_intervals_match_a_day_bootstrap(shared_data):
+    """On the real labels (19 days, 10-s frames) the day-clustered intervals are as wide as a
+    bootstrap over whole days; intervals of independent frames would be ~4x too narrow."""
+    from pipeline.occurrence import add_mlt, bin_index, make_bins, occurrence_table
+    from pipeline.occurrence_stage import read_predictions
+
+    st = load_station("yrs")
+    frames = add_mlt(
+        read_predictions(shared_data / "yrs_labels" / "Alllabel2003_38044.txt", st), st
+    )
+    tab = occurrence_table(frames, bins="3min", ci=True)
+    spec = make_bins("3min")
+    b = bin_index(frames["mlt"].to_numpy(float), spec)
+    days, d = np.unique(pd.to_datetime(frames["time_utc"]).dt.floor("D"), return_inverse=True)
+    c = pd.Categorical(frames["label"].astype(str), categories=list(CLASSES)).codes
+    cube = np.zeros((len(days), spec.nbins, len(CLASSES)))
+    np.add.at(cube, (d.reshape(-1), b, c), 1)
+    boot = cube[np.random.default_rng(0).integers(0, len(days), (400, len(days)))].sum(axis=1)
+    with np.errstate(invalid="ignore"):
+        lo, hi = np.nanpercentile(boot / boot.sum(-1, keepdims=True), [2.5, 97.5], axis=0)
+    n_days = (cube.sum(-1) > 0).sum(0)
+    for i, cls in enumerate(CLASSES):
+        p = tab[f"ratio_{cls}"].to_numpy()
+        ok = (n_days >= 8) & (p > 0.1) & (p < 0.9)
+        width = (tab[f"ci_high_{cls}"] - tab[f"ci_low_{cls}"]).to_numpy()[ok]
+        ratio = np.median(width / (hi - lo)[ok, i])
+        assert 0.75 < ratio < 1.3, f"{cls}: clustered / bootstrap width {ratio:.2f}"
+        k, n = tab[f"n_{cls}"].to_numpy()[ok], tab["n_frames"].to_numpy()[ok]
+        flo, fhi = wilson_interval(k, n)
+        assert np.median((fhi - flo) / (hi - lo)[ok, i]) < 0.5
 
 
 def test_table_with_stored_mlt_and_no_times_is_binned_on_its_mlt(tmp_path):
