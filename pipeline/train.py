@@ -70,9 +70,11 @@ class LSoftmaxConfig:
 class AugmentConfig:
     """Training augmentation (applied batch-wise to the model input)."""
 
-    #: random rotation by any angle: aurora has no preferred azimuth in an all-sky frame.
-    rotate: bool = True
-    #: random mirror image (with any rotation this covers both flips).
+    #: random rotation by any angle. Off by default: dayside arcs and draperies lie roughly
+    #: along geomagnetic east-west, a fixed direction in a station's frames, which rotation
+    #: hides from the classifier; switch on for small sets where it helps (demo.yaml).
+    rotate: bool = False
+    #: random mirror image (Caffe's AlexNet mirror; an arc's east-west alignment survives it).
     flip: bool = True
     #: zoom factor drawn log-uniformly in [1/(1+j), 1+j]; 0 switches it off.
     scale_jitter: float = 0.1
