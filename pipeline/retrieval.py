@@ -269,12 +269,15 @@ def retrieval_scores(
     ks: Sequence[int],
     index_labels: Sequence[object] | None = None,
     classes: Sequence[str] | None = None,
+    self_in_index: Sequence[bool] | None = None,
 ) -> pd.DataFrame:
     """Precision@k and mAP per query class plus an ``all`` row (mean over every query).
 
     Columns: ``class``, ``n_queries``, ``p@<k>`` for each k, ``map``. With ``index_labels`` the
     AP normaliser counts the relevant items of the whole searched set (see
-    :func:`average_precision`). Classes listed in ``classes`` without queries get NaN rows.
+    :func:`average_precision`), less the query itself where ``self_in_index`` says it is in the
+    index (its self-match was dropped from the list, so it cannot be retrieved). Classes listed
+    in ``classes`` without queries get NaN rows.
     """
     ql = np.asarray(query_labels, dtype=object)
     rel = relevance(neighbour_labels, ql)
@@ -283,6 +286,8 @@ def retrieval_scores(
     if index_labels is not None:
         counts = pd.Series(np.asarray(index_labels, dtype=object)).value_counts(dropna=True)
         n_rel = np.array([counts.get(lab, 0) if pd.notna(lab) else 0 for lab in ql])
+        if self_in_index is not None:
+            n_rel = np.maximum(n_rel - np.asarray(self_in_index, dtype=int), 0)
     ap = average_precision(rel, n_rel)
     names = list(classes) if classes is not None else sorted({c for c in ql if pd.notna(c)})
     rows = []

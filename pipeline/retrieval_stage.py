@@ -883,6 +883,7 @@ def evaluate_retrieval(
         ranks,
         index_labels=idx.items["label"].to_numpy(dtype=object),
         classes=CLASSES,
+        self_in_index=self_index >= 0,
     )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -169,6 +169,19 @@ def test_retrieval_scores_per_class_and_all():
     np.testing.assert_allclose(row.loc["all", "map"], 0.875)
 
 
+def test_map_normaliser_leaves_out_the_query_itself():
+    """A hotspot query whose class has 3 items in the index, itself one of them: both others
+    ranked first is a perfect list (AP 1), not 2/3 of one."""
+    index_labels = ["hotspot"] * 3 + ["arc"] * 5
+    neigh = np.array([["hotspot", "hotspot", "arc", "arc"]], dtype=object)  # self dropped
+    kept = retrieval_scores(neigh, ["hotspot"], [1], index_labels=index_labels)
+    fixed = retrieval_scores(
+        neigh, ["hotspot"], [1], index_labels=index_labels, self_in_index=[True]
+    )
+    assert kept.set_index("class").loc["all", "map"] == pytest.approx(2 / 3)
+    assert fixed.set_index("class").loc["all", "map"] == pytest.approx(1.0)
+
+
 def test_parse_ranks():
     assert parse_ranks("20, 1,3,3") == [1, 3, 20]
     with pytest.raises(ValueError, match="integer"):
