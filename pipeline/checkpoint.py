@@ -235,3 +235,19 @@ def load_checkpoint(
         raise CheckpointError(f"{path}: weights do not fit variant {meta['variant']!r}: {problem}")
     model.load_state_dict(state, strict=True)
     return model.to(map_location).eval(), meta
+
+
+#: Calibration settings that change what the model sees whatever the frame size (crop size,
+#: centre and mask radius scale with the camera and may legitimately differ).
+_COMPARED = ("stretch_low", "stretch_high", "rotate_deg", "mask")
+
+
+def preprocess_mismatch(meta: dict[str, Any], calibration: dict[str, Any]) -> list[str]:
+    """``key: trained A, now B`` for each scale-free preprocessing setting that differs between a
+    checkpoint's training data and the calibration about to feed it (empty: they agree)."""
+    trained = (meta.get("preprocess") or {}).get("calibration") or {}
+    out = []
+    for key in _COMPARED:
+        if key in trained and key in calibration and trained[key] != calibration[key]:
+            out.append(f"{key}: trained {trained[key]}, now {calibration[key]}")
+    return out

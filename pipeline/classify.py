@@ -841,6 +841,7 @@ def classify_archive(
         dark_dir = str(found) if found is not None else None
     if dark_dir is None and not preprocessed and st.preprocess.dark_subtract:
         log.warning("no dark frames found (calib/ or --dark-dir): noise from the corners only")
+    _warn_preprocess_mismatch(meta, st, ckpt)
 
     local_device = device
     resources = None
@@ -995,6 +996,22 @@ def classify_archive(
     )
     _write_run(out, run)
     return summary
+
+
+def _warn_preprocess_mismatch(meta: dict, station: StationConfig, ckpt: Path) -> None:
+    """One warning when the station preprocesses frames differently from the training data."""
+    from pipeline.checkpoint import preprocess_mismatch
+    from pipeline.preprocess import calibration_from_station
+
+    diff = preprocess_mismatch(meta, calibration_from_station(station).params())
+    if diff:
+        log.warning(
+            "%s was trained on frames preprocessed otherwise than station %s does (%s): "
+            "predictions may be biased; classify with the training station's settings or retrain",
+            ckpt,
+            station.code,
+            "; ".join(diff),
+        )
 
 
 def _accepts_n_workers(client: Any) -> bool:

@@ -204,3 +204,25 @@ def test_load_onto_cuda(small_ckpt):
     x = torch.randn(2, 1, 64, 64)
     with torch.no_grad():
         assert torch.allclose(loaded(x.cuda()).cpu(), model(x), atol=1e-3)
+
+
+def test_preprocess_mismatch_names_what_changed_since_training():
+    import dataclasses
+
+    from pipeline.checkpoint import preprocess_mismatch
+    from pipeline.config import load_station
+    from pipeline.preprocess import calibration_from_station
+
+    yrs = load_station("yrs")
+    meta = {"preprocess": {"calibration": calibration_from_station(yrs.scaled(64)).params()}}
+    # the same camera at another frame size: crop and centre differ, nothing that matters
+    assert preprocess_mismatch(meta, calibration_from_station(yrs).params()) == []
+    rotated = dataclasses.replace(
+        yrs, preprocess=dataclasses.replace(yrs.preprocess, rotate=True, stretch_high=3000.0)
+    )
+    diff = preprocess_mismatch(meta, calibration_from_station(rotated).params())
+    assert diff == [
+        "stretch_high: trained 4000.0, now 3000.0",
+        "rotate_deg: trained None, now 61.11",
+    ]
+    assert preprocess_mismatch({}, calibration_from_station(rotated).params()) == []

@@ -434,3 +434,21 @@ def test_cuda_workers_agree_with_the_plain_cpu_loop(archive, station, ckpt, tmp_
     np.testing.assert_allclose(probs, ref, atol=0.02)  # bf16 keeps ~3 significant digits
     clear = np.sort(ref, axis=1)[:, -1] - np.sort(ref, axis=1)[:, -2] > 0.04
     assert (probs.argmax(1) == ref.argmax(1))[clear].all()
+
+
+def test_station_preprocessing_other_than_training_is_warned(ckpt, station, caplog):
+    import dataclasses
+    import logging
+
+    from pipeline.classify import _warn_preprocess_mismatch
+    from pipeline.preprocess import calibration_from_station
+
+    meta = {"preprocess": {"calibration": calibration_from_station(station).params()}}
+    with caplog.at_level(logging.WARNING, logger="pipeline.classify"):
+        _warn_preprocess_mismatch(meta, station, ckpt)
+        assert not caplog.records
+        other = dataclasses.replace(
+            station, preprocess=dataclasses.replace(station.preprocess, rotate=True)
+        )
+        _warn_preprocess_mismatch(meta, other, ckpt)
+    assert len(caplog.records) == 1 and "rotate_deg: trained None" in caplog.text
