@@ -337,6 +337,14 @@ def classify_archive(source: Path, checkpoint: Path, out: Path, **kwargs: object
 @click.option("--correct", type=ExistingPath, default=None, help="confusion.parquet of evaluate.")
 @click.option("--min-frames", type=click.IntRange(0), default=0, show_default=True)
 @click.option(
+    "--min-prob",
+    type=click.FloatRange(0.0, 1.0, max_open=True),
+    default=0.0,
+    show_default=True,
+    help="Leave out frames whose most probable class is below this (e.g. 0.6): a partial screen "
+    "for frames that fit no class (no aurora, cloud); they are counted as uncertain.",
+)
+@click.option(
     "--regions",
     type=ExistingPath,
     default=None,
@@ -353,6 +361,7 @@ def occurrence(
     ci: bool,
     correct: Path | None,
     min_frames: int,
+    min_prob: float,
     regions: Path | None,
     out: Path,
 ) -> None:
@@ -371,6 +380,7 @@ def occurrence(
         correct=correct,
         min_frames=min_frames,
         regions=regions,
+        min_prob=min_prob,
     )
     click.echo(format_summary(info))
 

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from pipeline.classes import CLASSES, LABEL_CODES
+from pipeline.classes import CLASSES, LABEL_CODES, PROB_COLUMNS
 from pipeline.config import StationConfig, load_station
 from pipeline.errors import InputError
 from pipeline.occurrence import (
@@ -113,9 +113,26 @@ def _columns_to_read(path: Path, available: list[str]) -> list[str]:
     raise InputError(f"{path}: needs a 'time_utc' (or 'mlt') column besides 'label'")
 
 
-def read_predictions(source: str | os.PathLike, station: StationConfig):
-    """PRED as a frames table: dask DataFrame for a predictions directory, pandas otherwise."""
+def read_predictions(
+    source: str | os.PathLike, station: StationConfig, probabilities: bool = False
+):
+    """PRED as a frames table: dask DataFrame for a predictions directory, pandas otherwise.
+
+    ``probabilities``: also read the p_<class> columns (an error where there are none).
+    """
     p = Path(source)
+    extra = list(PROB_COLUMNS) if probabilities else []
+
+    def columns(path: Path) -> list[str]:
+        available = _parquet_columns(path)
+        lacking = [c for c in extra if c not in available]
+        if lacking:
+            raise InputError(
+                f"{path}: no class probabilities ({', '.join(lacking)}); --min-prob needs "
+                "classify-archive predictions"
+            )
+        return _columns_to_read(path, available) + extra
+
     if p.is_dir():
         from pipeline.classify import done_shard_files
 
@@ -126,14 +143,26 @@ def read_predictions(source: str | os.PathLike, station: StationConfig):
             )
         import dask.dataframe as dd
 
-        cols = _columns_to_read(files[0], _parquet_columns(files[0]))
-        return dd.read_parquet([str(f) for f in files], columns=cols)
+        return dd.read_parquet([str(f) for f in files], columns=columns(files[0]))
     if not p.is_file():
         raise InputError(f"{p}: no such file or directory")
     if p.suffix.lower() in (".parquet", ".pq"):
-        cols = _columns_to_read(p, _parquet_columns(p))
-        return pd.read_parquet(p, columns=cols)
+        return pd.read_parquet(p, columns=columns(p))
+    if extra:
+        raise InputError(
+            f"{p}: a label file has no class probabilities; --min-prob needs classify-archive "
+            "predictions"
+        )
     return read_label_file(p, station)
+
+
+def screen_uncertain(frames: Any, min_prob: float) -> tuple[Any, int]:
+    """Frames whose most probable class has at least ``min_prob``, and how many were left out."""
+    top = frames[list(PROB_COLUMNS)].max(axis=1)
+    keep = top >= min_prob
+    n_out = (~keep).sum()
+    n_out = int(n_out.compute() if hasattr(n_out, "compute") else n_out)
+    return frames[keep], n_out
 
 
 def read_confusion(path: str | os.PathLike) -> np.ndarray:
@@ -187,6 +216,13 @@ def summary_markdown(hourly: pd.DataFrame, info: dict[str, Any], command: str | 
         f"({info['n_bins']} bins)",
         f"- frames binned: {info['n_binned']:,}; outside the MLT range: {info['n_dropped']:,}; "
         f"without time or label: {info['n_missing']:,}",
+    ]
+    if info.get("min_prob"):
+        lines.append(
+            f"- left out as uncertain (top class probability < {info['min_prob']:g}): "
+            f"{info['n_uncertain']:,}"
+        )
+    lines += [
         "",
     ]
     head = ["MLT", "frames"] + [f"{c} %" for c in CLASSES]
@@ -206,7 +242,18 @@ def summary_markdown(hourly: pd.DataFrame, info: dict[str, Any], command: str | 
 
 
 def command_line(
-    pred, out, bins, mlt_range, station, mlt_method, by, ci, correct, min_frames, regions
+    pred,
+    out,
+    bins,
+    mlt_range,
+    station,
+    mlt_method,
+    by,
+    ci,
+    correct,
+    min_frames,
+    regions,
+    min_prob=0,
 ) -> str:
     """The CLI command that reproduces a run (recorded in occurrence.md)."""
     parts = ["aurora-pipeline", "occurrence", str(pred), "--bins", str(bins)]
@@ -224,6 +271,8 @@ def command_line(
         parts += ["--min-frames", str(min_frames)]
     if regions is not None:
         parts += ["--regions", str(regions)]
+    if min_prob:
+        parts += ["--min-prob", f"{min_prob:g}"]
     return " ".join(parts + ["--out", str(out)])
 
 
@@ -239,19 +288,40 @@ def run_occurrence(
     correct: str | os.PathLike | None = None,
     min_frames: int = 0,
     regions: str | os.PathLike | None = None,
+    min_prob: float = 0.0,
 ) -> dict[str, Any]:
-    """The occurrence stage; returns a summary dict (also written to occurrence_run.json)."""
+    """The occurrence stage; returns a summary dict (also written to occurrence_run.json).
+
+    ``min_prob``: leave out frames whose most probable class is below it (a partial screen for
+    frames that fit no class well: no aurora, cloud, diffuse aurora), counted as uncertain.
+    """
     from pipeline.plots import plot_occurrence, save_figure
 
+    if not 0.0 <= min_prob < 1.0:
+        raise InputError(f"--min-prob must be within 0..1 (e.g. 0.6), got {min_prob:g}")
     command = command_line(
-        pred, out, bins, mlt_range, station, mlt_method, by, ci, correct, min_frames, regions
+        pred,
+        out,
+        bins,
+        mlt_range,
+        station,
+        mlt_method,
+        by,
+        ci,
+        correct,
+        min_frames,
+        regions,
+        min_prob,
     )
 
     st = station if isinstance(station, StationConfig) else load_station(station)
     method = mlt_method or st.mlt.method
     spec = make_bins(bins, mlt_range)  # option errors before any reading
     confusion = read_confusion(correct) if correct is not None else None
-    frames = read_predictions(pred, st)
+    frames = read_predictions(pred, st, probabilities=min_prob > 0)
+    n_uncertain = 0
+    if min_prob > 0:
+        frames, n_uncertain = screen_uncertain(frames, min_prob)
     if "time_utc" in frames.columns:
         frames = add_mlt(frames, st, method)
     else:
@@ -284,6 +354,8 @@ def run_occurrence(
         "ci": ci,
         "correct": None if correct is None else str(correct),
         "min_frames": min_frames,
+        "min_prob": min_prob,
+        "n_uncertain": n_uncertain,
         "command": command,
         "n_binned": table.attrs["n_binned"],
         "n_dropped": table.attrs["n_dropped"],
@@ -312,6 +384,12 @@ def format_summary(info: dict[str, Any]) -> str:
         f"binned {info['n_binned']:,} frames into {info['n_bins']} bins of {info['bins']} "
         f"({info['mlt_range'][0]:g}-{info['mlt_range'][1]:g} MLT, {info['mlt_method']}); "
         f"dropped {info['n_dropped']:,} outside the range, {info['n_missing']:,} without "
-        f"time or label\nwrote {', '.join(re.sub(r'^.*/', '', o) for o in info['outputs'])} "
+        f"time or label"
+        + (
+            f", {info['n_uncertain']:,} below --min-prob {info['min_prob']:g}"
+            if info.get("min_prob")
+            else ""
+        )
+        + f"\nwrote {', '.join(re.sub(r'^.*/', '', o) for o in info['outputs'])} "
         f"to {Path(info['outputs'][0]).parent}"
     )

@@ -69,6 +69,33 @@ def test_cli_on_a_predictions_directory_writes_every_output(tmp_path, pred_dir, 
     assert "--by winter" in (out / "occurrence.md").read_text()
 
 
+def test_min_prob_leaves_out_uncertain_frames(tmp_path, capsys):
+    """Frames whose best class is below --min-prob are counted as uncertain, not binned."""
+    df = _predictions(200, seed=2)
+    sure = np.arange(200) < 150
+    for c in CLASSES:  # the first 150 frames are sure of their label, the rest undecided
+        df[f"p_{c}"] = np.where(sure, np.where(df["label"] == c, 0.85, 0.05), 0.25).astype("f4")
+    d = tmp_path / "pred"
+    for i, part in enumerate(np.array_split(np.arange(200), 2)):
+        write_table(df.iloc[part], d / f"shard-{i:06d}.parquet", PREDICTIONS_SCHEMA)
+    out = tmp_path / "occ"
+    main(["occurrence", str(d), "--bins", "1h", "--min-prob", "0.6", "--out", str(out)])
+    assert "50 below --min-prob 0.6" in capsys.readouterr().out
+    tab = pd.read_parquet(out / "occurrence.parquet")
+    assert tab["n_frames"].sum() == 150
+    for c in CLASSES:
+        assert tab[f"n_{c}"].sum() == (df.loc[sure, "label"] == c).sum()
+    info = json.loads((out / "occurrence_run.json").read_text())
+    assert info["n_uncertain"] == 50 and info["min_prob"] == 0.6
+    md = (out / "occurrence.md").read_text()
+    assert "--min-prob 0.6" in md and "left out as uncertain" in md
+    # a table without probabilities cannot be screened: one clear error
+    labels = tmp_path / "labels.parquet"
+    df[["time_utc", "label"]].to_parquet(labels)
+    with pytest.raises(InputError, match="no class probabilities.*--min-prob"):
+        run_occurrence(labels, tmp_path / "x", min_prob=0.6)
+
+
 def test_parquet_file_and_aacgm_method(tmp_path):
     df = _predictions(200, seed=1)
     src = tmp_path / "pred.parquet"
