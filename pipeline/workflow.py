@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import difflib
 import hashlib
 import json
 import logging
@@ -16,6 +17,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import click
 
 from pipeline.config import from_dict, load_yaml
 from pipeline.errors import AuroraError, ConfigError
@@ -93,6 +96,12 @@ def _substitute(value: Any, variables: dict[str, Any], where: str) -> Any:
                 raise ConfigError(
                     f"{where}: unknown variable ${{{name}}}; defined variables: {known}"
                 )
+            if variables[name] is None:
+                # str(None) would put a folder called "None" into the path.
+                raise ConfigError(
+                    f"{where}: variable ${{{name}}} has no value (null); give it one in vars "
+                    f"or with --set {name}=VALUE"
+                )
             return str(variables[name])
 
         full = _VAR.fullmatch(value)
@@ -107,6 +116,34 @@ def _substitute(value: Any, variables: dict[str, Any], where: str) -> Any:
     return value
 
 
+def _references(value: Any) -> list[str]:
+    """The variable names a value refers to with ``${name}``, in order."""
+    if isinstance(value, str):
+        return _VAR.findall(value)
+    if isinstance(value, list):
+        return [n for v in value for n in _references(v)]
+    if isinstance(value, dict):
+        return [n for v in value.values() for n in _references(v)]
+    return []
+
+
+def _check_resolved(value: Any, where: str) -> None:
+    """Refuse a ``${`` left after substitution: a misspelt reference would reach a command."""
+    if isinstance(value, str):
+        if "${" in value:
+            raise ConfigError(
+                f"{where}: {value!r} has an unresolved '${{': a reference is ${{name}} with a "
+                "name of letters, digits and _"
+            )
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_resolved(v, f"{where}[{i}]")
+    elif isinstance(value, dict):
+        sep = " " if where.endswith(":") else "."
+        for k, v in value.items():
+            _check_resolved(v, f"{where}{sep}{k}")
+
+
 def _resolve_vars(raw: dict[str, Any], overrides: dict[str, str], source: str) -> dict[str, Any]:
     """Variables of the file, overridden by ``--set``, resolved against each other."""
     variables: dict[str, Any] = dict(raw)
@@ -116,13 +153,45 @@ def _resolve_vars(raw: dict[str, Any], overrides: dict[str, str], source: str) -
             f"{source}: --set {unknown[0]}: the workflow has no variable {unknown[0]!r}; "
             f"variables: {', '.join(sorted(variables)) or 'none'}"
         )
+    # An empty value turns "${out}/train" into "/train", at the filesystem root.
+    for name, value in overrides.items():
+        if not value.strip():
+            raise ConfigError(
+                f"{source}: --set {name}=: empty value; give {name} a value, or leave out the "
+                f"--set to use the workflow's ({raw[name]!r})"
+            )
+    for name, value in raw.items():
+        if name not in overrides and isinstance(value, str) and not value.strip():
+            raise ConfigError(
+                f"{source}: vars.{name} is empty; give it a value in the file or with "
+                f"--set {name}=VALUE"
+            )
     variables.update(overrides)
-    for _ in range(10):  # variables may refer to variables
-        new = {k: _substitute(v, variables, f"{source}: vars.{k}") for k, v in variables.items()}
-        if new == variables:
-            break
-        variables = new
-    return variables
+    resolved: dict[str, Any] = {}
+
+    def resolve(name: str, chain: list[str]) -> None:
+        # Depth first: a name met again on its own chain is a loop, which would otherwise
+        # leave a literal "${name}" in the value.
+        if name in resolved:
+            return
+        if name in chain:
+            loop = chain[chain.index(name) :] + [name]
+            raise ConfigError(
+                f"{source}: vars: variables refer to each other in a loop: "
+                + " -> ".join(loop)
+                + "; give one of them a value of its own"
+            )
+        value = variables[name]
+        for ref in _references(value):
+            if ref in variables:
+                resolve(ref, [*chain, name])
+        where = f"{source}: vars.{name}"
+        resolved[name] = _substitute(value, {**variables, **resolved}, where)
+        _check_resolved(resolved[name], where)
+
+    for name in variables:
+        resolve(name, [])
+    return resolved
 
 
 def load_workflow(path: str | os.PathLike, overrides: dict[str, str] | None = None) -> Workflow:
@@ -135,6 +204,7 @@ def load_workflow(path: str | os.PathLike, overrides: dict[str, str] | None = No
     variables = _resolve_vars(raw_vars, overrides or {}, source)
     body = {k: v for k, v in data.items() if k != "vars"}
     body = _substitute(body, variables, f"{source}:")
+    _check_resolved(body, f"{source}:")
     stages = body.get("stages")
     if isinstance(stages, list):
         for i, st in enumerate(stages):
@@ -146,6 +216,10 @@ def load_workflow(path: str | os.PathLike, overrides: dict[str, str] | None = No
                         st[key] = [str(a) for a in st[key]]
             _check_command(st.get("command") if isinstance(st, dict) else None, source, i)
     wf = from_dict(Workflow, {**body, "vars": variables}, source)
+    # Every stage's command line is checked now, so that a typo does not surface only when
+    # its stage runs, after the earlier ones took their time.
+    for i, stage in enumerate(wf.stages):
+        _check_stage_argv(stage, f"{source}: stage {stage.name!r} (stages[{i}])")
     return wf
 
 
@@ -163,6 +237,134 @@ def _check_command(command: Any, source: str, i: int) -> None:
                 f"{source}: stages[{i}].command: unknown command {command!r}; allowed: {allowed}"
             )
         group = sub
+
+
+def _click_command(command: str) -> click.Command:
+    """The click command a stage's ``command`` names (already checked by _check_command)."""
+    from pipeline.cli import cli
+
+    cmd: Any = cli
+    for word in command.split():
+        cmd = cmd.commands[word]
+    return cmd
+
+
+def _flag(key: str) -> str:
+    """The command-line flag of an ``options`` key: ``shard_size`` and ``shard-size`` alike."""
+    return key if key.startswith("-") else "--" + key.replace("_", "-")
+
+
+def _given(value: Any) -> bool:
+    """Whether the parser saw a value (click marks absent arguments with a sentinel)."""
+    return isinstance(value, (str, bool)) or (isinstance(value, (list, tuple)) and bool(value))
+
+
+def _parse_stage(stage: StageSpec, where: str) -> tuple[click.Command, dict[str, Any]]:
+    """The stage's command and the raw values of its parameters, by parameter name."""
+    cmd = _click_command(stage.command)
+    ctx = click.Context(cmd, info_name=stage.command, resilient_parsing=True)
+    argv = stage_argv(stage)[len(stage.command.split()) :]
+    try:
+        values, extra, _ = cmd.make_parser(ctx).parse_args(args=argv)
+    except click.UsageError as exc:
+        raise ConfigError(f"{where}: {stage.command}: {exc.format_message()}") from None
+    if extra:
+        raise ConfigError(
+            f"{where}: {stage.command} got unexpected extra arguments: {shlex.join(extra)}"
+        )
+    return cmd, values
+
+
+def _param_label(param: click.Parameter) -> str:
+    """How a message names a parameter: its long flag, or an argument's metavar."""
+    if isinstance(param, click.Argument):
+        return param.metavar or (param.name or "").upper()
+    longs = [o for o in param.opts if o.startswith("--")]
+    return (longs or param.opts)[0]
+
+
+def _check_stage_argv(stage: StageSpec, where: str) -> None:
+    """Refuse unknown options, flags given a value, and missing required parameters."""
+    cmd = _click_command(stage.command)
+    options = [p for p in cmd.params if isinstance(p, click.Option)]
+    by_flag = {o: p for p in options for o in (*p.opts, *p.secondary_opts)}
+    for key, value in stage.options.items():
+        flag = _flag(str(key))
+        param = by_flag.get(flag)
+        if param is None:
+            valid = sorted({_param_label(p) for p in options})
+            close = difflib.get_close_matches(flag, valid, n=3, cutoff=0.6)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            listed = ", ".join(close + [v for v in valid if v not in close])
+            raise ConfigError(
+                f"{where}: options.{key}: {stage.command} has no option {flag}{hint}; "
+                f"its options: {listed}"
+            )
+        if param.is_flag and not isinstance(value, bool) and value is not None:
+            raise ConfigError(
+                f"{where}: options.{key}: {flag} is an on/off flag; give true or false, "
+                f"not {value!r}"
+            )
+    if stage.scheduler and "--scheduler" not in by_flag:
+        raise ConfigError(
+            f"{where}: scheduler: true, but {stage.command} takes no --scheduler option"
+        )
+    _, values = _parse_stage(stage, where)
+    for param in cmd.params:
+        if param.required and not param.envvar and not _given(values.get(param.name or "")):
+            raise ConfigError(f"{where}: {stage.command} needs {_param_label(param)}")
+
+
+def _path_values(value: Any) -> list[str]:
+    """The strings of a parsed value (one, or several for ``multiple``/``nargs``)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [v for item in value for v in _path_values(item)]
+    return []
+
+
+def _related(a: Path, b: Path) -> bool:
+    """Whether one path is the other, or lies inside it."""
+    return a == b or a in b.parents or b in a.parents
+
+
+def check_input_paths(wf: Workflow, source: str, stages: Sequence[StageSpec] | None = None) -> None:
+    """Refuse an input path of a stage that is missing and that no earlier stage writes."""
+    check = {s.name for s in (wf.stages if stages is None else stages)}
+    # What earlier stages write: their declared outputs and the paths they are given to
+    # write (click.Path parameters that need not exist). An input inside one of these, or
+    # holding one, is made by the run and cannot be checked now.
+    written: list[Path] = []
+    for i, stage in enumerate(wf.stages):
+        where = f"{source}: stage {stage.name!r} (stages[{i}])"
+        cmd, values = _parse_stage(stage, where)
+        inputs: list[tuple[click.Parameter, str]] = []
+        outputs: list[str] = list(stage.outputs)
+        for param in cmd.params:
+            if not isinstance(param.type, click.Path):
+                continue
+            for v in _path_values(values.get(param.name or "")):
+                if param.type.exists and not (v == "-" and param.type.allow_dash):
+                    inputs.append((param, v))
+                elif not param.type.exists:
+                    outputs.append(v)
+        if stage.name in check:
+            for param, v in inputs:
+                p = Path(os.path.abspath(v))
+                if p.exists() or any(_related(p, w) for w in written):
+                    continue
+                hint = (
+                    f" (relative paths are resolved against the current folder, {Path.cwd()}: "
+                    "run from the repository root or use absolute paths)"
+                    if not Path(v).is_absolute()
+                    else ""
+                )
+                raise ConfigError(
+                    f"{where}: {_param_label(param)} {v}: no such file or folder, "
+                    f"and no earlier stage writes it{hint}"
+                )
+        written += [Path(os.path.abspath(o)) for o in outputs]
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, str]:
@@ -346,6 +548,7 @@ def run_workflow(
     """Run a workflow file; returns {stage: "ran" | "skipped: why" | "would run: why"}."""
     wf = load_workflow(path, overrides)
     chosen = select_stages(wf, from_stage, only)
+    check_input_paths(wf, str(path), [s for s, _ in chosen])
     spath = state_path(path, wf)
     state = read_state(spath)
     plan = []
@@ -376,12 +579,22 @@ def run_workflow(
                 t0 = time.perf_counter()
                 try:
                     _call_cli(argv)
+                except (KeyboardInterrupt, click.exceptions.Abort):
+                    # Ctrl-C (click turns it into Abort, a RuntimeError) is no stage failure:
+                    # let the CLI report the interruption, but record that the stage did
+                    # not finish, so that the next run resumes there.
+                    state["stages"].pop(stage.name, None)
+                    state["failed"] = stage.name
+                    write_state(spath, state)
+                    echo(f"[{stage.name}] interrupted; rerun to resume from it")
+                    raise
                 except Exception as exc:  # noqa: BLE001 - reported with the stage named
                     state["stages"].pop(stage.name, None)
                     state["failed"] = stage.name
                     write_state(spath, state)
+                    why = str(exc).strip() or type(exc).__name__  # some errors have no message
                     raise StageFailed(
-                        f"{path}: stage {stage.name!r} failed: {exc}; rerun to resume from it"
+                        f"{path}: stage {stage.name!r} failed: {why}; rerun to resume from it"
                     ) from exc
                 seconds = time.perf_counter() - t0
                 state["stages"][stage.name] = {
@@ -432,6 +645,7 @@ __all__ = [
     "StageFailed",
     "StageSpec",
     "Workflow",
+    "check_input_paths",
     "load_workflow",
     "run_workflow",
     "stage_argv",

@@ -2,6 +2,7 @@ import os
 import time
 from pathlib import Path
 
+import click
 import pytest
 import yaml
 
@@ -135,6 +136,23 @@ def test_variables_and_overrides(tmp_path):
             lambda d: d["stages"].append(dict(d["stages"][0])),
             r"stage names must be unique; repeated: first",
         ),
+        (
+            lambda d: d["stages"][1]["options"].update(outt="x"),
+            r"chain\.yaml: stage 'second' \(stages\[1\]\): options\.outt: scan has no option "
+            r"--outt \(did you mean --out\?\); its options: --out, --errors, --exclude, --station$",
+        ),
+        (
+            lambda d: d["stages"][0].update(args=[]),
+            r"stage 'first' \(stages\[0\]\): scan needs ARCHIVE",
+        ),
+        (
+            lambda d: d["stages"][0]["args"].append("extra"),
+            r"stage 'first' .*: scan got unexpected extra arguments: extra",
+        ),
+        (
+            lambda d: d["stages"][0].update(scheduler=True),
+            r"stage 'first' .*: scheduler: true, but scan takes no --scheduler option",
+        ),
     ],
 )
 def test_validation_errors_name_the_file_and_key(tmp_path, mutate, match):
@@ -144,6 +162,136 @@ def test_validation_errors_name_the_file_and_key(tmp_path, mutate, match):
     p.write_text(yaml.safe_dump(doc))
     with pytest.raises(ConfigError, match=match):
         load_workflow(p)
+
+
+def test_stage_option_typo_is_refused_before_any_stage_runs(tmp_path, fake_cli):
+    doc = yaml.safe_load(Path("workflows/demo.yaml").read_text())
+    classify = next(s for s in doc["stages"] if s["name"] == "classify")
+    classify["options"]["shardsize"] = 50
+    p = tmp_path / "demo.yaml"
+    p.write_text(yaml.safe_dump(doc))
+    want = (
+        r"demo\.yaml: stage 'classify' \(stages\[7\]\): options\.shardsize: classify-archive "
+        r"has no option --shardsize \(did you mean --shard-size\?\); its options: --shard-size, "
+        r".*--batch-size"
+    )
+    for dry_run in (True, False):
+        with pytest.raises(ConfigError, match=want):
+            run_workflow(p, dry_run=dry_run, overrides={"out": str(tmp_path)}, echo=print)
+    assert fake_cli == []
+    del classify["options"]["shardsize"]
+    classify["options"]["features"] = "yes"
+    p.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ConfigError, match=r"--features is an on/off flag; give true or false"):
+        load_workflow(p)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "extra_vars", "match"),
+    [
+        ({"d": ""}, {}, r"chain\.yaml: --set d=: empty value; give d a value, or leave out"),
+        ({"d": "  "}, {}, r"--set d=: empty value"),
+        ({}, {"out": ""}, r"chain\.yaml: vars\.out is empty; give it a value .* --set out=VALUE"),
+        ({}, {"e": None, "out": "${e}/x"}, r"vars\.out: variable \$\{e\} has no value \(null\)"),
+    ],
+)
+def test_empty_variables_are_refused(tmp_path, overrides, extra_vars, match):
+    with pytest.raises(ConfigError, match=match):
+        load_workflow(_chain(tmp_path, extra_vars), overrides)
+
+
+@pytest.mark.parametrize(
+    ("extra_vars", "match"),
+    [
+        ({"a": "${b}", "b": "${a}"}, r"vars: variables refer to each other in a loop: a -> b -> a"),
+        ({"a": "x/${a}"}, r"in a loop: a -> a;"),
+        ({"a": "${c}", "b": "${a}", "c": "${b}/x"}, r"in a loop: a -> c -> b -> a;"),
+        ({"a": "${ d}"}, r"vars\.a: '\$\{ d\}' has an unresolved '\$\{'"),
+    ],
+)
+def test_variable_loops_and_unresolved_references_are_refused(tmp_path, extra_vars, match):
+    with pytest.raises(ConfigError, match=match):
+        load_workflow(_chain(tmp_path, extra_vars))
+
+
+def test_variables_may_refer_to_variables_in_any_order(tmp_path):
+    wf = load_workflow(_chain(tmp_path, {"x": "${y}/x", "y": "${d}/y", "n": "${k}", "k": 3}))
+    assert wf.vars["x"] == f"{tmp_path}/y/x"
+    assert wf.vars["n"] == 3
+
+
+def test_unresolved_reference_in_a_stage_is_refused(tmp_path):
+    p = _chain(tmp_path)
+    p.write_text(p.read_text().replace("${d}/d.txt", "${d/d.txt"))
+    with pytest.raises(ConfigError, match=r"stages\[2\]\.options\.out: .* unresolved '\$\{'"):
+        load_workflow(p)
+
+
+def test_missing_input_path_is_refused_before_any_stage_runs(tmp_path, fake_cli, monkeypatch):
+    p = _chain(tmp_path)
+    doc = yaml.safe_load(p.read_text())
+    doc["stages"][0]["args"] = ["a.txt"]  # relative: resolved against the current folder
+    doc["stages"][1]["options"]["out"] = f"{tmp_path}/made/c.txt"
+    doc["stages"][1]["outputs"] = [f"{tmp_path}/made/c.txt"]
+    doc["stages"][2]["args"] = [f"{tmp_path}/made"]  # a folder an earlier stage writes into
+    p.write_text(yaml.safe_dump(doc))
+    monkeypatch.chdir(tmp_path)
+    assert set(run_workflow(p, dry_run=True, echo=lambda s: None)) == {"first", "second", "third"}
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    for dry_run in (True, False):
+        with pytest.raises(
+            ConfigError,
+            match=r"chain\.yaml: stage 'first' \(stages\[0\]\): ARCHIVE a\.txt: no such file or "
+            r"folder, and no earlier stage writes it \(relative paths are resolved against the "
+            r"current folder, .*elsewhere: run from the repository root or use absolute paths\)",
+        ):
+            run_workflow(p, dry_run=dry_run, echo=lambda s: None)
+    assert fake_cli == []
+    # --only third: the folder it reads is still written by an earlier stage
+    assert run_workflow(p, only="third", dry_run=True, echo=lambda s: None)
+
+
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, click.exceptions.Abort])
+def test_interrupted_stage_propagates_and_rerun_resumes_there(tmp_path, monkeypatch, interrupt):
+    calls: list[str] = []
+
+    def fake(argv: list[str]) -> None:
+        calls.append(argv[1])
+        if argv[1].endswith("b.txt") and calls.count(argv[1]) == 1:
+            raise interrupt()
+        Path(argv[argv.index("--out") + 1]).write_text("x")
+
+    monkeypatch.setattr(wfmod, "_call_cli", fake)
+    wf = _chain(tmp_path)
+    lines: list[str] = []
+    with pytest.raises(interrupt):
+        run_workflow(wf, echo=lines.append)
+    assert lines[-1] == "[second] interrupted; rerun to resume from it"
+    assert _ran(run_workflow(wf, echo=lambda s: None)) == ["second", "third"]
+
+
+def test_interrupt_in_the_cli_says_so_not_stage_failed(tmp_path, monkeypatch, capsys):
+    from pipeline.cli import main
+
+    def fake(argv: list[str]) -> None:
+        raise click.exceptions.Abort()
+
+    monkeypatch.setattr(wfmod, "_call_cli", fake)
+    with pytest.raises(SystemExit) as exc:
+        main(["run", str(_chain(tmp_path))])
+    assert exc.value.code == 130
+    err = capsys.readouterr().err
+    assert "aborted" in err and "failed" not in err
+
+
+def test_stage_failure_without_a_message_names_the_exception(tmp_path, monkeypatch):
+    def fake(argv: list[str]) -> None:
+        raise ValueError()
+
+    monkeypatch.setattr(wfmod, "_call_cli", fake)
+    with pytest.raises(StageFailed, match=r"stage 'first' failed: ValueError; rerun to resume"):
+        run_workflow(_chain(tmp_path), echo=lambda s: None)
 
 
 def test_unknown_override_is_refused(tmp_path):
@@ -183,7 +331,7 @@ def test_scheduler_address_reaches_the_stages(tmp_path, monkeypatch):
                 "stages": [
                     {
                         "name": "s",
-                        "command": "scan",
+                        "command": "preprocess",
                         "args": [str(tmp_path)],
                         "options": {"out": str(tmp_path / "m.txt")},
                         "outputs": [str(tmp_path / "m.txt")],
