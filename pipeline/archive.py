@@ -621,6 +621,13 @@ def scan_to_files(
 ) -> ScanResult:
     """Scan ``archive``, write the manifest to ``out`` and the scan's errors (if any) beside it."""
     manifest, errors = scan(archive, station, exclude)
+    if not len(manifest):
+        exts = ", ".join(station.extensions)
+        raise InputError(
+            f"{archive}: no frames of station {station.code} found (files {exts} named like "
+            f"{station.filename_pattern}{'; ' + str(len(errors)) + ' other files' if len(errors) else ''}"
+            "); pass the archive's --station"
+        )
     out = Path(out)
     write_manifest(manifest, out, manifest.attrs["root"])
     errors_path = Path(errors_out) if errors_out is not None else out.parent / "errors.parquet"

@@ -49,7 +49,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.classes import CLASSES, PROB_COLUMNS
-from pipeline.config import StationConfig, load_station
+from pipeline.config import StationConfig, to_dict
 from pipeline.errors import AuroraError, FrameGeometryError, FrameReadError, InputError
 from pipeline.storage import (
     ERRORS_SCHEMA,
@@ -594,18 +594,24 @@ def _run_lock(out: Path) -> contextlib.AbstractContextManager[None]:
 class _ErrorBook:
     """errors.parquet of a run: new rows merged in, retried ShardFailed rows removed on success."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, retry_errors: bool = False) -> None:
         self.path = path
+        self.retry_errors = retry_errors
         self.table = read_errors(path.parent).astype({"frame": "int64"})
+
+    def _retried(self) -> pd.Series:
+        t = self.table
+        mine = t["stage"] == STAGE
+        return mine if self.retry_errors else mine & (t["error"] == SHARD_FAILED)
 
     def covered(self) -> pd.DataFrame:
         """(path, frame) of frames already settled by a per-frame error (not retried)."""
         t = self.table
-        return t[(t["stage"] == STAGE) & (t["error"] != SHARD_FAILED)][["path", "frame"]]
+        return t[(t["stage"] == STAGE) & ~self._retried()][["path", "frame"]]
 
     def retried_keys(self) -> set[tuple[str, int]]:
-        t = self.table
-        t = t[(t["stage"] == STAGE) & (t["error"] == SHARD_FAILED)]
+        """(path, frame) of error rows this run classifies again (dropped when they succeed)."""
+        t = self.table[self._retried()]
         return set(zip(t["path"].astype(str), t["frame"].astype(int)))
 
     def update(self, add: pd.DataFrame, drop: set[tuple[str, int]]) -> None:
@@ -646,6 +652,10 @@ class ClassifySummary:
     t_model_s: float = 0.0
     #: seconds from the first shard submitted to the last result (no cluster start, no planning).
     compute_s: float = 0.0
+    #: frames in errors.parquet from earlier runs, not tried again (see --retry-errors).
+    earlier_errors: int = 0
+    #: "path: message" of the first frame this run could not classify.
+    first_error: str | None = None
 
     @property
     def frames_per_s(self) -> float:
@@ -661,17 +671,25 @@ class ClassifySummary:
 
     def text(self) -> str:
         """A human-readable summary block."""
+        earlier = (
+            f"; {self.earlier_errors} frames in errors.parquet from earlier runs "
+            "(--retry-errors tries them again)"
+            if self.earlier_errors
+            else ""
+        )
         if self.frames_planned == 0:
+            if self.manifest_frames == 0:
+                return "nothing to do: the manifest selects no frames (check --since)"
             return (
                 f"nothing to do: all {self.already_done} frames of the manifest are already "
-                f"classified in {self.out} (model {self.model_id})"
+                f"classified in {self.out} (model {self.model_id}){earlier}"
             )
         counts = ", ".join(f"{c} {n}" for c, n in self.class_counts.items())
         return "\n".join(
             [
                 f"classified {self.frames_classified} frames, {self.frames_errors} in errors "
                 f"({self.shards_submitted} shards, {self.shards_failed} failed), "
-                f"{self.already_done} already done",
+                f"{self.already_done} already done{earlier}",
                 f"wall time {self.wall_s:.1f} s, {self.frames_per_s:.1f} frames/s "
                 f"({self.steady_frames_per_s:.1f} frames/s once the cluster was up)",
                 f"per class: {counts}",
@@ -720,7 +738,7 @@ def classify_archive(
     checkpoint: str | os.PathLike,
     out: str | os.PathLike,
     *,
-    station: str | os.PathLike | StationConfig = "yrs",
+    station: str | os.PathLike | StationConfig | None = None,
     workers: int | None = None,
     threads_per_worker: int | None = None,
     decode_threads: int | None = None,
@@ -733,22 +751,26 @@ def classify_archive(
     since: str | pd.Timestamp | None = None,
     features: bool = False,
     overwrite: bool = False,
+    retry_errors: bool = False,
     window: int | None = None,
     retries: int = 2,
     client: Any = None,
 ) -> ClassifySummary:
-    """Classify every frame of an archive or manifest into ``out`` (resumable, see module doc)."""
-    from pipeline.archive import load_manifest
+    """Classify every frame of an archive or manifest into ``out`` (resumable, see module doc).
+
+    ``station``: a config, name or YAML path; None: the archive's calib/station.yaml, else yrs.
+    ``retry_errors``: classify again the frames an earlier run recorded in errors.parquet (a
+    file repaired or finished copying since); they leave the errors table when they succeed.
+    """
     from pipeline.checkpoint import read_meta
 
     t_start = time.perf_counter()
-    st = station if isinstance(station, StationConfig) else load_station(station)
     ckpt = Path(checkpoint).resolve()
     meta = read_meta(ckpt)
     model_id = str(meta["model_id"])
     out = Path(out).resolve()
 
-    manifest = load_manifest(source, st)
+    st, manifest = _station_and_manifest(source, station)
     n_manifest = len(manifest)
     root = manifest.attrs.get("root")
     since_ts = parse_since(since)
@@ -767,6 +789,8 @@ def classify_archive(
             f"({run.get('checkpoint')}), not {model_id} ({ckpt}); refusing to mix models in one "
             "output: pass --overwrite to replace them or choose another --out"
         )
+    if run is not None:
+        _refuse_other_archive_or_station(out, run, root, st)
     fresh = run is None
     if run is None:
         run = {
@@ -775,12 +799,14 @@ def classify_archive(
             "checkpoint": str(ckpt),
             "variant": meta.get("variant"),
             "station": st.code,
+            # the whole station: occurrence computes MLT with it (a YAML path may not travel)
+            "station_config": to_dict(st),
             "shards": {},
             "runs": [],
         }
     done = {int(k) for k in run["shards"]}
     _clean_stale(out, done)
-    book = _ErrorBook(out / ERRORS_FILE)
+    book = _ErrorBook(out / ERRORS_FILE, retry_errors)
     files = shard_files(out)
     covered_parts = [book.covered()]
     if files:
@@ -803,6 +829,7 @@ def classify_archive(
         manifest_frames=len(manifest),
         already_done=len(manifest) - len(todo),
         frames_planned=len(todo),
+        earlier_errors=0 if retry_errors else len(book.covered()),
     )
     run_entry = {
         "started": _iso(pd.Timestamp.now(tz="UTC")),
@@ -820,6 +847,7 @@ def classify_archive(
         "shards_planned": [s for s, _ in shards],
     }
     run.update(
+        root=str(Path(root).resolve()) if root is not None else run.get("root"),
         manifest_hash=mhash,
         manifest_frames=n_manifest,
         shard_size=shard_size,
@@ -841,6 +869,8 @@ def classify_archive(
         dark_dir = str(found) if found is not None else None
     if dark_dir is None and not preprocessed and st.preprocess.dark_subtract:
         log.warning("no dark frames found (calib/ or --dark-dir): noise from the corners only")
+    if dark_dir is not None and not preprocessed:
+        _check_dark_size(Path(dark_dir), st)
     _warn_preprocess_mismatch(meta, st, ckpt)
 
     local_device = device
@@ -914,6 +944,8 @@ def classify_archive(
 
         def on_result(s: int, res: ShardResult) -> None:
             df = shard_frames.pop(s)
+            if res.errors and summary.first_error is None:
+                summary.first_error = f"{res.errors[0][0]}: {res.errors[0][3]}"
             if res.errors:
                 new_errors.append(
                     pd.DataFrame(
@@ -996,6 +1028,63 @@ def classify_archive(
     )
     _write_run(out, run)
     return summary
+
+
+def _station_and_manifest(
+    source: str | os.PathLike, station: str | os.PathLike | StationConfig | None
+) -> tuple[StationConfig, pd.DataFrame]:
+    """The station (given, else the archive's calib/station.yaml, else yrs) and the manifest."""
+    from pipeline.archive import load_manifest
+    from pipeline.config import resolve_station
+
+    if isinstance(station, StationConfig):
+        return station, load_manifest(source, station)
+    src = Path(source)
+    if src.is_dir():
+        st = resolve_station(station, src)
+        return st, load_manifest(src, st)
+    # A manifest: its archive root (in its metadata) may hold the station file.
+    first = resolve_station(station, src.parent)
+    manifest = load_manifest(src, first)
+    root = manifest.attrs.get("root")
+    if station is None and root is not None:
+        st = resolve_station(None, Path(root))
+        if st != first:
+            manifest = load_manifest(src, st)
+        return st, manifest
+    return first, manifest
+
+
+def _check_dark_size(dark_dir: Path, st: StationConfig) -> None:
+    """Dark frames of another camera size are a run-level mistake: one error, not one per frame."""
+    from pipeline.imageio import read_frame
+    from pipeline.preprocess import dark_frames
+
+    darks = dark_frames(dark_dir)
+    if not darks or not st.preprocess.dark_subtract:
+        return
+    shape = read_frame(darks[0][1]).shape
+    if shape != (st.raw_size, st.raw_size):
+        raise InputError(
+            f"{darks[0][1]}: dark frame is {shape[0]}x{shape[1]} but station {st.code}'s raw "
+            f"frames are {st.raw_size}x{st.raw_size}; pass the archive's --station (its "
+            "calib/station.yaml) or another --dark-dir"
+        )
+
+
+def _refuse_other_archive_or_station(out: Path, run: dict, root: Any, st: StationConfig) -> None:
+    """An output holds one archive's frames for one station: mixing would collide or mislead."""
+    if run.get("station") not in (None, st.code):
+        raise InputError(
+            f"{out}: holds predictions for station {run['station']}, not {st.code}; pass "
+            f"--station {run['station']} (or its YAML), or choose another --out, or --overwrite"
+        )
+    # Paths are stored relative to the archive root: frames of two archives would collide.
+    if root is not None and run.get("root") and Path(root).resolve() != Path(run["root"]):
+        raise InputError(
+            f"{out}: holds predictions of the archive at {run['root']}, not {Path(root).resolve()}"
+            " (frames are named relative to their archive); choose another --out, or --overwrite"
+        )
 
 
 def _warn_preprocess_mismatch(meta: dict, station: StationConfig, ckpt: Path) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -15,9 +17,19 @@ PathArg = click.Path(path_type=Path)
 ExistingPath = click.Path(exists=True, path_type=Path)
 
 
+def _check_device(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+        raise click.BadParameter(f"{value!r}: use auto, cpu, cuda or cuda:N")
+    return value
+
+
 #: The torch device of a stage (pipeline.devices.resolve_device turns it into one).
 device_option = click.option(
-    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
+    "--device",
+    default="auto",
+    show_default=True,
+    callback=_check_device,
+    help="auto (CUDA where visible, else CPU), cpu, cuda or cuda:N.",
 )
 
 
@@ -28,6 +40,9 @@ def cli(verbose: int) -> None:
     """Classify all-sky auroral images and build MLT occurrence statistics."""
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    # Dask's scheduler logs its start and stop at INFO (dozens of lines that bury a run's
+    # summary); distributed reads this when first imported, here and in worker processes.
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", logging.getLevelName(level).lower())
 
 
 # ------------------------------------------------------------------------------ scan
@@ -189,6 +204,12 @@ def preprocess(
         chunk_size=chunk_size,
     )
     click.echo(summary.line())
+    if summary.failed and not (summary.written or summary.passed_through or summary.up_to_date):
+        first = summary.errors[0] if summary.errors else "see errors.parquet"
+        raise AuroraError(
+            f"no frame could be preprocessed: all {summary.failed} failed (first: {first}); "
+            f"they are listed in {out}/errors.parquet; check --station and the files"
+        )
 
 
 # ------------------------------------------------------------------------------ train / evaluate
@@ -284,18 +305,55 @@ def evaluate(
 @click.argument("source", metavar="ARCHIVE_OR_MANIFEST", type=ExistingPath)
 @click.option("--checkpoint", type=ExistingPath, required=True)
 @click.option("--out", type=PathArg, required=True, help="Predictions directory.")
-@click.option("--workers", type=click.IntRange(1), default=None)
+@click.option(
+    "--workers",
+    type=click.IntRange(1),
+    default=None,
+    help="Worker processes of a local cluster (default: one per two cores; several per GPU).",
+)
 @click.option("--threads-per-worker", type=click.IntRange(1), default=None)
-@click.option("--scheduler", default=None)
-@click.option("--station", default="yrs", show_default=True)
-@click.option("--dark-dir", type=ExistingPath, default=None)
-@click.option("--shard-size", type=click.IntRange(1), default=512, show_default=True)
-@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
+@click.option(
+    "--scheduler",
+    default=None,
+    help="Address of a running Dask scheduler (tcp://HOST:8786) instead of a local cluster.",
+)
+@click.option(
+    "--station",
+    default=None,
+    help="Station name or YAML path (default: the archive's calib/station.yaml, else yrs).",
+)
+@click.option(
+    "--dark-dir",
+    type=ExistingPath,
+    default=None,
+    help="Folder of dark_YYYYMMDD.png frames (default: the archive's calib/).",
+)
+@click.option(
+    "--shard-size",
+    type=click.IntRange(1),
+    default=512,
+    show_default=True,
+    help="Frames per task and per predictions file.",
+)
+@click.option(
+    "--batch-size", type=click.IntRange(1), default=64, show_default=True, help="Model batch."
+)
 @device_option
-@click.option("--preprocessed", is_flag=True, help="Frames are already preprocessed (440x440).")
-@click.option("--since", default=None, help="Only frames after this UTC date/time (nightly runs).")
+@click.option(
+    "--preprocessed", is_flag=True, help="Frames are already preprocessed (crop_size square)."
+)
+@click.option(
+    "--since",
+    default=None,
+    help="Only frames after this UTC date or time, e.g. 2009-01-01 or 2009-01-01T06:00.",
+)
 @click.option("--features", is_flag=True, help="Also write FC7 features per shard (float16).")
-@click.option("--overwrite", is_flag=True, help="Replace predictions made with another checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Replace what OUT holds (another model, archive).")
+@click.option(
+    "--retry-errors",
+    is_flag=True,
+    help="Classify again the frames in OUT/errors.parquet (files repaired or copied since).",
+)
 @click.option(
     "--decode-threads",
     type=click.IntRange(1),
@@ -311,7 +369,13 @@ def classify_archive(source: Path, checkpoint: Path, out: Path, **kwargs: object
     from pipeline.classify import classify_archive as run_classify
     from pipeline.classify import print_summary
 
-    print_summary(run_classify(source, checkpoint, out, **kwargs))  # type: ignore[arg-type]
+    summary = run_classify(source, checkpoint, out, **kwargs)  # type: ignore[arg-type]
+    print_summary(summary)
+    if summary.frames_planned and not summary.frames_classified:
+        raise AuroraError(
+            f"no frame could be classified: all {summary.frames_errors} are in "
+            f"{out}/errors.parquet (first: {summary.first_error}); check --station and the files"
+        )
 
 
 # ------------------------------------------------------------------------------ occurrence
@@ -320,22 +384,44 @@ def classify_archive(source: Path, checkpoint: Path, out: Path, **kwargs: object
 @click.option(
     "--bins", default="3min", show_default=True, help="Bin width (pandas offset: 3min, 0.5h)."
 )
-@click.option("--mlt-range", nargs=2, type=float, default=(6.0, 18.0), show_default=True)
-@click.option("--station", default="yrs", show_default=True)
+@click.option(
+    "--mlt-range",
+    nargs=2,
+    type=float,
+    default=(6.0, 18.0),
+    show_default=True,
+    help="MLT hours binned: START END.",
+)
+@click.option(
+    "--station",
+    default=None,
+    help="Station name or YAML (default: the one classify-archive recorded, else yrs).",
+)
 @click.option(
     "--mlt-method",
     type=click.Choice(["offset", "aacgm"]),
     default=None,
     help="Default: the station's method.",
 )
-@click.option("--by", type=click.Choice(["year", "winter", "day"]), default=None)
+@click.option(
+    "--by",
+    type=click.Choice(["year", "winter", "day"]),
+    default=None,
+    help="One table per group (winter: July-June, named by its December's year).",
+)
 @click.option(
     "--ci",
     is_flag=True,
     help="95% intervals per ratio (Wilson, with the frames of one UT day as one cluster).",
 )
 @click.option("--correct", type=ExistingPath, default=None, help="confusion.parquet of evaluate.")
-@click.option("--min-frames", type=click.IntRange(0), default=0, show_default=True)
+@click.option(
+    "--min-frames",
+    type=click.IntRange(0),
+    default=0,
+    show_default=True,
+    help="Grey out bins with fewer frames in the figure.",
+)
 @click.option(
     "--min-prob",
     type=click.FloatRange(0.0, 1.0, max_open=True),
@@ -355,7 +441,7 @@ def occurrence(
     pred: Path,
     bins: str,
     mlt_range: tuple[float, float],
-    station: str,
+    station: str | None,
     mlt_method: str | None,
     by: str | None,
     ci: bool,
@@ -365,7 +451,11 @@ def occurrence(
     regions: Path | None,
     out: Path,
 ) -> None:
-    """Occurrence ratio of each class per MLT bin (table, NetCDF and the paper's Fig. 7)."""
+    """Occurrence ratio of each class per MLT bin (table, NetCDF and the paper's Fig. 7).
+
+    PRED: a classify-archive predictions folder, a Parquet table with time_utc (or mlt) and
+    label, or an expert label file (one "name code" per line, like Alllabel2003_38044.txt).
+    """
     from pipeline.occurrence_stage import format_summary, run_occurrence
 
     info = run_occurrence(
@@ -528,8 +618,13 @@ def main(args: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
+    except click.UsageError as exc:
+        # one line, like every other user mistake; click's exit code 2 for usage stays
+        where = exc.ctx.command_path if exc.ctx is not None else "aurora-pipeline"
+        click.echo(f"error: {exc.format_message()} (see '{where} --help')", err=True)
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
-        exc.show()
+        click.echo(f"error: {exc.format_message()}", err=True)
         sys.exit(exc.exit_code)
     except AuroraError as exc:
         msg = str(exc).strip()
@@ -540,3 +635,21 @@ def main(args: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
+    except OSError as exc:
+        # The filesystem or the network refused a path or address the user gave.
+        click.echo(f"error: {os_error_message(exc)}", err=True)
+        sys.exit(1)
+
+
+def os_error_message(exc: OSError) -> str:
+    """One line for an OSError: the path, what the system said, and what to do."""
+    hint = {
+        FileExistsError: "a file is in the way where a folder is written; choose another --out",
+        NotADirectoryError: "a file is in the way where a folder is written; choose another --out",
+        IsADirectoryError: "a folder is in the way where a file is written",
+        PermissionError: "no permission: choose a folder you can write to",
+    }.get(type(exc))
+    where = exc.filename if exc.filename is not None else None
+    text = exc.strerror or str(exc) or type(exc).__name__
+    line = f"{where}: {text}" if where is not None else text
+    return f"{line} ({hint})" if hint else line

@@ -12,6 +12,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from pipeline.errors import InputError
+
 log = logging.getLogger(__name__)
 
 
@@ -57,7 +59,14 @@ def dask_client(
     from distributed import Client, LocalCluster
 
     if scheduler:
-        client = Client(scheduler, timeout="30s")
+        try:
+            client = Client(scheduler, timeout="30s")
+        except (OSError, ValueError, TimeoutError) as exc:
+            raise InputError(
+                f"--scheduler {scheduler}: cannot reach a Dask scheduler there "
+                f"({str(exc).splitlines()[0] or type(exc).__name__}); give its address as "
+                "tcp://HOST:PORT (the dashboard prints it) and check it is running"
+            ) from None
         log.info("connected to scheduler %s", scheduler)
         try:
             yield client

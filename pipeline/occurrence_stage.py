@@ -24,7 +24,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from pipeline.classes import CLASSES, LABEL_CODES, PROB_COLUMNS
-from pipeline.config import StationConfig, load_station
+from pipeline.config import StationConfig
 from pipeline.errors import InputError
 from pipeline.occurrence import (
     add_mlt,
@@ -156,6 +156,28 @@ def read_predictions(
     return read_label_file(p, station)
 
 
+def predictions_station(
+    pred: str | os.PathLike, station: str | os.PathLike | StationConfig | None
+) -> StationConfig:
+    """The station whose MLT the frames get: the one classify-archive recorded for a predictions
+    directory (a different --station is refused), else ``station``, else yrs."""
+    from pipeline.classify import read_run
+    from pipeline.config import resolve_station
+
+    run = read_run(pred) if Path(pred).is_dir() else None
+    recorded = (run or {}).get("station_config") or (run or {}).get("station")
+    if station is None:
+        return resolve_station(None, None, recorded)
+    st = resolve_station(station)
+    code = recorded.get("code") if isinstance(recorded, dict) else recorded
+    if code is not None and code != st.code:
+        raise InputError(
+            f"{pred}: these predictions are of station {code}, not {st.code}: MLT would be "
+            f"computed for the wrong site; drop --station (or pass {code}'s)"
+        )
+    return st
+
+
 def screen_uncertain(frames: Any, min_prob: float) -> tuple[Any, int]:
     """Frames whose most probable class has at least ``min_prob``, and how many were left out."""
     top = frames[list(PROB_COLUMNS)].max(axis=1)
@@ -258,7 +280,11 @@ def command_line(
     """The CLI command that reproduces a run (recorded in occurrence.md)."""
     parts = ["aurora-pipeline", "occurrence", str(pred), "--bins", str(bins)]
     parts += ["--mlt-range", f"{mlt_range[0]:g}", f"{mlt_range[1]:g}"]
-    parts += ["--station", station if isinstance(station, str) else station.code]
+    if station is not None:
+        parts += [
+            "--station",
+            str(station) if not isinstance(station, StationConfig) else station.code,
+        ]
     if mlt_method:
         parts += ["--mlt-method", mlt_method]
     if by:
@@ -281,7 +307,7 @@ def run_occurrence(
     out: str | os.PathLike,
     bins: str = "3min",
     mlt_range: tuple[float, float] = (6.0, 18.0),
-    station: str | StationConfig = "yrs",
+    station: str | StationConfig | None = None,
     mlt_method: str | None = None,
     by: str | None = None,
     ci: bool = False,
@@ -314,7 +340,7 @@ def run_occurrence(
         min_prob,
     )
 
-    st = station if isinstance(station, StationConfig) else load_station(station)
+    st = predictions_station(pred, station)
     method = mlt_method or st.mlt.method
     spec = make_bins(bins, mlt_range)  # option errors before any reading
     confusion = read_confusion(correct) if correct is not None else None
@@ -338,6 +364,12 @@ def run_occurrence(
     else:
         counts = count_bins(frames, spec, by, by_day=by_day)
     table = occurrence_from_counts(counts, spec, by, ci, confusion)
+    if table.attrs["n_binned"] == 0:
+        raise InputError(
+            f"{pred}: no frame to bin ({table.attrs['n_dropped']:,} outside "
+            f"{spec.mlt_range[0]:g}-{spec.mlt_range[1]:g} MLT, {table.attrs['n_missing']:,} without "
+            f"time or label, {n_uncertain:,} uncertain); check --station, --mlt-range, --min-prob"
+        )
     overall = occurrence_from_counts(counts, spec, None, ci, confusion) if by else table
     hourly = hourly_summary(overall)
 

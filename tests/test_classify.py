@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -452,3 +453,77 @@ def test_station_preprocessing_other_than_training_is_warned(ckpt, station, capl
         )
         _warn_preprocess_mismatch(meta, other, ckpt)
     assert len(caplog.records) == 1 and "rotate_deg: trained None" in caplog.text
+
+
+def _copy_archive(archive: Path, dest: Path, station_yaml: Path | None = None) -> Path:
+    import shutil
+
+    shutil.copytree(archive, dest)
+    if station_yaml is not None:
+        shutil.copy(station_yaml, dest / "calib" / "station.yaml")
+    return dest
+
+
+def test_station_comes_from_the_archive_and_a_wrong_one_is_one_error(
+    archive, station, tiny_station_path, ckpt, cluster, tmp_path, capsys
+):
+    """No --station: the archive's calib/station.yaml (the README's rule). A station whose
+    camera does not match the dark frames is one error before any work, not 36 frame errors."""
+    lc, _ = cluster
+    arch = _copy_archive(archive, tmp_path / "arch", tiny_station_path)
+    common = ["--checkpoint", str(ckpt), "--scheduler", lc.scheduler_address, "--device", "cpu"]
+    main(["classify-archive", str(arch), "--out", str(tmp_path / "p1"), *common])
+    assert f"classified {N_GOOD} frames, 2 in errors" in capsys.readouterr().err
+    assert read_run(tmp_path / "p1")["station_config"]["raw_size"] == SIZE
+    with pytest.raises(SystemExit) as exc:
+        main(["classify-archive", str(arch), "--out", str(tmp_path / "p2"), "--station", "yrs",
+              *common])  # fmt: skip
+    err = capsys.readouterr().err
+    assert exc.value.code == 1 and "dark frame is 64x64" in err and "--station" in err
+    assert not shard_files(tmp_path / "p2")
+    # the same output, another station or another archive: refused, not mixed
+    with pytest.raises(InputError, match="holds predictions for station"):
+        other = dataclasses.replace(station, code="thx")
+        classify_archive(arch, ckpt, tmp_path / "p1", station=other, dark_dir=None,
+                         scheduler=lc.scheduler_address)  # fmt: skip
+    arch_b = _copy_archive(archive, tmp_path / "arch_b", tiny_station_path)
+    with pytest.raises(InputError, match="holds predictions of the archive at"):
+        classify_archive(arch_b, ckpt, tmp_path / "p1", scheduler=lc.scheduler_address)
+
+
+def test_retry_errors_classifies_repaired_frames(
+    archive, station, tiny_station_path, ckpt, cluster, tmp_path, capsys
+):
+    lc, _ = cluster
+    arch = _copy_archive(archive, tmp_path / "arch", tiny_station_path)
+    out = tmp_path / "pred"
+    kw = dict(scheduler=lc.scheduler_address, shard_size=8, device="cpu")
+    classify_archive(arch, ckpt, out, **kw)
+    assert set(read_errors(out)["path"]) == {CORRUPT, WRONG_SIZE}
+    write_frame(arch / CORRUPT, np.full((SIZE, SIZE), 900, np.uint16))  # the copy finished
+    again = classify_archive(arch, ckpt, out, **kw)
+    assert again.frames_planned == 0 and again.earlier_errors == 2
+    assert "--retry-errors" in again.text()
+    retried = classify_archive(arch, ckpt, out, retry_errors=True, **kw)
+    assert retried.frames_planned == 2 and retried.frames_classified == 1
+    assert set(read_errors(out)["path"]) == {WRONG_SIZE}
+    pred = _assert_exactly_once(out, arch, station)
+    assert (pred["path"] == CORRUPT).sum() == 1
+
+
+def test_a_run_where_every_frame_fails_exits_with_an_error(
+    tiny_station_path, ckpt, cluster, tmp_path, capsys
+):
+    lc, _ = cluster
+    arch = tmp_path / "bad"
+    (arch / "2004" / "20041201").mkdir(parents=True)
+    for i in range(3):
+        (arch / "2004" / "20041201" / f"N20041201G06{i}000.png").write_bytes(b"not a png")
+    with pytest.raises(SystemExit) as exc:
+        main(["classify-archive", str(arch), "--checkpoint", str(ckpt), "--out",
+              str(tmp_path / "p"), "--station", str(tiny_station_path), "--scheduler",
+              lc.scheduler_address, "--device", "cpu"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert exc.value.code == 1
+    assert "error: no frame could be classified: all 3" in err and "N20041201G060000" in err
+    assert len(read_errors(tmp_path / "p")) == 3

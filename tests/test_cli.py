@@ -62,3 +62,68 @@ def test_error_reraised_from_a_worker_process_is_one_line(tmp_path, capsys):
         next(iter(loader))
     assert exc.value.path == str(tmp_path / "x.png")
     assert exc.value.reason == "truncated PNG"
+
+
+def _one_line_error(capsys, args, code=1):
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == code, err
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and "Traceback" not in err
+    return err
+
+
+def test_click_usage_errors_are_one_line_with_where_to_look(tmp_path, capsys):
+    err = _one_line_error(capsys, ["scan", str(tmp_path / "nope")], code=2)
+    assert "does not exist" in err and "aurora-pipeline scan --help" in err
+    err = _one_line_error(capsys, ["evaluate", "--device", "gpu0"], code=2)
+    assert "use auto, cpu, cuda or cuda:N" in err
+
+
+def test_device_accepts_cuda_n(tmp_path, capsys):
+    """cuda:1 passes the option check; without a GPU it is resolve_device's clear error."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("the machine has a GPU")
+    err = _one_line_error(
+        capsys,
+        [
+            "index",
+            str(tmp_path),
+            "--checkpoint",
+            str(tmp_path),
+            "--device",
+            "cuda:1",
+            "--out",
+            str(tmp_path / "o"),
+        ],  # fmt: skip
+    )
+    assert "Invalid value" not in err
+
+
+def test_a_file_where_an_output_folder_goes_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / "out"
+    blocker.write_text("not a folder")
+    err = _one_line_error(
+        capsys, ["synth", "labelled", str(blocker / "set"), "--n", "2", "--size", "64"]
+    )
+    assert str(blocker) in err and "choose another --out" in err
+
+
+def test_scan_finding_no_frame_names_the_station(tmp_path, capsys):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "20041201_0600.png").write_bytes(b"x")
+    err = _one_line_error(capsys, ["scan", str(tmp_path / "a"), "-o", str(tmp_path / "m.parquet")])
+    assert "no frames of station yrs" in err and "--station" in err
+    assert not (tmp_path / "m.parquet").exists()
+
+
+def test_occurrence_with_nothing_in_range_writes_nothing(tmp_path, capsys):
+    import pandas as pd
+
+    src = tmp_path / "pred.parquet"
+    pd.DataFrame({"mlt": [1.0, 2.0], "label": ["arc", "arc"]}).to_parquet(src)
+    err = _one_line_error(capsys, ["occurrence", str(src), "--out", str(tmp_path / "o")])
+    assert "no frame to bin (2 outside 6-18 MLT" in err
+    assert not (tmp_path / "o" / "occurrence.png").exists()

@@ -268,3 +268,28 @@ def test_a_crashed_runs_stray_shard_is_not_counted(tmp_path, pred_dir, capsys):
     write_table(df.iloc[:50], d / "shard-000003.parquet", PREDICTIONS_SCHEMA)  # not done
     main(["occurrence", str(d), "--bins", "0.5h", "--out", str(tmp_path / "occ")])
     assert "binned 300 frames" in capsys.readouterr().out
+
+
+def test_predictions_use_the_station_classify_archive_recorded(tmp_path, pred_dir):
+    """THEMIS Gillam predictions must get Gillam's MLT, not YRS's UT + 3 h by default."""
+    from pipeline.config import to_dict
+
+    d, df = pred_dir
+    gill = load_station("themis_gill")
+    (d / "_run.json").write_text(
+        json.dumps(
+            {
+                "station": gill.code,
+                "station_config": to_dict(gill),
+                "shards": {f"{i:06d}": {} for i in range(3)},
+            }
+        )  # fmt: skip
+    )
+    info = run_occurrence(d, tmp_path / "o", bins="1h", mlt_range=(0, 24))
+    assert info["station"] == gill.code
+    with pytest.raises(InputError, match="predictions are of station gill, not yrs"):
+        run_occurrence(d, tmp_path / "o2", station="yrs")
+    tab = pd.read_parquet(tmp_path / "o" / "occurrence.parquet")
+    # 03-15 UT at Gillam (~-6.5 h from UT) is night and morning MLT, not 06-18
+    day = (tab["mlt_start"] >= 10) & (tab["mlt_start"] < 18)
+    assert tab.loc[day, "n_frames"].sum() == 0 and tab["n_frames"].sum() == 300
