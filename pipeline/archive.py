@@ -612,6 +612,15 @@ def _update_errors(path: Path, new: pd.DataFrame) -> bool:
     return True
 
 
+def default_errors_path(manifest: str | os.PathLike) -> Path:
+    """errors.parquet beside manifest.parquet; ``<name>.errors.parquet`` beside another name, so
+    two manifests in one folder keep their own scan errors."""
+    m = Path(manifest)
+    if m.name == "manifest.parquet":
+        return m.parent / "errors.parquet"
+    return m.parent / f"{m.stem}.errors.parquet"
+
+
 def scan_to_files(
     archive: str | os.PathLike,
     station: StationConfig,
@@ -630,7 +639,7 @@ def scan_to_files(
         )
     out = Path(out)
     write_manifest(manifest, out, manifest.attrs["root"])
-    errors_path = Path(errors_out) if errors_out is not None else out.parent / "errors.parquet"
+    errors_path = Path(errors_out) if errors_out is not None else default_errors_path(out)
     written = _update_errors(errors_path, errors)
     times = manifest["time_utc"]
     return ScanResult(

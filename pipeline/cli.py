@@ -64,7 +64,8 @@ def cli(verbose: int) -> None:
     "errors_out",
     type=PathArg,
     default=None,
-    help="Errors table (default: errors.parquet beside the manifest).",
+    help="Errors table (default: errors.parquet beside manifest.parquet, NAME.errors.parquet "
+    "beside NAME.parquet).",
 )
 def scan(
     archive: Path, station: str, out: Path, exclude: tuple[str, ...], errors_out: Path | None

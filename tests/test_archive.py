@@ -313,3 +313,15 @@ def test_scan_synthetic_archive_matches_its_truth(tiny_archive, tiny_station_pat
     listed = load_manifest(tiny_archive / "truth.parquet", load_station(tiny_station_path))
     assert list(listed["path"]) == list(manifest["path"])
     assert listed["abspath"].map(os.path.isfile).all()
+
+
+def test_two_manifests_in_one_folder_keep_their_own_scan_errors(archive, tmp_path, capsys):
+    from pipeline.cli import main
+
+    main(["scan", str(archive), "-o", str(tmp_path / "a.parquet")])
+    main(["scan", str(archive), "-o", str(tmp_path / "b.parquet")])
+    capsys.readouterr()
+    for name in ("a", "b"):
+        errors = pd.read_parquet(tmp_path / f"{name}.errors.parquet")
+        assert errors["path"].tolist() == ["2004/20041224/sky_overview.png"]
+    assert not (tmp_path / "errors.parquet").exists()
