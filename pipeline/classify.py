@@ -679,7 +679,7 @@ class ClassifySummary:
         )
         if self.frames_planned == 0:
             if self.manifest_frames == 0:
-                return "nothing to do: the manifest selects no frames (check --since)"
+                return "nothing to do: no frame of the manifest is newer than --since"
             return (
                 f"nothing to do: all {self.already_done} frames of the manifest are already "
                 f"classified in {self.out} (model {self.model_id}){earlier}"
@@ -772,6 +772,11 @@ def classify_archive(
 
     st, manifest = _station_and_manifest(source, station)
     n_manifest = len(manifest)
+    if not n_manifest:
+        raise InputError(
+            f"{source}: no frames to classify (an empty manifest, or no file in it has a time "
+            f"for station {st.code}); `aurora-pipeline scan` lists why"
+        )
     root = manifest.attrs.get("root")
     since_ts = parse_since(since)
     if since_ts is not None:

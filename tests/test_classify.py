@@ -527,3 +527,11 @@ def test_a_run_where_every_frame_fails_exits_with_an_error(
     assert exc.value.code == 1
     assert "error: no frame could be classified: all 3" in err and "N20041201G060000" in err
     assert len(read_errors(tmp_path / "p")) == 3
+
+
+def test_a_table_without_frames_is_refused_not_nothing_to_do(ckpt, tmp_path):
+    table = tmp_path / "errors.parquet"
+    pd.DataFrame({"path": ["a.png"], "frame": [0], "stage": ["scan"]}).to_parquet(table)
+    with pytest.raises(InputError, match="no frames to classify"):
+        classify_archive(table, ckpt, tmp_path / "p", device="cpu")
+    assert not (tmp_path / "p").exists()
