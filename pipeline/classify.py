@@ -725,9 +725,17 @@ def _one_driver_per_folder(fn: Any) -> Any:
     @functools.wraps(fn)
     def locked(source: Any, checkpoint: Any, out: Any, **kwargs: Any) -> Any:
         out = Path(out).resolve()
+        created = not out.exists()
         out.mkdir(parents=True, exist_ok=True)
-        with _run_lock(out):
-            return fn(source, checkpoint, out, **kwargs)
+        try:
+            with _run_lock(out):
+                return fn(source, checkpoint, out, **kwargs)
+        except BaseException:
+            # A run refused before writing anything leaves no folder behind.
+            if created and {p.name for p in out.iterdir()} <= {LOCK_FILE}:
+                (out / LOCK_FILE).unlink(missing_ok=True)
+                out.rmdir()
+            raise
 
     return locked
 
