@@ -883,7 +883,11 @@ def classify_archive(
     if dark_dir is None and not preprocessed and st.preprocess.dark_subtract:
         log.warning("no dark frames found (calib/ or --dark-dir): noise from the corners only")
     if dark_dir is not None and not preprocessed:
+        from pipeline.preprocess import dark_coverage_note
+
         _check_dark_size(Path(dark_dir), st)
+        if len(manifest) and (note := dark_coverage_note(dark_dir, manifest["time_utc"].min())):
+            log.warning(note)
     _warn_preprocess_mismatch(meta, st, ckpt)
 
     local_device = device

@@ -417,6 +417,19 @@ def dark_for_time(dark_dir: str | os.PathLike, time: Any) -> Path | None:
     return best if best is not None else darks[0][1]
 
 
+def dark_coverage_note(dark_dir: str | os.PathLike, first_time: Any) -> str | None:
+    """A warning when frames predate every dark frame (they get the earliest, of a later
+    date, and the camera's noise drifts between seasons); None when the darks cover them."""
+    darks = dark_frames(dark_dir)
+    day = _as_date(first_time)
+    if not darks or day is None or darks[0][0] <= day:
+        return None
+    return (
+        f"{Path(dark_dir)}: the earliest dark frame ({darks[0][0]:%Y-%m-%d}) is later than the "
+        f"first frame ({day:%Y-%m-%d}); earlier frames use it anyway (add a dark of their season)"
+    )
+
+
 def find_dark_dir(root: str | os.PathLike) -> Path | None:
     """``root/calib`` when it holds dark frames (dark_<YYYYMMDD>.png), else None."""
     calib = Path(root) / "calib"

@@ -34,6 +34,7 @@ from pipeline.errors import ConfigError, FrameReadError, InputError
 from pipeline.preprocess import (
     Calibration,
     calibration_from_station,
+    dark_coverage_note,
     dark_for_time,
     dark_frames,
     find_dark_dir,
@@ -427,6 +428,10 @@ def run_preprocess(
         found = find_dark_dir(root) if st.preprocess.dark_subtract else None
         darks = DarkSource("dir", str(found)) if found is not None else DarkSource()
     _check_darks(st, darks)
+    if darks.mode == "dir" and "time_utc" in df.columns and len(df):
+        note = dark_coverage_note(darks.path, df["time_utc"].min())  # type: ignore[arg-type]
+        if note:
+            log.warning(note)
     if darks.mode == "file":
         dark_note = f"dark frame {Path(darks.path).name}"  # type: ignore[arg-type]
     elif darks.mode == "dir":

@@ -312,3 +312,13 @@ def test_bias_estimate_on_synthetic_yrs_frames(size):
         dark = synth.dark_frame(winter, size).astype(np.float64)
         corners = (frame - dark).ravel()[pp._geometry(calib._key(frame.shape)).bias_idx]
         assert abs(np.median(corners)) < 0.01 * season.bias
+
+
+def test_frames_before_every_dark_frame_are_noted(tmp_path):
+    from pipeline.imageio import write_frame
+    from pipeline.preprocess import dark_coverage_note
+
+    write_frame(tmp_path / "dark_20061101.png", np.zeros((8, 8), np.uint16))
+    note = dark_coverage_note(tmp_path, pd.Timestamp("2004-12-01T06:00", tz="UTC"))
+    assert "earliest dark frame (2006-11-01) is later than the first frame (2004-12-01)" in note
+    assert dark_coverage_note(tmp_path, pd.Timestamp("2006-12-01", tz="UTC")) is None
