@@ -251,3 +251,26 @@ def preprocess_mismatch(meta: dict[str, Any], calibration: dict[str, Any]) -> li
         if key in trained and key in calibration and trained[key] != calibration[key]:
             out.append(f"{key}: trained {trained[key]}, now {calibration[key]}")
     return out
+
+
+def unfinished_note(meta: dict[str, Any], path: str | os.PathLike) -> str | None:
+    """The warning for a checkpoint whose meta.json says its training run did not finish
+    (interrupted, or resumed with more epochs and not yet through them); None otherwise,
+    including for checkpoints written before meta.json recorded it."""
+    if meta.get("finished", True) is not False:
+        return None
+    done, planned = meta.get("epochs_done", "?"), meta.get("epochs_planned", "?")
+    return (
+        f"{path} is from an unfinished training run (epoch {done} of {planned}): "
+        "resume it with train --resume"
+    )
+
+
+def warn_if_unfinished(meta: dict[str, Any], path: str | os.PathLike) -> bool:
+    """Log one warning if the checkpoint ``meta`` belongs to an unfinished training run."""
+    import logging
+
+    note = unfinished_note(meta, path)
+    if note is not None:
+        logging.getLogger(__name__).warning(note)
+    return note is not None

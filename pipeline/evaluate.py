@@ -305,11 +305,12 @@ def evaluate_checkpoint(
     import torch
     from torch.utils.data import DataLoader
 
-    from pipeline.checkpoint import load_checkpoint
+    from pipeline.checkpoint import load_checkpoint, warn_if_unfinished
     from pipeline.labelled import ToModelInput, load_labelled, open_labelled
 
     dev = resolve_device(device)
     model, meta = load_checkpoint(checkpoint, map_location="cpu")
+    warn_if_unfinished(meta, checkpoint)
     model = model.to(dev).eval()
     classes = tuple(meta.get("classes", CLASSES))
     input_size = int(meta["input_size"])

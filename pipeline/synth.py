@@ -29,6 +29,7 @@ Public API: :func:`render_frame`, :func:`make_labelled`, :func:`make_archive`, :
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 from collections.abc import Iterable, Sequence
@@ -44,8 +45,12 @@ from pipeline.config import CONFIG_DIR, StationConfig, dump_yaml, load_station
 from pipeline.errors import InputError
 from pipeline.storage import atomic_path, write_table
 
+log = logging.getLogger(__name__)
+
 #: Fisheye horizon radius of the YRS camera at 512 px (scaled with the frame size).
 FOV_RADIUS_512 = 250.0
+#: Frame sizes synth renders (a 4096 px frame takes ~3 GB and ~12 s; larger ones exhaust memory).
+MIN_SIZE, MAX_SIZE = 32, 4096
 #: Earth radius, reference emission altitude and geomagnetic dip at YRS.
 RE_KM = 6371.0
 H_REF_KM = 110.0
@@ -1053,8 +1058,8 @@ def _write_calib(out: Path, winters: Iterable[int], size: int) -> None:
             dump_yaml(_station(size), tmp)
 
 
-def _write_run(out: Path, kind: str, seasons: Iterable[int], **params) -> None:
-    """Record what made this folder (synth.json): parameters, camera seasons, version."""
+def _run_record(kind: str, seasons: Iterable[int], **params) -> dict:
+    """What made a synthetic folder (synth.json): parameters, camera seasons, version."""
     import dataclasses
     import json
 
@@ -1068,8 +1073,102 @@ def _write_run(out: Path, kind: str, seasons: Iterable[int], **params) -> None:
         "seasons": {str(w): dataclasses.asdict(season_for(w)) for w in sorted(set(seasons))},
         "pipeline_version": __version__,
     }
+    return json.loads(json.dumps(run))  # as it reads back from synth.json (tuples as lists)
+
+
+def _write_run(out: Path, run: dict, complete: bool) -> None:
+    """Write synth.json: first with ``complete: false`` (before any frame), at the end true."""
+    import json
+
+    out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "synth.json") as tmp:
-        tmp.write_text(json.dumps(run, indent=2) + "\n")
+        tmp.write_text(json.dumps({**run, "complete": complete}, indent=2) + "\n")
+
+
+def _read_run(out: Path) -> dict | None:
+    """The synth.json of ``out``, or None when there is none or it is unreadable."""
+    import json
+
+    try:
+        run = json.loads((out / "synth.json").read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return run if isinstance(run, dict) else None
+
+
+#: The parameters a user gives; named when an earlier synth in a folder used others.
+_USER_PARAMS = ("kind", "n", "seed", "winter", "balanced", "timeline", "winters", "size")
+
+
+def _count(k: int, word: str, plural: str | None = None) -> str:
+    return f"{k} {word if k == 1 else plural or word + 's'}"
+
+
+def _describe(out: Path, earlier: dict | None, run: dict) -> str:
+    """What is in a non-empty ``out``, for the refusal: frames, table, earlier parameters."""
+    frames = sum(1 for p in out.rglob("*.png") if "calib" not in p.relative_to(out).parts)
+    names = sorted(p.name for p in out.iterdir())
+    if earlier is None:
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        what = f"{_count(frames, 'frame')} and " if frames else ""
+        return f"{what}{_count(len(names), 'entry', 'entries')}: {shown}; no synth.json"
+    tables = [t for t in ("labels.parquet", "truth.parquet") if (out / t).is_file()]
+    what = _count(frames, "frame") + "".join(f" and {t}" for t in tables)
+    diff = [
+        f"{k}={earlier.get(k)!r} (now {run.get(k)!r})"
+        for k in _USER_PARAMS
+        if earlier.get(k) != run.get(k)
+    ]
+    if diff:
+        why = "with " + ", ".join(diff)
+    elif run.get("timeline") == "DataFrame":
+        why = "made from a timeline DataFrame (synth.json cannot tell it from this one)"
+    elif earlier.get("pipeline_version") != run.get("pipeline_version"):
+        why = f"of pipeline {earlier.get('pipeline_version')}"
+    else:
+        why = "of another generator version"
+    return f"{what} from an earlier synth {why}"
+
+
+def _prepare_out(out: Path, run: dict, table: str, comparable: bool = True) -> pd.DataFrame | None:
+    """Check that ``out`` may be written; the earlier result when it already holds this run.
+
+    A missing or empty folder is written. A folder whose synth.json records exactly this run
+    (parameters, camera seasons, version; ``--workers`` never changes the output) is either
+    finished (synth.json complete, the table and every frame present: nothing is redone, and the
+    table is returned) or an interrupted run of it, which is rendered again (frames are
+    deterministic, so the earlier ones are overwritten with the same bytes). Anything else is
+    refused: new frames would mix with the old ones and the table would describe only the new.
+    """
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: is a file; give a folder to write the synthetic frames into")
+    if not out.is_dir() or not any(out.iterdir()):
+        return None
+    earlier = _read_run(out)
+    same = (
+        comparable
+        and earlier is not None
+        and {k: v for k, v in earlier.items() if k != "complete"} == run
+    )
+    if not same:
+        raise InputError(
+            f"{out} is not empty ({_describe(out, earlier, run)}); "
+            "choose another folder or delete it"
+        )
+    if earlier.get("complete", True) and (out / table).is_file():  # no key: written at the end
+        try:
+            done = pd.read_parquet(out / table)
+        except Exception:  # noqa: BLE001 - damaged table: render again
+            return None
+        if all((out / rel).is_file() for rel in done["path"]):
+            log.warning(
+                "%s already holds this synthetic set (synth.json); nothing rewritten "
+                "(delete the folder to render it again)",
+                out,
+            )
+            return done
+    log.warning("%s holds an unfinished run of this synth (synth.json); rendering it again", out)
+    return None
 
 
 def _check(n: int, seed: int, size: int, workers: int) -> None:
@@ -1077,8 +1176,11 @@ def _check(n: int, seed: int, size: int, workers: int) -> None:
         raise InputError(f"--n must be at least 1, got {n}")
     if seed < 0:
         raise InputError(f"--seed must be a non-negative integer, got {seed}")
-    if size < 32:
-        raise InputError(f"--size must be at least 32 pixels, got {size}")
+    if not MIN_SIZE <= size <= MAX_SIZE:
+        raise InputError(
+            f"--size must be within {MIN_SIZE}..{MAX_SIZE} pixels (the YRS camera's is 512), "
+            f"got {size}"
+        )
     if workers < 1:
         raise InputError(f"--workers must be at least 1, got {workers}")
 
@@ -1092,16 +1194,24 @@ def make_labelled(
     size: int = 512,
     workers: int = 1,
 ) -> pd.DataFrame:
-    """Write an ImageFolder-style labelled set of raw frames plus labels.parquet and calib/."""
+    """Write an ImageFolder-style labelled set of raw frames plus labels.parquet and calib/.
+
+    ``out`` must be new or empty, or hold this same set (see :func:`_prepare_out`).
+    """
     _check(n, seed, size, workers)
     out = Path(out)
     plan = labelled_plan(n, seed, winter, balanced)
+    run = _run_record(
+        "labelled", [winter], n=n, seed=seed, winter=winter, balanced=balanced, size=size
+    )
+    done = _prepare_out(out, run, "labels.parquet")
+    if done is not None:
+        return done
+    _write_run(out, run, complete=False)
     _write_calib(out, [winter], size)
     _render_all(out, plan, seed, size, workers, f"synth labelled {winter}")
     write_table(plan, out / "labels.parquet")
-    _write_run(
-        out, "labelled", [winter], n=n, seed=seed, winter=winter, balanced=balanced, size=size
-    )
+    _write_run(out, run, complete=True)
     return plan
 
 
@@ -1114,19 +1224,29 @@ def make_archive(
     size: int = 512,
     workers: int = 1,
 ) -> pd.DataFrame:
-    """Write an unlabelled archive in the YRS layout plus truth.parquet and calib/ dark frames."""
+    """Write an unlabelled archive in the YRS layout plus truth.parquet and calib/ dark frames.
+
+    ``out`` must be new or empty, or hold this same archive (see :func:`_prepare_out`; a
+    timeline given as a DataFrame is never taken as the same).
+    """
     _check(n, seed, size, workers)
     out = Path(out)
     plan = archive_plan(n, seed, timeline, winters)
-    _write_calib(out, plan["winter"].unique().tolist(), size)
+    seasons = plan["winter"].unique().tolist()
+    source = "DataFrame" if isinstance(timeline, pd.DataFrame) else timeline
+    run = _run_record(
+        "archive", seasons, n=n, seed=seed, timeline=source, winters=list(winters), size=size
+    )
+    # a DataFrame timeline's content is not recorded: never taken as the same run
+    done = _prepare_out(out, run, "truth.parquet", comparable=source != "DataFrame")
+    if done is not None:
+        return done
+    _write_run(out, run, complete=False)
+    _write_calib(out, seasons, size)
     _render_all(out, plan, seed, size, workers, "synth archive")
     truth = plan[["path", "time_utc", "label"]]
     write_table(truth, out / "truth.parquet")
-    seasons = plan["winter"].unique().tolist()
-    source = "DataFrame" if isinstance(timeline, pd.DataFrame) else timeline
-    _write_run(
-        out, "archive", seasons, n=n, seed=seed, timeline=source, winters=list(winters), size=size
-    )
+    _write_run(out, run, complete=True)
     return truth
 
 

@@ -357,6 +357,93 @@ def _data_fingerprint(df: pd.DataFrame, root: Path) -> str:
     return json.dumps(sorted(zip(rel, df["label"].tolist())))
 
 
+#: What ``train`` writes into OUT (besides the temporary ``.<name>.*.part`` of atomic writes).
+_RUN_FILES = frozenset(
+    {"config.yaml", "split.parquet", "meta.json", "model.safetensors", LAST_STATE, "history.json"}
+)
+
+
+def _is_partial_write(name: str) -> bool:
+    """A temporary file of :func:`pipeline.storage.atomic_path` (left by a killed process)."""
+    return name.startswith(".") and name.endswith(".part")
+
+
+def _recorded_run(out: Path) -> tuple[str, str] | None:
+    """(config fingerprint, data fingerprint) of the training run in ``out``, None if unknown.
+
+    ``config.yaml`` and ``split.parquet`` are written when a run starts, so they name the latest
+    run even if it stopped before its first epoch; ``last.pt`` (what --resume reads) is the
+    fallback when they are missing or unreadable.
+    """
+    import pyarrow.parquet as pq
+
+    try:
+        cfg = load_train_config(out / "config.yaml")
+        split = pq.read_table(out / "split.parquet", columns=["path", "label"]).to_pandas()
+        data = json.dumps(sorted(zip(split["path"].tolist(), split["label"].tolist())))
+        return _config_fingerprint(cfg), data
+    except Exception:  # noqa: BLE001 - missing or damaged: try the training state instead
+        pass
+    if (out / LAST_STATE).is_file():
+        try:
+            saved = _load_last(out / LAST_STATE)
+            return str(saved["config"]), str(saved["data"])
+        except Exception:  # noqa: BLE001 - unreadable: the run is unknown
+            return None
+    return None
+
+
+def _check_out_folder(out: Path, cfg: TrainConfig, data_fingerprint: str) -> None:
+    """Refuse (InputError) an OUT that holds anything but an earlier run of this same training.
+
+    Allowed without --resume: a missing or empty folder, or one holding only the files of a run
+    with the same config (up to the settings --resume may change, see _RESUMABLE_CHANGES) on the
+    same labelled set; that run, finished or not, is then trained afresh. Anything else (another
+    variant or config, another data set, a raw archive, evaluation outputs) would be overwritten
+    or mixed with model files.
+    """
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: is a file; give a folder for the checkpoint")
+    if not out.is_dir():
+        return
+    names = [p.name for p in out.iterdir() if not _is_partial_write(p.name)]
+    if not names:
+        return
+    foreign = sorted(n for n in names if n not in _RUN_FILES)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise InputError(
+            f"--out {out} is not empty ({len(foreign)} entries not written by `train`, e.g. "
+            f"{shown}); choose another --out (an empty or new folder)"
+        )
+    recorded = _recorded_run(out)
+    if recorded == (_config_fingerprint(cfg), data_fingerprint):
+        return
+    what = "with another config or labelled set" if recorded else "that cannot be identified"
+    raise InputError(
+        f"--out {out} is not empty: it holds a training run {what} "
+        f"({', '.join(sorted(names))}); pass --resume to continue it, or choose another --out"
+    )
+
+
+def _record_progress(out: Path, epochs_done: int, epochs_planned: int, finished: bool) -> None:
+    """Note in the checkpoint's meta.json how far training got (the weights stay as they are)."""
+    path = out / "meta.json"
+    if not path.is_file():
+        return
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError):  # damaged: the next better epoch writes it anew
+        log.warning("%s: unreadable; training progress not recorded in it", path)
+        return
+    update = {"epochs_done": epochs_done, "epochs_planned": epochs_planned, "finished": finished}
+    if all(meta.get(k) == v for k, v in update.items()):
+        return
+    meta.update(update)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
+
+
 def _train_one_epoch(
     model: torch.nn.Module,
     step_model: torch.nn.Module,
@@ -481,6 +568,8 @@ def train(
     if len(val_idx) == 0:
         raise InputError(f"{data}: too few frames for a validation split of {cfg.val_fraction}")
     fingerprint = _data_fingerprint(df, data)
+    if not resume:
+        _check_out_folder(out, cfg, fingerprint)
 
     out.mkdir(parents=True, exist_ok=True)
     last_path = out / LAST_STATE
@@ -571,6 +660,11 @@ def train(
 
     if st.stopped or st.epoch >= cfg.epochs:
         log.info("%s: training already finished (epoch %d); nothing to do", out, st.epoch)
+        if resume:
+            _record_progress(out, st.epoch, cfg.epochs, finished=True)
+    elif resume:
+        # More epochs than before: the checkpoint is unfinished again until they are run.
+        _record_progress(out, st.epoch, cfg.epochs, finished=False)
     for epoch in range(st.epoch, cfg.epochs):
         if st.stopped:
             break
@@ -624,6 +718,11 @@ def train(
                     "metrics": metrics,
                     "init_weights": None if init_weights is None else str(init_weights),
                     "data": str(data),
+                    # How far training got (evaluate and classify-archive warn if unfinished);
+                    # updated after every epoch by _record_progress.
+                    "epochs_done": st.epoch,
+                    "epochs_planned": cfg.epochs,
+                    "finished": st.epoch >= cfg.epochs,
                 },
             )
         else:
@@ -632,6 +731,7 @@ def train(
                 st.stopped = True
                 log.info("early stop after epoch %d (best %d)", st.epoch, st.best_epoch)
         _save_last(last_path, cfg, model, opt, st, loader_gen, aug_gen, fingerprint)
+        _record_progress(out, st.epoch, cfg.epochs, st.stopped or st.epoch >= cfg.epochs)
         with atomic_path(out / "history.json") as tmp:
             tmp.write_text(json.dumps(st.history, indent=1) + "\n")
 

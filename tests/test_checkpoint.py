@@ -226,3 +226,23 @@ def test_preprocess_mismatch_names_what_changed_since_training():
         "rotate_deg: trained None, now 61.11",
     ]
     assert preprocess_mismatch({}, calibration_from_station(rotated).params()) == []
+
+
+def test_unfinished_checkpoints_are_warned_about_once(caplog):
+    import logging
+
+    from pipeline.checkpoint import unfinished_note, warn_if_unfinished
+
+    half = {"epochs_done": 4, "epochs_planned": 40, "finished": False}
+    note = (
+        "ck/alex is from an unfinished training run (epoch 4 of 40): resume it with train --resume"
+    )
+    assert unfinished_note(half, "ck/alex") == note
+    with caplog.at_level(logging.WARNING, logger="pipeline.checkpoint"):
+        assert warn_if_unfinished(half, "ck/alex") is True
+        # finished (all epochs or an early stop) and old checkpoints without the keys: silent
+        assert warn_if_unfinished({**half, "epochs_done": 40, "finished": True}, "x") is False
+        assert warn_if_unfinished({"epochs_done": 4, "epochs_planned": 40}, "x") is False
+        assert warn_if_unfinished({}, "x") is False
+    assert [r.getMessage() for r in caplog.records] == [note]
+    assert caplog.records[0].levelno == logging.WARNING

@@ -113,3 +113,38 @@ def test_metrics_table_has_one_column_per_method():
     md = metrics_table({"AlexNet": a, "STN-AlexNet": b})
     assert md.splitlines()[0] == "| Method | AlexNet | STN-AlexNet |"
     assert "| hotspot corona accuracy | 0.000 | 1.000 |" in md
+
+
+@pytest.mark.parametrize(
+    ("progress", "warned"),
+    [
+        ({"epochs_done": 4, "epochs_planned": 40, "finished": False}, True),
+        ({"epochs_done": 40, "epochs_planned": 40, "finished": True}, False),
+        ({}, False),  # written before meta.json recorded training progress
+    ],
+)
+def test_evaluate_warns_once_about_an_unfinished_checkpoint(
+    tmp_path, tiny_labelled, caplog, progress, warned
+):
+    import logging
+
+    import torch
+
+    from pipeline.checkpoint import save_checkpoint
+    from pipeline.evaluate import evaluate_checkpoint
+    from pipeline.models import build_model
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "ckpt"
+    save_checkpoint(ckpt, build_model("resnet18", input_size=64), {**progress})
+    with caplog.at_level(logging.WARNING):
+        evaluate_checkpoint(ckpt, tiny_labelled, tmp_path / "ev", device="cpu", timing=False)
+    notes = [r.getMessage() for r in caplog.records if "unfinished training run" in r.getMessage()]
+    if warned:
+        assert notes == [
+            f"{ckpt} is from an unfinished training run (epoch 4 of 40): "
+            "resume it with train --resume"
+        ]
+    else:
+        assert notes == []
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["n"] == 80

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import datetime, timezone
 from pathlib import Path
@@ -324,3 +325,79 @@ def test_signal_levels_suit_the_4000_count_stretch():
         p99.append(np.percentile((raw - dark)[crop], 99))
     assert 1000 < np.median(p99) < 5000
     assert np.mean(np.array(p99) > 4000) < 0.3  # only a minority saturates the stretch
+
+
+# ------------------------------------------------------------------ output folder
+def _frames(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("N*.png") if "calib" not in p.parts)
+
+
+def test_synth_refuses_a_folder_of_another_synth_run(tmp_path, capsys):
+    """--n 10 on an 80-frame set would leave 91 PNGs and a 10-row table: refused, untouched."""
+    out = tmp_path / "train"
+    synth.make_labelled(out, n=8, seed=0, size=32)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(InputError) as err:
+        synth.make_labelled(out, n=4, seed=0, size=32)
+    assert str(err.value) == (
+        f"{out} is not empty (8 frames and labels.parquet from an earlier synth with n=8 "
+        "(now 4)); choose another folder or delete it"
+    )
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    arch = tmp_path / "arch"
+    main(["synth", "archive", str(arch), "--n", "6", "--size", "32"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(["synth", "archive", str(arch), "--n", "3", "--size", "32"])
+    assert exc.value.code == 1
+    msg = capsys.readouterr().err.strip()
+    assert len(msg.splitlines()) == 1 and "Traceback" not in msg
+    assert f"{arch} is not empty (6 frames and truth.parquet" in msg
+    assert msg.endswith("choose another folder or delete it")
+    assert len(_frames(arch)) == 6 and len(pd.read_parquet(arch / "truth.parquet")) == 6
+
+
+def test_synth_refuses_a_folder_of_other_files(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match=r"is not empty \(1 entry: notes\.txt; no synth\.json\)"):
+        synth.make_archive(tmp_path, n=2, size=32)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_identical_rerun_keeps_the_set_and_an_interrupted_one_is_finished(tmp_path, monkeypatch):
+    """What `aurora-pipeline run workflows/demo.yaml` relies on after a failed synth stage."""
+    out = tmp_path / "set"
+    first = synth.make_labelled(out, n=6, seed=2, size=32)
+    stamp = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    again = synth.make_labelled(out, n=6, seed=2, size=32, workers=2)  # workers: same output
+    pd.testing.assert_frame_equal(again, first)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == stamp
+
+    # Killed while rendering: synth.json already says what the folder is, and "not complete".
+    arch = tmp_path / "arch"
+
+    def killed(out_, plan, *a, **k):
+        first = (0, plan["label"][0], plan["path"][0], plan["time_utc"][0].value, "")
+        synth._render_chunk(str(out_), 32, 4, [first])  # one frame written, then Ctrl-C
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(synth, "_render_all", killed)
+        with pytest.raises(KeyboardInterrupt):
+            synth.make_archive(arch, n=5, seed=4, size=32)
+    assert json.loads((arch / "synth.json").read_text())["complete"] is False
+    assert not (arch / "truth.parquet").exists()
+    truth = synth.make_archive(arch, n=5, seed=4, size=32)
+    assert len(_frames(arch)) == 5 and len(truth) == 5
+    assert json.loads((arch / "synth.json").read_text())["complete"] is True
+    fresh = tmp_path / "fresh"
+    synth.make_archive(fresh, n=5, seed=4, size=32)
+    for rel in truth["path"]:
+        assert (arch / rel).read_bytes() == (fresh / rel).read_bytes()
+
+
+@pytest.mark.parametrize("size", [100000, 8192, 16])
+def test_size_out_of_range_is_a_clear_error(tmp_path, size):
+    with pytest.raises(InputError, match=rf"--size must be within 32\.\.4096 pixels.*got {size}"):
+        synth.make_archive(tmp_path / "x", n=1, size=size)
+    assert not (tmp_path / "x").exists()

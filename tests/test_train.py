@@ -272,3 +272,151 @@ def test_divergence_is_a_clear_config_error(tmp_path, mini_set, capsys):
         _train(cfg, mini_set, tmp_path / "o")
     assert ex.value.code == 1
     assert "training diverged" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- --out folder
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_train_refuses_an_out_holding_another_run(tmp_path, mini_set, capsys):
+    """A trained checkpoint of another variant/config is never silently replaced."""
+    out = tmp_path / "ck_alex"
+    _train(write_cfg(tmp_path / "alex.yaml", variant="alexnet"), mini_set, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()  # the progress bars of that run
+    for name, over in (("stn.yaml", {}), ("lr.yaml", {"variant": "alexnet", "lr": 0.5})):
+        with pytest.raises(SystemExit) as ex:
+            _train(write_cfg(tmp_path / name, **over), mini_set, out)
+        assert ex.value.code == 1
+        err = _one_line_error(capsys)
+        assert str(out) in err
+        assert "pass --resume to continue it, or choose another --out" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_train_refuses_an_out_with_other_files(tmp_path, mini_set, capsys):
+    """A raw archive folder (or any folder of other files) gets no model files written into it."""
+    arch = tmp_path / "archive"
+    (arch / "2004" / "20041221").mkdir(parents=True)
+    (arch / "2004" / "20041221" / "N20041221G030001.png").write_bytes(b"x")
+    (arch / "truth.parquet").write_bytes(b"x")
+    with pytest.raises(SystemExit) as ex:
+        _train(write_cfg(tmp_path / "c.yaml", variant="alexnet"), mini_set, arch)
+    assert ex.value.code == 1
+    err = _one_line_error(capsys)
+    assert str(arch) in err and "choose another --out" in err
+    assert sorted(p.name for p in arch.iterdir()) == ["2004", "truth.parquet"]
+
+
+def test_train_refuses_the_same_config_on_another_set(tmp_path, mini_set, capsys):
+    from pipeline import synth
+
+    cfg = write_cfg(tmp_path / "c.yaml", variant="alexnet")
+    _train(cfg, mini_set, tmp_path / "ck")
+    other = tmp_path / "other"
+    synth.make_labelled(other, n=12, seed=9, winter=2003, balanced=True, size=64)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        _train(cfg, other, tmp_path / "ck")
+    assert "pass --resume to continue it" in _one_line_error(capsys)
+
+
+def test_train_reruns_into_its_own_unfinished_or_finished_run(tmp_path, mini_set, monkeypatch):
+    """The same config on the same set may write into its own folder again (a workflow rerun
+    after a failed train stage), whether the earlier run finished or stopped before epoch 1."""
+    import pipeline.train as train_mod
+
+    cfg = write_cfg(tmp_path / "c.yaml", variant="alexnet", epochs=2)
+    out = tmp_path / "ck"
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:  # Ctrl-C in epoch 1: config.yaml and split.parquet only
+        m.setattr(train_mod, "_train_one_epoch", interrupted)
+        with pytest.raises(SystemExit):  # the CLI's "aborted", exit 130
+            _train(cfg, mini_set, out)
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "split.parquet"]
+    _train(cfg, mini_set, out)  # the same run, started again
+    assert json.loads((out / "meta.json").read_text())["finished"] is True
+    # epochs is a setting --resume may change: still the same run, trained afresh
+    _train(write_cfg(tmp_path / "c1.yaml", variant="alexnet", epochs=1), mini_set, out)
+    assert len(json.loads((out / "history.json").read_text())) == 1
+
+
+def test_train_out_refusal_is_an_input_error_before_anything_is_written(tmp_path, mini_set):
+    from pipeline.errors import InputError
+    from pipeline.train import train
+
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "readme.txt").write_text("mine")
+    with pytest.raises(InputError, match=r"notes is not empty .*readme\.txt"):
+        train(load_train_config(write_cfg(tmp_path / "c.yaml")), mini_set, out, device="cpu")
+    assert [p.name for p in out.iterdir()] == ["readme.txt"]
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(InputError, match="is a file"):
+        train(load_train_config(write_cfg(tmp_path / "c.yaml")), mini_set, afile, device="cpu")
+
+
+# ----------------------------------------------------------------------------- progress in meta
+
+
+def test_meta_records_an_interrupted_run_until_it_is_resumed(tmp_path, mini_set, monkeypatch):
+    """Ctrl-C in epoch 2 of 3: meta.json says 1 of 3, unfinished; --resume finishes it."""
+    import pipeline.train as train_mod
+
+    cfg = write_cfg(tmp_path / "c.yaml", variant="alexnet", epochs=3)
+    out = tmp_path / "ck"
+    real = train_mod._train_one_epoch
+    calls = []
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    def ctrl_c_in_epoch_2(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(train_mod, "_train_one_epoch", ctrl_c_in_epoch_2)
+        with pytest.raises(SystemExit):
+            _train(cfg, mini_set, out)
+    meta = json.loads((out / "meta.json").read_text())
+    assert (meta["epochs_done"], meta["epochs_planned"], meta["finished"]) == (1, 3, False)
+    assert meta["variant"] == "alexnet" and meta["metrics"]["epoch"] == 1  # old keys kept
+    _train(cfg, mini_set, out, "--resume")
+    meta = json.loads((out / "meta.json").read_text())
+    assert (meta["epochs_done"], meta["epochs_planned"], meta["finished"]) == (3, 3, True)
+    # Resumed with more epochs: unfinished again until they are run.
+    with monkeypatch.context() as m:
+        m.setattr(train_mod, "_train_one_epoch", interrupted)
+        with pytest.raises(SystemExit):
+            _train(write_cfg(tmp_path / "c5.yaml", variant="alexnet", epochs=5), mini_set, out,
+                   "--resume")  # fmt: skip
+    meta = json.loads((out / "meta.json").read_text())
+    assert (meta["epochs_done"], meta["epochs_planned"], meta["finished"]) == (3, 5, False)
+
+
+def test_meta_says_finished_after_an_early_stop(tmp_path, mini_set, monkeypatch):
+    import pipeline.train as train_mod
+
+    real = train_mod._validate
+
+    def flat(*a, **k):  # validation never improves after epoch 1
+        loss, val = real(*a, **k)
+        return loss, {**val, "average_accuracy": 0.5}
+
+    monkeypatch.setattr(train_mod, "_validate", flat)
+    cfg = write_cfg(tmp_path / "c.yaml", variant="alexnet", epochs=6, patience=1)
+    _train(cfg, mini_set, tmp_path / "ck")
+    meta = json.loads((tmp_path / "ck" / "meta.json").read_text())
+    assert (meta["epochs_done"], meta["epochs_planned"], meta["finished"]) == (2, 6, True)
