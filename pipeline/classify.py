@@ -770,11 +770,12 @@ def classify_archive(
     ``retry_errors``: classify again the frames an earlier run recorded in errors.parquet (a
     file repaired or finished copying since); they leave the errors table when they succeed.
     """
-    from pipeline.checkpoint import read_meta
+    from pipeline.checkpoint import read_meta, warn_if_unfinished
 
     t_start = time.perf_counter()
     ckpt = Path(checkpoint).resolve()
     meta = read_meta(ckpt)
+    warn_if_unfinished(meta, ckpt)
     model_id = str(meta["model_id"])
     out = Path(out).resolve()
 

@@ -96,13 +96,23 @@ def synth() -> None:
     "--size", type=click.IntRange(32), default=512, show_default=True, help="Frame size in pixels."
 )
 @click.option("--workers", type=click.IntRange(1), default=1, show_default=True)
+@click.option(
+    "--overwrite", is_flag=True, help="Replace an earlier synthetic set in OUT (workflows rerun)."
+)
 def synth_labelled(
-    out: Path, n: int, seed: int, winter: int, balanced: bool, size: int, workers: int
+    out: Path,
+    n: int,
+    seed: int,
+    winter: int,
+    balanced: bool,
+    size: int,
+    workers: int,
+    overwrite: bool,
 ) -> None:
     """Write an ImageFolder-style labelled set OUT/<class>/<name>.png with labels.parquet."""
     from pipeline.synth import make_labelled
 
-    labels = make_labelled(out, n, seed, winter, balanced, size, workers)
+    labels = make_labelled(out, n, seed, winter, balanced, size, workers, overwrite)
     counts = ", ".join(f"{c} {k}" for c, k in labels["label"].value_counts().items())
     click.echo(f"wrote {len(labels)} raw {size}x{size} frames ({counts}) to {out}")
 
@@ -122,8 +132,18 @@ def synth_labelled(
 )
 @click.option("--size", type=click.IntRange(32), default=512, show_default=True)
 @click.option("--workers", type=click.IntRange(1), default=1, show_default=True)
+@click.option(
+    "--overwrite", is_flag=True, help="Replace an earlier synthetic set in OUT (workflows rerun)."
+)
 def synth_archive(
-    out: Path, timeline: Path | None, n: int, seed: int, winters: str, size: int, workers: int
+    out: Path,
+    timeline: Path | None,
+    n: int,
+    seed: int,
+    winters: str,
+    size: int,
+    workers: int,
+    overwrite: bool,
 ) -> None:
     """Write an unlabelled archive in the YRS layout with truth.parquet and calib/ dark frames."""
     from pipeline.errors import InputError
@@ -133,7 +153,7 @@ def synth_archive(
         years = parse_winters(winters)
     except InputError as exc:
         raise click.BadParameter(str(exc), param_hint="--winters") from None
-    truth = make_archive(out, n, seed, timeline, years, size, workers)
+    truth = make_archive(out, n, seed, timeline, years, size, workers, overwrite)
     span = f"{truth['time_utc'].min():%Y-%m-%d} .. {truth['time_utc'].max():%Y-%m-%d}"
     click.echo(f"wrote {len(truth)} raw {size}x{size} frames ({span}) to {out}")
 
@@ -220,6 +240,9 @@ def preprocess(
 @click.option("--out", type=PathArg, required=True, help="Checkpoint directory.")
 @click.option("--resume", is_flag=True, help="Continue from the last epoch in OUT.")
 @click.option(
+    "--overwrite", is_flag=True, help="Replace another training run in OUT (workflows rerun)."
+)
+@click.option(
     "--init-weights", type=ExistingPath, default=None, help="Local torchvision ImageNet weights."
 )
 @device_option
@@ -234,6 +257,7 @@ def train(
     data: Path,
     out: Path,
     resume: bool,
+    overwrite: bool,
     init_weights: Path | None,
     device: str,
     station: str | None,
@@ -248,6 +272,7 @@ def train(
         data,
         out,
         resume=resume,
+        overwrite=overwrite,
         init_weights=init_weights,
         device=device,
         station=station,

@@ -32,6 +32,7 @@ import functools
 import logging
 import math
 import os
+import shutil
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -1130,7 +1131,9 @@ def _describe(out: Path, earlier: dict | None, run: dict) -> str:
     return f"{what} from an earlier synth {why}"
 
 
-def _prepare_out(out: Path, run: dict, table: str, comparable: bool = True) -> pd.DataFrame | None:
+def _prepare_out(
+    out: Path, run: dict, table: str, comparable: bool = True, overwrite: bool = False
+) -> pd.DataFrame | None:
     """Check that ``out`` may be written; the earlier result when it already holds this run.
 
     A missing or empty folder is written. A folder whose synth.json records exactly this run
@@ -1139,6 +1142,7 @@ def _prepare_out(out: Path, run: dict, table: str, comparable: bool = True) -> p
     table is returned) or an interrupted run of it, which is rendered again (frames are
     deterministic, so the earlier ones are overwritten with the same bytes). Anything else is
     refused: new frames would mix with the old ones and the table would describe only the new.
+    ``overwrite`` deletes another synth run's folder first (never a folder synth did not write).
     """
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: is a file; give a folder to write the synthetic frames into")
@@ -1150,10 +1154,15 @@ def _prepare_out(out: Path, run: dict, table: str, comparable: bool = True) -> p
         and earlier is not None
         and {k: v for k, v in earlier.items() if k != "complete"} == run
     )
+    if not same and overwrite and earlier is not None:
+        log.warning("%s: replacing an earlier synthetic set (--overwrite)", out)
+        shutil.rmtree(out)
+        return None
     if not same:
+        again = ", --overwrite to replace it" if earlier is not None else ""
         raise InputError(
             f"{out} is not empty ({_describe(out, earlier, run)}); "
-            "choose another folder or delete it"
+            f"choose another folder{again} or delete it"
         )
     if earlier.get("complete", True) and (out / table).is_file():  # no key: written at the end
         try:
@@ -1193,6 +1202,7 @@ def make_labelled(
     balanced: bool = False,
     size: int = 512,
     workers: int = 1,
+    overwrite: bool = False,
 ) -> pd.DataFrame:
     """Write an ImageFolder-style labelled set of raw frames plus labels.parquet and calib/.
 
@@ -1204,7 +1214,7 @@ def make_labelled(
     run = _run_record(
         "labelled", [winter], n=n, seed=seed, winter=winter, balanced=balanced, size=size
     )
-    done = _prepare_out(out, run, "labels.parquet")
+    done = _prepare_out(out, run, "labels.parquet", overwrite=overwrite)
     if done is not None:
         return done
     _write_run(out, run, complete=False)
@@ -1223,6 +1233,7 @@ def make_archive(
     winters: Sequence[int] = (2004,),
     size: int = 512,
     workers: int = 1,
+    overwrite: bool = False,
 ) -> pd.DataFrame:
     """Write an unlabelled archive in the YRS layout plus truth.parquet and calib/ dark frames.
 
@@ -1238,7 +1249,9 @@ def make_archive(
         "archive", seasons, n=n, seed=seed, timeline=source, winters=list(winters), size=size
     )
     # a DataFrame timeline's content is not recorded: never taken as the same run
-    done = _prepare_out(out, run, "truth.parquet", comparable=source != "DataFrame")
+    done = _prepare_out(
+        out, run, "truth.parquet", comparable=source != "DataFrame", overwrite=overwrite
+    )
     if done is not None:
         return done
     _write_run(out, run, complete=False)

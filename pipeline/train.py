@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -393,7 +394,9 @@ def _recorded_run(out: Path) -> tuple[str, str] | None:
     return None
 
 
-def _check_out_folder(out: Path, cfg: TrainConfig, data_fingerprint: str) -> None:
+def _check_out_folder(
+    out: Path, cfg: TrainConfig, data_fingerprint: str, overwrite: bool = False
+) -> None:
     """Refuse (InputError) an OUT that holds anything but an earlier run of this same training.
 
     Allowed without --resume: a missing or empty folder, or one holding only the files of a run
@@ -417,12 +420,13 @@ def _check_out_folder(out: Path, cfg: TrainConfig, data_fingerprint: str) -> Non
             f"{shown}); choose another --out (an empty or new folder)"
         )
     recorded = _recorded_run(out)
-    if recorded == (_config_fingerprint(cfg), data_fingerprint):
+    if overwrite or recorded == (_config_fingerprint(cfg), data_fingerprint):
         return
     what = "with another config or labelled set" if recorded else "that cannot be identified"
     raise InputError(
         f"--out {out} is not empty: it holds a training run {what} "
-        f"({', '.join(sorted(names))}); pass --resume to continue it, or choose another --out"
+        f"({', '.join(sorted(names))}); pass --resume to continue it, --overwrite to replace "
+        "it, or choose another --out"
     )
 
 
@@ -545,8 +549,12 @@ def train(
     station: str | os.PathLike | None = None,
     config_source: str | None = None,
     classes: Sequence[str] = CLASSES,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Train ``cfg`` on the labelled set DATA; best checkpoint + config.yaml + last.pt in OUT."""
+    """Train ``cfg`` on the labelled set DATA; best checkpoint + config.yaml + last.pt in OUT.
+
+    ``overwrite``: replace another training run in OUT (other files there are still refused).
+    """
     from pipeline.checkpoint import save_checkpoint
     from pipeline.evaluate import metrics_to_json, resolve_device
     from pipeline.labelled import station_for_set
@@ -569,7 +577,14 @@ def train(
         raise InputError(f"{data}: too few frames for a validation split of {cfg.val_fraction}")
     fingerprint = _data_fingerprint(df, data)
     if not resume:
-        _check_out_folder(out, cfg, fingerprint)
+        _check_out_folder(out, cfg, fingerprint, overwrite)
+        if overwrite:
+            for name in _RUN_FILES:  # the replaced run's files must not outlive it
+                target = out / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
 
     out.mkdir(parents=True, exist_ok=True)
     last_path = out / LAST_STATE

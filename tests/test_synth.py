@@ -341,7 +341,7 @@ def test_synth_refuses_a_folder_of_another_synth_run(tmp_path, capsys):
         synth.make_labelled(out, n=4, seed=0, size=32)
     assert str(err.value) == (
         f"{out} is not empty (8 frames and labels.parquet from an earlier synth with n=8 "
-        "(now 4)); choose another folder or delete it"
+        "(now 4)); choose another folder, --overwrite to replace it or delete it"
     )
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     arch = tmp_path / "arch"
@@ -353,14 +353,18 @@ def test_synth_refuses_a_folder_of_another_synth_run(tmp_path, capsys):
     msg = capsys.readouterr().err.strip()
     assert len(msg.splitlines()) == 1 and "Traceback" not in msg
     assert f"{arch} is not empty (6 frames and truth.parquet" in msg
-    assert msg.endswith("choose another folder or delete it")
+    assert msg.endswith("choose another folder, --overwrite to replace it or delete it")
     assert len(_frames(arch)) == 6 and len(pd.read_parquet(arch / "truth.parquet")) == 6
+    main(["synth", "archive", str(arch), "--n", "3", "--size", "32", "--overwrite"])
+    assert len(_frames(arch)) == 3 and len(pd.read_parquet(arch / "truth.parquet")) == 3
 
 
 def test_synth_refuses_a_folder_of_other_files(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(InputError, match=r"is not empty \(1 entry: notes\.txt; no synth\.json\)"):
         synth.make_archive(tmp_path, n=2, size=32)
+    with pytest.raises(InputError, match="no synth.json"):  # --overwrite never deletes these
+        synth.make_archive(tmp_path, n=2, size=32, overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 
 

@@ -295,8 +295,12 @@ def test_train_refuses_an_out_holding_another_run(tmp_path, mini_set, capsys):
         assert ex.value.code == 1
         err = _one_line_error(capsys)
         assert str(out) in err
-        assert "pass --resume to continue it, or choose another --out" in err
+        assert "pass --resume to continue it, --overwrite to replace it" in err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # --overwrite (what a workflow stage rerun passes) replaces it
+    _train(write_cfg(tmp_path / "stn.yaml"), mini_set, out, "--overwrite")
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["variant"] == "stn-lsoftmax-alexnet"
 
 
 def test_train_refuses_an_out_with_other_files(tmp_path, mini_set, capsys):
@@ -310,6 +314,9 @@ def test_train_refuses_an_out_with_other_files(tmp_path, mini_set, capsys):
     assert ex.value.code == 1
     err = _one_line_error(capsys)
     assert str(arch) in err and "choose another --out" in err
+    assert sorted(p.name for p in arch.iterdir()) == ["2004", "truth.parquet"]
+    with pytest.raises(SystemExit):  # --overwrite replaces a training run, never other files
+        _train(write_cfg(tmp_path / "c.yaml", variant="alexnet"), mini_set, arch, "--overwrite")
     assert sorted(p.name for p in arch.iterdir()) == ["2004", "truth.parquet"]
 
 
