@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 
 from pipeline.classes import CLASS_LONG_NAMES, CLASSES
-from pipeline.errors import InputError
-from pipeline.storage import atomic_path, write_table
+from pipeline.errors import FrameReadError, InputError
+from pipeline.storage import ERRORS_SCHEMA, atomic_path, write_table
 
 log = logging.getLogger(__name__)
 
@@ -318,13 +318,30 @@ def evaluate_checkpoint(
     df = load_labelled(data, classes=classes)
     ds = open_labelled(data, station=station, df=df)
     loader = DataLoader(
-        ds,
+        CheckedFrames(ds),
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
-        collate_fn=ToModelInput(input_size),
+        collate_fn=CheckedCollate(ToModelInput(input_size)),
     )
-    y_true, y_pred, probs = predict(model, loader, dev)
+    y_true, y_pred, probs, kept, bad = predict_checked(model, loader, dev)
+    out = Path(out)
+    errors = _error_table(df, bad)
+    if len(errors):
+        log.warning(
+            "%d of %d frames could not be read and are left out of the metrics (%s); "
+            "they are listed in %s",
+            len(errors),
+            len(df),
+            errors["message"].iloc[0],
+            out / "errors.parquet",
+        )
+    if not kept:
+        raise InputError(
+            f"{data}: none of its {len(df)} frames could be read (first: "
+            f"{errors['message'].iloc[0] if len(errors) else '?'}); check --station and the files"
+        )
+    df = df.iloc[kept].reset_index(drop=True)
     metrics = metrics_from_predictions(y_true, y_pred, classes)
     result: dict[str, Any] = {
         "checkpoint": str(Path(checkpoint).resolve()),
@@ -343,8 +360,84 @@ def evaluate_checkpoint(
                 "ms_per_image_batch1": time_per_image(model, input_size, in_chans, 1, dev),
                 "ms_per_image_batch": time_per_image(model, input_size, in_chans, batch_size, dev),
             }
+    result["n_unreadable"] = len(errors)
     write_evaluation(result, out, predictions=_predictions_frame(df, y_pred, probs, classes))
+    if len(errors):
+        write_table(errors, out / "errors.parquet", ERRORS_SCHEMA)
+    else:
+        (out / "errors.parquet").unlink(missing_ok=True)  # a stale one of an earlier run
     return result
+
+
+class CheckedFrames:
+    """A labelled set whose unreadable frames come back as (None, label, index, error message)
+    instead of raising: evaluation records them and goes on (picklable for loader workers)."""
+
+    def __init__(self, ds: Any) -> None:
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> tuple[Any, int, int, str | None]:
+        try:
+            x, y = self.ds[i]
+        except FrameReadError as exc:  # FrameGeometryError included
+            return None, -1, int(i), f"{type(exc).__name__}: {exc}"
+        return x, y, int(i), None
+
+
+class CheckedCollate:
+    """Collate of CheckedFrames items: (x, y) of the readable frames, their indices, the rest."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __call__(self, batch: list) -> tuple[Any, Any, list[int], list[tuple[int, str]]]:
+        ok = [b for b in batch if b[0] is not None]
+        bad = [(b[2], b[3]) for b in batch if b[0] is None]
+        x, y = self.inner([(b[0], b[1]) for b in ok]) if ok else (None, None)
+        return x, y, [b[2] for b in ok], bad
+
+
+def predict_checked(
+    model: Any, loader: Any, device: Any, desc: str = "evaluate"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int], list[tuple[int, str]]]:
+    """``predict`` over CheckedFrames: also the indices evaluated and the (index, error) skipped."""
+    import torch
+    from tqdm.auto import tqdm
+
+    model.eval()
+    ys, ps, probs, kept, bad = [], [], [], [], []
+    with torch.inference_mode():
+        for x, y, idx, errs in tqdm(loader, desc=desc, unit="batch", leave=False):
+            bad.extend(errs)
+            if x is None:
+                continue
+            pr = torch.softmax(model(x.to(device)).float(), dim=1)
+            ys.append(y.numpy())
+            ps.append(pr.argmax(1).cpu().numpy())
+            probs.append(pr.cpu().numpy())
+            kept.extend(idx)
+    if not ys:
+        empty = np.empty(0, np.int64)
+        return empty, empty, np.empty((0, 0), np.float32), kept, bad
+    return np.concatenate(ys), np.concatenate(ps), np.concatenate(probs), kept, bad
+
+
+def _error_table(df: pd.DataFrame, bad: list[tuple[int, str]]) -> pd.DataFrame:
+    """errors.parquet rows (stage evaluate) of the frames that could not be read."""
+    rows = [
+        {
+            "path": str(df["path"].iloc[i]),
+            "frame": int(df["frame"].iloc[i]) if "frame" in df.columns else 0,
+            "stage": "evaluate",
+            "error": msg.split(":", 1)[0],
+            "message": msg.split(": ", 1)[-1],
+        }
+        for i, msg in bad
+    ]
+    return pd.DataFrame(rows, columns=ERRORS_SCHEMA.names)
 
 
 def _predictions_frame(
@@ -380,7 +473,12 @@ def write_evaluation(
         f"# Evaluation of {name}",
         "",
         f"Checkpoint `{result.get('checkpoint', '?')}` (model_id `{result.get('model_id')}`) on "
-        f"`{result.get('data', '?')}`: {result['n']} frames, {result['correct']} correct.",
+        f"`{result.get('data', '?')}`: {result['n']} frames, {result['correct']} correct"
+        + (
+            f"; {result['n_unreadable']} unreadable frames left out (errors.parquet)."
+            if result.get("n_unreadable")
+            else "."
+        ),
         "",
         metrics_table({name: result}),
         "Confusion matrix (rows = true class; count and row share):",

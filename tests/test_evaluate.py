@@ -148,3 +148,36 @@ def test_evaluate_warns_once_about_an_unfinished_checkpoint(
     else:
         assert notes == []
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["n"] == 80
+
+
+def test_unreadable_frames_are_recorded_and_left_out(tmp_path, tiny_labelled, caplog):
+    """One truncated and one wrong-size frame: evaluated on the other 78, both in errors."""
+    import shutil
+
+    import torch
+
+    from pipeline.checkpoint import save_checkpoint
+    from pipeline.cli import main
+    from pipeline.models import build_model
+
+    data = tmp_path / "set"
+    shutil.copytree(tiny_labelled, data)
+    paths = pd.read_parquet(data / "labels.parquet")["path"].tolist()
+    broken, small = data / paths[3], data / paths[40]
+    broken.write_bytes(broken.read_bytes()[:100])
+    from pipeline.imageio import write_frame
+
+    write_frame(small, np.zeros((20, 20), np.uint16))
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "ckpt", build_model("alexnet", input_size=64), {})
+    main(["evaluate", "--checkpoint", str(tmp_path / "ckpt"), "--data", str(data), "--out",
+          str(tmp_path / "ev"), "--device", "cpu"])  # fmt: skip
+    assert "2 of 80 frames could not be read" in caplog.text
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert metrics["n"] == 78 and metrics["n_unreadable"] == 2
+    errors = pd.read_parquet(tmp_path / "ev" / "errors.parquet")
+    assert sorted(errors["error"]) == ["FrameGeometryError", "FrameReadError"]
+    assert set(errors["stage"]) == {"evaluate"}
+    pred = pd.read_parquet(tmp_path / "ev" / "predictions.parquet")
+    assert len(pred) == 78 and not set(pred["path"]) & set(errors["path"])
+    assert "2 unreadable frames left out" in (tmp_path / "ev" / "metrics.md").read_text()
