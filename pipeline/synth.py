@@ -1043,10 +1043,24 @@ def _render_all(
             for ch in chunks:
                 bar.update(_render_chunk(str(out), size, seed, ch))
             return
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        pool = ProcessPoolExecutor(max_workers=workers, initializer=_ignore_sigint)
+        try:
             futures = [pool.submit(_render_chunk, str(out), size, seed, ch) for ch in chunks]
             for fut in as_completed(futures):
                 bar.update(fut.result())
+        except BaseException:
+            # Ctrl-C or a failed chunk: drop the queued chunks instead of rendering them all
+            # before exiting (what leaving a `with ProcessPoolExecutor` block would do).
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
+
+
+def _ignore_sigint() -> None:
+    """Render workers leave Ctrl-C to the parent, which stops them (no traceback per worker)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _write_calib(out: Path, winters: Iterable[int], size: int) -> None:

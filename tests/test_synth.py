@@ -405,3 +405,25 @@ def test_size_out_of_range_is_a_clear_error(tmp_path, size):
     with pytest.raises(InputError, match=rf"--size must be within 32\.\.4096 pixels.*got {size}"):
         synth.make_archive(tmp_path / "x", n=1, size=size)
     assert not (tmp_path / "x").exists()
+
+
+def test_ctrl_c_stops_a_parallel_synth_promptly(tmp_path):
+    """Ctrl-C drops the queued chunks: no waiting for thousands of frames, no worker tracebacks."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "arch"
+    cmd = [sys.executable, "-m", "pipeline", "synth", "archive", str(out), "--n", "20000",
+           "--size", "64", "--workers", "2"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not list(out.rglob("N*.png")) and time.monotonic() < deadline:
+        time.sleep(0.2)  # rendering has started
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole group
+    t0 = time.monotonic()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and time.monotonic() - t0 < 30
+    assert b"Traceback" not in err and len(list(out.rglob("N*.png"))) < 20000
