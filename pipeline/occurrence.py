@@ -188,6 +188,7 @@ def _partition_counts(
         gkeys, ginv = np.unique(group_keys(pdf[time_col], by), return_inverse=True)
     nb = spec.nbins + 2  # + the two pseudo bins
     key = (ginv * nb + (b - MISSING_BIN)) * k + c
+    day_col = None
     if by_day:
         ns = to_utc_ns(pdf[time_col])
         missing = ns == np.iinfo(np.int64).min
@@ -198,37 +199,30 @@ def _partition_counts(
         full = key * span + (day - d0)
         if len(gkeys) * nb * k * span <= 1 << 25:
             # a dense count is one pass (an archive's days are few thousand)
-            n = np.bincount(full, minlength=len(gkeys) * nb * k * span)
-            ukeys = np.flatnonzero(n)
-            n = n[ukeys]
+            counts = np.bincount(full, minlength=len(gkeys) * nb * k * span)
+            ukeys = np.flatnonzero(counts)
+            n = counts[ukeys]
         else:  # sparse: sort
             ukeys, n = np.unique(full, return_counts=True)
         key, d = np.divmod(ukeys, span)
         dkeys = np.arange(span, dtype=np.int64) + d0
         dkeys[0] = -1
-        g, rem = np.divmod(key, nb * k)
-        bb, cc = np.divmod(rem, k)
-        return pd.DataFrame(
-            {
-                "group": gkeys[g].astype(np.int64),
-                "bin": (bb + MISSING_BIN).astype(np.int64),
-                "cls": cc.astype(np.int64),
-                "n": n.astype(np.int64),
-                "day": dkeys[d].astype(np.int64),
-            }
-        )
-    n = np.bincount(key, minlength=len(gkeys) * nb * k)
-    nz = np.flatnonzero(n)
-    g, rem = np.divmod(nz, nb * k)
+        day_col = dkeys[d]
+    else:
+        counts = np.bincount(key, minlength=len(gkeys) * nb * k)
+        key = np.flatnonzero(counts)
+        n = counts[key]
+    g, rem = np.divmod(key, nb * k)
     bb, cc = np.divmod(rem, k)
-    return pd.DataFrame(
-        {
-            "group": gkeys[g].astype(np.int64),
-            "bin": (bb + MISSING_BIN).astype(np.int64),
-            "cls": cc.astype(np.int64),
-            "n": n[nz].astype(np.int64),
-        }
-    )
+    cols = {
+        "group": gkeys[g].astype(np.int64),
+        "bin": (bb + MISSING_BIN).astype(np.int64),
+        "cls": cc.astype(np.int64),
+        "n": n.astype(np.int64),
+    }
+    if day_col is not None:
+        cols["day"] = day_col.astype(np.int64)
+    return pd.DataFrame(cols)
 
 
 def _is_dask(df: Any) -> bool:

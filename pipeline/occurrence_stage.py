@@ -263,20 +263,7 @@ def summary_markdown(hourly: pd.DataFrame, info: dict[str, Any], command: str | 
     return "\n".join(lines) + "\n"
 
 
-def command_line(
-    pred,
-    out,
-    bins,
-    mlt_range,
-    station,
-    mlt_method,
-    by,
-    ci,
-    correct,
-    min_frames,
-    regions,
-    min_prob=0,
-) -> str:
+def command_line(pred, out, bins, mlt_range, station, mlt_method, **flags: Any) -> str:
     """The CLI command that reproduces a run (recorded in occurrence.md)."""
     parts = ["aurora-pipeline", "occurrence", str(pred), "--bins", str(bins)]
     parts += ["--mlt-range", f"{mlt_range[0]:g}", f"{mlt_range[1]:g}"]
@@ -287,18 +274,12 @@ def command_line(
         ]
     if mlt_method:
         parts += ["--mlt-method", mlt_method]
-    if by:
-        parts += ["--by", by]
-    if ci:
-        parts.append("--ci")
-    if correct is not None:
-        parts += ["--correct", str(correct)]
-    if min_frames:
-        parts += ["--min-frames", str(min_frames)]
-    if regions is not None:
-        parts += ["--regions", str(regions)]
-    if min_prob:
-        parts += ["--min-prob", f"{min_prob:g}"]
+    for name, value in flags.items():  # by, ci, correct, min_frames, regions, min_prob
+        option = "--" + name.replace("_", "-")
+        if value is True:
+            parts.append(option)
+        elif value is not None and value is not False and value != 0:
+            parts += [option, f"{value:g}" if isinstance(value, float) else str(value)]
     return " ".join(parts + ["--out", str(out)])
 
 
@@ -326,19 +307,9 @@ def run_occurrence(
     if not 0.0 <= min_prob < 1.0:
         raise InputError(f"--min-prob must be within 0..1 (e.g. 0.6), got {min_prob:g}")
     command = command_line(
-        pred,
-        out,
-        bins,
-        mlt_range,
-        station,
-        mlt_method,
-        by,
-        ci,
-        correct,
-        min_frames,
-        regions,
-        min_prob,
-    )
+        pred, out, bins, mlt_range, station, mlt_method, by=by, ci=ci, correct=correct,
+        min_frames=min_frames, regions=regions, min_prob=min_prob,
+    )  # fmt: skip
 
     st = predictions_station(pred, station)
     method = mlt_method or st.mlt.method
