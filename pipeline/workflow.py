@@ -300,6 +300,9 @@ def _check_stage_argv(stage: StageSpec, where: str) -> None:
                 f"{where}: options.{key}: {stage.command} has no option {flag}{hint}; "
                 f"its options: {listed}"
             )
+        if param.is_flag and isinstance(value, str) and value.lower() in ("true", "false"):
+            # a variable (--set features=true) substitutes text: read it as the flag's value
+            value = stage.options[key] = value.lower() == "true"
         if param.is_flag and not isinstance(value, bool) and value is not None:
             raise ConfigError(
                 f"{where}: options.{key}: {flag} is an on/off flag; give true or false, "

@@ -184,6 +184,14 @@ def test_stage_option_typo_is_refused_before_any_stage_runs(tmp_path, fake_cli):
     p.write_text(yaml.safe_dump(doc))
     with pytest.raises(ConfigError, match=r"--features is an on/off flag; give true or false"):
         load_workflow(p)
+    # a variable substitutes text: --set feats=false switches the flag off, true on
+    doc["vars"]["feats"] = "true"
+    classify["options"]["features"] = "${feats}"
+    p.write_text(yaml.safe_dump(doc))
+    for text, on in (("false", False), ("true", True)):
+        wf = load_workflow(p, overrides={"feats": text})
+        stage = next(s for s in wf.stages if s.name == "classify")
+        assert ("--features" in stage_argv(stage)) is on
 
 
 @pytest.mark.parametrize(
