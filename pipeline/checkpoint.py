@@ -225,6 +225,8 @@ def load_checkpoint(
         )
     build = dict(meta["build"])
     build.pop("init_weights", None)
+    # Checkpoints from before the STN padding was recorded padded with 0 (mid-grey).
+    build.setdefault("stn_fill", 0.0)
     try:
         model = build_model(meta["variant"], **build)
     except TypeError as exc:

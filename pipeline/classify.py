@@ -656,6 +656,13 @@ class ClassifySummary:
     earlier_errors: int = 0
     #: "path: message" of the first frame this run could not classify.
     first_error: str | None = None
+    #: planned frames that were in errors.parquet before (failed shards, --retry-errors).
+    frames_retried: int = 0
+
+    @property
+    def nothing_new_succeeded(self) -> bool:
+        """New frames were planned and not one was classified (a run-level mistake, likely)."""
+        return self.frames_planned > self.frames_retried and not self.frames_classified
 
     @property
     def frames_per_s(self) -> float:
@@ -710,7 +717,8 @@ def _default_workers(device: str) -> tuple[int, dict[str, float] | None]:
     if device.startswith("cuda"):
         import torch
 
-        n_gpu = max(1, torch.cuda.device_count())
+        # cuda:N names one GPU: its workers all use it (worker_model spreads only "cuda")
+        n_gpu = 1 if ":" in device else max(1, torch.cuda.device_count())
         return n_gpu * workers_per_gpu(_host_cores(), n_gpu), {"GPU": 1}
     return default_workers(), None
 
@@ -727,15 +735,16 @@ def _one_driver_per_folder(fn: Any) -> Any:
         out = Path(out).resolve()
         created = not out.exists()
         out.mkdir(parents=True, exist_ok=True)
-        try:
-            with _run_lock(out):
+        with _run_lock(out):
+            try:
                 return fn(source, checkpoint, out, **kwargs)
-        except BaseException:
-            # A run refused before writing anything leaves no folder behind.
-            if created and {p.name for p in out.iterdir()} <= {LOCK_FILE}:
-                (out / LOCK_FILE).unlink(missing_ok=True)
-                out.rmdir()
-            raise
+            except BaseException:
+                # A run refused before writing anything leaves no folder behind (tidied while
+                # the lock is held, so no other run can be starting in it).
+                if created and {p.name for p in out.iterdir()} <= {LOCK_FILE}:
+                    (out / LOCK_FILE).unlink(missing_ok=True)
+                    out.rmdir()
+                raise
 
     return locked
 
@@ -844,6 +853,9 @@ def classify_archive(
         already_done=len(manifest) - len(todo),
         frames_planned=len(todo),
         earlier_errors=0 if retry_errors else len(book.covered()),
+        frames_retried=len(
+            set(zip(todo["path"].astype(str), todo["frame"].astype(int))) & book.retried_keys()
+        ),
     )
     run_entry = {
         "started": _iso(pd.Timestamp.now(tz="UTC")),
@@ -873,9 +885,8 @@ def classify_archive(
             _write_run(out, run)
         summary.wall_s = time.perf_counter() - t_start
         return summary
-    run["runs"].append(run_entry)
-    _write_run(out, run)
-
+    # Run-level checks before _run.json records this run: a refused run must leave nothing
+    # that a corrected rerun would trip over.
     if dark_dir is None and root is not None and not preprocessed and st.preprocess.dark_subtract:
         from pipeline.preprocess import find_dark_dir
 
@@ -892,13 +903,17 @@ def classify_archive(
     _warn_preprocess_mismatch(meta, st, ckpt)
 
     local_device = device
+    if client is None and scheduler is None:
+        local_device = resolve_device(device)
+    run["runs"].append(run_entry)
+    _write_run(out, run)
+
     resources = None
     with contextlib.ExitStack() as stack:
         if client is None:
             from pipeline.cluster import dask_client
 
             if scheduler is None:
-                local_device = resolve_device(device)
                 n_default, resources = _default_workers(local_device)
                 client = stack.enter_context(
                     dask_client(workers or n_default, 1, None, resources=resources)
@@ -997,6 +1012,8 @@ def classify_archive(
 
         def on_error(s: int, exc: BaseException) -> None:
             df = shard_frames.pop(s)
+            if summary.first_error is None:
+                summary.first_error = f"shard {s:06d}: {type(exc).__name__}: {exc}"
             log.error("shard %06d failed after %d retries: %s", s, retries, exc)
             rows = pd.DataFrame(
                 {

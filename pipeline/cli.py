@@ -397,7 +397,7 @@ def classify_archive(source: Path, checkpoint: Path, out: Path, **kwargs: object
 
     summary = run_classify(source, checkpoint, out, **kwargs)  # type: ignore[arg-type]
     print_summary(summary)
-    if summary.frames_planned and not summary.frames_classified:
+    if summary.nothing_new_succeeded:
         raise AuroraError(
             f"no frame could be classified: all {summary.frames_errors} are in "
             f"{out}/errors.parquet (first: {summary.first_error}); check --station and the files"

@@ -26,4 +26,9 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
         )
     if dev.type not in ("cpu", "cuda"):
         raise InputError(f"--device {device!r}: use auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InputError(
+            f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+            f"numbered from 0; use cuda:0..cuda:{torch.cuda.device_count() - 1} or cuda"
+        )
     return dev

@@ -274,7 +274,9 @@ def time_per_image(
 
     model.eval()
     x = torch.rand(batch_size, in_chans, input_size, input_size, device=device)
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    dev = torch.device(device)
+    # synchronize the model's own GPU (the current device is cuda:0 whatever --device says)
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
     with torch.inference_mode():
         model(x)  # warm-up: allocator, kernels, lazy init
         sync()
@@ -362,10 +364,7 @@ def evaluate_checkpoint(
             }
     result["n_unreadable"] = len(errors)
     write_evaluation(result, out, predictions=_predictions_frame(df, y_pred, probs, classes))
-    if len(errors):
-        write_table(errors, out / "errors.parquet", ERRORS_SCHEMA)
-    else:
-        (out / "errors.parquet").unlink(missing_ok=True)  # a stale one of an earlier run
+    _replace_stage_errors(out / "errors.parquet", errors, "evaluate")
     return result
 
 
@@ -423,6 +422,19 @@ def predict_checked(
         empty = np.empty(0, np.int64)
         return empty, empty, np.empty((0, 0), np.float32), kept, bad
     return np.concatenate(ys), np.concatenate(ps), np.concatenate(probs), kept, bad
+
+
+def _replace_stage_errors(path: Path, rows: pd.DataFrame, stage: str) -> None:
+    """This stage's rows replace its earlier ones in errors.parquet; other stages' rows stay."""
+    from pipeline.storage import read_errors
+
+    old = read_errors(path)
+    old = old[old["stage"] != stage] if len(old) else old
+    both = pd.concat([old, rows], ignore_index=True) if len(old) else rows
+    if len(both):
+        write_table(both, path, ERRORS_SCHEMA)
+    else:
+        path.unlink(missing_ok=True)  # only a stale table of an earlier run was there
 
 
 def _error_table(df: pd.DataFrame, bad: list[tuple[int, str]]) -> pd.DataFrame:

@@ -418,7 +418,9 @@ def occurrence_from_counts(
     k = len(CLASSES)
     if by is None and len(counts) and (counts["group"] != 0).any():
         counts = counts.assign(group=0)  # collapse a grouped count table over its groups
-    by_day = "day" in counts.columns
+    # Grouped by day, each cell is one day: days-as-clusters would give n_eff = 1 everywhere;
+    # within a day only frame-level intervals exist (labelled as such).
+    by_day = "day" in counts.columns and by != "day"
     in_range = counts[counts["bin"] >= 0]
     groups = np.unique(counts["group"].to_numpy()) if by else np.zeros(1, dtype=np.int64)
     cube = np.zeros((len(groups), spec.nbins, k), dtype=np.int64)

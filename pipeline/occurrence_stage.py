@@ -14,6 +14,7 @@ with either method; a table with ``mlt`` but no ``time_utc`` is binned on its st
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -25,7 +26,7 @@ import pyarrow.parquet as pq
 
 from pipeline.classes import CLASSES, LABEL_CODES, PROB_COLUMNS
 from pipeline.config import StationConfig
-from pipeline.errors import InputError
+from pipeline.errors import ConfigError, InputError
 from pipeline.occurrence import (
     add_mlt,
     count_bins,
@@ -46,6 +47,8 @@ OUTPUT_NAMES = (
     "occurrence.md",
     "occurrence_run.json",
 )
+
+log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- readers
@@ -167,7 +170,13 @@ def predictions_station(
     run = read_run(pred) if Path(pred).is_dir() else None
     recorded = (run or {}).get("station_config") or (run or {}).get("station")
     if station is None:
-        return resolve_station(None, None, recorded)
+        try:
+            return resolve_station(None, None, recorded)
+        except ConfigError:
+            raise InputError(
+                f"{pred}: predictions of station {recorded!r}, which is not a built-in station; "
+                "pass its YAML with --station"
+            ) from None
     st = resolve_station(station)
     code = recorded.get("code") if isinstance(recorded, dict) else recorded
     if code is not None and code != st.code:
@@ -319,6 +328,11 @@ def run_occurrence(
     n_uncertain = 0
     if min_prob > 0:
         frames, n_uncertain = screen_uncertain(frames, min_prob)
+        if confusion is not None:
+            log.warning(
+                "--correct with --min-prob: the confusion matrix was measured on all test "
+                "frames, not on the confident ones kept here; the corrected ratios are biased"
+            )
     if "time_utc" in frames.columns:
         frames = add_mlt(frames, st, method)
     else:

@@ -246,3 +246,19 @@ def test_unfinished_checkpoints_are_warned_about_once(caplog):
         assert warn_if_unfinished({}, "x") is False
     assert [r.getMessage() for r in caplog.records] == [note]
     assert caplog.records[0].levelno == logging.WARNING
+
+
+def test_stn_padding_is_recorded_and_older_checkpoints_keep_theirs(tmp_path):
+    from pipeline.models.build import INPUT_BLACK
+
+    save_checkpoint(tmp_path / "new", build_model("stn-alexnet", input_size=64), {})
+    loaded, meta = load_checkpoint(tmp_path / "new")
+    assert meta["build"]["stn_fill"] == INPUT_BLACK and loaded.stn.fill == INPUT_BLACK
+    # a checkpoint written before stn_fill was recorded: its STN padded with 0 (mid-grey)
+    old = tmp_path / "old"
+    shutil.copytree(tmp_path / "new", old)
+    m = json.loads((old / "meta.json").read_text())
+    del m["build"]["stn_fill"]
+    (old / "meta.json").write_text(json.dumps(m))
+    loaded, _ = load_checkpoint(old)
+    assert loaded.stn.fill == 0.0

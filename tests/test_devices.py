@@ -28,3 +28,15 @@ def test_every_stage_uses_it():
             with pytest.raises(InputError):
                 fn("cuda")
     assert classify.resolve_device("cpu") == "cpu"
+
+
+def test_a_cuda_index_beyond_the_machine_is_one_error(monkeypatch):
+    import torch
+
+    from pipeline.devices import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(InputError, match=r"cuda:2: this machine has 2 CUDA device\(s\)"):
+        resolve_device("cuda:2")

@@ -274,6 +274,15 @@ def test_one_day_gives_the_widest_honest_interval():
     )
 
 
+def test_grouped_by_day_intervals_are_frame_level_and_say_so():
+    df = _days_table([["arc", "radial"]] * 3)
+    tab = occurrence_table(df, bins="3min", by="day", ci=True)
+    assert tab.attrs["ci_method"] == "wilson-frames"
+    row = tab.query("n_frames > 0").iloc[0]
+    lo, _ = wilson_interval(row["n_arc"], row["n_frames"])
+    assert row["ci_low_arc"] == pytest.approx(lo[()])
+
+
 def test_tables_without_times_keep_frame_level_intervals():
     df = _days_table([["arc", "radial"]] * 3).drop(columns="time_utc")
     tab = occurrence_table(df, bins="3min", ci=True)

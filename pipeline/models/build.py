@@ -161,12 +161,15 @@ def build_model(
     lambda_schedule: dict | None = None,
     stn_loc_size: int = 64,
     init_weights: str | os.PathLike | None = None,
+    stn_fill: float = INPUT_BLACK,
 ) -> AuroraNet:
     """Build a registry variant; ``init_weights`` is an optional local torchvision ImageNet file.
 
     ``lambda_schedule`` holds the L-Softmax decay law's base, gamma, power and floor (defaults:
     ``lsoftmax.DEFAULT_SCHEDULE``).  ``input_size`` is recorded (for the checkpoint and
-    :func:`to_model_input`); the network itself accepts any size >= 64 px.
+    :func:`to_model_input`); the network itself accepts any size >= 64 px. ``stn_fill`` is
+    what the STN brings in from outside the frame (black sky; checkpoints from before it was
+    recorded were trained with 0.0, and load with it).
     """
     if variant not in _REGISTRY:
         raise ConfigError(f"unknown model variant {variant!r}; allowed: {', '.join(VARIANTS)}")
@@ -185,9 +188,7 @@ def build_model(
         )
     else:
         head = nn.Linear(backbone.feature_dim, num_classes)
-    stn = (
-        SpatialTransformer(in_chans, loc_size=stn_loc_size, fill=INPUT_BLACK) if with_stn else None
-    )
+    stn = SpatialTransformer(in_chans, loc_size=stn_loc_size, fill=stn_fill) if with_stn else None
     model = AuroraNet(variant, backbone, head, stn)
     model.build_kwargs = {
         "num_classes": int(num_classes),
@@ -196,6 +197,7 @@ def build_model(
         "lsoftmax_m": int(lsoftmax_m),
         "lambda_schedule": schedule,
         "stn_loc_size": int(stn_loc_size),
+        "stn_fill": float(stn_fill),
     }
     if init_weights is not None:
         load_init_weights(model, init_weights)
