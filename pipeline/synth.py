@@ -29,12 +29,13 @@ Public API: :func:`render_frame`, :func:`make_labelled`, :func:`make_archive`, :
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import math
 import os
 import shutil
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -1044,13 +1045,23 @@ def _render_all(
                 bar.update(_render_chunk(str(out), size, seed, ch))
             return
         pool = ProcessPoolExecutor(max_workers=workers, initializer=_ignore_sigint)
+        todo = iter(chunks)
         try:
-            futures = [pool.submit(_render_chunk, str(out), size, seed, ch) for ch in chunks]
-            for fut in as_completed(futures):
-                bar.update(fut.result())
+            # A few chunks in flight, not all of them queued: on Ctrl-C or a failed chunk only
+            # those finish (queued ones are not reliably cancelled at exit), and a 400k-frame
+            # plan holds a few futures, not thousands.
+            pending = {
+                pool.submit(_render_chunk, str(out), size, seed, ch)
+                for ch in itertools.islice(todo, 2 * workers)
+            }
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    bar.update(fut.result())
+                    nxt = next(todo, None)
+                    if nxt is not None:
+                        pending.add(pool.submit(_render_chunk, str(out), size, seed, nxt))
         except BaseException:
-            # Ctrl-C or a failed chunk: drop the queued chunks instead of rendering them all
-            # before exiting (what leaving a `with ProcessPoolExecutor` block would do).
             pool.shutdown(wait=False, cancel_futures=True)
             raise
         pool.shutdown()
