@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 
 from pipeline.classes import CLASS_LONG_NAMES, CLASSES
-from pipeline.errors import FrameReadError, InputError
-from pipeline.storage import ERRORS_SCHEMA, atomic_path, write_table
+from pipeline.errors import InputError
+from pipeline.storage import atomic_path, write_table
 
 log = logging.getLogger(__name__)
 
@@ -308,7 +308,15 @@ def evaluate_checkpoint(
     from torch.utils.data import DataLoader
 
     from pipeline.checkpoint import load_checkpoint, warn_if_unfinished
-    from pipeline.labelled import ToModelInput, load_labelled, open_labelled
+    from pipeline.labelled import (
+        CheckedCollate,
+        CheckedFrames,
+        ToModelInput,
+        load_labelled,
+        open_labelled,
+        unreadable_rows,
+    )
+    from pipeline.storage import replace_stage_errors
 
     dev = resolve_device(device)
     model, meta = load_checkpoint(checkpoint, map_location="cpu")
@@ -328,7 +336,7 @@ def evaluate_checkpoint(
     )
     y_true, y_pred, probs, kept, bad = predict_checked(model, loader, dev)
     out = Path(out)
-    errors = _error_table(df, bad)
+    errors = unreadable_rows(df, bad, "evaluate")
     if len(errors):
         log.warning(
             "%d of %d frames could not be read and are left out of the metrics (%s); "
@@ -364,39 +372,8 @@ def evaluate_checkpoint(
             }
     result["n_unreadable"] = len(errors)
     write_evaluation(result, out, predictions=_predictions_frame(df, y_pred, probs, classes))
-    _replace_stage_errors(out / "errors.parquet", errors, "evaluate")
+    replace_stage_errors(out / "errors.parquet", errors, "evaluate")
     return result
-
-
-class CheckedFrames:
-    """A labelled set whose unreadable frames come back as (None, label, index, error message)
-    instead of raising: evaluation records them and goes on (picklable for loader workers)."""
-
-    def __init__(self, ds: Any) -> None:
-        self.ds = ds
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitem__(self, i: int) -> tuple[Any, int, int, str | None]:
-        try:
-            x, y = self.ds[i]
-        except FrameReadError as exc:  # FrameGeometryError included
-            return None, -1, int(i), f"{type(exc).__name__}: {exc}"
-        return x, y, int(i), None
-
-
-class CheckedCollate:
-    """Collate of CheckedFrames items: (x, y) of the readable frames, their indices, the rest."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-
-    def __call__(self, batch: list) -> tuple[Any, Any, list[int], list[tuple[int, str]]]:
-        ok = [b for b in batch if b[0] is not None]
-        bad = [(b[2], b[3]) for b in batch if b[0] is None]
-        x, y = self.inner([(b[0], b[1]) for b in ok]) if ok else (None, None)
-        return x, y, [b[2] for b in ok], bad
 
 
 def predict_checked(
@@ -422,34 +399,6 @@ def predict_checked(
         empty = np.empty(0, np.int64)
         return empty, empty, np.empty((0, 0), np.float32), kept, bad
     return np.concatenate(ys), np.concatenate(ps), np.concatenate(probs), kept, bad
-
-
-def _replace_stage_errors(path: Path, rows: pd.DataFrame, stage: str) -> None:
-    """This stage's rows replace its earlier ones in errors.parquet; other stages' rows stay."""
-    from pipeline.storage import read_errors
-
-    old = read_errors(path)
-    old = old[old["stage"] != stage] if len(old) else old
-    both = pd.concat([old, rows], ignore_index=True) if len(old) else rows
-    if len(both):
-        write_table(both, path, ERRORS_SCHEMA)
-    else:
-        path.unlink(missing_ok=True)  # only a stale table of an earlier run was there
-
-
-def _error_table(df: pd.DataFrame, bad: list[tuple[int, str]]) -> pd.DataFrame:
-    """errors.parquet rows (stage evaluate) of the frames that could not be read."""
-    rows = [
-        {
-            "path": str(df["path"].iloc[i]),
-            "frame": int(df["frame"].iloc[i]) if "frame" in df.columns else 0,
-            "stage": "evaluate",
-            "error": msg.split(":", 1)[0],
-            "message": msg.split(": ", 1)[-1],
-        }
-        for i, msg in bad
-    ]
-    return pd.DataFrame(rows, columns=ERRORS_SCHEMA.names)
 
 
 def _predictions_frame(

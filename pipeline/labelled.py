@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 
 from pipeline.classes import CLASSES
 from pipeline.config import StationConfig, resolve_station
-from pipeline.errors import InputError
+from pipeline.errors import FrameReadError, InputError
 
 #: Columns of the DataFrame returned by load_labelled.
 LABELLED_COLUMNS: tuple[str, ...] = ("path", "label", "time_utc", "winter", "frame")
@@ -183,6 +183,16 @@ class LabelledSet(Dataset):
     def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
         return self.frame(int(i)), int(self.targets[i])
 
+    def subset(self, keep: Sequence[int]) -> LabelledSet:
+        """The set of rows ``keep`` only (cached frames carried over)."""
+        keep = [int(i) for i in keep]
+        sub = LabelledSet(
+            self.df.iloc[keep], self.pre.station, self.pre.dark_dir, self.cache, self.classes
+        )
+        sub.pre = self.pre  # its calibrations are already built
+        sub._cache = {new: self._cache[old] for new, old in enumerate(keep) if old in self._cache}
+        return sub
+
 
 def open_labelled(
     root: str | os.PathLike,
@@ -211,3 +221,51 @@ class ToModelInput:
         frames = np.stack([b[0] for b in batch]).astype(np.float32, copy=False)
         labels = torch.as_tensor([b[1] for b in batch], dtype=torch.long)
         return to_model_input(frames, self.input_size), labels
+
+
+class CheckedFrames:
+    """A labelled set whose unreadable frames come back as (None, label, index, error message)
+    instead of raising: evaluation records them and goes on (picklable for loader workers)."""
+
+    def __init__(self, ds: Any) -> None:
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> tuple[Any, int, int, str | None]:
+        try:
+            x, y = self.ds[i]
+        except FrameReadError as exc:  # FrameGeometryError included
+            return None, -1, int(i), f"{type(exc).__name__}: {exc}"
+        return x, y, int(i), None
+
+
+class CheckedCollate:
+    """Collate of CheckedFrames items: (x, y) of the readable frames, their indices, the rest."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __call__(self, batch: list) -> tuple[Any, Any, list[int], list[tuple[int, str]]]:
+        ok = [b for b in batch if b[0] is not None]
+        bad = [(b[2], b[3]) for b in batch if b[0] is None]
+        x, y = self.inner([(b[0], b[1]) for b in ok]) if ok else (None, None)
+        return x, y, [b[2] for b in ok], bad
+
+
+def unreadable_rows(df: pd.DataFrame, bad: list[tuple[int, str]], stage: str) -> pd.DataFrame:
+    """errors.parquet rows for the frames of ``df`` at the (index, message) pairs ``bad``."""
+    from pipeline.storage import ERRORS_SCHEMA
+
+    rows = [
+        {
+            "path": str(df["path"].iloc[i]),
+            "frame": int(df["frame"].iloc[i]) if "frame" in df.columns else 0,
+            "stage": stage,
+            "error": msg.split(":", 1)[0],
+            "message": msg.split(": ", 1)[-1],
+        }
+        for i, msg in bad
+    ]
+    return pd.DataFrame(rows, columns=ERRORS_SCHEMA.names)

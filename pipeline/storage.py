@@ -165,3 +165,14 @@ def merge_errors(
     both = both.drop_duplicates(subset=["path", "frame", "stage"], keep="last")
     write_table(both, p, ERRORS_SCHEMA)
     return both
+
+
+def replace_stage_errors(path: Path, rows: pd.DataFrame, stage: str) -> None:
+    """This stage's rows replace its earlier ones in errors.parquet; other stages' rows stay."""
+    old = read_errors(path)
+    old = old[old["stage"] != stage] if len(old) else old
+    both = pd.concat([old, rows], ignore_index=True) if len(old) else rows
+    if len(both):
+        write_table(both, path, ERRORS_SCHEMA)
+    else:
+        path.unlink(missing_ok=True)  # only a stale table of an earlier run was there

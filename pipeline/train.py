@@ -29,7 +29,7 @@ from pipeline.labelled import (  # noqa: F401  (re-exported: the contract names 
     load_labelled,
     open_labelled,
 )
-from pipeline.storage import atomic_path, write_table
+from pipeline.storage import atomic_path, replace_stage_errors, write_table
 
 log = logging.getLogger(__name__)
 
@@ -353,6 +353,39 @@ def _load_last(path: Path) -> dict[str, Any]:
     return state
 
 
+def _read_check_collate(batch: list) -> tuple[list[int], list[tuple[int, str]]]:
+    """Collate of CheckedFrames items that keeps only what the read check needs (no pixels)."""
+    ok = [b[2] for b in batch if b[0] is not None]
+    return ok, [(b[2], b[3]) for b in batch if b[0] is None]
+
+
+def _readable_frames(
+    ds: LabelledSet, num_workers: int, batch_size: int
+) -> tuple[np.ndarray, pd.DataFrame]:
+    """Read every frame once: the indices of the readable ones, errors rows for the rest.
+
+    One damaged file must not stop training at some epoch; checking up front also keeps the
+    train/val split the same in every epoch and on --resume.
+    """
+    from tqdm.auto import tqdm
+
+    from pipeline.labelled import CheckedFrames, unreadable_rows
+
+    loader = DataLoader(
+        CheckedFrames(ds),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_read_check_collate,
+    )
+    kept: list[int] = []
+    bad: list[tuple[int, str]] = []
+    for ok, errs in tqdm(loader, desc="reading frames", unit="batch", leave=False):
+        kept.extend(ok)
+        bad.extend(errs)
+    return np.sort(np.asarray(kept, dtype=np.int64)), unreadable_rows(ds.df, bad, "train")
+
+
 def _data_fingerprint(df: pd.DataFrame, root: Path) -> str:
     rel = [os.path.relpath(p, root) for p in df["path"]]
     return json.dumps(sorted(zip(rel, df["label"].tolist())))
@@ -360,7 +393,15 @@ def _data_fingerprint(df: pd.DataFrame, root: Path) -> str:
 
 #: What ``train`` writes into OUT (besides the temporary ``.<name>.*.part`` of atomic writes).
 _RUN_FILES = frozenset(
-    {"config.yaml", "split.parquet", "meta.json", "model.safetensors", LAST_STATE, "history.json"}
+    {
+        "config.yaml",
+        "split.parquet",
+        "meta.json",
+        "model.safetensors",
+        LAST_STATE,
+        "history.json",
+        "errors.parquet",
+    }
 )
 
 
@@ -572,11 +613,22 @@ def train(
     stn = station_for_set(data, station, cfg.station)
     # Station: the set's own calib/station.yaml, else --station, else the config's, else yrs.
     ds = LabelledSet(df, stn, dark_dir=find_dark_dir(data), cache=cfg.cache_frames)
-    train_idx, val_idx = stratified_split(df["label"].to_numpy(), cfg.val_fraction, cfg.seed)
-    if len(val_idx) == 0:
-        raise InputError(f"{data}: too few frames for a validation split of {cfg.val_fraction}")
     fingerprint = _data_fingerprint(df, data)
-    if not resume:
+    last_path = out / LAST_STATE
+    saved: dict[str, Any] | None = None
+    if resume:
+        # Checked before the frames are read: a wrong --out fails in seconds, not minutes.
+        if not last_path.is_file():
+            raise InputError(f"{last_path}: nothing to resume; train without --resume first")
+        saved = _load_last(last_path)
+        if saved["config"] != _config_fingerprint(cfg):
+            raise ConfigError(
+                f"{last_path}: was written with another training config; resume with the "
+                f"config in {out / 'config.yaml'} or train into another --out"
+            )
+        if saved["data"] != fingerprint:
+            raise InputError(f"{last_path}: was trained on another labelled set than {data}")
+    else:
         _check_out_folder(out, cfg, fingerprint, overwrite)
         if overwrite:
             for name in _RUN_FILES:  # the replaced run's files must not outlive it
@@ -586,8 +638,33 @@ def train(
                 elif target.exists():
                     target.unlink()
 
+    readable, unreadable = _readable_frames(ds, cfg.num_workers, cfg.val_batch_size)
+    if len(unreadable) and len(readable):
+        log.warning(
+            "%d of %d frames could not be read and are left out of training (%s); "
+            "they are listed in %s",
+            len(unreadable),
+            len(df),
+            unreadable["message"].iloc[0],
+            out / "errors.parquet",
+        )
+    if len(readable) == 0:
+        raise InputError(
+            f"{data}: none of its {len(df)} frames could be read (first: "
+            f"{unreadable['message'].iloc[0]}); check --station and the files"
+        )
+    if len(unreadable):
+        ds = ds.subset(readable)
+    labelled, df = df, ds.df
+    present = set(df["label"])
+    if len(present) < 2:
+        raise InputError(
+            f"{data}: training needs at least two classes among its readable frames, got {present}"
+        )
+    train_idx, val_idx = stratified_split(df["label"].to_numpy(), cfg.val_fraction, cfg.seed)
+    if len(val_idx) == 0:
+        raise InputError(f"{data}: too few frames for a validation split of {cfg.val_fraction}")
     out.mkdir(parents=True, exist_ok=True)
-    last_path = out / LAST_STATE
     torch.manual_seed(cfg.seed)
     model = build_for_config(cfg, classes)
     if init_weights is not None:
@@ -603,17 +680,7 @@ def train(
     loader_gen = torch.Generator().manual_seed(cfg.seed)
     aug_gen = torch.Generator().manual_seed(cfg.seed + 1)
     st = _RunState()
-    if resume:
-        if not last_path.is_file():
-            raise InputError(f"{last_path}: nothing to resume; train without --resume first")
-        saved = _load_last(last_path)
-        if saved["config"] != _config_fingerprint(cfg):
-            raise ConfigError(
-                f"{last_path}: was written with another training config; resume with the "
-                f"config in {out / 'config.yaml'} or train into another --out"
-            )
-        if saved["data"] != fingerprint:
-            raise InputError(f"{last_path}: was trained on another labelled set than {data}")
+    if saved is not None:
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
         st = _RunState(
@@ -632,14 +699,19 @@ def train(
         log.warning("%s holds an earlier run; starting afresh (use --resume to continue it)", out)
 
     dump_yaml(cfg, out / "config.yaml")
+    # Every labelled frame, the unreadable ones too: the file names the data set trained on.
+    role = np.full(len(labelled), "unreadable", dtype=object)
+    role[readable[train_idx]] = "train"
+    role[readable[val_idx]] = "val"
     split = pd.DataFrame(
         {
-            "path": [os.path.relpath(p, data) for p in df["path"]],
-            "label": df["label"],
-            "split": np.where(np.isin(np.arange(len(df)), val_idx), "val", "train"),
+            "path": [os.path.relpath(p, data) for p in labelled["path"]],
+            "label": labelled["label"].to_numpy(),
+            "split": role,
         }
     )
     write_table(split, out / "split.parquet")
+    replace_stage_errors(out / "errors.parquet", unreadable, "train")
 
     collate = ToModelInput(cfg.input_size)
     train_ds, val_ds = Subset(ds, train_idx.tolist()), Subset(ds, val_idx.tolist())

@@ -427,3 +427,50 @@ def test_meta_says_finished_after_an_early_stop(tmp_path, mini_set, monkeypatch)
     _train(cfg, mini_set, tmp_path / "ck")
     meta = json.loads((tmp_path / "ck" / "meta.json").read_text())
     assert (meta["epochs_done"], meta["epochs_planned"], meta["finished"]) == (2, 6, True)
+
+
+def test_unreadable_frames_are_recorded_and_left_out_of_training(
+    tmp_path, mini_set, caplog, capsys
+):
+    """A truncated frame does not stop training: it is listed in errors.parquet, marked in
+    split.parquet, and the same run can be rerun and resumed."""
+    import shutil
+
+    import pandas as pd
+
+    data = tmp_path / "set"
+    shutil.copytree(mini_set, data)
+    labels = pd.read_parquet(data / "labels.parquet")
+    broken = data / labels["path"].iloc[5]
+    broken.write_bytes(broken.read_bytes()[:100])
+    cfg = write_cfg(tmp_path / "c.yaml", variant="alexnet", epochs=1)
+    out = tmp_path / "ck"
+    _train(cfg, data, out)
+    assert "1 of 16 frames could not be read and are left out of training" in caplog.text
+    errors = pd.read_parquet(out / "errors.parquet")
+    assert len(errors) == 1 and errors["stage"].iloc[0] == "train"
+    assert errors["error"].iloc[0] == "FrameReadError"
+    assert Path(errors["path"].iloc[0]).name == broken.name
+    split = pd.read_parquet(out / "split.parquet")
+    assert len(split) == 16 and (split["split"] == "unreadable").sum() == 1
+    assert split.loc[split["split"] == "unreadable", "path"].iloc[0].endswith(broken.name)
+    assert set(split["split"]) == {"train", "val", "unreadable"}
+    assert (out / "meta.json").is_file()
+    # The same run again (no --overwrite needed), then resumed to a second epoch.
+    _train(cfg, data, out)
+    _train(write_cfg(tmp_path / "c2.yaml", variant="alexnet", epochs=2), data, out, "--resume")
+    assert len(json.loads((out / "history.json").read_text())) == 2
+    # Once the file is repaired, the errors table no longer lists it.
+    shutil.copy(mini_set / labels["path"].iloc[5], broken)
+    _train(cfg, data, out)
+    assert not (out / "errors.parquet").exists()
+    assert set(pd.read_parquet(out / "split.parquet")["split"]) == {"train", "val"}
+    # Nothing readable at all: one clear line, exit 1.
+    for p in labels["path"]:
+        (data / p).write_bytes(b"not an image")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as ex:
+        _train(cfg, data, tmp_path / "none")
+    err = capsys.readouterr().err
+    assert ex.value.code == 1 and "none of its 16 frames could be read" in err
+    assert "Traceback" not in err and not (tmp_path / "none" / "errors.parquet").exists()
