@@ -101,6 +101,10 @@ class TrainConfig:
     weight_decay: float = 5e-4
     lsoftmax: LSoftmaxConfig = field(default_factory=LSoftmaxConfig)
     val_fraction: float = 0.2
+    #: how frames are drawn for validation: one by one at random within each class ("frame",
+    #: the paper's 4:1), or whole UT days ("day"): frames 10 s apart are near-copies, so a
+    #: frame split puts a neighbour of almost every validation frame into training.
+    split_by: Literal["frame", "day"] = "frame"
     seed: int = 0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     #: stop after this many epochs without a better validation accuracy (0 = never).
@@ -183,6 +187,51 @@ def stratified_split(
         val.append(idx[:n_val])
         train.append(idx[n_val:])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+
+def day_stratified_split(
+    labels: Sequence[str] | np.ndarray,
+    days: Sequence[Any] | np.ndarray,
+    val_fraction: float,
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, val) with whole days on one side, near ``val_fraction`` of every class in val.
+
+    A local search from a seeded random order of days: a day moves to the other side, or a val
+    day and a train day swap, when that brings the classes' shares of frames in val, summed over
+    classes, closer to ``val_fraction``.
+    """
+    labels = np.asarray(labels)
+    _, day_of = np.unique(np.asarray(days), return_inverse=True)
+    _, class_of = np.unique(labels, return_inverse=True)
+    per_day = np.zeros((day_of.max() + 1, class_of.max() + 1), dtype=np.float64)
+    np.add.at(per_day, (day_of, class_of), 1)
+    per_day /= per_day.sum(axis=0)  # each day's share of each class's frames
+    in_val = np.zeros(len(per_day), dtype=bool)
+    have = np.zeros(per_day.shape[1])
+    order = np.random.default_rng(seed).permutation(len(per_day))
+    for _ in range(100):  # settles in a few passes
+        moved = False
+        for d in order:
+            step = -per_day[d] if in_val[d] else per_day[d]
+            if np.abs(have + step - val_fraction).sum() < np.abs(have - val_fraction).sum() - 1e-12:
+                in_val[d] = not in_val[d]
+                have = have + step
+                moved = True
+        # Then the best exchange of a val day with a train day, where one move alone cannot help.
+        v, t = np.flatnonzero(in_val), np.flatnonzero(~in_val)
+        if len(v) and len(t):
+            cand = have + per_day[t][None, :, :] - per_day[v][:, None, :]
+            cost = np.abs(cand - val_fraction).sum(axis=2)
+            i, j = np.unravel_index(np.argmin(cost), cost.shape)
+            if cost[i, j] < np.abs(have - val_fraction).sum() - 1e-12:
+                in_val[v[i]], in_val[t[j]] = False, True
+                have = cand[i, j]
+                moved = True
+        if not moved:
+            break
+    is_val = in_val[day_of]
+    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
 
 
 def lr_at(cfg: TrainConfig, epoch: float) -> float:
@@ -306,6 +355,8 @@ def _config_fingerprint(cfg: TrainConfig) -> str:
     d = to_dict(cfg)
     for key in _RESUMABLE_CHANGES:
         d.pop(key, None)
+    if d.get("split_by") == "frame":  # runs recorded before split_by existed split by frame
+        d.pop("split_by")
     return json.dumps(d, sort_keys=True)
 
 
@@ -351,6 +402,18 @@ def _load_last(path: Path) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != "aurora-train-state-1":
         raise CheckpointError(f"{path}: not a training state written by `aurora-pipeline train`")
     return state
+
+
+def _ut_days(df: pd.DataFrame, data: Path) -> np.ndarray:
+    """The UT date of every frame (split_by: day); frames without a time are an InputError."""
+    t = pd.to_datetime(df["time_utc"], utc=True) if "time_utc" in df.columns else None
+    if t is None or t.isna().any():
+        n = len(df) if t is None else int(t.isna().sum())
+        raise InputError(
+            f"{data}/labels.parquet: split_by: day needs the time of every frame, {n} have none; "
+            "add a time_utc column or use split_by: frame"
+        )
+    return t.dt.strftime("%Y-%m-%d").to_numpy()
 
 
 def _read_check_collate(batch: list) -> tuple[list[int], list[tuple[int, str]]]:
@@ -610,6 +673,7 @@ def train(
         raise InputError(
             f"{data}/labels.parquet: training needs at least two classes, got {present}"
         )
+    days = _ut_days(df, data) if cfg.split_by == "day" else None
     stn = station_for_set(data, station, cfg.station)
     # Station: the set's own calib/station.yaml, else --station, else the config's, else yrs.
     ds = LabelledSet(df, stn, dark_dir=find_dark_dir(data), cache=cfg.cache_frames)
@@ -661,9 +725,29 @@ def train(
         raise InputError(
             f"{data}: training needs at least two classes among its readable frames, got {present}"
         )
-    train_idx, val_idx = stratified_split(df["label"].to_numpy(), cfg.val_fraction, cfg.seed)
-    if len(val_idx) == 0:
-        raise InputError(f"{data}: too few frames for a validation split of {cfg.val_fraction}")
+    if days is not None:
+        train_idx, val_idx = day_stratified_split(
+            df["label"].to_numpy(), days[readable], cfg.val_fraction, cfg.seed
+        )
+    else:
+        train_idx, val_idx = stratified_split(df["label"].to_numpy(), cfg.val_fraction, cfg.seed)
+    if len(val_idx) == 0 or len(train_idx) == 0:
+        raise InputError(
+            f"{data}: too few frames{' or days' if cfg.split_by == 'day' else ''} for a "
+            f"validation split of {cfg.val_fraction}"
+        )
+    one_sided = sorted(
+        set(df["label"]) - (set(df["label"].iloc[val_idx]) & set(df["label"].iloc[train_idx]))
+    )
+    if one_sided:
+        log.warning(
+            "%s: class(es) %s only on one side of the train/val split (%d train, %d val "
+            "frames); the validation accuracy says nothing about them",
+            data,
+            ", ".join(one_sided),
+            len(train_idx),
+            len(val_idx),
+        )
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     model = build_for_config(cfg, classes)

@@ -20,6 +20,7 @@ from pipeline.train import (
     AugmentConfig,
     TrainConfig,
     augment_batch,
+    day_stratified_split,
     load_train_config,
     lr_at,
     stratified_split,
@@ -82,6 +83,7 @@ def test_shipped_configs_load():
         ({"augment": {"rotate": True, "shear": 3}}, r"augment: unknown key 'shear'; allowed keys"),
         ({"lsoftmax": {"m": 0}}, r"lsoftmax.m must be a positive integer"),
         ({"input_size": 32}, r"input_size must be >= 64"),
+        ({"split_by": "week"}, r"split_by: 'week' is not allowed; allowed values: 'frame', 'day'"),
     ],
 )
 def test_config_errors_name_file_key_and_allowed(tmp_path, over, match):
@@ -113,6 +115,42 @@ def test_stratified_split_is_4_to_1_per_class_and_seeded():
     np.testing.assert_array_equal(va, va2)
     _, va3 = stratified_split(labels, 0.2, seed=8)
     assert not np.array_equal(va, va3)
+
+
+def _check_day_split(labels, days, frac=0.2, seed=0, tol=0.05):
+    train, val = day_stratified_split(labels, days, frac, seed)
+    labels, days = np.asarray(labels), np.asarray(days)
+    assert len(np.intersect1d(train, val)) == 0 and len(train) + len(val) == len(labels)
+    assert not set(days[train]) & set(days[val]), "a day on both sides"
+    for c in set(labels.tolist()):
+        share = (labels[val] == c).sum() / (labels == c).sum()
+        assert abs(share - frac) <= tol, f"{c}: {share:.3f} of its frames in val"
+    return train, val
+
+
+def test_day_split_keeps_days_whole_and_classes_near_the_fraction():
+    """60 days of 10-s frames whose class mix changes from day to day, as real ones do."""
+    rng = np.random.default_rng(1)
+    labels, days = [], []
+    for d in range(60):
+        n = int(rng.integers(50, 400))
+        mix = rng.dirichlet(np.ones(len(CLASSES)) * 0.7)
+        labels += rng.choice(CLASSES, size=n, p=mix).tolist()
+        days += [f"2003-12-{d:02d}"] * n
+    train, val = _check_day_split(labels, days)
+    again, _ = day_stratified_split(labels, days, 0.2, 0)
+    other, _ = day_stratified_split(labels, days, 0.2, 1)
+    assert np.array_equal(train, again) and not np.array_equal(train, other)
+
+
+def test_day_split_on_the_real_yrs_timeline(shared_data):
+    """The 38,044 expert labels of winter 2003/04 (19 days): each class within 5 points of 20%."""
+    import pandas as pd
+
+    path = shared_data / "yrs_labels" / "Alllabel2003_38044.txt"
+    rows = pd.read_csv(path, sep=r"\s+", header=None, names=["name", "label"])
+    days = rows["name"].str.slice(1, 9).to_numpy()
+    _check_day_split(rows["label"].astype(str).to_numpy(), days)
 
 
 def test_lr_warmup_and_cosine():
@@ -474,3 +512,27 @@ def test_unreadable_frames_are_recorded_and_left_out_of_training(
     err = capsys.readouterr().err
     assert ex.value.code == 1 and "none of its 16 frames could be read" in err
     assert "Traceback" not in err and not (tmp_path / "none" / "errors.parquet").exists()
+
+
+def test_train_split_by_day(tmp_path, mini_set, capsys):
+    """split_by: day writes a split where no UT day is on both sides; without times it is a
+    one-line error naming the fix."""
+    import shutil
+
+    import pandas as pd
+
+    cfg = write_cfg(tmp_path / "c.yaml", variant="alexnet", split_by="day")
+    _train(cfg, mini_set, tmp_path / "ck")
+    split = pd.read_parquet(tmp_path / "ck" / "split.parquet")
+    day = split["path"].str.extract(r"N(\d{8})G")[0]
+    assert not set(day[split["split"] == "val"]) & set(day[split["split"] == "train"])
+    assert (split["split"] == "val").sum() >= 2
+    data = tmp_path / "untimed"
+    shutil.copytree(mini_set, data)
+    labels = pd.read_parquet(data / "labels.parquet").drop(columns=["time_utc"])
+    labels.to_parquet(data / "labels.parquet")
+    with pytest.raises(SystemExit) as ex:
+        _train(cfg, data, tmp_path / "ck2")
+    err = capsys.readouterr().err
+    assert ex.value.code == 1 and "split_by: day needs the time of every frame" in err
+    assert not (tmp_path / "ck2").exists()
