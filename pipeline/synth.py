@@ -1026,8 +1026,17 @@ def _render_chunk(
 
 
 def _render_all(
-    out: Path, plan: pd.DataFrame, seed: int, size: int, workers: int, desc: str
+    out: Path,
+    plan: pd.DataFrame,
+    seed: int,
+    size: int,
+    workers: int,
+    desc: str,
+    skip_existing: bool = False,
 ) -> None:
+    """Render every frame of ``plan`` into ``out``; ``skip_existing`` keeps the frames already
+    there (an interrupted run of this same plan: frames are written atomically and depend on
+    (seed, index) only, so each one on disk is complete and right)."""
     from tqdm.auto import tqdm
 
     trans = plan["transition"] if "transition" in plan else [""] * len(plan)
@@ -1037,6 +1046,15 @@ def _render_all(
             zip(plan["label"], plan["path"], plan["time_utc"], trans)
         )
     ]
+    if skip_existing:
+        n_all = len(items)
+        items = [it for it in items if not (out / it[2]).is_file()]
+        log.info(
+            "%s: %d of %d frames already rendered; rendering the rest",
+            out,
+            n_all - len(items),
+            n_all,
+        )
     chunk = max(1, min(32, len(items) // (4 * max(workers, 1)) or 1))
     chunks = [items[i : i + chunk] for i in range(0, len(items), chunk)]
     with tqdm(total=len(items), desc=desc, unit="frame", disable=None) as bar:
@@ -1164,8 +1182,8 @@ def _prepare_out(
     A missing or empty folder is written. A folder whose synth.json records exactly this run
     (parameters, camera seasons, version; ``--workers`` never changes the output) is either
     finished (synth.json complete, the table and every frame present: nothing is redone, and the
-    table is returned) or an interrupted run of it, which is rendered again (frames are
-    deterministic, so the earlier ones are overwritten with the same bytes). Anything else is
+    table is returned) or an interrupted run of it, which is finished (frames are deterministic
+    and written atomically, so the ones on disk are kept and only the missing ones rendered). Anything else is
     refused: new frames would mix with the old ones and the table would describe only the new.
     ``overwrite`` deletes another synth run's folder first (never a folder synth did not write).
     """
@@ -1201,7 +1219,7 @@ def _prepare_out(
                 out,
             )
             return done
-    log.warning("%s holds an unfinished run of this synth (synth.json); rendering it again", out)
+    log.warning("%s holds an unfinished run of this synth (synth.json); finishing it", out)
     return None
 
 
@@ -1242,9 +1260,10 @@ def make_labelled(
     done = _prepare_out(out, run, "labels.parquet", overwrite=overwrite)
     if done is not None:
         return done
+    resuming = out.is_dir() and any(out.iterdir())  # an unfinished run of this same set
     _write_run(out, run, complete=False)
     _write_calib(out, [winter], size)
-    _render_all(out, plan, seed, size, workers, f"synth labelled {winter}")
+    _render_all(out, plan, seed, size, workers, f"synth labelled {winter}", resuming)
     write_table(plan, out / "labels.parquet")
     _write_run(out, run, complete=True)
     return plan
@@ -1279,9 +1298,10 @@ def make_archive(
     )
     if done is not None:
         return done
+    resuming = out.is_dir() and any(out.iterdir())  # an unfinished run of this same archive
     _write_run(out, run, complete=False)
     _write_calib(out, seasons, size)
-    _render_all(out, plan, seed, size, workers, "synth archive")
+    _render_all(out, plan, seed, size, workers, "synth archive", resuming)
     truth = plan[["path", "time_utc", "label"]]
     write_table(truth, out / "truth.parquet")
     _write_run(out, run, complete=True)

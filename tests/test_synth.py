@@ -391,8 +391,11 @@ def test_identical_rerun_keeps_the_set_and_an_interrupted_one_is_finished(tmp_pa
             synth.make_archive(arch, n=5, seed=4, size=32)
     assert json.loads((arch / "synth.json").read_text())["complete"] is False
     assert not (arch / "truth.parquet").exists()
+    (kept,) = _frames(arch)
+    kept_stamp = kept.stat().st_mtime_ns
     truth = synth.make_archive(arch, n=5, seed=4, size=32)
     assert len(_frames(arch)) == 5 and len(truth) == 5
+    assert kept.stat().st_mtime_ns == kept_stamp, "the frame already rendered was rendered again"
     assert json.loads((arch / "synth.json").read_text())["complete"] is True
     fresh = tmp_path / "fresh"
     synth.make_archive(fresh, n=5, seed=4, size=32)
