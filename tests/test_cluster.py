@@ -1,4 +1,4 @@
-"""Worker layout rules of pipeline/cluster.py: processes per GPU and which GPU a worker uses."""
+"""pipeline/cluster.py: processes per GPU, which GPU a worker uses, Ctrl-C and local workers."""
 
 from collections import Counter
 
@@ -39,3 +39,25 @@ def test_workers_of_one_host_spread_evenly_over_its_gpus():
     use = Counter(worker_gpu_index(nm, gpus) for nm in names)
     assert sorted(use) == list(range(gpus))
     assert set(use.values()) == {n // gpus}
+
+
+def _sigint_handler_name() -> str:
+    import signal
+
+    h = signal.getsignal(signal.SIGINT)
+    return "ignored" if h == signal.SIG_IGN else getattr(h, "__name__", str(h))
+
+
+def test_local_workers_leave_ctrl_c_to_the_client():
+    """A terminal's Ctrl-C reaches every process of the group: local worker processes ignore it
+    (the client closes them; interrupted mid-task they hung until their nanny killed them), and
+    the client's own handler is back once the cluster is up."""
+    import signal
+
+    from pipeline.cluster import dask_client
+
+    before = signal.getsignal(signal.SIGINT)
+    with dask_client(workers=1) as client:
+        assert signal.getsignal(signal.SIGINT) is before
+        assert client.submit(_sigint_handler_name, pure=False).result() == "ignored"
+    assert signal.getsignal(signal.SIGINT) is before
