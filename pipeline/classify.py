@@ -1038,20 +1038,24 @@ def classify_archive(
         # when a worker dies and a result must be re-gathered).
         stack.enter_context(client.as_current())
         t_compute = time.perf_counter()
-        run_windowed(
-            client,
-            classify_shard,
-            tasks(),
-            on_result=on_result,
-            on_error=on_error,
-            window=window or 2 * n_slots,
-            total=len(todo),
-            desc="classify",
-            retries=retries,
-            resources=resources,
-        )
+        try:
+            run_windowed(
+                client,
+                classify_shard,
+                tasks(),
+                on_result=on_result,
+                on_error=on_error,
+                window=window or 2 * n_slots,
+                total=len(todo),
+                desc="classify",
+                retries=retries,
+                resources=resources,
+            )
+        finally:
+            # Ctrl-C or a lost scheduler too: the shards finished so far count as done, so the
+            # rerun does not classify them again.
+            flush(force=True)
         summary.compute_s = time.perf_counter() - t_compute
-        flush(force=True)
     _clean_stale(out, {int(k) for k in run["shards"]})
     summary.wall_s = time.perf_counter() - t_start
     run_entry.update(

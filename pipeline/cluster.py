@@ -48,22 +48,6 @@ def worker_gpu_index(name: object, gpus: int) -> int:
 
 
 @contextlib.contextmanager
-def _sigint_ignored() -> Iterator[None]:
-    """SIGINT ignored inside the block (main thread only; elsewhere a no-op)."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, before)
-
-
-@contextlib.contextmanager
 def dask_client(
     workers: int | None = None,
     threads_per_worker: int = 1,
@@ -89,18 +73,16 @@ def dask_client(
         finally:
             client.close()
         return
-    # Worker processes start with Ctrl-C ignored (an ignored signal stays ignored across their
-    # spawn): the terminal sends it to the whole process group, and a worker interrupted in the
-    # middle of a task hangs until its nanny kills it; this process closes them instead.
-    with _sigint_ignored():
-        cluster = LocalCluster(
-            n_workers=workers or default_workers(),
-            threads_per_worker=threads_per_worker,
-            processes=processes,
-            resources=resources,
-            dashboard_address=":0",
-            silence_logs=logging.ERROR,
-        )
+    cluster = LocalCluster(
+        n_workers=workers or default_workers(),
+        threads_per_worker=threads_per_worker,
+        processes=processes,
+        resources=resources,
+        dashboard_address=":0",
+        silence_logs=logging.ERROR,
+        # worker processes leave Ctrl-C to this one, which closes them (local_worker.py)
+        preload=["pipeline.local_worker"] if processes else [],
+    )
     client = Client(cluster)
     print(f"dask dashboard: {client.dashboard_link}", file=sys.stderr)
     try:

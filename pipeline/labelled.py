@@ -183,14 +183,16 @@ class LabelledSet(Dataset):
     def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
         return self.frame(int(i)), int(self.targets[i])
 
-    def subset(self, keep: Sequence[int]) -> LabelledSet:
-        """The set of rows ``keep`` only (cached frames carried over)."""
+    def subset(self, keep: Sequence[int], cache: bool | None = None) -> LabelledSet:
+        """The set of rows ``keep`` only (cached frames carried over unless ``cache`` is False)."""
         keep = [int(i) for i in keep]
+        cache = self.cache if cache is None else cache
         sub = LabelledSet(
-            self.df.iloc[keep], self.pre.station, self.pre.dark_dir, self.cache, self.classes
+            self.df.iloc[keep], self.pre.station, self.pre.dark_dir, cache, self.classes
         )
         sub.pre = self.pre  # its calibrations are already built
-        sub._cache = {new: self._cache[old] for new, old in enumerate(keep) if old in self._cache}
+        if cache:
+            sub._cache = {n: self._cache[o] for n, o in enumerate(keep) if o in self._cache}
         return sub
 
 
@@ -225,7 +227,7 @@ class ToModelInput:
 
 class CheckedFrames:
     """A labelled set whose unreadable frames come back as (None, label, index, error message)
-    instead of raising: evaluation records them and goes on (picklable for loader workers)."""
+    instead of raising: train and evaluate record them and go on (picklable for loader workers)."""
 
     def __init__(self, ds: Any) -> None:
         self.ds = ds

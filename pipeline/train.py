@@ -29,7 +29,7 @@ from pipeline.labelled import (  # noqa: F401  (re-exported: the contract names 
     load_labelled,
     open_labelled,
 )
-from pipeline.storage import atomic_path, replace_stage_errors, write_table
+from pipeline.storage import ERRORS_SCHEMA, atomic_path, write_table
 
 log = logging.getLogger(__name__)
 
@@ -220,14 +220,19 @@ def day_stratified_split(
                 moved = True
         # Then the best exchange of a val day with a train day, where one move alone cannot help.
         v, t = np.flatnonzero(in_val), np.flatnonzero(~in_val)
-        if len(v) and len(t):
-            cand = have + per_day[t][None, :, :] - per_day[v][:, None, :]
+        best = (np.abs(have - val_fraction).sum() - 1e-12, -1, -1)
+        rows = max(1, 4_000_000 // max(1, len(t) * per_day.shape[1]))  # bounded memory
+        for s in range(0, len(v), rows):
+            vs = v[s : s + rows]
+            cand = have + per_day[t][None, :, :] - per_day[vs][:, None, :]
             cost = np.abs(cand - val_fraction).sum(axis=2)
             i, j = np.unravel_index(np.argmin(cost), cost.shape)
-            if cost[i, j] < np.abs(have - val_fraction).sum() - 1e-12:
-                in_val[v[i]], in_val[t[j]] = False, True
-                have = cand[i, j]
-                moved = True
+            if cost[i, j] < best[0]:
+                best = (cost[i, j], vs[i], t[j])
+        if best[1] >= 0:
+            in_val[best[1]], in_val[best[2]] = False, True
+            have = have - per_day[best[1]] + per_day[best[2]]
+            moved = True
         if not moved:
             break
     is_val = in_val[day_of]
@@ -427,15 +432,17 @@ def _readable_frames(
 ) -> tuple[np.ndarray, pd.DataFrame]:
     """Read every frame once: the indices of the readable ones, errors rows for the rest.
 
-    One damaged file must not stop training at some epoch; checking up front also keeps the
-    train/val split the same in every epoch and on --resume.
+    One damaged file must not stop training at some epoch, and the split is drawn from the
+    frames that can be read. With ``num_workers`` the frames are read without the in-memory
+    cache (each loader worker would fill, then drop, a copy of it).
     """
     from tqdm.auto import tqdm
 
     from pipeline.labelled import CheckedFrames, unreadable_rows
 
+    probe = ds.subset(range(len(ds)), cache=False) if num_workers and ds.cache else ds
     loader = DataLoader(
-        CheckedFrames(ds),
+        CheckedFrames(probe),
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
@@ -447,6 +454,28 @@ def _readable_frames(
         kept.extend(ok)
         bad.extend(errs)
     return np.sort(np.asarray(kept, dtype=np.int64)), unreadable_rows(ds.df, bad, "train")
+
+
+def _recorded_roles(out: Path, df: pd.DataFrame, root: Path) -> np.ndarray:
+    """The train/val/unreadable role of every row of ``df`` in OUT/split.parquet (--resume)."""
+    path = out / "split.parquet"
+    try:
+        split = pd.read_parquet(path)
+        frames = split["frame"] if "frame" in split.columns else pd.Series(0, index=split.index)
+        recorded = dict(zip(zip(split["path"], frames.astype(int)), split["split"].astype(str)))
+    except Exception:  # noqa: BLE001 - missing or damaged: cannot resume the same split
+        raise InputError(
+            f"{path}: missing or unreadable, so the run's train/val split is unknown; "
+            "train afresh (without --resume)"
+        ) from None
+    rel = [os.path.relpath(p, root) for p in df["path"]]
+    roles = [recorded.get((r, int(f))) for r, f in zip(rel, df["frame"])]
+    if any(r not in ("train", "val", "unreadable") for r in roles) or len(recorded) != len(df):
+        raise InputError(
+            f"{path}: does not list the frames of {root} (another labelled set); "
+            "train afresh (without --resume)"
+        )
+    return np.asarray(roles, dtype=object)
 
 
 def _data_fingerprint(df: pd.DataFrame, root: Path) -> str:
@@ -692,15 +721,12 @@ def train(
             )
         if saved["data"] != fingerprint:
             raise InputError(f"{last_path}: was trained on another labelled set than {data}")
+        # The run's own split: drawn again, it would move frames between train and val
+        # whenever a file has become readable or unreadable since.
+        recorded = _recorded_roles(out, df, data)
     else:
         _check_out_folder(out, cfg, fingerprint, overwrite)
-        if overwrite:
-            for name in _RUN_FILES:  # the replaced run's files must not outlive it
-                target = out / name
-                if target.is_dir():
-                    shutil.rmtree(target)
-                elif target.exists():
-                    target.unlink()
+        recorded = None
 
     readable, unreadable = _readable_frames(ds, cfg.num_workers, cfg.val_batch_size)
     if len(unreadable) and len(readable):
@@ -725,7 +751,17 @@ def train(
         raise InputError(
             f"{data}: training needs at least two classes among its readable frames, got {present}"
         )
-    if days is not None:
+    if recorded is not None:
+        train_idx = np.flatnonzero(recorded[readable] == "train")
+        val_idx = np.flatnonzero(recorded[readable] == "val")
+        back = int((recorded[readable] == "unreadable").sum())
+        if back:
+            log.warning(
+                "%d frames that were unreadable when this run started can be read now; they "
+                "stay out of it (train afresh to use them)",
+                back,
+            )
+    elif days is not None:
         train_idx, val_idx = day_stratified_split(
             df["label"].to_numpy(), days[readable], cfg.val_fraction, cfg.seed
         )
@@ -748,6 +784,14 @@ def train(
             len(train_idx),
             len(val_idx),
         )
+    if overwrite and not resume:
+        # Only now that the new run can start: the replaced run's files must not outlive it.
+        for name in _RUN_FILES:
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     model = build_for_config(cfg, classes)
@@ -790,12 +834,17 @@ def train(
     split = pd.DataFrame(
         {
             "path": [os.path.relpath(p, data) for p in labelled["path"]],
+            "frame": labelled["frame"].to_numpy(dtype=np.int64),
             "label": labelled["label"].to_numpy(),
             "split": role,
         }
     )
     write_table(split, out / "split.parquet")
-    replace_stage_errors(out / "errors.parquet", unreadable, "train")
+    # OUT/errors.parquet is train's own: rewritten whole (a damaged one is no obstacle).
+    if len(unreadable):
+        write_table(unreadable, out / "errors.parquet", ERRORS_SCHEMA)
+    else:
+        (out / "errors.parquet").unlink(missing_ok=True)
 
     collate = ToModelInput(cfg.input_size)
     train_ds, val_ds = Subset(ds, train_idx.tolist()), Subset(ds, val_idx.tolist())

@@ -539,3 +539,50 @@ def test_a_table_without_frames_is_refused_not_nothing_to_do(ckpt, tmp_path):
     with pytest.raises(InputError, match="no frames to classify"):
         classify_archive(table, ckpt, tmp_path / "p", device="cpu")
     assert not (tmp_path / "p").exists()
+
+
+def test_ctrl_c_stops_classify_archive_cleanly(archive, ckpt, tiny_station_path, tmp_path, capsys):
+    """A terminal's Ctrl-C mid-run (to the whole process group): exit 130 within seconds, no
+    traceback and no worker killed by its nanny; the rerun finishes every frame once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    big = tmp_path / "big"
+    (big / "calib").mkdir(parents=True)
+    os.link(archive / "calib" / "dark_20041101.png", big / "calib" / "dark_20041101.png")
+    bad = (CORRUPT, WRONG_SIZE)
+    good = sorted(
+        p for p in archive.rglob("N*.png") if p.relative_to(archive).as_posix() not in bad
+    )
+    t0 = pd.Timestamp("2004-12-02T06:00:00")
+    for i in range(600):  # hard links: a long run from a few real files
+        t = t0 + pd.Timedelta(seconds=10 * i)
+        dst = big / f"2004/{t:%Y%m%d}/N{t:%Y%m%d}G{t:%H%M%S}.png"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.link(good[i % len(good)], dst)
+    out = tmp_path / "pred"
+    cmd = [sys.executable, "-m", "pipeline", "classify-archive", str(big), "--checkpoint",
+           str(ckpt), "--out", str(out), "--station", str(tiny_station_path), "--workers", "2",
+           "--threads-per-worker", "1", "--shard-size", "8", "--batch-size", "8"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not list(out.glob("shard-*.parquet")) and time.monotonic() < deadline:
+        time.sleep(0.1)  # classifying has started
+    os.killpg(proc.pid, signal.SIGINT)
+    t_int = time.monotonic()
+    _, err = proc.communicate(timeout=60)
+    text = err.decode(errors="replace")
+    assert proc.returncode == 130, text[-2000:]
+    assert time.monotonic() - t_int < 20
+    assert "Traceback" not in text and "still alive" not in text, text[-2000:]
+    done = json.loads((out / "_run.json").read_text())["shards"]
+    assert done and all((out / f"shard-{k}.parquet").is_file() for k in done)
+    main(cmd[3:])  # the rerun (in-process) finishes the archive
+    n_done = sum(v["frames"] for v in done.values())
+    assert f"{n_done} already done" in "".join(capsys.readouterr())
+    pred = read_predictions(out)
+    keys = list(zip(pred["path"], pred["frame"]))
+    assert len(keys) == len(set(keys)) == 600

@@ -49,9 +49,8 @@ def _sigint_handler_name() -> str:
 
 
 def test_local_workers_leave_ctrl_c_to_the_client():
-    """A terminal's Ctrl-C reaches every process of the group: local worker processes ignore it
-    (the client closes them; interrupted mid-task they hung until their nanny killed them), and
-    the client's own handler is back once the cluster is up."""
+    """A terminal's Ctrl-C reaches every process of the group: local worker processes ignore it,
+    restarted ones too (the client closes them), and the client's own handler is untouched."""
     import signal
 
     from pipeline.cluster import dask_client
@@ -59,5 +58,7 @@ def test_local_workers_leave_ctrl_c_to_the_client():
     before = signal.getsignal(signal.SIGINT)
     with dask_client(workers=1) as client:
         assert signal.getsignal(signal.SIGINT) is before
+        assert client.submit(_sigint_handler_name, pure=False).result() == "ignored"
+        client.restart()  # a worker process started again by its nanny: the same
         assert client.submit(_sigint_handler_name, pure=False).result() == "ignored"
     assert signal.getsignal(signal.SIGINT) is before

@@ -512,27 +512,74 @@ def test_unreadable_frames_are_recorded_and_left_out_of_training(
     err = capsys.readouterr().err
     assert ex.value.code == 1 and "none of its 16 frames could be read" in err
     assert "Traceback" not in err and not (tmp_path / "none" / "errors.parquet").exists()
+    # --overwrite removes the earlier run only once the new one can start.
+    with pytest.raises(SystemExit):
+        _train(cfg, data, out, "--overwrite")
+    assert (out / "model.safetensors").is_file() and (out / "last.pt").is_file()
 
 
 def test_train_split_by_day(tmp_path, mini_set, capsys):
-    """split_by: day writes a split where no UT day is on both sides; without times it is a
-    one-line error naming the fix."""
+    """split_by: day writes a split where no UT day is on both sides (where the frame split of
+    the same seed puts days on both); without times it is a one-line error naming the fix."""
     import shutil
 
     import pandas as pd
 
-    cfg = write_cfg(tmp_path / "c.yaml", variant="alexnet", split_by="day")
-    _train(cfg, mini_set, tmp_path / "ck")
-    split = pd.read_parquet(tmp_path / "ck" / "split.parquet")
-    day = split["path"].str.extract(r"N(\d{8})G")[0]
-    assert not set(day[split["split"] == "val"]) & set(day[split["split"] == "train"])
-    assert (split["split"] == "val").sum() >= 2
-    data = tmp_path / "untimed"
+    data = tmp_path / "days"
     shutil.copytree(mini_set, data)
-    labels = pd.read_parquet(data / "labels.parquet").drop(columns=["time_utc"])
+    labels = pd.read_parquet(data / "labels.parquet")
+    # 16 frames on 4 days, each day with several classes, as real days are.
+    base = pd.Timestamp("2003-12-21 06:00", tz="UTC")
+    labels["time_utc"] = [base + pd.Timedelta(days=i % 4, minutes=i) for i in range(len(labels))]
     labels.to_parquet(data / "labels.parquet")
+    day = np.array([i % 4 for i in range(len(labels))])
+    _, frame_val = stratified_split(labels["label"].to_numpy(), 0.2, 0)
+    frame_train = np.setdiff1d(np.arange(len(labels)), frame_val)
+    assert set(day[frame_val]) & set(day[frame_train]), "the frame split must mix days here"
+    cfg = write_cfg(tmp_path / "c.yaml", variant="alexnet", split_by="day", val_fraction=0.25)
+    _train(cfg, data, tmp_path / "ck")
+    split = pd.read_parquet(tmp_path / "ck" / "split.parquet")
+    by_day = dict(zip(labels["path"], day))
+    split_day = split["path"].map(by_day)
+    val_days = set(split_day[split["split"] == "val"])
+    assert val_days and not val_days & set(split_day[split["split"] == "train"])
+    untimed = tmp_path / "untimed"
+    shutil.copytree(mini_set, untimed)
+    labels.drop(columns=["time_utc"]).to_parquet(untimed / "labels.parquet")
     with pytest.raises(SystemExit) as ex:
-        _train(cfg, data, tmp_path / "ck2")
+        _train(cfg, untimed, tmp_path / "ck2")
     err = capsys.readouterr().err
     assert ex.value.code == 1 and "split_by: day needs the time of every frame" in err
     assert not (tmp_path / "ck2").exists()
+
+
+def test_resume_keeps_the_recorded_split_when_readability_changes(tmp_path, mini_set, caplog):
+    """A file broken or repaired between runs must not move frames between train and val."""
+    import shutil
+
+    import pandas as pd
+
+    data = tmp_path / "set"
+    shutil.copytree(mini_set, data)
+    out = tmp_path / "ck"
+    _train(write_cfg(tmp_path / "e1.yaml", variant="alexnet", epochs=1), data, out)
+    first = pd.read_parquet(out / "split.parquet").set_index("path")["split"]
+    assert set(first) == {"train", "val"}
+    victim = first.index[first == "train"][0]
+    original = (data / victim).read_bytes()
+    (data / victim).write_bytes(original[:100])
+    _train(write_cfg(tmp_path / "e2.yaml", variant="alexnet", epochs=2), data, out, "--resume")
+    second = pd.read_parquet(out / "split.parquet").set_index("path")["split"]
+    assert second[victim] == "unreadable"
+    assert second.drop(victim).equals(first.drop(victim)), "other frames changed sides"
+    assert pd.read_parquet(out / "errors.parquet")["path"].str.endswith(victim).all()
+    (data / victim).write_bytes(original)  # repaired: stays out of this run
+    caplog.clear()
+    _train(write_cfg(tmp_path / "e3.yaml", variant="alexnet", epochs=3), data, out, "--resume")
+    third = pd.read_parquet(out / "split.parquet").set_index("path")["split"]
+    assert third.equals(second) and "1 frames that were unreadable" in caplog.text
+    assert not (out / "errors.parquet").exists()
+    assert len(json.loads((out / "history.json").read_text())) == 3
+    (out / "split.parquet").unlink()
+    with pytest.raises(SystemExit):
+        _train(write_cfg(tmp_path / "e4.yaml", variant="alexnet", epochs=4), data, out, "--resume")
