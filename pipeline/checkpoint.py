@@ -152,6 +152,24 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
+def weights_refusal(path: str | os.PathLike, exc: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` refused ``path``, in one line.
+
+    torch's own message advises loading with ``weights_only=False``, i.e. unpickling a file
+    someone handed over: that advice must not reach the user.
+    """
+    if "Unsupported global" in str(exc):
+        return (
+            f"{path}: refused: it holds pickled Python objects besides tensors, which are never "
+            "unpickled here; save a plain state dict (torch.save(model.state_dict(), ...)) or "
+            "use safetensors"
+        )
+    return (
+        f"{path}: not a (complete) PyTorch weights file; give a .pt/.pth state dict saved "
+        "with torch.save, or a .safetensors file"
+    )
+
+
 def _read_weights(weights: Path) -> dict[str, torch.Tensor]:
     if weights.suffix == ".safetensors":
         try:
@@ -161,11 +179,8 @@ def _read_weights(weights: Path) -> dict[str, torch.Tensor]:
     try:
         # weights_only: tensors and plain containers only, never arbitrary pickled objects.
         state = torch.load(str(weights), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CheckpointError(
-            f"{weights}: refused: not a plain state dict (weights_only=True load failed: {first})"
-        ) from None
+    except Exception as exc:  # noqa: BLE001 - whatever torch raises, the file is refused
+        raise CheckpointError(weights_refusal(weights, exc)) from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(

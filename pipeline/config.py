@@ -149,7 +149,13 @@ def from_dict(cls: type[T], data: dict[str, Any], source: str = "<config>") -> T
 
 def load_config(cls: type[T], path: str | os.PathLike) -> T:
     """Load and validate a YAML file into dataclass ``cls``."""
-    return from_dict(cls, load_yaml(path), str(path))
+    data = load_yaml(path)
+    if not data:  # all defaults is never what an empty file was meant to say
+        raise ConfigError(
+            f"{path}: the file holds no settings; write them into it (the files under "
+            "configs/ show every key)"
+        )
+    return from_dict(cls, data, str(path))
 
 
 def to_dict(obj: Any) -> Any:

@@ -84,6 +84,20 @@ def load_labelled(root: str | os.PathLike, classes: Sequence[str] = CLASSES) -> 
         }
     )
     out["time_utc"] = pd.to_datetime(out["time_utc"], utc=True)
+    # A frame listed twice would be counted twice in the metrics and could sit on both sides
+    # of a train/val split; with two labels it is a contradiction only the user can settle.
+    repeated = out.duplicated(["path", "frame"], keep=False)
+    if repeated.any():
+        rep = out[repeated]
+        first = rep["path"].iloc[0]
+        n_labels = rep.groupby(["path", "frame"])["label"].nunique()
+        clash = int((n_labels > 1).sum())
+        what = f", {clash} of them with different labels" if clash else ""
+        raise InputError(
+            f"{table}: {int(n_labels.size)} frames are listed more than once{what} (first "
+            f"{Path(first).relative_to(root) if Path(first).is_relative_to(root) else first}); "
+            "list each frame once with its one label"
+        )
     out.attrs["root"] = str(root)
     return out
 

@@ -150,6 +150,7 @@ class TrainConfig:
             (self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}"),
             (self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}"),
             (self.stn_loc_size >= 32, f"stn_loc_size must be >= 32, got {self.stn_loc_size}"),
+            (self.seed >= 0, f"seed must be a non-negative integer, got {self.seed}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -729,15 +730,6 @@ def train(
         recorded = None
 
     readable, unreadable = _readable_frames(ds, cfg.num_workers, cfg.val_batch_size)
-    if len(unreadable) and len(readable):
-        log.warning(
-            "%d of %d frames could not be read and are left out of training (%s); "
-            "they are listed in %s",
-            len(unreadable),
-            len(df),
-            unreadable["message"].iloc[0],
-            out / "errors.parquet",
-        )
     if len(readable) == 0:
         raise InputError(
             f"{data}: none of its {len(df)} frames could be read (first: "
@@ -750,6 +742,23 @@ def train(
     if len(present) < 2:
         raise InputError(
             f"{data}: training needs at least two classes among its readable frames, got {present}"
+        )
+    if len(unreadable):
+        log.warning(
+            "%d of %d frames could not be read and are left out of training (%s); "
+            "they are listed in %s",
+            len(unreadable),
+            len(labelled),
+            unreadable["message"].iloc[0],
+            out / "errors.parquet",
+        )
+    absent = [c for c in classes if c not in present]
+    if absent:
+        log.warning(
+            "%s: no readable frame of class(es) %s: the model will learn nothing of them and "
+            "never predict them",
+            data,
+            ", ".join(absent),
         )
     if recorded is not None:
         train_idx = np.flatnonzero(recorded[readable] == "train")

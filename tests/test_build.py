@@ -210,9 +210,14 @@ def test_init_weights_refuses_pickled_objects(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pth"
     torch.save({"features.0.weight": torch.zeros(1), "x": _Payload(marker)}, path)
-    with pytest.raises(CheckpointError, match="weights_only"):
+    with pytest.raises(CheckpointError, match="pickled Python objects") as err:
         build_model("alexnet", init_weights=path)
     assert not marker.exists()
+    assert "weights_only` set to `False`" not in str(err.value)  # torch's advice must not leak
+    config = tmp_path / "train.yaml"  # the wrong file given
+    config.write_text("variant: alexnet\n")
+    with pytest.raises(CheckpointError, match="not a \\(complete\\) PyTorch weights file"):
+        build_model("alexnet", init_weights=config)
 
 
 @pytest.mark.gpu

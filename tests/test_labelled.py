@@ -97,6 +97,23 @@ def test_missing_table_column_and_frames(tmp_path, pattern_set):
         load_labelled(tmp_path)
 
 
+def test_frames_listed_twice_are_refused(tmp_path, pattern_set):
+    """A repeated row would count twice (and could be in train and val); two labels clash."""
+    import shutil
+
+    df = pd.read_parquet(pattern_set / "labels.parquet")
+    twice = tmp_path / "twice"
+    shutil.copytree(pattern_set, twice)
+    pd.concat([df, df.iloc[:2]]).to_parquet(twice / "labels.parquet")
+    with pytest.raises(InputError, match=r"2 frames are listed more than once \(first"):
+        load_labelled(twice)
+    other = df.iloc[:1].copy()
+    other["label"] = "radial" if other["label"].iloc[0] != "radial" else "arc"
+    pd.concat([df, other]).to_parquet(twice / "labels.parquet")
+    with pytest.raises(InputError, match="1 frames are listed more than once, 1 of them with"):
+        load_labelled(twice)
+
+
 def test_winter_derived_when_absent(tmp_path, pattern_set):
     df = pd.read_parquet(pattern_set / "labels.parquet").drop(columns=["winter"])
     df["path"] = [str(pattern_set / p) for p in df["path"]]  # absolute paths are kept

@@ -84,6 +84,7 @@ def test_shipped_configs_load():
         ({"lsoftmax": {"m": 0}}, r"lsoftmax.m must be a positive integer"),
         ({"input_size": 32}, r"input_size must be >= 64"),
         ({"split_by": "week"}, r"split_by: 'week' is not allowed; allowed values: 'frame', 'day'"),
+        ({"seed": -5}, r"seed must be a non-negative integer, got -5"),
     ],
 )
 def test_config_errors_name_file_key_and_allowed(tmp_path, over, match):
@@ -583,3 +584,25 @@ def test_resume_keeps_the_recorded_split_when_readability_changes(tmp_path, mini
     (out / "split.parquet").unlink()
     with pytest.raises(SystemExit):
         _train(write_cfg(tmp_path / "e4.yaml", variant="alexnet", epochs=4), data, out, "--resume")
+
+
+def test_empty_config_file_is_refused(tmp_path):
+    """All defaults is never what an empty file meant (a wrong or unsaved file)."""
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing yet\n")
+    with pytest.raises(ConfigError, match="empty.yaml: the file holds no settings"):
+        load_train_config(empty)
+
+
+def test_a_class_without_readable_frames_is_warned(tmp_path, mini_set, caplog):
+    import shutil
+
+    import pandas as pd
+
+    data = tmp_path / "set"
+    shutil.copytree(mini_set, data)
+    labels = pd.read_parquet(data / "labels.parquet")
+    for rel in labels.loc[labels["label"] == "hotspot", "path"]:
+        (data / rel).write_bytes(b"broken")
+    _train(write_cfg(tmp_path / "c.yaml", variant="alexnet"), data, tmp_path / "ck")
+    assert "no readable frame of class(es) hotspot" in caplog.text

@@ -215,11 +215,10 @@ def load_init_weights(model: AuroraNet, path: str | os.PathLike) -> list[str]:
         state = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: init weights file not found") from None
-    except Exception as exc:  # weights_only refuses pickled objects: say so, never unpickle
-        raise CheckpointError(
-            f"{path}: not a plain state dict loadable with weights_only=True "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-        ) from None
+    except Exception as exc:  # noqa: BLE001 - weights_only refuses pickled objects: never unpickle
+        from pipeline.checkpoint import weights_refusal
+
+        raise CheckpointError(weights_refusal(path, exc)) from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
