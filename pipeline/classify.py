@@ -57,6 +57,7 @@ from pipeline.storage import (
     atomic_path,
     empty_frame,
     exclusive_lock,
+    refuse_foreign_out,
     write_table,
 )
 from pipeline.storage import read_errors as storage_read_errors
@@ -801,6 +802,11 @@ def classify_archive(
         manifest = manifest[pd.to_datetime(manifest["time_utc"], utc=True) > since_ts]
     mhash = manifest_hash(manifest)
 
+    if root is not None and out == Path(root).resolve():
+        raise InputError(
+            f"--out {out} is the archive itself; give the predictions a folder of their own"
+        )
+    refuse_foreign_out(out, (RUN_FILE,), "classify-archive")
     out.mkdir(parents=True, exist_ok=True)
     run = read_run(out)
     if run is not None and overwrite:

@@ -316,11 +316,19 @@ def evaluate_checkpoint(
         open_labelled,
         unreadable_rows,
     )
-    from pipeline.storage import replace_stage_errors
+    from pipeline.storage import refuse_foreign_out, replace_stage_errors
 
+    refuse_foreign_out(Path(out), ("metrics.json",), "evaluate")
     dev = resolve_device(device)
     model, meta = load_checkpoint(checkpoint, map_location="cpu")
     warn_if_unfinished(meta, checkpoint)
+    if meta.get("data") and Path(str(meta["data"])).resolve() == Path(data).resolve():
+        log.warning(
+            "%s: is the labelled set %s was trained on (its validation frames too): these "
+            "metrics overstate the accuracy on new data; evaluate on another winter",
+            data,
+            checkpoint,
+        )
     model = model.to(dev).eval()
     classes = tuple(meta.get("classes", CLASSES))
     input_size = int(meta["input_size"])

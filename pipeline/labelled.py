@@ -132,19 +132,28 @@ class FramePreprocessor:
             dark_path = self._pp.dark_for_time(self.dark_dir, time)
         key = None if dark_path is None else str(dark_path)
         if key not in self._calibs:
+            from pipeline.errors import ConfigError
             from pipeline.imageio import read_frame
 
             dark = None if dark_path is None else read_frame(dark_path)
-            self._calibs[key] = self._pp.calibration_from_station(
-                self.station, dark=dark, dtype="float32"
-            )
+            try:
+                self._calibs[key] = self._pp.calibration_from_station(
+                    self.station, dark=dark, dtype="float32"
+                )
+            except ConfigError as exc:
+                if dark_path is None:
+                    raise
+                raise ConfigError(
+                    f"{dark_path}: {exc} (station {self.station.code}); if the set has its "
+                    "own calib/station.yaml, leave out --station"
+                ) from None
         return self._calibs[key]
 
     def __call__(self, path: str, frame: int = 0, time: pd.Timestamp | None = None) -> np.ndarray:
         from pipeline.imageio import read_frame
 
         raw = read_frame(path, frame)
-        out = self._pp.preprocess(raw, self.calibration(time))
+        out = self._pp.preprocess(raw, self.calibration(time), source=str(path))
         return np.asarray(out, dtype=np.float32)
 
     @property

@@ -176,3 +176,33 @@ def replace_stage_errors(path: Path, rows: pd.DataFrame, stage: str) -> None:
         write_table(both, path, ERRORS_SCHEMA)
     else:
         path.unlink(missing_ok=True)  # only a stale table of an earlier run was there
+
+
+#: Files that say what a folder is, so a stage can refuse to write into another stage's folder.
+FOLDER_MARKERS: dict[str, str] = {
+    "model.safetensors": "a checkpoint",
+    "last.pt": "a training run",
+    "labels.parquet": "a labelled set",
+    "manifest.parquet": "an archive scan",
+    "synth.json": "a synthetic archive or set",
+    "_run.json": "classify-archive predictions",
+    "index.json": "a retrieval index",
+    "metrics.json": "evaluate results",
+    "occurrence_run.json": "occurrence results",
+}
+
+
+def refuse_foreign_out(out: Path, own: Sequence[str], command: str) -> None:
+    """InputError when ``out`` holds another stage's output (a checkpoint, a data set, ...).
+
+    ``own``: the markers this stage writes itself (its own earlier output may be replaced).
+    """
+    from pipeline.errors import InputError
+
+    if not out.is_dir():
+        return
+    for name, what in FOLDER_MARKERS.items():
+        if name not in own and (out / name).exists():
+            raise InputError(
+                f"--out {out} holds {what} ({name}); give `{command}` a folder of its own"
+            )

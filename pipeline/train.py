@@ -155,6 +155,13 @@ class TrainConfig:
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
+        if self.station is not None:  # checked here, even if a set's own station wins later
+            from pipeline.config import station_path
+
+            try:
+                station_path(self.station)
+            except ConfigError as exc:
+                raise ValueError(f"station: {exc}") from None
 
     @property
     def uses_lsoftmax(self) -> bool:
@@ -705,7 +712,7 @@ def train(
         )
     days = _ut_days(df, data) if cfg.split_by == "day" else None
     stn = station_for_set(data, station, cfg.station)
-    # Station: the set's own calib/station.yaml, else --station, else the config's, else yrs.
+    # Station: --station, else the set's own calib/station.yaml, else the config's, else yrs.
     ds = LabelledSet(df, stn, dark_dir=find_dark_dir(data), cache=cfg.cache_frames)
     fingerprint = _data_fingerprint(df, data)
     last_path = out / LAST_STATE

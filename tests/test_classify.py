@@ -586,3 +586,10 @@ def test_ctrl_c_stops_classify_archive_cleanly(archive, ckpt, tiny_station_path,
     pred = read_predictions(out)
     keys = list(zip(pred["path"], pred["frame"]))
     assert len(keys) == len(set(keys)) == 600
+
+
+def test_out_may_not_be_the_archive_or_a_checkpoint(archive, station, ckpt, tmp_path):
+    for out, what in ((archive, "is the archive itself"), (ckpt, "holds a checkpoint")):
+        with pytest.raises(InputError, match=what):
+            classify_archive(archive, ckpt, out, station=station, workers=1)
+    assert not (archive / "_run.json").exists() and not (ckpt / "_run.json").exists()

@@ -177,6 +177,7 @@ def test_unreadable_frames_are_recorded_and_left_out(tmp_path, tiny_labelled, ca
     assert metrics["n"] == 78 and metrics["n_unreadable"] == 2
     errors = pd.read_parquet(tmp_path / "ev" / "errors.parquet")
     assert sorted(errors["error"]) == ["FrameGeometryError", "FrameReadError"]
+    assert all(m.startswith(f"{p}: ") for p, m in zip(errors["path"], errors["message"]))
     assert set(errors["stage"]) == {"evaluate"}
     pred = pd.read_parquet(tmp_path / "ev" / "predictions.parquet")
     assert len(pred) == 78 and not set(pred["path"]) & set(errors["path"])

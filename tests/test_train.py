@@ -85,6 +85,7 @@ def test_shipped_configs_load():
         ({"input_size": 32}, r"input_size must be >= 64"),
         ({"split_by": "week"}, r"split_by: 'week' is not allowed; allowed values: 'frame', 'day'"),
         ({"seed": -5}, r"seed must be a non-negative integer, got -5"),
+        ({"station": "nosuch"}, r"station: unknown station 'nosuch'; known stations"),
     ],
 )
 def test_config_errors_name_file_key_and_allowed(tmp_path, over, match):
@@ -272,7 +273,7 @@ def test_resume_refuses_another_config_or_nothing(tmp_path, mini_set, capsys):
     assert "another training config" in capsys.readouterr().err
 
 
-def test_evaluate_cli_on_a_trained_checkpoint(tmp_path, mini_set):
+def test_evaluate_cli_on_a_trained_checkpoint(tmp_path, mini_set, caplog, capsys):
     cfg = write_cfg(tmp_path / "c.yaml", variant="alexnet")
     _train(cfg, mini_set, tmp_path / "ck")
     main(
@@ -303,6 +304,14 @@ def test_evaluate_cli_on_a_trained_checkpoint(tmp_path, mini_set):
     again = metrics_from_predictions(pred["label"], pred["predicted"])
     assert again["correct"] == m["correct"]
     assert (tmp_path / "ev" / "confusion.png").stat().st_size > 1000
+    assert "is the labelled set" in caplog.text and "was trained on" in caplog.text
+    # Into the checkpoint's own folder: refused before anything is written.
+    before = sorted(p.name for p in (tmp_path / "ck").iterdir())
+    ev = ["evaluate", "--checkpoint", str(tmp_path / "ck"), "--data", str(mini_set)]
+    with pytest.raises(SystemExit) as ex:
+        main([*ev, "--out", str(tmp_path / "ck"), "--device", "cpu"])
+    assert ex.value.code == 1 and "holds a checkpoint" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == before
 
 
 def test_divergence_is_a_clear_config_error(tmp_path, mini_set, capsys):
@@ -606,3 +615,13 @@ def test_a_class_without_readable_frames_is_warned(tmp_path, mini_set, caplog):
         (data / rel).write_bytes(b"broken")
     _train(write_cfg(tmp_path / "c.yaml", variant="alexnet"), data, tmp_path / "ck")
     assert "no readable frame of class(es) hotspot" in caplog.text
+
+
+def test_a_station_that_does_not_fit_the_set_names_the_dark_frame_and_the_fix(
+    tmp_path, mini_set, capsys
+):
+    """--station yrs (512 px) on a 64 px set with its own calib/station.yaml."""
+    with pytest.raises(SystemExit) as ex:
+        _train(write_cfg(tmp_path / "c.yaml"), mini_set, tmp_path / "ck", "--station", "yrs")
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert ex.value.code == 1 and "calib/dark_" in err and "leave out --station" in err
