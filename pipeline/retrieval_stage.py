@@ -10,16 +10,27 @@ An index is one folder:
   a folder without it is an unfinished index;
 - ``errors.parquet`` when some frames could not be read (they are left out of the index).
 
+``index`` builds in a temporary folder beside OUT and moves the files in only when the index is
+complete, so a failed or interrupted build leaves OUT as it was. ``--features-dir`` reuses
+classify-archive's features only when its ``_run.json`` names the same model, archive root and
+station settings. ``retrieve`` leaves out query frames that cannot be read and lists them in
+OUT/errors.parquet.
+
 The science (kNN, precision@k, AP) lives in :mod:`pipeline.retrieval`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import logging
 import os
-from collections.abc import Iterable, Sequence
+import shutil
+import signal
+import tempfile
+import threading
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +57,7 @@ INDEX_FORMAT = 1
 FEATURES_FILE = "features.npy"
 ITEMS_FILE = "items.parquet"
 META_FILE = "index.json"
+ERRORS_FILE = "errors.parquet"
 PAPER_RANKS: tuple[int, ...] = (1, 3, 5, 8, 10, 15, 20)
 #: Query rows drawn in retrieval.png at most (the tables hold every query).
 FIGURE_MAX_ROWS = 16
@@ -88,6 +100,9 @@ class ImageSet:
     dark_dir: Path | None
     kind: str  # "labelled" | "manifest" | "archive" | "folder" | "files"
     source: str
+    #: the folder the items' ``relpath`` start from (archive, manifest root, labelled set); None
+    #: for loose files and plain folders (whose frames classify-archive cannot have seen).
+    root: Path | None = None
 
 
 def _dark_dir(root: Path) -> Path | None:
@@ -169,9 +184,11 @@ def open_image_set(
 
         df = load_labelled(src)
         st = _resolve_station(src, station, station_fallback)
-        items = _items_frame(df["path"], df["frame"], df["time_utc"], df["label"])
+        # relpath as classify-archive names a set's frames (relative to the set's folder).
+        rel = [_relative_to(p, src) for p in df["path"].astype(str)]
+        items = _items_frame(df["path"], df["frame"], df["time_utc"], df["label"], relpaths=rel)
         dd = Path(dark_dir) if dark_dir else _dark_dir(src)
-        return ImageSet(items, st, dd, "labelled", str(src))
+        return ImageSet(items, st, dd, "labelled", str(src), src)
     if src.is_dir() and (src / META_FILE).is_file():
         raise InputError(f"{src}: is a retrieval index, not an image set; give the frames' folder")
     if src.is_file() and src.suffix.lower() in (".parquet", ".csv"):
@@ -186,7 +203,7 @@ def open_image_set(
         )
         items = _attach_truth(items, root)
         dd = Path(dark_dir) if dark_dir else _dark_dir(root)
-        return ImageSet(items, st, dd, "manifest", str(src))
+        return ImageSet(items, st, dd, "manifest", str(src), root.resolve())
     if src.is_file():
         st = _resolve_station(_set_root_of(src), station, station_fallback)
         items = _items_frame([str(src)], times=[_parse_time(src.name, st)])
@@ -203,7 +220,7 @@ def open_image_set(
         items = _items_frame(
             man["abspath"], man.get("frame"), man.get("time_utc"), relpaths=man["path"]
         )
-        return ImageSet(_attach_truth(items, src), st, dd, "archive", str(src))
+        return ImageSet(_attach_truth(items, src), st, dd, "archive", str(src), src)
     files = _image_files(src, st)
     if not files:
         raise InputError(
@@ -212,6 +229,12 @@ def open_image_set(
         )
     items = _items_frame([str(p) for p in files])
     return ImageSet(_attach_truth(items, src), st, dd, "folder", str(src))
+
+
+def _relative_to(path: str, root: Path) -> str:
+    """``path`` relative to ``root`` (POSIX separators) when it lies below it, else unchanged."""
+    prefix = str(root).rstrip(os.sep) + os.sep
+    return Path(path[len(prefix) :]).as_posix() if path.startswith(prefix) else path
 
 
 def _attach_truth(items: pd.DataFrame, root: Path) -> pd.DataFrame:
@@ -283,10 +306,13 @@ def embed(
     desc: str = "features",
     out: np.ndarray | None = None,
     out_rows: np.ndarray | None = None,
+    stage: str = "index",
+    failures: list[AuroraError] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
     """FC7 features of ``items``: (features float16 (n_ok, dim), ok mask (n,), errors table).
 
-    Frames that cannot be read go to the errors table (``strict``: raise instead). With ``out``
+    Frames that cannot be read go to the errors table with ``stage`` (``strict``: raise instead),
+    their exceptions to ``failures`` when given. With ``out``
     (a float16 array, e.g. a memmap) features are written there, item j to row ``out_rows[j]``
     (default j), and the returned array is ``out`` itself (failed rows untouched).
     """
@@ -324,7 +350,9 @@ def embed(
                 if isinstance(img, AuroraError):
                     if strict:
                         raise img
-                    errors.append(error_rows([(paths[j], frames[j])], "index", img))
+                    errors.append(error_rows([(paths[j], frames[j])], stage, img))
+                    if failures is not None:
+                        failures.append(img)
                 else:
                     batch.append(img)
                     rows.append(j)
@@ -426,52 +454,116 @@ def build_index(
     batch_size: int = 64,
     device: str = "auto",
 ) -> dict[str, Any]:
-    """Embed every frame of SOURCE with the checkpoint's FC7 and write the index folder OUT."""
+    """Embed every frame of SOURCE with the checkpoint's FC7 and write the index folder OUT.
+
+    The index is built in a temporary folder beside OUT and moved in only when complete: a run
+    that fails or is interrupted leaves OUT as it was (an earlier index stays usable).
+    """
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: is a file; --out takes the folder to write the index to")
     model, meta = _load_model(checkpoint)
     iset = open_image_set(source, station, _preprocess_station(meta), dark_dir)
     items = iset.items.reset_index(drop=True)
     if len(items) == 0:
         raise InputError(f"{source}: no frames to index")
-    out.mkdir(parents=True, exist_ok=True)
-    # The old index.json goes first: a half-rewritten folder must not look finished.
-    (out / META_FILE).unlink(missing_ok=True)
+    shards: list[tuple[pd.DataFrame, Path]] = []
+    if features_dir is not None:
+        # Checked before anything is computed or written: a wrong folder fails at once.
+        shards = _feature_shards_for(Path(features_dir), iset, meta)
+    made = _missing_parents(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(
+            f"{out}: cannot create the index folder ({exc}); choose another --out"
+        ) from None
+    try:
+        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".building", dir=out.parent))
+    except OSError:
+        if not out.is_dir():
+            raise
+        # A writable index folder in a read-only parent: build inside it instead.
+        work = Path(tempfile.mkdtemp(prefix=".index.", suffix=".building", dir=out))
+    done = False
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(work, 0o777 & ~umask)  # mkdtemp makes 0700; the index gets the usual mode
+        info = _build_into(
+            work, iset, items, model, meta, checkpoint, features_dir, shards, batch_size, device
+        )
+        _install(work, out)
+        done = True
+        if info["n_errors"]:
+            log.warning(
+                "%d frames could not be indexed, see %s", info["n_errors"], out / ERRORS_FILE
+            )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        if not done:
+            for d in made:  # folders this run created for --out, deepest first
+                try:
+                    d.rmdir()
+                except OSError:
+                    break
+    return info
+
+
+def _missing_parents(out: Path) -> list[Path]:
+    """The folders above ``out`` that do not exist yet, deepest first."""
+    missing = []
+    p = out.absolute().parent
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    return missing
+
+
+def _build_into(
+    work: Path,
+    iset: ImageSet,
+    items: pd.DataFrame,
+    model: Any,
+    meta: dict[str, Any],
+    checkpoint: str | os.PathLike,
+    features_dir: str | os.PathLike | None,
+    shards: list[tuple[pd.DataFrame, Path]],
+    batch_size: int,
+    device: str,
+) -> dict[str, Any]:
+    """Write a complete index (features, items, errors, index.json) into the empty folder WORK."""
     loader = FrameLoader(iset.station, iset.dark_dir)
     dim = _feature_dim(model, meta)
     n = len(items)
     found = np.zeros(n, bool)
     errors = pd.DataFrame(columns=ERRORS_SCHEMA.names)
-    with atomic_path(out / FEATURES_FILE) as tmp:
-        mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, dim))
-        if features_dir is not None:
-            found = _fill_from_shards(Path(features_dir), items, meta, mm)
-            log.info("%d of %d frames reuse features from %s", found.sum(), n, features_dir)
-        ok = found.copy()
-        todo = np.flatnonzero(~found)
-        if len(todo):
-            _, ok_todo, errors = embed(
-                model, meta, items.iloc[todo], loader, batch_size, device, out=mm, out_rows=todo
-            )
-            ok[todo[ok_todo]] = True
-        mm.flush()
-        del mm
-        if not ok.all():
-            # Failed frames leave the index; compact in blocks so a memmap never loads whole.
-            _compact(tmp, ok)
+    feats_path = work / FEATURES_FILE
+    mm = np.lib.format.open_memmap(feats_path, mode="w+", dtype=np.float16, shape=(n, dim))
+    if shards:
+        found = _fill_from_shards(shards, items, mm)
+        log.info("%d of %d frames reuse features from %s", found.sum(), n, features_dir)
+    ok = found.copy()
+    todo = np.flatnonzero(~found)
+    if len(todo):
+        _, ok_todo, errors = embed(
+            model, meta, items.iloc[todo], loader, batch_size, device, out=mm, out_rows=todo
+        )
+        ok[todo[ok_todo]] = True
+    mm.flush()
+    del mm
     reused = int(found.sum())
     items = items[ok].reset_index(drop=True)
     if len(items) == 0:
         raise InputError(
-            f"{source}: no frame could be read ({errors['message'].iloc[0]}); nothing indexed"
+            f"{iset.source}: no frame could be read ({errors['message'].iloc[0]}); nothing indexed"
         )
-    write_table(items, out / ITEMS_FILE, ITEMS_SCHEMA)
-    err_path = out / "errors.parquet"
+    if not ok.all():
+        # Failed frames leave the index; compact in blocks so a memmap never loads whole.
+        _compact(feats_path, ok)
+    write_table(items, work / ITEMS_FILE, ITEMS_SCHEMA)
     if len(errors):
-        write_table(errors, err_path, ERRORS_SCHEMA)
-        log.warning("%d frames could not be indexed, see %s", len(errors), err_path)
-    elif err_path.exists():
-        err_path.unlink()
-    feats = np.load(out / FEATURES_FILE, mmap_mode="r")
+        write_table(errors, work / ERRORS_FILE, ERRORS_SCHEMA)
     info = {
         "format": INDEX_FORMAT,
         "model_id": meta.get("model_id"),
@@ -479,8 +571,8 @@ def build_index(
         "checkpoint": str(Path(checkpoint).resolve()),
         "input_size": int(meta["input_size"]),
         "in_chans": int(meta.get("in_chans", 1)),
-        "dim": int(feats.shape[1]),
-        "count": int(feats.shape[0]),
+        "dim": dim,
+        "count": int(len(items)),
         "dtype": "float16",
         "source": iset.source,
         "source_kind": iset.kind,
@@ -488,11 +580,54 @@ def build_index(
         "station": to_dict(iset.station),
         "dark_dir": None if iset.dark_dir is None else str(Path(iset.dark_dir).resolve()),
         "features_reused": reused,
+        "features_dir": None if features_dir is None else str(Path(features_dir).resolve()),
         "n_errors": int(len(errors)),
         "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    _write_json(info, out / META_FILE)
+    _write_json(info, work / META_FILE)
     return info
+
+
+def _install(work: Path, out: Path) -> None:
+    """Move the finished index in WORK to OUT; index.json last, so OUT never looks finished early.
+
+    A new OUT is one rename. An existing folder gets the files one by one (anything else in it
+    stays), with Ctrl-C held back for those few renames so that it is never left half-replaced.
+    """
+    if not out.exists():
+        os.rename(work, out)
+        return
+    with _interrupts_deferred():
+        (out / META_FILE).unlink(missing_ok=True)
+        for name in (FEATURES_FILE, ITEMS_FILE):
+            os.replace(work / name, out / name)
+        if (work / ERRORS_FILE).exists():
+            os.replace(work / ERRORS_FILE, out / ERRORS_FILE)
+        else:
+            (out / ERRORS_FILE).unlink(missing_ok=True)  # an earlier build's, now stale
+        os.replace(work / META_FILE, out / META_FILE)
+
+
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Hold back SIGINT (Ctrl-C) for the block and raise KeyboardInterrupt after it, if one came."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    except (ValueError, TypeError):  # no signal handling here (embedded interpreter)
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
+        if caught and callable(previous):
+            previous(signal.SIGINT, None)  # Python's default handler raises KeyboardInterrupt
+        elif caught and previous != signal.SIG_IGN:
+            raise KeyboardInterrupt
 
 
 def _feature_dim(model: Any, meta: dict[str, Any]) -> int:
@@ -532,7 +667,11 @@ def _write_json(obj: Any, path: Path) -> None:
 
 
 def read_feature_shards(pred_dir: Path) -> tuple[dict[str, Any], list[tuple[pd.DataFrame, Path]]]:
-    """classify-archive output with --features: (_run.json, [(shard rows (path, frame), .npy)])."""
+    """classify-archive output with --features: (_run.json, [(shard rows (path, frame), .npy)]).
+
+    Every listed shard is opened here (the .npy as a memmap, header and size checked), so a
+    damaged one is an InputError naming it before anything is computed.
+    """
     from pipeline.classify import FEATURES_DIR, features_name, read_run, shard_files
 
     run = read_run(pred_dir)
@@ -546,7 +685,18 @@ def read_feature_shards(pred_dir: Path) -> tuple[dict[str, Any], list[tuple[pd.D
     for s, pq_path in shard_files(pred_dir).items():
         npy = pred_dir / FEATURES_DIR / features_name(s)
         if s in done and npy.is_file():
-            shards.append((pd.read_parquet(pq_path, columns=["path", "frame"]), npy))
+            try:
+                table = pd.read_parquet(pq_path, columns=["path", "frame"])
+            except (OSError, ValueError) as exc:
+                raise _damaged_shard(pq_path, pq_path, npy, str(exc)) from None
+            try:
+                feats = np.load(npy, mmap_mode="r")
+            except (OSError, ValueError) as exc:
+                raise _damaged_shard(npy, pq_path, npy, str(exc)) from None
+            if feats.ndim != 2 or feats.shape[0] != len(table):
+                why = f"shape {feats.shape}, its shard has {len(table)} rows"
+                raise _damaged_shard(npy, pq_path, npy, why)
+            shards.append((table, npy))
     if not shards:
         raise InputError(
             f"{pred_dir}: no feature shards ({FEATURES_DIR}/shard-*.npy); rerun classify-archive "
@@ -555,17 +705,67 @@ def read_feature_shards(pred_dir: Path) -> tuple[dict[str, Any], list[tuple[pd.D
     return run, shards
 
 
-def _fill_from_shards(
-    pred_dir: Path, items: pd.DataFrame, meta: dict[str, Any], out: np.ndarray
-) -> np.ndarray:
-    """Copy classify-archive's features of ``items`` into ``out``; returns which rows were found."""
-    run, shards = read_feature_shards(pred_dir)
+def _damaged_shard(bad: Path, parquet: Path, npy: Path, why: str) -> InputError:
+    pred_dir = parquet.parent
+    return InputError(
+        f"{bad}: damaged classify-archive shard ({why}); delete {parquet} and {npy}, then rerun "
+        f"`aurora-pipeline classify-archive ... --features --out {pred_dir}` to redo that shard, "
+        "or index without --features-dir"
+    )
+
+
+def _feature_shards_for(
+    pred_dir: Path, iset: ImageSet, meta: dict[str, Any]
+) -> list[tuple[pd.DataFrame, Path]]:
+    """The feature shards of PRED_DIR, if they were computed from ISET's frames by this model.
+
+    Shards name frames relative to their archive root, so features are reused only when
+    _run.json records the same archive root (and station settings) as ISET's: the same relative
+    names in another archive are other frames. Anything else is refused, not silently recomputed:
+    the user asked for these features.
+    """
+    from pipeline.classify import read_run
+
+    run = read_run(pred_dir) or {}
+    if not run:
+        read_feature_shards(pred_dir)  # the error naming what --features-dir takes
     if run.get("model_id") != meta.get("model_id"):
         raise CheckpointError(
             f"{pred_dir}: features of model {run.get('model_id')} ({run.get('checkpoint')}), "
             f"not of the checkpoint's {meta.get('model_id')}; use the same checkpoint or drop "
             "--features-dir"
         )
+    if iset.root is None:
+        raise InputError(
+            f"{pred_dir}: --features-dir reuses classify-archive features of an archive, but "
+            f"{iset.source} is a {'folder of images' if iset.kind == 'folder' else 'single file'};"
+            " index the archive (or its manifest) or drop --features-dir"
+        )
+    run_root = run.get("root")
+    here = Path(iset.root).resolve()
+    if not run_root or Path(run_root).resolve() != here:
+        raise InputError(
+            f"{pred_dir}: its features are of the archive at {run_root or '(not recorded)'}, "
+            f"not {here} (frames are matched by their path in the archive, so another archive's "
+            "features would be taken for these frames); give the classify-archive --features "
+            "output of this archive, or drop --features-dir to compute the features"
+        )
+    theirs = run.get("station_config")
+    ours = json.loads(json.dumps(to_dict(iset.station), default=str))
+    if theirs is not None and theirs != ours:
+        keys = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+        raise InputError(
+            f"{pred_dir}: its features were computed with station {run.get('station')} settings "
+            f"that differ from this index's ({iset.station.code}; {', '.join(keys)}); pass the "
+            "--station classify-archive used, or drop --features-dir"
+        )
+    return read_feature_shards(pred_dir)[1]
+
+
+def _fill_from_shards(
+    shards: list[tuple[pd.DataFrame, Path]], items: pd.DataFrame, out: np.ndarray
+) -> np.ndarray:
+    """Copy classify-archive's features of ``items`` into ``out``; returns which rows were found."""
     # Predictions hold manifest paths (relative to the archive root); items hold both forms.
     where: dict[tuple[str, int], int] = {}
     rel = items["relpath"] if "relpath" in items else items["path"]
@@ -575,10 +775,10 @@ def _fill_from_shards(
     found = np.zeros(len(items), bool)
     for table, npy in shards:
         feats = np.load(npy, mmap_mode="r")
-        if feats.shape[0] != len(table) or feats.shape[1] != out.shape[1]:
+        if feats.shape[1] != out.shape[1]:
             raise InputError(
-                f"{npy}: shape {feats.shape} does not match its shard ({len(table)} rows) and "
-                f"the model's {out.shape[1]} features; rerun classify-archive --features"
+                f"{npy}: {feats.shape[1]} features per frame, the model has {out.shape[1]}; "
+                "rerun classify-archive --features with this checkpoint or drop --features-dir"
             )
         src, dst = [], []
         for i, (p, f) in enumerate(zip(table["path"].astype(str), table["frame"])):
@@ -667,26 +867,61 @@ def _embed_each(
     loaders: Sequence[FrameLoader],
     batch_size: int,
     device: str,
-) -> np.ndarray:
-    """Query features, strict (a query that cannot be read is an error, not a skipped row)."""
-    feats = []
+    stage: str = "retrieve",
+) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+    """Query features of the readable items: (features (n_ok, dim), ok mask (n,), errors table).
+
+    Frames that cannot be read are left out (the errors table names them); when none can be
+    read, the error itself (one query) or an InputError with the first one (several) is raised.
+    """
+    feats, oks, errs = [], [], []
+    failures: list[AuroraError] = []
     start = 0
     # Consecutive items share a loader (one per query argument): embed each run in one go.
     for j in range(1, len(items) + 1):
         if j == len(items) or loaders[j] is not loaders[start]:
-            f, _, _ = embed(
+            f, ok, err = embed(
                 model,
                 meta,
                 items.iloc[start:j],
                 loaders[start],
                 batch_size,
                 device,
-                strict=True,
                 desc="query features",
+                stage=stage,
+                failures=failures,
             )
             feats.append(f)
+            oks.append(ok)
+            if len(err):
+                errs.append(err)
             start = j
-    return np.concatenate(feats)
+    ok = np.concatenate(oks) if oks else np.zeros(0, bool)
+    if len(ok) and not ok.any():
+        if len(ok) == 1:
+            raise failures[0]
+        raise InputError(
+            f"none of the {len(ok)} query frames could be read, the first: {failures[0]}"
+        )
+    errors = (
+        pd.concat(errs, ignore_index=True) if errs else pd.DataFrame(columns=ERRORS_SCHEMA.names)
+    )
+    return np.concatenate(feats), ok, errors
+
+
+def _record_query_errors(errors: pd.DataFrame, n: int, out: Path, stage: str) -> None:
+    """This run's unreadable queries in OUT/errors.parquet (an earlier run's rows of the stage go)."""
+    from pipeline.storage import replace_stage_errors
+
+    replace_stage_errors(out / ERRORS_FILE, errors, stage)
+    if len(errors):
+        log.warning(
+            "%d of %d query frames could not be read and are left out (see %s); the first: %s",
+            len(errors),
+            n,
+            out / ERRORS_FILE,
+            errors["message"].iloc[0],
+        )
 
 
 def neighbours_table(
@@ -716,6 +951,17 @@ def _write_neighbours(table: pd.DataFrame, out: Path, stem: str = "neighbours") 
         table.to_csv(tmp, index=False)
 
 
+def _ranks_for(ranks: str | Sequence[int] | None, k: int) -> list[int]:
+    """The ranks to show: given ones as they are, the default (the paper's) only up to ``k``.
+
+    The CLI passes the default as text, so ranks equal to the paper's count as the default.
+    """
+    parsed = list(PAPER_RANKS) if ranks is None else _parse_ranks(ranks)
+    if parsed == list(PAPER_RANKS):
+        return [r for r in parsed if r <= k]
+    return parsed
+
+
 def _check_ranks(ranks: Sequence[int], k: int, count: int) -> list[int]:
     big = [r for r in ranks if r > k]
     if big:
@@ -735,7 +981,7 @@ def retrieve(
     queries: Sequence[str | os.PathLike],
     out: str | os.PathLike,
     k: int = 20,
-    ranks: str | Sequence[int] = PAPER_RANKS,
+    ranks: str | Sequence[int] | None = None,
     checkpoint: str | os.PathLike | None = None,
     station: str | os.PathLike | None = None,
     batch_size: int = 64,
@@ -748,23 +994,28 @@ def retrieve(
     The figure shows the first FIGURE_MAX_ROWS queries; the table holds them all.
     """
     _check_metric(metric)
-    ranks = _parse_ranks(ranks)
+    ranks = _ranks_for(ranks, k)
     idx = load_index(index_dir)
     ranks = _check_ranks(ranks, k, len(idx.items))
     model, meta = _model_for_index(idx, checkpoint)
     q_items, loaders = _query_items(queries, idx, station)
-    qf = _embed_each(model, meta, q_items, loaders, batch_size, device)
+    n_given = len(q_items)
+    qf, ok, errors = _embed_each(model, meta, q_items, loaders, batch_size, device, "retrieve")
+    if not ok.all():
+        q_items = q_items[ok].reset_index(drop=True)
+        loaders = [ld for ld, good in zip(loaders, ok) if good]
     d, i = knn(qf, idx.features, k, metric=metric, device=device, progress=len(idx.items) > 100_000)
     table = neighbours_table(q_items, idx.items, d, i)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _write_neighbours(table, out)
+    _record_query_errors(errors, n_given, out, "retrieve")
     if figure:
         m = min(len(q_items), FIGURE_MAX_ROWS)
         if m < len(q_items):
             log.warning("figure shows the first %d of %d queries", m, len(q_items))
         shown = q_items.iloc[:m].reset_index(drop=True)
-        query_frames = [ld(p, f, t) for ld, p, f, t in _iter_items(shown, loaders[:m])]
+        query_frames = [_try_load(ld, p, f, t) for ld, p, f, t in _iter_items(shown, loaders[:m])]
         retrieval_figure(
             query_frames,
             shown,
@@ -780,6 +1031,7 @@ def retrieve(
             "index": str(Path(index_dir).resolve()),
             "model_id": meta.get("model_id"),
             "queries": [str(q) for q in q_items["path"]],
+            "n_unreadable": int(len(errors)),
             "k": k,
             "ranks": ranks,
             "metric": metric,
@@ -794,6 +1046,15 @@ def _parse_ranks(ranks: str | Sequence[int]) -> list[int]:
         return parse_ranks(ranks)
     except ValueError as exc:
         raise InputError(f"--ranks: {exc}") from None
+
+
+def _try_load(loader: FrameLoader, path: str, frame: int, time: Any) -> np.ndarray | None:
+    """A query frame for the figure; None (drawn as missing) if it became unreadable since."""
+    try:
+        return loader(path, frame, time)
+    except AuroraError as exc:
+        log.warning("cannot show %s: %s", path, exc)
+        return None
 
 
 def _iter_items(items: pd.DataFrame, loaders: Sequence[FrameLoader]) -> Iterable[tuple]:
@@ -819,7 +1080,7 @@ def evaluate_retrieval(
     query_set: str | os.PathLike,
     out: str | os.PathLike,
     k: int = 20,
-    ranks: str | Sequence[int] = PAPER_RANKS,
+    ranks: str | Sequence[int] | None = None,
     checkpoint: str | os.PathLike | None = None,
     station: str | os.PathLike | None = None,
     batch_size: int = 64,
@@ -834,7 +1095,7 @@ def evaluate_retrieval(
     The figure retrieval.png shows the first query of each class (the paper's Fig. 6).
     """
     _check_metric(metric)
-    ranks = _parse_ranks(ranks)
+    ranks = _ranks_for(ranks, k)
     idx = load_index(index_dir)
     if not idx.labelled:
         raise InputError(
@@ -844,6 +1105,8 @@ def evaluate_retrieval(
     ranks = _check_ranks(ranks, k, len(idx.items))
     qpath = Path(query_set)
     loaders: list[FrameLoader] | None = None
+    errs = pd.DataFrame(columns=ERRORS_SCHEMA.names)
+    n_given = 0
     if (qpath / META_FILE).is_file():
         qidx = load_index(qpath)
         if qidx.meta.get("model_id") != idx.meta.get("model_id"):
@@ -852,14 +1115,16 @@ def evaluate_retrieval(
                 f"{idx.path}'s {idx.meta.get('model_id')}; build both with one checkpoint"
             )
         q_items, qf, model_id = qidx.items, np.asarray(qidx.features), qidx.meta.get("model_id")
+        n_given = len(q_items)
     else:
         model, meta = _model_for_index(idx, checkpoint)
         iset = open_image_set(qpath, station, idx.meta.get("station"))
         q_items = iset.items
+        n_given = len(q_items)
         loader = FrameLoader(iset.station, iset.dark_dir, what="query image")
-        qf, ok, errs = embed(model, meta, q_items, loader, batch_size, device, desc="queries")
-        if len(errs):
-            log.warning("%d query frames unreadable, left out: %s", len(errs), errs["message"][0])
+        qf, ok, errs = _embed_each(
+            model, meta, q_items, [loader] * n_given, batch_size, device, "evaluate"
+        )
         q_items = q_items[ok].reset_index(drop=True)
         loaders = [loader] * len(q_items)
         model_id = meta.get("model_id")
@@ -888,6 +1153,7 @@ def evaluate_retrieval(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _write_neighbours(neighbours_table(q_items, idx.items, d, i), out, "eval_neighbours")
+    _record_query_errors(errs, n_given, out, "evaluate")
     result = {
         "index": str(idx.path.resolve()),
         "index_source": idx.meta.get("source"),
@@ -902,6 +1168,7 @@ def evaluate_retrieval(
             "AP@K = sum_i P@i * rel_i / min(R, K), R = frames of the query's class in the index"
         ),
         "n_queries": int(len(q_items)),
+        "n_unreadable": int(len(errs)),
         "n_index": int(len(idx.items)),
         # NaN (a class without queries) becomes null: strict JSON readers reject NaN.
         "scores": [
@@ -923,8 +1190,11 @@ def evaluate_retrieval(
             frames = [_display_frame(qidx, r) for r in first]
         else:
             frames = [
-                loaders[r](
-                    str(q_items["path"][r]), int(q_items["frame"][r]), q_items["time_utc"][r]
+                _try_load(
+                    loaders[r],
+                    str(q_items["path"][r]),
+                    int(q_items["frame"][r]),
+                    q_items["time_utc"][r],
                 )
                 for r in first
             ]
@@ -974,6 +1244,11 @@ def scores_markdown(scores: pd.DataFrame, info: dict[str, Any]) -> str:
     ]
     if info.get("self_matches_excluded"):
         lines.append("Queries that are index frames do not count themselves as neighbours.")
+    if info.get("n_unreadable"):
+        lines.append(
+            f"{info['n_unreadable']} query frames could not be read and are left out "
+            "(errors.parquet)."
+        )
     return "\n".join(lines) + "\n"
 
 

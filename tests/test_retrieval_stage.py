@@ -294,16 +294,16 @@ def test_index_skips_unreadable_frames(sets: dict[str, Path], ckpt: Path, tmp_pa
         )
 
 
-def test_index_of_archive_reuses_classify_feature_shards(
-    index_dir: Path, sets: dict[str, Path], ckpt: Path, tmp_path: Path
-):
-    """An archive (YRS layout, truth.parquet) indexed with --features-dir copies shard features."""
+def _archive_and_features(
+    ref, sets: dict[str, Path], ckpt: Path, base: Path, name: str = "archive"
+) -> tuple[Path, Path, dict, np.ndarray]:
+    """The index set as an archive (YRS layout, truth.parquet) and a classify-archive --features
+    output for it holding the first 10 frames in two shards, marked (+1) so reuse is visible.
+    """
     from pipeline.classify import FEATURES_DIR, RUN_FILE, features_name, shard_name
-    from pipeline.retrieval_stage import build_index, load_index
     from pipeline.storage import PREDICTIONS_SCHEMA, write_table
 
-    ref = load_index(index_dir)
-    arch = tmp_path / "archive"
+    arch = base / name
     truth = []
     for p, lab in zip(ref.items["path"], ref.items["label"]):
         p = Path(p)
@@ -316,12 +316,16 @@ def test_index_of_archive_reuses_classify_feature_shards(
         (sets["index_set"] / "calib" / "station.yaml").read_bytes()
     )
     pd.DataFrame(truth).to_parquet(arch / "truth.parquet")
-    # A classify-archive --features output holding the first 10 frames in two shards, with
-    # features marked (+1) so that reuse is visible.
-    pred = tmp_path / "pred"
+    pred = base / f"pred-{name}"
     (pred / FEATURES_DIR).mkdir(parents=True)
     marked = np.asarray(ref.features[:10], np.float32) + 1
-    run = {"model_id": ref.meta["model_id"], "checkpoint": str(ckpt), "shards": {}}
+    # What classify-archive records: the model, the archive root (resolved), the done shards.
+    run = {
+        "model_id": ref.meta["model_id"],
+        "checkpoint": str(ckpt),
+        "root": str(arch.resolve()),
+        "shards": {},
+    }
     for s, rows in enumerate([range(0, 6), range(6, 10)]):
         rows = list(rows)
         df = pd.DataFrame(
@@ -339,6 +343,23 @@ def test_index_of_archive_reuses_classify_feature_shards(
         write_table(df, pred / shard_name(s), PREDICTIONS_SCHEMA)
         run["shards"][f"{s:06d}"] = {"n": len(rows)}
     (pred / RUN_FILE).write_text(json.dumps(run))
+    return arch, pred, run, marked
+
+
+def test_index_of_archive_reuses_classify_feature_shards(
+    index_dir: Path, sets: dict[str, Path], ckpt: Path, tmp_path: Path
+):
+    """An archive (YRS layout, truth.parquet) indexed with --features-dir copies shard features."""
+    from pipeline.classify import RUN_FILE
+    from pipeline.config import load_station, to_dict
+    from pipeline.retrieval_stage import build_index, load_index
+
+    ref = load_index(index_dir)
+    arch, pred, run, marked = _archive_and_features(ref, sets, ckpt, tmp_path)
+    # The station classify-archive used, as it records it: the same settings pass.
+    run["station"] = "yrs"
+    run["station_config"] = to_dict(load_station(arch / "calib" / "station.yaml"))
+    (pred / RUN_FILE).write_text(json.dumps(run, default=str))
 
     info = build_index(arch, ckpt, tmp_path / "idx", features_dir=pred)
     assert info["source_kind"] == "archive" and info["count"] == 24
@@ -357,6 +378,7 @@ def test_index_of_archive_reuses_classify_feature_shards(
 
     with pytest.raises(CheckpointError, match="features of model"):
         build_index(arch, ckpt, tmp_path / "idx2", features_dir=pred)
+    assert not (tmp_path / "idx2").exists()
 
 
 def test_real_yrs_frames(shared_data: Path, ckpt: Path, tmp_path: Path):
@@ -427,3 +449,188 @@ def test_lone_query_uses_the_index_dark_frames(tiny_labelled: Path, ckpt: Path, 
     t = retrieve(tmp_path / "idx", [lone], tmp_path / "out", k=3, ranks=[1, 3], figure=False)
     assert t["path"].iloc[0] == str(src)
     assert t["distance"].iloc[0] < 1e-3 * t["distance"].iloc[1]
+
+
+def _leftovers(folder: Path) -> list[str]:
+    """Temporary build folders or part files a run left in FOLDER."""
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def test_features_of_another_archive_are_refused(
+    index_dir: Path, sets: dict[str, Path], ckpt: Path, tmp_path: Path, capsys
+):
+    """Same relative names in another archive are other frames: their features are not reused."""
+    import shutil
+
+    from pipeline.archive import load_manifest, write_manifest
+    from pipeline.classify import RUN_FILE
+    from pipeline.config import load_station, to_dict
+    from pipeline.errors import InputError
+    from pipeline.retrieval_stage import build_index, load_index
+
+    arch, pred, run, _ = _archive_and_features(load_index(index_dir), sets, ckpt, tmp_path, "a")
+    other = tmp_path / "b"
+    shutil.copytree(arch, other)
+    st = load_station(other / "calib" / "station.yaml")
+    manifest = tmp_path / "b.parquet"
+    write_manifest(load_manifest(other, st), manifest, other)
+    out = tmp_path / "work" / "idx"
+    with pytest.raises(SystemExit) as exc:
+        main(["index", "--checkpoint", str(ckpt), str(manifest), "--features-dir", str(pred)]
+             + ["--out", str(out)])  # fmt: skip
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and str(arch.resolve()) in err and "--features-dir" in err
+    assert not (tmp_path / "work").exists()
+    # A run that did not record its archive is not trusted either.
+    del run["root"]
+    (pred / RUN_FILE).write_text(json.dumps(run))
+    with pytest.raises(InputError, match="not recorded"):
+        build_index(arch, ckpt, out, features_dir=pred)
+    # The right archive, but features preprocessed for another station's settings.
+    run["root"] = str(arch.resolve())
+    run["station"], run["station_config"] = "yrs", to_dict(load_station("yrs"))
+    (pred / RUN_FILE).write_text(json.dumps(run))
+    with pytest.raises(InputError, match="--station"):
+        build_index(arch, ckpt, out, features_dir=pred)
+    assert not out.exists() and not (tmp_path / "work").exists()
+
+
+def test_damaged_feature_shard_is_an_input_error(
+    index_dir: Path, sets: dict[str, Path], ckpt: Path, tmp_path: Path, capsys
+):
+    from pipeline.retrieval_stage import load_index
+
+    arch, pred, _, _ = _archive_and_features(load_index(index_dir), sets, ckpt, tmp_path)
+    shard = pred / "features" / "shard-000000.npy"
+    with open(shard, "r+b") as fh:
+        fh.truncate(1000)
+    out = tmp_path / "idx"
+    with pytest.raises(SystemExit) as exc:
+        main(["index", "--checkpoint", str(ckpt), str(arch), "--features-dir", str(pred)]
+             + ["--out", str(out)])  # fmt: skip
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "shard-000000.npy" in err
+    assert "classify-archive" in err and "--features-dir" in err
+    assert not out.exists() and _leftovers(tmp_path) == []
+
+
+def test_failed_index_build_leaves_nothing_and_keeps_the_old_index(
+    index_dir: Path, sets: dict[str, Path], ckpt: Path, tmp_path: Path, monkeypatch
+):
+    import shutil
+
+    import pipeline.retrieval_stage as rs
+    from pipeline.errors import InputError
+
+    # No frame of the 64-px set fits the full-size yrs camera: nothing indexed, nothing left.
+    with pytest.raises(InputError, match="no frame could be read"):
+        rs.build_index(sets["index_set"], ckpt, tmp_path / "new" / "idx", station="yrs")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match="choose another --out"):
+        rs.build_index(sets["index_set"], ckpt, tmp_path / "file" / "idx")
+    (tmp_path / "file").unlink()
+    # The same failure, and Ctrl-C halfway, into an existing index: it stays as it was.
+    old = tmp_path / "old"
+    shutil.copytree(index_dir, old)
+    (old / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in old.iterdir()}
+    with pytest.raises(InputError, match="no frame could be read"):
+        rs.build_index(sets["index_set"], ckpt, old, station="yrs")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rs, "embed", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        rs.build_index(sets["index_set"], ckpt, old)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in old.iterdir()} == before
+    assert _leftovers(tmp_path) == [] and rs.load_index(old).meta["count"] == 24
+    # A finished rebuild replaces the index files (a stale errors.parquet goes), others stay.
+    (old / "errors.parquet").write_bytes(b"stale")
+    info = rs.build_index(sets["query_set"], ckpt, old)
+    assert info["count"] == 8 and rs.load_index(old).meta["count"] == 8
+    assert sorted(p.name for p in old.iterdir()) == [
+        "features.npy",
+        "index.json",
+        "items.parquet",
+        "notes.txt",
+    ]
+
+
+def test_interrupts_are_deferred_during_the_swap():
+    import os
+    import signal
+
+    from pipeline.retrieval_stage import _interrupts_deferred
+
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with _interrupts_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            done.append(True)
+    assert done == [True] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_unreadable_queries_are_skipped_and_recorded(
+    index_dir: Path, sets: dict[str, Path], tmp_path: Path, capsys, caplog
+):
+    import shutil
+
+    from pipeline.errors import InputError
+    from pipeline.retrieval_stage import evaluate_retrieval, retrieve
+    from pipeline.storage import ERRORS_SCHEMA
+
+    good = sorted((sets["query_set"] / "arc").glob("*.png"))
+    qdir = tmp_path / "q"
+    qdir.mkdir()
+    for p in good:
+        shutil.copy(p, qdir / p.name)
+    bad = qdir / "N20031222G040000.png"
+    bad.write_bytes(b"not a png")
+    out = tmp_path / "out"
+    main(["retrieve", "--index", str(index_dir), "--query", str(qdir), "--out", str(out)]
+         + ["--k", "3", "--ranks", "1,3"])  # fmt: skip
+    t = pd.read_parquet(out / "neighbours.parquet")
+    assert t["query"].nunique() == 2 and bad.name not in "".join(t["query"])
+    errs = pd.read_parquet(out / "errors.parquet")
+    assert list(errs.columns) == ERRORS_SCHEMA.names
+    assert errs["path"].tolist() == [str(bad)] and errs["stage"].tolist() == ["retrieve"]
+    assert "1 of 3 query frames could not be read" in caplog.text
+    assert json.loads((out / "retrieve.json").read_text())["n_unreadable"] == 1
+    # A clean rerun into the same folder drops the stale table; none readable is an error.
+    retrieve(index_dir, good, out, k=3, ranks=[1], figure=False)
+    assert not (out / "errors.parquet").exists()
+    bad2 = qdir / "N20031222G040010.png"
+    bad2.write_bytes(b"")
+    with pytest.raises(InputError, match="none of the 2 query frames"):
+        retrieve(index_dir, [bad, bad2], tmp_path / "none", k=3, ranks=[1])
+    assert not (tmp_path / "none").exists()
+    # --evaluate: the unreadable frame of a labelled set is left out and recorded as well.
+    qs = tmp_path / "qs"
+    shutil.copytree(sets["query_set"], qs)
+    broken = sorted((qs / "radial").glob("*.png"))[0]
+    broken.write_bytes(b"not a png")
+    res = evaluate_retrieval(index_dir, qs, tmp_path / "ev", k=5, ranks=[1, 5], figure=False)
+    assert res["n_queries"] == 7 and res["n_unreadable"] == 1
+    errs = pd.read_parquet(tmp_path / "ev" / "errors.parquet")
+    assert errs["path"].tolist() == [str(broken)] and errs["stage"].tolist() == ["evaluate"]
+
+
+def test_default_ranks_are_clipped_to_k(index_dir: Path, sets: dict[str, Path], tmp_path: Path):
+    from pipeline.errors import InputError
+    from pipeline.retrieval_stage import evaluate_retrieval, retrieve
+
+    q = pd.read_parquet(index_dir / "items.parquet")["path"][0]
+    main(["retrieve", "--index", str(index_dir), "--query", q, "--k", "5"]
+         + ["--out", str(tmp_path / "a")])  # fmt: skip
+    assert json.loads((tmp_path / "a" / "retrieve.json").read_text())["ranks"] == [1, 3, 5]
+    retrieve(index_dir, [q], tmp_path / "b", k=2, figure=False)
+    assert json.loads((tmp_path / "b" / "retrieve.json").read_text())["ranks"] == [1]
+    res = evaluate_retrieval(index_dir, sets["query_set"], tmp_path / "c", k=4, figure=False)
+    assert res["ranks"] == [1, 3]
+    with pytest.raises(InputError, match="--ranks asks for rank 8 but --k is 5"):
+        retrieve(index_dir, [q], tmp_path / "d", k=5, ranks="1,8")
