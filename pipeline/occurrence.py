@@ -3,6 +3,10 @@
 Pure functions: a pandas or dask DataFrame of frames in (``mlt`` in hours, ``label``, and
 ``time_utc`` when grouping), the DESIGN.md section 3 table or an xarray Dataset out. Bin indices
 are computed in integer nanoseconds of MLT, so 06:03:00 falls in bin 1 of 3-minute bins exactly.
+
+A range may cross midnight: ``(22, 26)`` bins 22-24 then 00-02 MLT (the end is written past 24).
+Its table rows follow the range (22, ..., 23.5, 0, ..., 1.5 for 0.5 h bins) and each row's
+``mlt_start``/``mlt_end`` are MLTs in [0, 24] (the bin 23.5-24 ends at 24.0, the next starts at 0).
 """
 
 from __future__ import annotations
@@ -60,6 +64,23 @@ class BinSpec:
         )
 
     @property
+    def crosses_midnight(self) -> bool:
+        """True for a range past 24 h (22-26: 22-24 then 00-02 MLT)."""
+        return self.end_ns > NS_PER_DAY
+
+    @property
+    def bin_starts(self) -> np.ndarray:
+        """MLT (hours, [0, 24)) at which each bin starts, in range order (22, 23, 0, 1 for 22-26)."""
+        ns = self.start_ns + np.arange(self.nbins, dtype=np.int64) * self.width_ns
+        return (ns % NS_PER_DAY) / NS_PER_HOUR
+
+    @property
+    def bin_ends(self) -> np.ndarray:
+        """MLT (hours, (0, 24]) at which each bin ends (exclusive): a bin ending at midnight ends at 24."""
+        ns = self.start_ns + np.arange(self.nbins, dtype=np.int64) * self.width_ns
+        return (ns % NS_PER_DAY + self.width_ns) / NS_PER_HOUR
+
+    @property
     def width_hours(self) -> float:
         return self.width_ns / NS_PER_HOUR
 
@@ -69,7 +90,10 @@ class BinSpec:
 
 
 def make_bins(bins: str | pd.Timedelta = "3min", mlt_range=(6.0, 18.0)) -> BinSpec:
-    """Bins of width ``bins`` (pandas offset: '3min', '5min', '0.5h') spanning ``mlt_range`` hours."""
+    """Bins of width ``bins`` (pandas offset: '3min', '5min', '0.5h') spanning ``mlt_range`` hours.
+
+    A range across midnight ends past 24: ``(22, 26)`` is 22-24 then 00-02 MLT (at most 24 h).
+    """
     if isinstance(bins, (int, float)) or (isinstance(bins, str) and bins.strip().isdigit()):
         raise InputError(f"bin width {bins!r} has no unit; write e.g. 3min, 5min or 0.5h")
     try:
@@ -82,8 +106,11 @@ def make_bins(bins: str | pd.Timedelta = "3min", mlt_range=(6.0, 18.0)) -> BinSp
                 f"bin width {bins!r} is not a duration; use a pandas offset such as 3min, 5min, 0.5h"
             ) from None
     start, end = (float(v) for v in mlt_range)
-    if not 0.0 <= start < end <= 24.0:
-        raise InputError(f"MLT range {start:g} {end:g}: need 0 <= start < end <= 24 hours")
+    if not (0.0 <= start < 24.0 and start < end <= start + 24.0):
+        raise InputError(
+            f"MLT range {start:g} {end:g}: need 0 <= start < 24 and start < end <= start + 24 "
+            "hours; a range across midnight ends past 24 (e.g. 22 26 for 22-02 MLT)"
+        )
     start_ns, end_ns = round(start * NS_PER_HOUR), round(end * NS_PER_HOUR)
     if width <= 0 or width > end_ns - start_ns:
         raise InputError(f"bin width {bins!r} must be positive and at most the MLT range")
@@ -105,6 +132,8 @@ def bin_index(mlt_hours: np.ndarray, spec: BinSpec) -> np.ndarray:
     # Round to whole nanoseconds: float hours carry ~1e-15 h of noise, far below 1 ns.
     ns = np.rint(np.where(missing, 0.0, mlt) * NS_PER_HOUR).astype(np.int64)
     rel = ns - spec.start_ns
+    if spec.crosses_midnight:  # 00-02 MLT are hours 24-26 of a 22-26 range
+        rel = np.where(rel < 0, rel + NS_PER_DAY, rel)
     idx = rel // spec.width_ns
     out = np.where((rel >= 0) & (idx < spec.nbins), idx, DROPPED_BIN)
     out[missing] = MISSING_BIN
@@ -142,6 +171,10 @@ def group_values(keys: np.ndarray, by: str) -> Any:
 # ----------------------------------------------------------------------------- counting
 
 
+class UnknownLabelError(InputError):
+    """Labels that are not one of CLASSES (the I/O layer adds the file they came from)."""
+
+
 def label_codes(labels) -> np.ndarray:
     """Class index (CLASSES order) of each label name; -1 for missing; unknown names raise."""
     if isinstance(labels, pd.Series):
@@ -155,10 +188,13 @@ def label_codes(labels) -> np.ndarray:
     lookup = {c: i for i, c in enumerate(CLASSES)}
     table = np.array([lookup.get(u, -2) for u in uniques] + [-1], dtype=np.int64)
     out = table[codes]  # code -1 (missing) picks the trailing -1
-    if (out == -2).any():
-        unknown = sorted(str(u) for u in uniques if u not in lookup)[:5]
-        raise InputError(
-            f"unknown labels {', '.join(unknown)}; allowed classes: {', '.join(CLASSES)}"
+    bad = out == -2
+    if bad.any():
+        # only values that occur (a categorical may list unused categories)
+        unknown = sorted(str(uniques[i]) for i in np.unique(codes[bad]))[:5]
+        raise UnknownLabelError(
+            f"unknown labels {', '.join(unknown)}; allowed classes: {', '.join(CLASSES)} "
+            "(map the other labels to these classes or leave those frames out)"
         )
     return out
 
@@ -430,12 +466,11 @@ def occurrence_from_counts(
     n_frames = cube.sum(axis=2)
     with np.errstate(invalid="ignore", divide="ignore"):
         ratio = np.where(n_frames[..., None] > 0, cube / n_frames[..., None], np.nan)
-    edges = spec.edges
     cols: dict[str, Any] = {}
     if by:
         cols[by] = np.repeat(group_values(groups, by), spec.nbins)
-    cols["mlt_start"] = np.tile(edges[:-1], len(groups))
-    cols["mlt_end"] = np.tile(edges[1:], len(groups))
+    cols["mlt_start"] = np.tile(spec.bin_starts, len(groups))
+    cols["mlt_end"] = np.tile(spec.bin_ends, len(groups))
     cols["n_frames"] = n_frames.reshape(-1)
     for i, c in enumerate(CLASSES):
         cols[f"n_{c}"] = cube[..., i].reshape(-1)
@@ -524,18 +559,25 @@ def hourly_summary(table: pd.DataFrame, hours: float = 1.0) -> pd.DataFrame:
     """Counts and ratios of an ungrouped table aggregated to ``hours``-wide MLT blocks.
 
     Each bin goes to the block its start falls in (exact when the bins nest in the blocks, as
-    3min, 5min and 0.5h bins do in hours).
+    3min, 5min and 0.5h bins do in hours). Blocks keep the table's order (22, 23, 0, 1 for a
+    range across midnight) and are clipped to the bins they hold.
     """
     if any(g in table.columns for g in GROUPINGS):
         raise InputError("hourly_summary needs an ungrouped occurrence table")
+    if not len(table):
+        raise InputError("occurrence table has no bins")
     start = table["mlt_start"].to_numpy(float)
     block = np.floor(start / hours + 1e-9) * hours
-    if table["mlt_end"].max() - table["mlt_start"].min() <= 0:
-        raise InputError("occurrence table has no bins")
     ncols = ["n_frames"] + [f"n_{c}" for c in CLASSES]
-    agg = table[ncols].groupby(block).sum()
-    out = pd.DataFrame({"mlt_start": agg.index.to_numpy(float)})
-    out["mlt_end"] = np.minimum(out["mlt_start"] + hours, table["mlt_end"].max())
+    agg = table[ncols].groupby(block, sort=False).sum()
+    span = (
+        table[["mlt_start", "mlt_end"]]
+        .groupby(block, sort=False)
+        .agg({"mlt_start": "min", "mlt_end": "max"})
+    )
+    blocks = agg.index.to_numpy(float)
+    out = pd.DataFrame({"mlt_start": np.maximum(blocks, span["mlt_start"].to_numpy(float))})
+    out["mlt_end"] = np.minimum(blocks + hours, span["mlt_end"].to_numpy(float))
     for c in ncols:
         out[c] = agg[c].to_numpy()
     with np.errstate(invalid="ignore", divide="ignore"):

@@ -89,7 +89,8 @@ def plot_occurrence(
     ``table`` is an ungrouped occurrence table. Bins with fewer than ``min_frames`` frames are
     drawn grey. Interval bands and corrected ratios are drawn when the table has them and
     ``ci`` / ``corrected`` are true. ``regions``: a RegionsConfig, a YAML path, or None for
-    the default file; pass ``RegionsConfig()`` for none.
+    the default file; pass ``RegionsConfig()`` for none. A table whose range crosses midnight
+    (rows 22, ..., 23.5, 0, ..., 1.5) is drawn on one continuous axis (22-26, labelled 22-02).
     """
     by = table.attrs.get("by")
     if by or any(c in table.columns for c in ("year", "winter", "day")):
@@ -99,6 +100,9 @@ def plot_occurrence(
     start = table["mlt_start"].to_numpy(float)
     end = table["mlt_end"].to_numpy(float)
     width = end - start
+    # After midnight the bin starts fall back to 0: continue the axis past 24 (ticks are mod 24).
+    turn = 24.0 * np.concatenate([[0], np.cumsum(np.diff(start) < 0)])
+    start, end = start + turn, end + turn
     n = table["n_frames"].to_numpy()
     low = n < max(min_frames, 1)
     lo_x, hi_x = float(start.min()), float(end.max())
@@ -155,15 +159,18 @@ def plot_occurrence(
             ax.set_ylabel(f"({chr(ord('b') + i)}) {cls}\nratio")
         for ax in axes:
             for x in regions.boundaries():
-                if lo_x < x < hi_x:
-                    ax.axvline(x, color="k", ls="--", lw=0.9)
+                for xx in (x, x + 24.0):  # x + 24: the same MLT after midnight
+                    if lo_x < xx < hi_x:
+                        ax.axvline(xx, color="k", ls="--", lw=0.9)
             for x in regions.minor_boundaries:
-                if lo_x < x < hi_x:
-                    ax.axvline(x, color="k", ls="--", lw=0.4)
+                for xx in (x, x + 24.0):
+                    if lo_x < xx < hi_x:
+                        ax.axvline(xx, color="k", ls="--", lw=0.4)
             ax.tick_params(direction="out", length=2.5, width=0.6)
-        for r in regions.regions:
-            mid = (max(r.start, lo_x) + min(r.end, hi_x)) / 2
-            if lo_x < mid < hi_x:
+        for r, shift in ((r, shift) for r in regions.regions for shift in (0.0, 24.0)):
+            a, b = max(r.start + shift, lo_x), min(r.end + shift, hi_x)
+            mid = (a + b) / 2
+            if a < b and lo_x < mid < hi_x:
                 top.text(
                     mid,
                     1.02,

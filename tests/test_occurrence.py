@@ -53,7 +53,9 @@ def test_3min_bins_over_6_to_18_are_240_with_exact_last_edge():
         ("7min", (6, 18), "whole bins"),
         ("often", (6, 18), "not a duration"),
         ("3min", (18, 6), "start < end"),
-        ("3min", (6, 25), "start < end"),
+        ("3min", (6, 31), "start < end <= start \\+ 24"),
+        ("3min", (24, 26), "start < 24"),
+        ("3min", (22, 2), "across midnight ends past 24"),
         ("13h", (6, 18), "at most"),
         ("3", (6, 18), "no unit"),
         (3, (6, 18), "no unit"),
@@ -415,3 +417,41 @@ def test_frames_without_label_are_counted_as_missing(hand_table):
     assert tab["n_frames"].tolist() == [2, 2, 0]
     assert tab.attrs["n_missing"] == 3  # two without label, one without MLT
     assert tab.attrs["n_dropped"] == 2
+
+
+# ----------------------------------------------------------------------------- across midnight
+
+
+def test_a_range_across_midnight_bins_22_to_02():
+    """--mlt-range 22 26: 22-24 then 00-02 MLT, rows in range order, MLTs within 0..24."""
+    spec = make_bins("0.5h", (22, 26))
+    assert spec.nbins == 8 and spec.crosses_midnight and spec.mlt_range == (22.0, 26.0)
+    mlt = [22.0, 23.99, 24.0, 0.0, 0.49, 1.99, 2.0, 21.99, 12.0, np.nan]
+    assert bin_index(mlt, spec).tolist() == [0, 3, 4, 4, 4, 7, -1, -1, -1, MISSING_BIN]
+    assert make_bins("1h", (6, 30)).nbins == 24  # a whole day starting at 06
+    df = pd.DataFrame(
+        {"mlt": [22.2, 23.7, 0.1, 0.2, 1.9, 12.0], "label": ["arc", "arc", "hotspot"] * 2}
+    )
+    tab = occurrence_table(df, bins="0.5h", mlt_range=(22, 26))
+    assert tab["mlt_start"].tolist() == [22, 22.5, 23, 23.5, 0, 0.5, 1, 1.5]
+    assert tab["mlt_end"].tolist() == [22.5, 23, 23.5, 24, 0.5, 1, 1.5, 2]
+    assert tab["n_frames"].tolist() == [1, 0, 0, 1, 2, 0, 0, 1]
+    assert tab["n_hotspot"].tolist() == [0, 0, 0, 0, 1, 0, 0, 0]
+    assert (tab.attrs["n_binned"], tab.attrs["n_dropped"]) == (5, 1)
+    hourly = hourly_summary(tab)
+    assert hourly["mlt_start"].tolist() == [22, 23, 0, 1]
+    assert hourly["mlt_end"].tolist() == [23, 24, 1, 2]
+    assert hourly["n_frames"].tolist() == [1, 1, 2, 1]
+    ds = to_dataset(tab)
+    np.testing.assert_allclose(
+        ds["mlt"].values, [22.25, 22.75, 23.25, 23.75, 0.25, 0.75, 1.25, 1.75]
+    )
+
+
+def test_unknown_labels_name_only_labels_that_occur():
+    from pipeline.occurrence import UnknownLabelError, label_codes
+
+    used = pd.Categorical(["arc", "arc"], categories=["arc", "cloud"])
+    assert label_codes(pd.Series(used)).tolist() == [0, 0]  # an unused category is no error
+    with pytest.raises(UnknownLabelError, match="unknown labels cloud; allowed classes"):
+        label_codes(pd.Series(["arc", "cloud"]))

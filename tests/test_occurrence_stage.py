@@ -293,3 +293,159 @@ def test_predictions_use_the_station_classify_archive_recorded(tmp_path, pred_di
     # 03-15 UT at Gillam (~-6.5 h from UT) is night and morning MLT, not 06-18
     day = (tab["mlt_start"] >= 10) & (tab["mlt_start"] < 18)
     assert tab.loc[day, "n_frames"].sum() == 0 and tab["n_frames"].sum() == 300
+
+
+# ----------------------------------------------------------------------------- audit fixes
+
+
+def _snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_a_failed_run_leaves_the_earlier_outputs_as_they_were(tmp_path, pred_dir, monkeypatch):
+    """A bad regions file, or a failure while writing, must not leave a mix of two runs."""
+    import pipeline.plots
+    from pipeline.errors import ConfigError
+    from pipeline.occurrence_stage import OUTPUT_NAMES
+
+    d, _ = pred_dir
+    out = tmp_path / "occ"
+    run_occurrence(d, out, bins="1h")
+    before = _snapshot(out)
+    assert sorted(before) == sorted(OUTPUT_NAMES)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("regions: []\nbogus: 1\n")
+    with pytest.raises(ConfigError, match="bad.yaml: unknown key 'bogus'"):
+        run_occurrence(d, out, bins="30min", regions=bad)
+    assert _snapshot(out) == before
+    with pytest.raises(ConfigError):  # into a new folder: nothing at all
+        run_occurrence(d, tmp_path / "new", bins="30min", regions=bad)
+    assert not (tmp_path / "new").exists()
+
+    real_save = pipeline.plots.save_figure
+
+    def save_fails_for_pdf(fig, path, dpi=300):
+        if str(path).endswith(".pdf"):
+            raise OSError("disk full")
+        return real_save(fig, path, dpi=dpi)
+
+    monkeypatch.setattr(pipeline.plots, "save_figure", save_fails_for_pdf)
+    with pytest.raises(OSError, match="disk full"):
+        run_occurrence(d, out, bins="30min")
+    assert _snapshot(out) == before  # the parquet and nc of the failed run did not land
+    monkeypatch.undo()
+
+
+def test_outputs_are_replaced_together_with_the_run_record_last(tmp_path, pred_dir, monkeypatch):
+    import os
+
+    d, _ = pred_dir
+    out = tmp_path / "occ"
+    run_occurrence(d, out, bins="1h")
+    moved, real_replace = [], os.replace
+
+    def replace(src, dst):
+        if os.path.dirname(os.fspath(dst)) == os.fspath(out):
+            moved.append((os.path.basename(dst), (out / "occurrence_run.json").exists()))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    run_occurrence(d, out, bins="30min")
+    monkeypatch.undo()
+    assert [name for name, _ in moved][-1] == "occurrence_run.json" and len(moved) == 6
+    assert not any(record for _, record in moved)  # no old run record beside new outputs
+    assert json.loads((out / "occurrence_run.json").read_text())["bins"] == "30min"
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+
+
+def _run_json(d, done: int, planned: int, finished: bool = False) -> None:
+    run = {
+        "station": "yrs",
+        "shards": {f"{s:06d}": {"frames": 100, "predicted": 100, "errors": 0} for s in range(done)},
+        "manifest_frames": planned,
+        "runs": [
+            {
+                "manifest_frames": planned,
+                "frames_considered": planned,
+                "since": None,
+                "frames_planned": planned,
+                "shards_planned": list(range(planned // 100)),
+            }
+        ],
+    }
+    if finished:
+        run["runs"][-1]["finished"] = "2024-01-01T00:00:00+00:00"
+    (d / "_run.json").write_text(json.dumps(run))
+
+
+def test_an_unfinished_classify_archive_run_is_warned_about(tmp_path, pred_dir, caplog, capsys):
+    """Ctrl-C of classify-archive: occurrence says how many frames are missing and the fix."""
+    from pipeline.storage import ERRORS_SCHEMA, error_rows
+
+    d, _ = pred_dir
+    _run_json(d, done=3, planned=500)  # shards 3 and 4 never ran
+    main(["occurrence", str(d), "--bins", "1h", "--out", str(tmp_path / "o")])
+    warning = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warning) == 1
+    assert "200 of the 500 manifest frames" in warning[0]
+    assert "rerun classify-archive with the same arguments" in warning[0]
+    assert "200 frames not classified yet" in capsys.readouterr().out
+    info = json.loads((tmp_path / "o" / "occurrence_run.json").read_text())
+    assert info["n_unclassified"] == 200
+    assert "incomplete predictions" in (tmp_path / "o" / "occurrence.md").read_text()
+    # shard 3 failed (its frames are in errors.parquet): only shard 4's frames are missing
+    rows = error_rows([(f"g{i}.png", 0) for i in range(100)], "classify", "x", "ShardFailed")
+    rows["message"] = "shard 000003: RuntimeError: boom"
+    write_table(rows, d / "errors.parquet", ERRORS_SCHEMA)
+    caplog.clear()
+    assert run_occurrence(d, tmp_path / "o2", bins="1h")["n_unclassified"] == 100
+    assert "100 of the 500" in caplog.text
+    # a finished run: no warning
+    _run_json(d, done=3, planned=300, finished=True)
+    caplog.clear()
+    assert run_occurrence(d, tmp_path / "o3", bins="1h")["n_unclassified"] == 0
+    assert "WARNING" not in [r.levelname for r in caplog.records]
+
+
+def test_unknown_labels_name_their_file(tmp_path, pred_dir):
+    d, df = pred_dir
+    bad = df.iloc[100:200].assign(label=["cloud"] + ["arc"] * 99)
+    write_table(bad, d / "shard-000001.parquet", PREDICTIONS_SCHEMA)
+    with pytest.raises(InputError, match=r"shard-000001\.parquet: unknown labels cloud"):
+        run_occurrence(d, tmp_path / "o")
+    single = tmp_path / "labels.parquet"
+    bad[["time_utc", "label"]].to_parquet(single)
+    with pytest.raises(InputError, match=r"labels\.parquet: unknown labels cloud"):
+        run_occurrence(single, tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_csv_file_is_named_as_none_of_the_accepted_inputs(tmp_path, capsys):
+    src = tmp_path / "pred.csv"
+    _predictions(5)[["time_utc", "label"]].to_csv(src, index=False)
+    with pytest.raises(SystemExit):
+        main(["occurrence", str(src), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has no label" not in err
+    assert "predictions folder, a Parquet file" in err and "none of them" in err
+    assert "convert a CSV table to Parquet" in err
+    # a Parquet file under another name is still read as Parquet
+    other = tmp_path / "pred.data"
+    write_table(_predictions(20), other, PREDICTIONS_SCHEMA)
+    assert run_occurrence(other, tmp_path / "o2", bins="1h")["n_binned"] == 20
+
+
+def test_a_range_across_midnight_runs_end_to_end(tmp_path, capsys):
+    """--mlt-range 22 26 bins 22-02 MLT (19-23 UT at YRS) on the nightside."""
+    t = pd.Timestamp("2004-01-01 19:10", tz="UTC") + pd.to_timedelta(np.arange(24) * 600, "s")
+    src = tmp_path / "night.parquet"
+    pd.DataFrame({"time_utc": t, "label": "arc"}).to_parquet(src)  # the last one is 02:00 MLT
+    out = tmp_path / "o"
+    main(["occurrence", str(src), "--bins", "1h", "--mlt-range", "22", "26", "--out", str(out)])
+    said = capsys.readouterr().out
+    assert "binned 23 frames into 4 bins of 1h (22-2 MLT across midnight" in said
+    assert "dropped 1 outside" in said
+    tab = pd.read_parquet(out / "occurrence.parquet")
+    assert tab["mlt_start"].tolist() == [22, 23, 0, 1] and tab["n_frames"].tolist() == [5, 6, 6, 6]
+    assert "| 00.00-01.00 | 6 |" in (out / "occurrence.md").read_text()
+    assert "--mlt-range 22 26" in json.loads((out / "occurrence_run.json").read_text())["command"]

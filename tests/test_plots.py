@@ -82,3 +82,27 @@ def test_bad_regions_file_is_a_config_error(tmp_path):
 def test_grouped_table_is_refused(table):
     with pytest.raises(ValueError, match="ungrouped"):
         plot_occurrence(table.assign(winter=2003))
+
+
+def test_a_range_across_midnight_is_drawn_on_one_axis():
+    """22-26 MLT: bars continue past 24 (ticks 22 ... 00 ... 02) and regions repeat after 24."""
+    rng = np.random.default_rng(1)
+    mlt = np.concatenate([rng.uniform(22, 24, 200), rng.uniform(0, 2, 200)])
+    df = pd.DataFrame({"mlt": mlt, "label": np.where(mlt < 12, "hotspot", "arc")})
+    table = occurrence_table(df, bins="0.5h", mlt_range=(22, 26))
+    regions = RegionsConfig(regions=(Region("M", "midnight", 0.0, 1.5),), minor_boundaries=(23.0,))
+    fig = plot_occurrence(table, regions)
+    ax = fig.axes[-1]
+    assert ax.get_xlim() == (22.0, 26.0)
+    fig.canvas.draw()
+    labels = [t.get_text() for t in ax.get_xticklabels() if 22 <= t.get_position()[0] <= 26]
+    assert labels == ["22", "23", "00", "01", "02"]
+    xs = [bar.get_x() for bar in fig.axes[0].patches]
+    assert xs == [22.0, 22.5, 23.0, 23.5, 24.0, 24.5, 25.0, 25.5]
+    hot = fig.axes[4].patches  # hotspot after midnight, arc before
+    assert [b.get_height() for b in hot] == [0.0] * 4 + [1.0] * 4
+    dashed = sorted(
+        line.get_xdata()[0] for line in fig.axes[2].lines if line.get_linestyle() == "--"
+    )
+    assert dashed == [23.0, 24.0, 25.5]
+    assert [t.get_position()[0] for t in fig.axes[0].texts if t.get_text() == "M"] == [24.75]
