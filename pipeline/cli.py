@@ -416,7 +416,7 @@ def classify_archive(source: Path, checkpoint: Path, out: Path, **kwargs: object
     type=float,
     default=(6.0, 18.0),
     show_default=True,
-    help="MLT hours binned: START END.",
+    help="MLT hours binned: START END (END past 24 crosses midnight, e.g. 22 26).",
 )
 @click.option(
     "--station",
@@ -547,7 +547,11 @@ def index(
     "--evaluate", "query_set", type=ExistingPath, default=None, help="Labelled query set."
 )
 @click.option("--k", type=click.IntRange(1), default=20, show_default=True)
-@click.option("--ranks", default="1,3,5,8,10,15,20", show_default=True)
+@click.option(
+    "--ranks",
+    default=None,
+    help="Ranks to report, e.g. 1,5,10 (default: the paper's 1,3,5,8,10,15,20 up to --k).",
+)
 @click.option(
     "--out", type=PathArg, default=Path("retrieval"), show_default=True, help="Output folder."
 )
@@ -572,7 +576,7 @@ def retrieve(
     query: tuple[Path, ...],
     query_set: Path | None,
     k: int,
-    ranks: str,
+    ranks: str | None,
     out: Path,
     checkpoint: Path | None,
     station: str | None,

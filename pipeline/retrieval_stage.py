@@ -952,14 +952,10 @@ def _write_neighbours(table: pd.DataFrame, out: Path, stem: str = "neighbours") 
 
 
 def _ranks_for(ranks: str | Sequence[int] | None, k: int) -> list[int]:
-    """The ranks to show: given ones as they are, the default (the paper's) only up to ``k``.
-
-    The CLI passes the default as text, so ranks equal to the paper's count as the default.
-    """
-    parsed = list(PAPER_RANKS) if ranks is None else _parse_ranks(ranks)
-    if parsed == list(PAPER_RANKS):
-        return [r for r in parsed if r <= k]
-    return parsed
+    """The ranks to show: given ones as they are, the default (None: the paper's) up to ``k``."""
+    if ranks is None:
+        return [r for r in PAPER_RANKS if r <= k]
+    return _parse_ranks(ranks)
 
 
 def _check_ranks(ranks: Sequence[int], k: int, count: int) -> list[int]:

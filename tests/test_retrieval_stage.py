@@ -634,3 +634,5 @@ def test_default_ranks_are_clipped_to_k(index_dir: Path, sets: dict[str, Path], 
     assert res["ranks"] == [1, 3]
     with pytest.raises(InputError, match="--ranks asks for rank 8 but --k is 5"):
         retrieve(index_dir, [q], tmp_path / "d", k=5, ranks="1,8")
+    with pytest.raises(InputError, match="--ranks asks for rank 8 but --k is 5"):  # given: kept
+        retrieve(index_dir, [q], tmp_path / "e", k=5, ranks="1,3,5,8,10,15,20")
