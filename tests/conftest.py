@@ -39,6 +39,18 @@ def _close_figures():
     plt.close("all")
 
 
+@pytest.fixture(autouse=True)
+def _keep_sigint_handler():
+    """Each test starts with Ctrl-C as Python handles it: importing dask_jobqueue (the SLURM
+    launcher tests) installs a process-wide handler that exits instead."""
+    import signal
+
+    before = signal.getsignal(signal.SIGINT)
+    yield
+    if signal.getsignal(signal.SIGINT) is not before and before is not None:
+        signal.signal(signal.SIGINT, before)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _few_threads():
     """Two cores are shared by dask workers and torch: keep torch from oversubscribing them."""

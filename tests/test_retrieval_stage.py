@@ -567,12 +567,17 @@ def test_interrupts_are_deferred_during_the_swap():
 
     from pipeline.retrieval_stage import _interrupts_deferred
 
-    done = []
-    with pytest.raises(KeyboardInterrupt):
-        with _interrupts_deferred():
-            os.kill(os.getpid(), signal.SIGINT)
-            done.append(True)
-    assert done == [True] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # Python's own handler (importing dask_jobqueue.runner, as another test does, replaces it)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        done = []
+        with pytest.raises(KeyboardInterrupt):
+            with _interrupts_deferred():
+                os.kill(os.getpid(), signal.SIGINT)
+                done.append(True)
+        assert done == [True] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def test_unreadable_queries_are_skipped_and_recorded(
