@@ -46,7 +46,7 @@ from pipeline.occurrence import (
     occurrence_schema,
     to_dataset,
 )
-from pipeline.storage import write_table
+from pipeline.storage import refuse_foreign_out, write_table
 
 OUTPUT_NAMES = (
     "occurrence.parquet",
@@ -466,6 +466,7 @@ def run_occurrence(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: is a file; --out takes a folder")
+    refuse_foreign_out(out, ("occurrence_run.json",), "occurrence")
     command = command_line(
         pred, out, bins, mlt_range, station, mlt_method, by=by, ci=ci, correct=correct,
         min_frames=min_frames, regions=regions, min_prob=min_prob,

@@ -49,7 +49,7 @@ from pipeline.errors import (
     InputError,
 )
 from pipeline.retrieval import METRICS, knn, parse_ranks, resolve_device, retrieval_scores
-from pipeline.storage import ERRORS_SCHEMA, atomic_path, error_rows, write_table
+from pipeline.storage import ERRORS_SCHEMA, atomic_path, error_rows, refuse_foreign_out, write_table
 
 log = logging.getLogger(__name__)
 
@@ -462,6 +462,7 @@ def build_index(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: is a file; --out takes the folder to write the index to")
+    refuse_foreign_out(out, ("index.json",), "index")
     model, meta = _load_model(checkpoint)
     iset = open_image_set(source, station, _preprocess_station(meta), dark_dir)
     items = iset.items.reset_index(drop=True)
@@ -990,6 +991,7 @@ def retrieve(
     The figure shows the first FIGURE_MAX_ROWS queries; the table holds them all.
     """
     _check_metric(metric)
+    refuse_foreign_out(Path(out), (), "retrieve")
     ranks = _ranks_for(ranks, k)
     idx = load_index(index_dir)
     ranks = _check_ranks(ranks, k, len(idx.items))
@@ -1091,6 +1093,7 @@ def evaluate_retrieval(
     The figure retrieval.png shows the first query of each class (the paper's Fig. 6).
     """
     _check_metric(metric)
+    refuse_foreign_out(Path(out), (), "retrieve")
     ranks = _ranks_for(ranks, k)
     idx = load_index(index_dir)
     if not idx.labelled:

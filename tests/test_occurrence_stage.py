@@ -69,6 +69,15 @@ def test_cli_on_a_predictions_directory_writes_every_output(tmp_path, pred_dir, 
     assert "--by winter" in (out / "occurrence.md").read_text()
 
 
+def test_out_into_the_predictions_folder_is_refused(tmp_path, pred_dir, capsys):
+    d, _ = pred_dir
+    (d / "_run.json").write_text("{}")
+    with pytest.raises(SystemExit) as ex:
+        main(["occurrence", str(d), "--bins", "1h", "--out", str(d)])
+    assert ex.value.code == 1 and "holds classify-archive predictions" in capsys.readouterr().err
+    assert not (d / "occurrence.parquet").exists()
+
+
 def test_min_prob_leaves_out_uncertain_frames(tmp_path, capsys):
     """Frames whose best class is below --min-prob are counted as uncertain, not binned."""
     df = _predictions(200, seed=2)

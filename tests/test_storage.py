@@ -4,7 +4,14 @@ import stat
 import pandas as pd
 import pytest
 
-from pipeline.storage import ERRORS_SCHEMA, atomic_path, error_rows, merge_errors, write_table
+from pipeline.storage import (
+    ERRORS_SCHEMA,
+    atomic_path,
+    error_rows,
+    merge_errors,
+    refuse_foreign_out,
+    write_table,
+)
 
 
 def test_atomic_path_leaves_nothing_on_failure(tmp_path):
@@ -76,3 +83,17 @@ def test_writing_onto_a_folder_is_a_clear_error(tmp_path):
     with pytest.raises(InputError, match="is a folder; give the name of a file"):
         with atomic_path(tmp_path / "out"):
             pass
+
+
+def test_refuse_foreign_out_names_what_the_folder_holds(tmp_path):
+    from pipeline.errors import InputError
+
+    refuse_foreign_out(tmp_path / "new", (), "evaluate")  # a new folder: fine
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(InputError, match=r"holds a checkpoint \(model.safetensors\); give `index`"):
+        refuse_foreign_out(tmp_path, ("index.json",), "index")
+    (tmp_path / "model.safetensors").unlink()
+    (tmp_path / "index.json").write_text("{}")
+    refuse_foreign_out(tmp_path, ("index.json",), "index")  # its own earlier output
+    with pytest.raises(InputError, match="holds a retrieval index"):
+        refuse_foreign_out(tmp_path, (), "retrieve")
