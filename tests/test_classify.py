@@ -579,7 +579,7 @@ def test_ctrl_c_stops_classify_archive_cleanly(archive, ckpt, tiny_station_path,
     assert time.monotonic() - t_int < 20
     assert "Traceback" not in text and "still alive" not in text, text[-2000:]
     done = json.loads((out / "_run.json").read_text())["shards"]
-    assert done and all((out / f"shard-{k}.parquet").is_file() for k in done)
+    assert all((out / f"shard-{k}.parquet").is_file() for k in done)
     main(cmd[3:])  # the rerun (in-process) finishes the archive
     n_done = sum(v["frames"] for v in done.values())
     assert f"{n_done} already done" in "".join(capsys.readouterr())
@@ -593,3 +593,37 @@ def test_out_may_not_be_the_archive_or_a_checkpoint(archive, station, ckpt, tmp_
         with pytest.raises(InputError, match=what):
             classify_archive(archive, ckpt, out, station=station, workers=1)
     assert not (archive / "_run.json").exists() and not (ckpt / "_run.json").exists()
+
+
+def test_shards_finished_before_an_interrupt_count_as_done(
+    archive, station, ckpt, cluster, tmp_path, monkeypatch
+):
+    """_run.json is rewritten at most every FLUSH_S; on Ctrl-C it is written at once, so the
+    shards finished so far are not classified again by the rerun."""
+    import pipeline.cluster as cluster_mod
+
+    lc, _ = cluster
+    real = cluster_mod.run_windowed
+
+    def interrupted(*a, on_result, **k):
+        seen = []
+
+        def wrapped(s, res):
+            on_result(s, res)
+            seen.append(s)
+            if len(seen) == 2:
+                raise KeyboardInterrupt
+
+        return real(*a, on_result=wrapped, **k)
+
+    monkeypatch.setattr(cluster_mod, "run_windowed", interrupted)
+    monkeypatch.setattr("pipeline.classify.FLUSH_S", 3600.0)  # no periodic flush in between
+    out = tmp_path / "pred"
+    kw = dict(station=station, scheduler=lc.scheduler_address, shard_size=8, device="cpu")
+    with pytest.raises(KeyboardInterrupt):
+        classify_archive(archive, ckpt, out, **kw)
+    assert len(json.loads((out / "_run.json").read_text())["shards"]) == 2
+    monkeypatch.setattr(cluster_mod, "run_windowed", real)
+    again = classify_archive(archive, ckpt, out, **kw)
+    assert again.already_done == 16
+    _assert_exactly_once(out, archive, station)
