@@ -877,6 +877,7 @@ def classify_archive(
         "features": features,
         "frames_planned": len(todo),
         "shards_planned": [s for s, _ in shards],
+        "frames_failed": 0,
     }
     run.update(
         root=str(Path(root).resolve()) if root is not None else run.get("root"),
@@ -1031,6 +1032,9 @@ def classify_archive(
                 }
             )
             new_errors.append(rows)
+            # This run's own count: shard numbers are reused by later runs, so rows of
+            # errors.parquet cannot tell which run's frames are missing (occurrence reads it).
+            run_entry["frames_failed"] = run_entry.get("frames_failed", 0) + len(df)
             (out / shard_name(s)).unlink(missing_ok=True)
             summary.shards_submitted += 1
             summary.shards_failed += 1

@@ -122,6 +122,12 @@ def make_bins(bins: str | pd.Timedelta = "3min", mlt_range=(6.0, 18.0)) -> BinSp
             f"bin width {bins!r} does not divide the MLT range {start:g}-{end:g} h into whole "
             "bins; choose a width that does (e.g. 3min, 5min, 0.5h)"
         )
+    if end_ns > NS_PER_DAY and (NS_PER_DAY - start_ns) % width:
+        # A bin from 23.5 to 00.5 MLT would have no MLT start and end within 0-24.
+        raise InputError(
+            f"MLT range {start:g} {end:g} with {bins!r} bins: midnight must be a bin edge; "
+            "choose a start or width for which it is (e.g. 22 26 with 0.5h bins)"
+        )
     return BinSpec(int(start_ns), int(width), int(nbins), str(bins))
 
 

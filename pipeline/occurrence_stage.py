@@ -287,7 +287,12 @@ def unclassified_frames(pred: str | os.PathLike) -> tuple[int, int, str | None]:
         return none  # a _run.json of another layout: nothing to go by
     missing = planned_frames - done
     errors = Path(pred) / ERRORS_FILE
-    if missing > 0 and errors.exists():
+    if "frames_failed" in last:  # the run's own count of frames in its failed shards
+        try:
+            missing -= int(last["frames_failed"])
+        except (TypeError, ValueError):
+            return none
+    elif missing > 0 and errors.exists():  # older _run.json: estimate from errors.parquet
         try:
             err = pd.read_parquet(errors, columns=["error", "message"])
         except Exception:  # noqa: BLE001 - unreadable: classify-archive's rerun will say so
@@ -318,6 +323,8 @@ def _unknown_labels_source(pred: str | os.PathLike) -> str:
 def _range_text(mlt_range: tuple[float, float] | list[float]) -> str:
     """'6-18 MLT', or '22-2 MLT across midnight' for a range written 22 26."""
     start, end = mlt_range
+    if end - start >= 24:
+        return f"{start:g}-{end - 24:g} MLT, all 24 h"
     if end > 24:
         return f"{start:g}-{end - 24:g} MLT across midnight"
     return f"{start:g}-{end:g} MLT"

@@ -479,13 +479,12 @@ def build_index(
         raise InputError(
             f"{out}: cannot create the index folder ({exc}); choose another --out"
         ) from None
-    try:
-        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".building", dir=out.parent))
-    except OSError:
-        if not out.is_dir():
-            raise
-        # A writable index folder in a read-only parent: build inside it instead.
+    if out.is_dir():
+        # Inside OUT: the renames into it then never cross a filesystem (OUT may be a mount
+        # point or a link to another disk), and a read-only parent does not matter.
         work = Path(tempfile.mkdtemp(prefix=".index.", suffix=".building", dir=out))
+    else:
+        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".building", dir=out.parent))
     done = False
     try:
         umask = os.umask(0)
@@ -543,6 +542,7 @@ def _build_into(
     mm = np.lib.format.open_memmap(feats_path, mode="w+", dtype=np.float16, shape=(n, dim))
     if shards:
         found = _fill_from_shards(shards, items, mm)
+        shards.clear()  # their (path, frame) tables: not to be held through the embedding
         log.info("%d of %d frames reuse features from %s", found.sum(), n, features_dir)
     ok = found.copy()
     todo = np.flatnonzero(~found)

@@ -328,6 +328,7 @@ def test_failing_shards_are_recorded_then_retried_by_the_next_run(
     assert s1.shards_failed == 3 and s1.frames_classified == 0
     err = read_errors(out)
     assert len(err) == N_GOOD + 2 and (err["error"] == SHARD_FAILED).all()
+    assert json.loads((out / "_run.json").read_text())["runs"][-1]["frames_failed"] == N_GOOD + 2
     assert (
         "NotADirectoryError" in err["message"].iloc[0]
         or "FileExistsError" in err["message"].iloc[0]

@@ -56,6 +56,7 @@ def test_3min_bins_over_6_to_18_are_240_with_exact_last_edge():
         ("3min", (6, 31), "start < end <= start \\+ 24"),
         ("3min", (24, 26), "start < 24"),
         ("3min", (22, 2), "across midnight ends past 24"),
+        ("1h", (22.5, 26.5), "midnight must be a bin edge"),
         ("13h", (6, 18), "at most"),
         ("3", (6, 18), "no unit"),
         (3, (6, 18), "no unit"),

@@ -367,7 +367,9 @@ def test_outputs_are_replaced_together_with_the_run_record_last(tmp_path, pred_d
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
 
 
-def _run_json(d, done: int, planned: int, finished: bool = False) -> None:
+def _run_json(
+    d, done: int, planned: int, finished: bool = False, frames_failed: int | None = None
+) -> None:
     run = {
         "station": "yrs",
         "shards": {f"{s:06d}": {"frames": 100, "predicted": 100, "errors": 0} for s in range(done)},
@@ -384,6 +386,8 @@ def _run_json(d, done: int, planned: int, finished: bool = False) -> None:
     }
     if finished:
         run["runs"][-1]["finished"] = "2024-01-01T00:00:00+00:00"
+    if frames_failed is not None:
+        run["runs"][-1]["frames_failed"] = frames_failed
     (d / "_run.json").write_text(json.dumps(run))
 
 
@@ -409,6 +413,12 @@ def test_an_unfinished_classify_archive_run_is_warned_about(tmp_path, pred_dir, 
     caplog.clear()
     assert run_occurrence(d, tmp_path / "o2", bins="1h")["n_unclassified"] == 100
     assert "100 of the 500" in caplog.text
+    # The run's own count wins: those rows may be an earlier run's failure of shard 3, whose
+    # number this run reused (classify-archive records frames_failed per run).
+    _run_json(d, done=3, planned=500, frames_failed=0)
+    assert run_occurrence(d, tmp_path / "o2b", bins="1h")["n_unclassified"] == 200
+    _run_json(d, done=3, planned=500, frames_failed=100)
+    assert run_occurrence(d, tmp_path / "o2c", bins="1h")["n_unclassified"] == 100
     # a finished run: no warning
     _run_json(d, done=3, planned=300, finished=True)
     caplog.clear()

@@ -641,3 +641,29 @@ def test_default_ranks_are_clipped_to_k(index_dir: Path, sets: dict[str, Path], 
         retrieve(index_dir, [q], tmp_path / "d", k=5, ranks="1,8")
     with pytest.raises(InputError, match="--ranks asks for rank 8 but --k is 5"):  # given: kept
         retrieve(index_dir, [q], tmp_path / "e", k=5, ranks="1,3,5,8,10,15,20")
+
+
+def test_rebuild_into_an_index_on_another_filesystem(
+    index_dir: Path, sets: dict[str, Path], ckpt: Path, tmp_path: Path
+):
+    """--out a link to a folder on another disk: the rebuild must not rename across devices."""
+    import os
+    import shutil
+    import tempfile
+
+    from pipeline.retrieval_stage import build_index, load_index
+
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs /dev/shm on another filesystem than the test's temp folder")
+    elsewhere = Path(tempfile.mkdtemp(dir=shm))
+    try:
+        target = elsewhere / "idx"
+        shutil.copytree(index_dir, target)
+        link = tmp_path / "idx"
+        link.symlink_to(target)
+        build_index(sets["index_set"], ckpt, link)
+        assert load_index(link).meta["count"] == load_index(index_dir).meta["count"]
+        assert not [p for p in target.iterdir() if p.name.endswith(".building")]
+    finally:
+        shutil.rmtree(elsewhere, ignore_errors=True)
