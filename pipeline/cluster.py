@@ -47,6 +47,22 @@ def worker_gpu_index(name: object, gpus: int) -> int:
     return int(m.group(1)) % max(1, gpus) if m else 0
 
 
+class _SyncCancelRace(logging.Filter):
+    """Drop distributed's NameError from ``sync.<locals>.cancel`` on Ctrl-C.
+
+    distributed (2026.8) annotates ``future`` in ``utils.sync`` without assigning it, so a
+    Ctrl-C that lands before the coroutine starts makes its ``cancel`` callback raise
+    NameError, which tornado logs with a traceback; the interrupt itself is handled.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(exc, NameError) and "sync.<locals>.cancel" in record.getMessage())
+
+
+_SYNC_CANCEL_FILTER = _SyncCancelRace()
+
+
 @contextlib.contextmanager
 def dask_client(
     workers: int | None = None,
@@ -57,6 +73,8 @@ def dask_client(
 ) -> Iterator[Any]:
     """A ``distributed.Client``: on the running cluster at ``scheduler``, or on a new LocalCluster."""
     from distributed import Client, LocalCluster
+
+    logging.getLogger("tornado.application").addFilter(_SYNC_CANCEL_FILTER)  # once: a set
 
     if scheduler:
         try:

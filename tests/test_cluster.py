@@ -62,3 +62,30 @@ def test_local_workers_leave_ctrl_c_to_the_client():
         client.restart()  # a worker process started again by its nanny: the same
         assert client.submit(_sigint_handler_name, pure=False).result() == "ignored"
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_distributed_sync_cancel_race_is_not_logged_as_a_traceback():
+    """Ctrl-C can land before distributed's sync() has its future: its cancel callback then
+    raises NameError, which tornado would log with a traceback under the user's 'aborted'."""
+    import logging
+    import sys
+
+    from pipeline.cluster import dask_client
+
+    def record(msg: str, exc: BaseException) -> logging.LogRecord:
+        try:
+            raise exc
+        except type(exc):
+            info = sys.exc_info()
+        return logging.LogRecord("tornado.application", logging.ERROR, __file__, 1, msg, (), info)
+
+    logger = logging.getLogger("tornado.application")
+    with dask_client(workers=1):
+        pass
+    race = record(
+        "Exception in callback functools.partial(<function sync.<locals>.cancel at 0x7f>)",
+        NameError("cannot access free variable 'future'"),
+    )
+    assert not logger.filter(race)
+    assert logger.filter(record("Exception in callback something_else", NameError("x")))
+    assert logger.filter(record("Exception in callback sync.<locals>.cancel", ValueError("x")))
