@@ -559,7 +559,7 @@ def test_ctrl_c_stops_classify_archive_cleanly(archive, ckpt, tiny_station_path,
         p for p in archive.rglob("N*.png") if p.relative_to(archive).as_posix() not in bad
     )
     t0 = pd.Timestamp("2004-12-02T06:00:00")
-    for i in range(600):  # hard links: a long run from a few real files
+    for i in range(300):  # hard links: a long run from a few real files
         t = t0 + pd.Timedelta(seconds=10 * i)
         dst = big / f"2004/{t:%Y%m%d}/N{t:%Y%m%d}G{t:%H%M%S}.png"
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -586,7 +586,7 @@ def test_ctrl_c_stops_classify_archive_cleanly(archive, ckpt, tiny_station_path,
     assert f"{n_done} already done" in "".join(capsys.readouterr())
     pred = read_predictions(out)
     keys = list(zip(pred["path"], pred["frame"]))
-    assert len(keys) == len(set(keys)) == 600
+    assert len(keys) == len(set(keys)) == 300
 
 
 def test_out_may_not_be_the_archive_or_a_checkpoint(archive, station, ckpt, tmp_path):
