@@ -46,7 +46,7 @@ from pipeline.occurrence import (
     occurrence_schema,
     to_dataset,
 )
-from pipeline.storage import refuse_foreign_out, write_table
+from pipeline.storage import install_outputs, refuse_foreign_out, write_table
 
 OUTPUT_NAMES = (
     "occurrence.parquet",
@@ -590,9 +590,7 @@ def write_outputs(out: Path, writers: dict[str, Callable[[Path], Any]]) -> None:
         names = sorted(writers, key=lambda n: n == RUN_RECORD)  # the run record last
         for name in names:
             os.chmod(staging / name, 0o666 & ~umask)
-        (out / RUN_RECORD).unlink(missing_ok=True)
-        for name in names:
-            os.replace(staging / name, out / name)
+        install_outputs(staging, out, names, RUN_RECORD)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         if created and not any(out.iterdir()):

@@ -21,16 +21,13 @@ The science (kNN, precision@k, AP) lives in :mod:`pipeline.retrieval`.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import json
 import logging
 import os
 import shutil
-import signal
 import tempfile
-import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +46,14 @@ from pipeline.errors import (
     InputError,
 )
 from pipeline.retrieval import METRICS, knn, parse_ranks, resolve_device, retrieval_scores
-from pipeline.storage import ERRORS_SCHEMA, atomic_path, error_rows, refuse_foreign_out, write_table
+from pipeline.storage import (
+    ERRORS_SCHEMA,
+    atomic_path,
+    error_rows,
+    install_outputs,
+    refuse_foreign_out,
+    write_table,
+)
 
 log = logging.getLogger(__name__)
 
@@ -592,43 +596,12 @@ def _build_into(
 def _install(work: Path, out: Path) -> None:
     """Move the finished index in WORK to OUT; index.json last, so OUT never looks finished early.
 
-    A new OUT is one rename. An existing folder gets the files one by one (anything else in it
-    stays), with Ctrl-C held back for those few renames so that it is never left half-replaced.
+    A new OUT is one rename; an existing one gets the files (anything else in it stays).
     """
     if not out.exists():
         os.rename(work, out)
         return
-    with _interrupts_deferred():
-        (out / META_FILE).unlink(missing_ok=True)
-        for name in (FEATURES_FILE, ITEMS_FILE):
-            os.replace(work / name, out / name)
-        if (work / ERRORS_FILE).exists():
-            os.replace(work / ERRORS_FILE, out / ERRORS_FILE)
-        else:
-            (out / ERRORS_FILE).unlink(missing_ok=True)  # an earlier build's, now stale
-        os.replace(work / META_FILE, out / META_FILE)
-
-
-@contextlib.contextmanager
-def _interrupts_deferred() -> Iterator[None]:
-    """Hold back SIGINT (Ctrl-C) for the block and raise KeyboardInterrupt after it, if one came."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[int] = []
-    try:
-        previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
-    except (ValueError, TypeError):  # no signal handling here (embedded interpreter)
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
-        if caught and callable(previous):
-            previous(signal.SIGINT, None)  # Python's default handler raises KeyboardInterrupt
-        elif caught and previous != signal.SIG_IGN:
-            raise KeyboardInterrupt
+    install_outputs(work, out, (FEATURES_FILE, ITEMS_FILE, ERRORS_FILE), META_FILE)
 
 
 def _feature_dim(model: Any, meta: dict[str, Any]) -> int:

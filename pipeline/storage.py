@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -206,3 +208,44 @@ def refuse_foreign_out(out: Path, own: Sequence[str], command: str) -> None:
             raise InputError(
                 f"--out {out} holds {what} ({name}); give `{command}` a folder of its own"
             )
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold back SIGINT (Ctrl-C) for the block and raise KeyboardInterrupt after it, if one came."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    except (ValueError, TypeError):  # no signal handling here (embedded interpreter)
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
+        if caught and callable(previous):
+            previous(signal.SIGINT, None)  # Python's default handler raises KeyboardInterrupt
+        elif caught and previous != signal.SIG_IGN:
+            raise KeyboardInterrupt
+
+
+def install_outputs(staging: Path, out: Path, names: Sequence[str], record: str) -> None:
+    """Move a run's outputs ``names`` from ``staging`` into ``out`` (one file system).
+
+    The old ``record`` (the file saying a run finished) goes first and the new one comes last,
+    so a folder holding a record holds one run's outputs; a name missing from ``staging`` is a
+    stale output and is removed from ``out``. Ctrl-C is held back for these few renames.
+    """
+    with interrupts_deferred():
+        (out / record).unlink(missing_ok=True)
+        for name in names:
+            if name == record:
+                continue
+            if (staging / name).exists():
+                os.replace(staging / name, out / name)
+            else:
+                (out / name).unlink(missing_ok=True)
+        os.replace(staging / record, out / record)

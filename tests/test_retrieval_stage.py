@@ -561,25 +561,6 @@ def test_failed_index_build_leaves_nothing_and_keeps_the_old_index(
     ]
 
 
-def test_interrupts_are_deferred_during_the_swap():
-    import os
-    import signal
-
-    from pipeline.retrieval_stage import _interrupts_deferred
-
-    # Python's own handler (importing dask_jobqueue.runner, as another test does, replaces it)
-    before = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        done = []
-        with pytest.raises(KeyboardInterrupt):
-            with _interrupts_deferred():
-                os.kill(os.getpid(), signal.SIGINT)
-                done.append(True)
-        assert done == [True] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    finally:
-        signal.signal(signal.SIGINT, before)
-
-
 def test_unreadable_queries_are_skipped_and_recorded(
     index_dir: Path, sets: dict[str, Path], tmp_path: Path, capsys, caplog
 ):
