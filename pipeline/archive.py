@@ -34,7 +34,7 @@ from pipeline.storage import (
     atomic_path,
     empty_frame,
     read_errors,
-    write_table,
+    replace_stage_errors,
 )
 
 log = logging.getLogger(__name__)
@@ -221,16 +221,20 @@ def _prune_regex(exclude: Sequence[str]) -> re.Pattern[str] | None:
 
 def _walk(
     root: str, exts: tuple[str, ...], exclude: Sequence[str]
-) -> tuple[list[str], list[int], list[int]]:
-    """Relative paths, sizes and mtimes (ns) of the files under ``root`` with one of ``exts``.
+) -> tuple[list[str], list[int], list[int], list[tuple[str, str, str]]]:
+    """Relative paths, sizes and mtimes (ns) of the files under ``root`` with one of ``exts``,
+    and (path, error, message) of every entry named like a frame that is not a readable file.
 
     Hidden entries (``.name``, e.g. the ``.part`` files of interrupted writes) are skipped; so are
     folders whose path matches an exclude glob ending in ``*`` (every file below would match).
+    A broken link, an unreadable file or a folder named like a frame is an error row: an archive
+    copied from a station holds a few of each, and none may vanish without a record.
     """
     excl, prune = _exclude_regex(exclude), _prune_regex(exclude)
     rels: list[str] = []
     sizes: list[int] = []
     mtimes: list[int] = []
+    bad: list[tuple[str, str, str]] = []
     seen: set[tuple[int, int]] = set()
     stack: list[tuple[str, str]] = [(root, "")]
     bar = tqdm(desc="scanning", unit=" files", disable=None, leave=False)
@@ -253,28 +257,48 @@ def _walk(
                 if name.startswith("."):
                     continue
                 rel = prefix + name
+                like_frame = name.lower().endswith(exts)
                 try:
                     is_dir = entry.is_dir()
-                except OSError:
+                except OSError as exc:
+                    if like_frame:
+                        bad.append((rel, "OSError", f"{entry.path}: cannot stat ({exc})"))
                     continue
                 if is_dir:
                     if prune is not None and prune.match(rel + "/"):
                         continue
+                    if like_frame and not (excl is not None and excl.match(rel)):
+                        bad.append(
+                            (rel, "IsADirectoryError", f"{entry.path}: a folder, not a frame")
+                        )
                     stack.append((entry.path, rel + "/"))
                     continue
-                if not name.lower().endswith(exts):
+                if not like_frame or (excl is not None and excl.match(rel)):
                     continue
-                if excl is not None and excl.match(rel):
+                problem = _unreadable(entry)
+                if problem is not None:
+                    bad.append((rel, *problem))
                     continue
-                try:
-                    st = entry.stat()
-                except OSError:  # a dangling link
-                    continue
+                st = entry.stat()
                 rels.append(rel)
                 sizes.append(st.st_size)
                 mtimes.append(st.st_mtime_ns)
     bar.close()
-    return rels, sizes, mtimes
+    return rels, sizes, mtimes, bad
+
+
+def _unreadable(entry: os.DirEntry) -> tuple[str, str] | None:
+    """(error, message) when a file entry named like a frame cannot be read, else None."""
+    try:
+        entry.stat()
+    except OSError:
+        target = os.readlink(entry.path) if entry.is_symlink() else "?"
+        return "BrokenLink", f"{entry.path}: link to {target}, which does not exist"
+    if not entry.is_file():
+        return "NotAFile", f"{entry.path}: not a regular file"
+    if not os.access(entry.path, os.R_OK):
+        return "PermissionError", f"{entry.path}: no permission to read; fix its mode or owner"
+    return None
 
 
 def _read_list(path: Path) -> list[str]:
@@ -390,7 +414,7 @@ def scan(
     bad: list[tuple[str, str, str]] = []
     if src.is_dir():
         base = os.path.abspath(src)
-        rels, sizes, mtimes = _walk(base, exts, tuple(exclude))
+        rels, sizes, mtimes, bad = _walk(base, exts, tuple(exclude))
     elif src.is_file() and src.suffix.lower() in _LIST_SUFFIXES:
         base = os.path.abspath(src.parent)
         excl = _exclude_regex(tuple(exclude))
@@ -529,6 +553,27 @@ def load_manifest(
     ``attrs["root"]`` is the folder the relative paths start from: the archive folder, the root
     stored in the manifest (its own folder if that root is gone), or the list's folder.
     """
+    df, errors = load_manifest_and_errors(source, station, exclude)
+    if len(errors):
+        log.warning(
+            "%s: %d file(s) named like frames skipped (no time, unreadable, broken link or "
+            "folder; `aurora-pipeline scan` lists them)",
+            source,
+            len(errors),
+        )
+    return df
+
+
+def load_manifest_and_errors(
+    source: str | os.PathLike,
+    station: StationConfig,
+    exclude: Sequence[str] = DEFAULT_EXCLUDE,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """:func:`load_manifest` and the scan's error rows (stage ``scan``) of the same source.
+
+    For a folder or a path list they come from the scan itself; for a manifest from the errors
+    table that ``scan`` wrote beside it (none if it is gone).
+    """
     src = Path(source)
     is_parquet = src.is_file() and src.suffix.lower() == ".parquet"
     schema = None
@@ -539,6 +584,7 @@ def load_manifest(
             raise InputError(f"{src}: not a readable Parquet file ({exc})") from None
     if schema is not None and _is_manifest(schema):
         df, root = _read_manifest(src)
+        errors = _manifest_scan_errors(src)
         other = sorted(set(df["station"].dropna().unique()) - {station.code})
         if len(df) and other:
             raise InputError(
@@ -547,13 +593,6 @@ def load_manifest(
             )
     elif src.is_dir() or is_parquet or (src.is_file() and src.suffix.lower() == ".csv"):
         df, errors = scan(src, station, exclude)
-        if len(errors):
-            log.warning(
-                "%s: %d file(s) skipped without a time or unreadable "
-                "(`aurora-pipeline scan` lists them)",
-                src,
-                len(errors),
-            )
         root = df.attrs["root"]
     elif src.exists():
         raise InputError(
@@ -564,7 +603,13 @@ def load_manifest(
     df = df.reset_index(drop=True)
     df["abspath"] = [p if os.path.isabs(p) else os.path.join(root, p) for p in df["path"]]
     df.attrs["root"] = root
-    return df
+    return df, errors
+
+
+def _manifest_scan_errors(manifest: Path) -> pd.DataFrame:
+    """The scan rows of the errors table beside a manifest (empty if there is none)."""
+    err = read_errors(default_errors_path(manifest))
+    return err[err["stage"] == "scan"].reset_index(drop=True) if len(err) else err
 
 
 # ----------------------------------------------------------------------------- the scan command
@@ -598,20 +643,6 @@ class ScanResult:
         )
 
 
-def _update_errors(path: Path, new: pd.DataFrame) -> bool:
-    """Replace the scan rows of an errors table with ``new``; other stages' rows stay. Written?"""
-    old = read_errors(path)
-    if "stage" in old.columns:
-        old = old[old["stage"] != "scan"]
-    if not len(new) and not len(old):
-        if path.exists():
-            path.unlink()  # it held only the stale scan errors of an earlier run
-        return False
-    both = pd.concat([old, new], ignore_index=True) if len(old) else new
-    write_table(both, path, ERRORS_SCHEMA)
-    return True
-
-
 def default_errors_path(manifest: str | os.PathLike) -> Path:
     """errors.parquet beside manifest.parquet; ``<name>.errors.parquet`` beside another name, so
     two manifests in one folder keep their own scan errors."""
@@ -640,7 +671,7 @@ def scan_to_files(
     out = Path(out)
     write_manifest(manifest, out, manifest.attrs["root"])
     errors_path = Path(errors_out) if errors_out is not None else default_errors_path(out)
-    written = _update_errors(errors_path, errors)
+    written = len(replace_stage_errors(errors_path, errors, "scan")) > 0
     times = manifest["time_utc"]
     return ScanResult(
         manifest_path=out,

@@ -58,6 +58,7 @@ from pipeline.storage import (
     empty_frame,
     exclusive_lock,
     refuse_foreign_out,
+    replace_stage_errors,
     write_table,
 )
 from pipeline.storage import read_errors as storage_read_errors
@@ -65,6 +66,7 @@ from pipeline.storage import read_errors as storage_read_errors
 log = logging.getLogger(__name__)
 
 STAGE = "classify"
+SCAN_STAGE = "scan"
 RUN_FILE = "_run.json"
 ERRORS_FILE = "errors.parquet"
 FEATURES_DIR = "features"
@@ -615,6 +617,11 @@ class _ErrorBook:
         t = self.table[self._retried()]
         return set(zip(t["path"].astype(str), t["frame"].astype(int)))
 
+    def replace_scan_rows(self, rows: pd.DataFrame) -> None:
+        """The source's scan errors replace an earlier run's (a repaired file leaves the table)."""
+        table = replace_stage_errors(self.path, rows, SCAN_STAGE)
+        self.table = table.astype({"frame": "int64"}).reset_index(drop=True)
+
     def update(self, add: pd.DataFrame, drop: set[tuple[str, int]]) -> None:
         t = self.table
         if drop:
@@ -659,6 +666,8 @@ class ClassifySummary:
     first_error: str | None = None
     #: planned frames that were in errors.parquet before (failed shards, --retry-errors).
     frames_retried: int = 0
+    #: files named like frames that the scan could not list as frames (no time, broken link...).
+    scan_errors: int = 0
 
     @property
     def nothing_new_succeeded(self) -> bool:
@@ -685,6 +694,11 @@ class ClassifySummary:
             if self.earlier_errors
             else ""
         )
+        if self.scan_errors:
+            earlier += (
+                f"; {self.scan_errors} files named like frames are not frames "
+                "(no time, unreadable, broken link or folder: errors.parquet, stage scan)"
+            )
         if self.frames_planned == 0:
             if self.manifest_frames == 0:
                 return "nothing to do: no frame of the manifest is newer than --since"
@@ -789,7 +803,7 @@ def classify_archive(
     model_id = str(meta["model_id"])
     out = Path(out).resolve()
 
-    st, manifest = _station_and_manifest(source, station)
+    st, manifest, scan_errors = _station_and_manifest(source, station)
     n_manifest = len(manifest)
     if not n_manifest:
         raise InputError(
@@ -836,6 +850,7 @@ def classify_archive(
     done = {int(k) for k in run["shards"]}
     _clean_stale(out, done)
     book = _ErrorBook(out / ERRORS_FILE, retry_errors)
+    book.replace_scan_rows(scan_errors.sort_values(["path", "frame"], ignore_index=True))
     files = shard_files(out)
     covered_parts = [book.covered()]
     if files:
@@ -859,6 +874,7 @@ def classify_archive(
         already_done=len(manifest) - len(todo),
         frames_planned=len(todo),
         earlier_errors=0 if retry_errors else len(book.covered()),
+        scan_errors=len(scan_errors),
         frames_retried=len(
             set(zip(todo["path"].astype(str), todo["frame"].astype(int))) & book.retried_keys()
         ),
@@ -1081,27 +1097,28 @@ def classify_archive(
 
 def _station_and_manifest(
     source: str | os.PathLike, station: str | os.PathLike | StationConfig | None
-) -> tuple[StationConfig, pd.DataFrame]:
-    """The station (given, else the archive's calib/station.yaml, else yrs) and the manifest."""
-    from pipeline.archive import load_manifest
+) -> tuple[StationConfig, pd.DataFrame, pd.DataFrame]:
+    """The station (given, else the archive's calib/station.yaml, else yrs), the manifest and
+    the scan's error rows (files named like frames that are not classifiable frames)."""
+    from pipeline.archive import load_manifest_and_errors
     from pipeline.config import resolve_station
 
     if isinstance(station, StationConfig):
-        return station, load_manifest(source, station)
+        return station, *load_manifest_and_errors(source, station)
     src = Path(source)
     if src.is_dir():
         st = resolve_station(station, src)
-        return st, load_manifest(src, st)
+        return st, *load_manifest_and_errors(src, st)
     # A manifest: its archive root (in its metadata) may hold the station file.
     first = resolve_station(station, src.parent)
-    manifest = load_manifest(src, first)
+    manifest, errors = load_manifest_and_errors(src, first)
     root = manifest.attrs.get("root")
     if station is None and root is not None:
         st = resolve_station(None, Path(root))
         if st != first:
-            manifest = load_manifest(src, st)
-        return st, manifest
-    return first, manifest
+            manifest, errors = load_manifest_and_errors(src, st)
+        return st, manifest, errors
+    return first, manifest, errors
 
 
 def _check_dark_size(dark_dir: Path, st: StationConfig) -> None:

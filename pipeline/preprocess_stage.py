@@ -44,10 +44,12 @@ from pipeline.preprocess import (
 from pipeline.storage import (
     ERRORS_SCHEMA,
     atomic_path,
+    empty_frame,
     error_rows,
     exclusive_lock,
     merge_errors,
     read_errors,
+    replace_stage_errors,
     write_table,
 )
 
@@ -171,23 +173,24 @@ def _load_labelled(root: Path) -> pd.DataFrame:
 
 def _load_frames(
     source: Path, station: StationConfig | str | os.PathLike | None
-) -> tuple[str, Path, StationConfig, pd.DataFrame]:
-    """(kind, root, station, frames with path, frame, time_utc, abspath) of any accepted INPUT."""
+) -> tuple[str, Path, StationConfig, pd.DataFrame, pd.DataFrame]:
+    """(kind, root, station, frames with path, frame, time_utc, abspath, scan errors) of any
+    accepted INPUT."""
     if source.is_dir() and (source / LABELS_NAME).is_file():
         st = _resolve_station(station, source)
-        return "labelled", source, st, _load_labelled(source)
-    from pipeline.archive import load_manifest
+        return "labelled", source, st, _load_labelled(source), empty_frame(ERRORS_SCHEMA)
+    from pipeline.archive import load_manifest_and_errors
 
     if source.is_dir():
         st = _resolve_station(station, source)
-        df = load_manifest(source, st)
-        return "archive", Path(df.attrs.get("root", source)).resolve(), st, df
+        df, errors = load_manifest_and_errors(source, st)
+        return "archive", Path(df.attrs.get("root", source)).resolve(), st, df, errors
     # A manifest (or list of paths): the station may sit beside the archive it points to.
     first = _resolve_station(station if station is not None else "yrs", source.parent)
-    df = load_manifest(source, first)
+    df, errors = load_manifest_and_errors(source, first)
     root = Path(df.attrs.get("root", source.parent)).resolve()
     st = first if station is not None else _resolve_station(None, root)
-    return "manifest", root, st, df
+    return "manifest", root, st, df, errors
 
 
 def _out_relpath(rel: str, frame: int, fmt: str) -> Path:
@@ -282,6 +285,8 @@ class PreprocessSummary:
     up_to_date: int = 0
     known_errors: int = 0
     failed: int = 0
+    #: files named like frames that the scan could not list (no time, broken link, folder...).
+    scan_errors: int = 0
     seconds: float = 0.0
     dark: str = ""
     #: the first few error messages, for the summary line.
@@ -302,8 +307,10 @@ class PreprocessSummary:
         ]
         if self.passed_through:
             parts.append(f"{self.passed_through} already preprocessed (passed through)")
+        if self.scan_errors:
+            parts.append(f"{self.scan_errors} files named like frames are not frames")
         tail = ""
-        if self.failed + self.known_errors:
+        if self.failed + self.known_errors + self.scan_errors:
             first = f"; first: {self.errors[0]}" if self.errors else ""
             tail = f" (see {self.out / ERRORS_NAME}{first})"
         return ", ".join(parts) + f"; {self.dark}; {self.seconds:.1f} s -> {self.out}" + tail
@@ -408,7 +415,7 @@ def run_preprocess(
             f"{out_dir}: the output folder must not be the input or lie inside it "
             "(a later scan would pick the outputs up as frames); choose another --out"
         )
-    kind, root, st, df = _load_frames(source, station)
+    kind, root, st, df, scan_errors = _load_frames(source, station)
     dtype = "uint8" if fmt == "png" else "float32"
 
     if dark is not None or dark_dir is not None:
@@ -514,6 +521,8 @@ def run_preprocess(
             )  # fmt: skip
 
         _update_errors(errors_path, old_errors, new_errors, done)
+        replace_stage_errors(errors_path, scan_errors, "scan", keep_empty=True)
+        summary.scan_errors = len(scan_errors)
         if kind == "labelled":
             _carry_labels(out_dir, df, outs)
         _write_station(st, out_dir)

@@ -169,15 +169,32 @@ def merge_errors(
     return both
 
 
-def replace_stage_errors(path: Path, rows: pd.DataFrame, stage: str) -> None:
-    """This stage's rows replace its earlier ones in errors.parquet; other stages' rows stay."""
+def replace_stage_errors(
+    path: Path, rows: pd.DataFrame, stage: str, keep_empty: bool = False
+) -> pd.DataFrame:
+    """This stage's rows replace its earlier ones in errors.parquet; other stages' rows stay.
+
+    The file is left alone when this stage's rows are unchanged (workflows read its mtime); an
+    empty result removes it unless ``keep_empty``. Returns the table as it now is.
+    """
     old = read_errors(path)
-    old = old[old["stage"] != stage] if len(old) else old
-    both = pd.concat([old, rows], ignore_index=True) if len(old) else rows
-    if len(both):
+    rows = rows.assign(stage=stage) if len(rows) else rows
+    mine = old[old["stage"] == stage] if len(old) else old
+    key = ["path", "frame", "error", "message"]
+    if path.exists() and _rows(mine, key) == _rows(rows, key):
+        return old
+    rest = old[old["stage"] != stage] if len(old) else old
+    both = pd.concat([x for x in (rest, rows) if len(x)] or [empty_frame(ERRORS_SCHEMA)])
+    both = both.reset_index(drop=True)
+    if len(both) or keep_empty:
         write_table(both, path, ERRORS_SCHEMA)
     else:
         path.unlink(missing_ok=True)  # only a stale table of an earlier run was there
+    return both
+
+
+def _rows(df: pd.DataFrame, columns: list[str]) -> list[list[str]]:
+    return df[columns].astype(str).values.tolist() if len(df) else []
 
 
 #: Files that say what a folder is, so a stage can refuse to write into another stage's folder.

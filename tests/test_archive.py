@@ -325,3 +325,30 @@ def test_two_manifests_in_one_folder_keep_their_own_scan_errors(archive, tmp_pat
         errors = pd.read_parquet(tmp_path / f"{name}.errors.parquet")
         assert errors["path"].tolist() == ["2004/20041224/sky_overview.png"]
     assert not (tmp_path / "errors.parquet").exists()
+
+
+def test_scan_records_every_entry_named_like_a_frame(archive, yrs):
+    day = archive / "2004/20041224"
+    (day / "N20041224G110000.png").symlink_to(day / "missing.png")  # broken link
+    (day / "N20041224G120000.png").mkdir()  # a folder named like a frame
+    write_frame(day / "N20041224G120000.png" / "N20041224G120010.png", np.zeros((8, 8), np.uint16))
+    (day / "N20041224G126000.png").write_bytes(b"x")  # minute 60: no valid time
+    manifest, errors = scan(archive, yrs)
+    reasons = dict(zip(errors["path"], errors["error"]))
+    assert reasons["2004/20041224/N20041224G110000.png"] == "BrokenLink"
+    assert reasons["2004/20041224/N20041224G120000.png"] == "IsADirectoryError"
+    assert reasons["2004/20041224/N20041224G126000.png"] == "NoTimestamp"
+    assert set(errors["stage"]) == {"scan"}
+    # A frame inside the odd folder is still found.
+    assert "2004/20041224/N20041224G120000.png/N20041224G120010.png" in set(manifest["path"])
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads every file; needs an ordinary user")
+def test_scan_records_an_unreadable_file(archive, yrs):
+    p = archive / "2004/20041224/N20041224G110000.png"
+    write_frame(p, np.zeros((8, 8), np.uint16))
+    p.chmod(0)
+    _, errors = scan(archive, yrs)
+    assert dict(zip(errors["path"], errors["error"]))[p.relative_to(archive).as_posix()] == (
+        "PermissionError"
+    )

@@ -628,3 +628,92 @@ def test_shards_finished_before_an_interrupt_count_as_done(
     again = classify_archive(archive, ckpt, out, **kw)
     assert again.already_done == 16
     _assert_exactly_once(out, archive, station)
+
+
+# ------------------------------------------------------------------------------ the bad-frame zoo
+
+
+def _plant_zoo(root: Path) -> dict[str, str]:
+    """Copy the good archive and plant every kind of bad file a station's copy holds; their names."""
+    import shutil
+
+    day = root / "2004" / "20041202"
+    day.mkdir(parents=True)
+    rng = np.random.default_rng(9)
+    good_path = root / "2004/20041201/N20041201G060000.png"
+    good = read_frame(good_path)
+    assert good.shape == (SIZE, SIZE)
+    t = iter(pd.date_range("2004-12-02T06:00:00", periods=20, freq="1min"))
+    name = lambda: f"N{next(t):%Y%m%d}G{next(t):%H%M%S}.png"  # noqa: E731
+    planted = {}
+    for kind in ["zero", "truncated", "text", "garbage", "link", "wrong", "rgb", "zeros", "sat"]:
+        planted[kind] = day / name()
+    planted["zero"].write_bytes(b"")
+    png = good_path.read_bytes()
+    planted["truncated"].write_bytes(png[: len(png) // 2])
+    planted["text"].write_text("this is not an image\n")
+    planted["garbage"].write_bytes(b"\x89PNG\r\n\x1a\n" + rng.bytes(500))
+    planted["link"].symlink_to(day / "N20041202G999999.png")  # dangling
+    write_frame(planted["wrong"], np.full((SIZE + 8, SIZE + 8), 500, np.uint16))
+    from PIL import Image
+
+    Image.fromarray(np.stack([good.astype(np.uint8)] * 3, axis=-1)).save(planted["rgb"])
+    write_frame(planted["zeros"], np.zeros_like(good))
+    write_frame(planted["sat"], np.full_like(good, 65535))
+    (day / name()).mkdir()  # a folder named like a frame
+    planted["dir"] = sorted(p for p in day.iterdir() if p.is_dir())[0]
+    planted["bad_time"] = day / "N20041202G106001.png"  # minute 60
+    shutil.copy(planted["sat"], planted["bad_time"])
+    if os.geteuid() != 0:  # root reads everything: the unreadable case needs another user
+        planted["unreadable"] = day / name()
+        shutil.copy(planted["sat"], planted["unreadable"])
+        planted["unreadable"].chmod(0)
+    return {k: p.relative_to(root).as_posix() for k, p in planted.items()}
+
+
+@pytest.mark.parametrize("source", ["archive", "manifest"])
+def test_bad_frame_zoo_every_file_lands_once(archive, station, ckpt, cluster, tmp_path, source):
+    import shutil
+
+    from pipeline.archive import scan_to_files
+
+    root = tmp_path / "zoo"
+    shutil.copytree(archive, root)
+    zoo = _plant_zoo(root)
+    planted = set(zoo.values())
+    src = root
+    if source == "manifest":
+        src = tmp_path / "manifest.parquet"
+        scan_to_files(root, station, src)
+    summary = classify_archive(
+        src, ckpt, tmp_path / "pred", station=station, scheduler=cluster[0].scheduler_address
+    )
+    pred, err = read_predictions(tmp_path / "pred"), read_errors(tmp_path / "pred")
+    keys = list(pred["path"]) + list(err["path"])
+    assert len(keys) == len(set(keys)), "a file is in both tables or twice in one"
+    looks_like_frame = {
+        p.relative_to(root).as_posix()
+        for p in root.rglob("N*.png")
+        if "calib" not in p.parts and (p.is_file() or p.is_dir() or p.is_symlink())
+    }
+    assert planted <= looks_like_frame
+    assert set(keys) == looks_like_frame
+    scan_rows = err[err["stage"] == "scan"]
+    by_reason = dict(zip(scan_rows["path"], scan_rows["error"]))
+    assert by_reason[zoo["bad_time"]] == "NoTimestamp"
+    assert by_reason[zoo["link"]] == "BrokenLink"
+    assert by_reason[zoo["dir"]] == "IsADirectoryError"
+    if "unreadable" in zoo:
+        assert by_reason[zoo["unreadable"]] == "PermissionError"
+    assert summary.scan_errors == len(scan_rows)
+    # Flat frames are frames; an 8-bit RGB frame is converted to grey, then refused as 8-bit.
+    assert {zoo["zeros"], zoo["sat"]} <= set(pred["path"])
+    bad = {zoo[k] for k in ("zero", "truncated", "text", "garbage", "wrong", "rgb")}
+    assert bad <= set(err.loc[err["stage"] == "classify", "path"])
+    # A rerun neither duplicates nor drops a frame, and does no new work.
+    again = classify_archive(
+        src, ckpt, tmp_path / "pred", station=station, scheduler=cluster[0].scheduler_address
+    )
+    assert again.frames_planned == 0
+    err2 = read_errors(tmp_path / "pred")
+    assert sorted(err2["path"]) == sorted(err["path"])

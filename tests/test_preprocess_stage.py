@@ -158,6 +158,26 @@ def test_corrupt_frames_are_recorded_and_the_run_goes_on(archive, tmp_path, sche
     assert f"{rel}/N20031221G040000.png" not in set(err["path"]) and len(err) == 2
 
 
+def test_scan_errors_of_the_archive_are_recorded_and_replaced(archive, tmp_path, scheduler):
+    root, frames = archive
+    day = frames[0].parent
+    (day / "N20031221G046001.png").write_bytes(frames[1].read_bytes())  # minute 60
+    (day / "N20031221G050000.png").symlink_to(day / "gone.png")
+    out = tmp_path / "out"
+    s = run_preprocess(root, out, scheduler=scheduler)
+    assert s.scan_errors == 2 and "2 files named like frames are not frames" in s.line()
+    err = pd.read_parquet(out / "errors.parquet").set_index("path")
+    rel = day.relative_to(root).as_posix()
+    assert err.loc[f"{rel}/N20031221G046001.png", "error"] == "NoTimestamp"
+    assert err.loc[f"{rel}/N20031221G050000.png", "error"] == "BrokenLink"
+    assert set(err["stage"]) == {"scan"}
+    # The link repaired: its row leaves the table on the next run, the other stays.
+    (day / "N20031221G050000.png").unlink()
+    again = run_preprocess(root, out, scheduler=scheduler)
+    assert again.scan_errors == 1
+    assert list(pd.read_parquet(out / "errors.parquet")["path"]) == [f"{rel}/N20031221G046001.png"]
+
+
 def test_a_newer_input_is_redone(archive, tmp_path, scheduler):
     root, frames = archive
     out = tmp_path / "out"
