@@ -291,3 +291,46 @@ def warn_if_unfinished(meta: dict[str, Any], path: str | os.PathLike) -> bool:
     if note is not None:
         logging.getLogger(__name__).warning(note)
     return note is not None
+
+
+#: parts of a model that ``init_from_checkpoint`` copies when both models have them.
+_INIT_PARTS = ("trunk.", "neck.", "stn.", "head.")
+
+
+def init_from_checkpoint(model: nn.Module, path: str | os.PathLike) -> list[str]:
+    """Start ``model`` from the weights of a checkpoint of this project; the parts copied.
+
+    The backbone (trunk and neck) must be the same architecture, or one CheckpointError names
+    both; the STN and the classifier head are copied where both models have them with the same
+    shapes (e.g. a plain alexnet pre-training starts an stn-lsoftmax-alexnet's trunk and neck).
+    """
+    weights, _ = _locate(path)
+    meta = read_meta(path)
+    theirs = str(meta["backbone"])
+    ours = getattr(model, "backbone_name", "?")
+    if theirs != ours:
+        raise CheckpointError(
+            f"{path}: a {meta['variant']} checkpoint ({theirs} backbone) cannot initialise "
+            f"{getattr(model, 'variant', '?')} ({ours} backbone); give a {ours} checkpoint"
+        )
+    state = _read_weights(weights)
+    own = model.state_dict()
+    bad = [
+        k
+        for k in own
+        if k.startswith(("trunk.", "neck.")) and (k not in state or state[k].shape != own[k].shape)
+    ]
+    if bad:
+        raise CheckpointError(
+            f"{path}: its {theirs} backbone does not fit {getattr(model, 'variant', '?')} "
+            f"(e.g. {bad[0]}: other input channels or size); give a matching checkpoint"
+        )
+    # A pre-training's head never saw a label, and another class list's head means other things.
+    skip = ("head.",) if meta.get("pretrain") or list(meta["classes"]) != list(CLASSES) else ()
+    copied = {
+        k: v
+        for k, v in state.items()
+        if k in own and v.shape == own[k].shape and not (skip and k.startswith(skip))
+    }
+    model.load_state_dict(copied, strict=False)
+    return sorted({p.rstrip(".") for p in _INIT_PARTS for k in copied if k.startswith(p)})

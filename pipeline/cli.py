@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from pipeline import __version__
-from pipeline.errors import AuroraError
+from pipeline.errors import AuroraError, InputError
 
 PathArg = click.Path(path_type=Path)
 ExistingPath = click.Path(exists=True, path_type=Path)
@@ -146,7 +146,6 @@ def synth_archive(
     overwrite: bool,
 ) -> None:
     """Write an unlabelled archive in the YRS layout with truth.parquet and calib/ dark frames."""
-    from pipeline.errors import InputError
     from pipeline.synth import make_archive, parse_winters
 
     try:
@@ -245,6 +244,12 @@ def preprocess(
 @click.option(
     "--init-weights", type=ExistingPath, default=None, help="Local torchvision ImageNet weights."
 )
+@click.option(
+    "--init-from",
+    type=ExistingPath,
+    default=None,
+    help="Start from a checkpoint of this project (e.g. from `aurora-pipeline pretrain`).",
+)
 @device_option
 @click.option(
     "--station",
@@ -259,6 +264,7 @@ def train(
     resume: bool,
     overwrite: bool,
     init_weights: Path | None,
+    init_from: Path | None,
     device: str,
     station: str | None,
 ) -> None:
@@ -266,6 +272,8 @@ def train(
     from pipeline.train import load_train_config
     from pipeline.train import train as run_train
 
+    if init_weights is not None and init_from is not None:
+        raise InputError("give --init-weights (ImageNet) or --init-from (a checkpoint), not both")
     cfg = load_train_config(config_path)
     res = run_train(
         cfg,
@@ -274,14 +282,20 @@ def train(
         resume=resume,
         overwrite=overwrite,
         init_weights=init_weights,
+        init_from=init_from,
         device=device,
         station=station,
         config_source=str(config_path),
     )
+    kept = (
+        f"best validation {res['selected_on'].replace('_', ' ')} {res['best_val_accuracy']:.3f}"
+        if res["n_val"]
+        else "no validation frames, last epoch kept"
+    )
     click.echo(
-        f"{cfg.variant}: best validation accuracy {res['best_val_accuracy']:.3f} at epoch "
-        f"{res['best_epoch']} of {res['epochs_run']} ({res['n_train']} train / {res['n_val']} val "
-        f"frames, {res['device']}); checkpoint in {out}"
+        f"{cfg.variant}: {kept} at epoch {res['best_epoch']} of {res['epochs_run']} "
+        f"({res['n_train']} train / {res['n_val']} val frames, {res['device']}); "
+        f"checkpoint in {out}"
     )
 
 
@@ -318,11 +332,85 @@ def evaluate(
         station=station,
         timing=not no_timing,
     )
-    # Classes absent from DATA have NaN accuracy; leave them out of the summary line.
-    per = ", ".join(f"{c} {v:.3f}" for c, v in res["per_class_accuracy"].items() if v == v)
+    from pipeline.evaluate import summary_line
+
+    click.echo(f"{res['variant']}: {summary_line(res)}; metrics in {out}")
+
+
+@cli.command()
+@click.option("--config", "config_path", type=ExistingPath, required=True)
+@click.option("--data", type=ExistingPath, required=True, help="Labelled set with labels.parquet.")
+@click.option("--out", type=PathArg, required=True, help="Folder for the folds and the summary.")
+@click.option("--folds", type=click.IntRange(2), default=5, show_default=True)
+@click.option(
+    "--group",
+    default="episode",
+    show_default=True,
+    help="labels.parquet column whose groups stay whole within a fold ('day': the UT date).",
+)
+@click.option(
+    "--variants",
+    default=None,
+    help="Comma-separated model variants to cross-validate (default: the config's).",
+)
+@click.option(
+    "--init-from", type=ExistingPath, default=None, help="Start every fold from this checkpoint."
+)
+@click.option("--keep-checkpoints", is_flag=True, help="Keep each fold's model weights.")
+@device_option
+@click.option("--station", default=None, help="Station name or YAML for raw frames.")
+def cv(
+    config_path: Path,
+    data: Path,
+    out: Path,
+    folds: int,
+    group: str,
+    variants: str | None,
+    init_from: Path | None,
+    keep_checkpoints: bool,
+    device: str,
+    station: str | None,
+) -> None:
+    """Cross-validate by episode: folds of whole episodes, stratified by class (resumable)."""
+    from pipeline.classes import CLASSES
+    from pipeline.cv import cross_validate, summary_frame
+    from pipeline.train import load_train_config
+
+    cfg = load_train_config(config_path)
+    names = [v.strip() for v in variants.split(",") if v.strip()] if variants else None
+    table = cross_validate(
+        cfg, data, out, folds=folds, group=group, variants=names, init_from=init_from,
+        device=device, station=station, keep_checkpoints=keep_checkpoints,
+    )  # fmt: skip
+    for r in summary_frame(table, CLASSES).itertuples(index=False):
+        click.echo(
+            f"{r.variant}: mean per-class accuracy {r.mean_class_accuracy_mean:.3f} "
+            f"± {r.mean_class_accuracy_std:.3f}, overall {r.average_accuracy_mean:.3f} "
+            f"± {r.average_accuracy_std:.3f} over {folds} folds"
+        )
+    click.echo(f"per-fold table and figure in {out} (cv.md, cv.png)")
+
+
+@cli.command()
+@click.argument("sources", nargs=-1, required=True, type=ExistingPath)
+@click.option("--config", "config_path", type=ExistingPath, required=True)
+@click.option("--out", type=PathArg, required=True, help="Checkpoint folder to write.")
+@device_option
+@click.option("--station", default=None, help="Station name or YAML for raw frames.")
+def pretrain(
+    sources: tuple[Path, ...], config_path: Path, out: Path, device: str, station: str | None
+) -> None:
+    """Self-supervised pre-training (SimCLR) on unlabelled frames: archives, manifests or
+    labelled sets (their labels unused). `train --init-from OUT` starts from it."""
+    from pipeline.pretrain import load_pretrain_config
+    from pipeline.pretrain import pretrain as run_pretrain
+
+    cfg = load_pretrain_config(config_path)
+    res = run_pretrain(cfg, sources, out, device=device, station=station)
+    bad = f" ({res['unreadable']} unreadable: errors.parquet)" if res["unreadable"] else ""
     click.echo(
-        f"{res['variant']}: average accuracy {res['average_accuracy']:.3f} on {res['n']} frames "
-        f"({per}); metrics in {out}"
+        f"{cfg.variant}: pre-trained on {res['frames']} frames{bad} for {res['epochs']} "
+        f"epochs; checkpoint in {out}"
     )
 
 
@@ -585,7 +673,6 @@ def retrieve(
     device: str,
 ) -> None:
     """Nearest neighbours of query images in an index, or precision@k of a labelled query set."""
-    from pipeline.errors import InputError
     from pipeline.retrieval_stage import evaluate_retrieval
     from pipeline.retrieval_stage import retrieve as run_retrieve
 

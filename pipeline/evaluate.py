@@ -156,6 +156,8 @@ def metrics_table(
         lines.append(f"| {label} accuracy | " + " | ".join(vals) + " |")
     vals = [_fmt(results[m]["average_accuracy"]) for m in names]
     lines.append("| **Average accuracy** | " + " | ".join(vals) + " |")
+    vals = [_fmt(results[m].get("mean_class_accuracy")) for m in names]
+    lines.append("| **Mean per-class accuracy** | " + " | ".join(vals) + " |")
     if any("timing" in results[m] for m in names):
         for key, label in (
             ("ms_per_image_batch1", "Time cost, batch 1 (ms/image)"),
@@ -367,6 +369,7 @@ def evaluate_checkpoint(
         "variant": meta.get("variant"),
         "data": str(Path(data).resolve()),
         **metrics,
+        **episode_intervals(df, y_true, y_pred, len(classes)),
     }
     if timing:
         with torch.no_grad():
@@ -382,6 +385,49 @@ def evaluate_checkpoint(
     write_evaluation(result, out, predictions=_predictions_frame(df, y_pred, probs, classes))
     replace_stage_errors(out / "errors.parquet", errors, "evaluate")
     return result
+
+
+def episode_intervals(
+    df: pd.DataFrame, y_true: np.ndarray, y_pred: np.ndarray, n_classes: int
+) -> dict[str, Any]:
+    """95 % bootstrap intervals over episodes (else UT days) of a set's accuracies, if it has
+    groups; frames 10 s apart are near-copies, so frames are not independent samples."""
+    from pipeline.folds import DEFAULT_GROUP, bootstrap_intervals, groups_of
+
+    if DEFAULT_GROUP in df.columns and df[DEFAULT_GROUP].notna().all():
+        column = DEFAULT_GROUP
+    elif "time_utc" in df.columns and df["time_utc"].notna().all():
+        column = "day"
+    else:
+        return {}
+    groups = groups_of(df, column, "labels.parquet")
+    if len(np.unique(groups)) < 2:
+        return {}
+    ci = bootstrap_intervals(y_true, y_pred, groups, n_classes)
+    return {"interval_group": column, "n_groups": int(len(np.unique(groups))), "ci95": ci}
+
+
+def is_imbalanced(per_class_n: Mapping[str, int]) -> bool:
+    """Whether the class counts differ by more than 10 % (the overall accuracy then hides a class)."""
+    n = [v for v in per_class_n.values() if v]
+    return bool(n) and max(n) > 1.1 * min(n)
+
+
+def summary_line(res: Mapping[str, Any]) -> str:
+    """The accuracies of an evaluation in one line, mean per-class first on an imbalanced set."""
+
+    def with_ci(key: str) -> str:
+        lo_hi = res.get("ci95", {}).get(key)
+        if not lo_hi:
+            return f"{res[key]:.3f}"
+        what = "episodes" if res.get("interval_group") == "episode" else "days"
+        return f"{res[key]:.3f} (95% {lo_hi[0]:.3f}-{lo_hi[1]:.3f} over {res['n_groups']} {what})"
+
+    overall = f"overall accuracy {with_ci('average_accuracy')}"
+    mean = f"mean per-class accuracy {with_ci('mean_class_accuracy')}"
+    first = [mean, overall] if is_imbalanced(res["per_class_n"]) else [overall, mean]
+    per = ", ".join(f"{c} {v:.3f}" for c, v in res["per_class_accuracy"].items() if v == v)
+    return f"{first[0]}, {first[1]} on {res['n']} frames ({per})"
 
 
 def predict_checked(
@@ -448,6 +494,8 @@ def write_evaluation(
             if result.get("n_unreadable")
             else "."
         ),
+        "",
+        summary_line(result) + ".",
         "",
         metrics_table({name: result}),
         "Confusion matrix (rows = true class; count and row share):",

@@ -84,6 +84,10 @@ def load_labelled(root: str | os.PathLike, classes: Sequence[str] = CLASSES) -> 
         }
     )
     out["time_utc"] = pd.to_datetime(out["time_utc"], utc=True)
+    # Other columns (an episode or another group, provenance) travel with the frames.
+    for c in df.columns:
+        if c not in out.columns:
+            out[c] = df[c].to_numpy()
     # A frame listed twice would be counted twice in the metrics and could sit on both sides
     # of a train/val split; with two labels it is a contradiction only the user can settle.
     repeated = out.duplicated(["path", "frame"], keep=False)

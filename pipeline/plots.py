@@ -235,3 +235,29 @@ __all__ = [
     "plot_occurrence",
     "save_figure",
 ]
+
+
+def cv_figure(table: pd.DataFrame, classes: tuple[str, ...] | list[str] = CLASSES) -> Figure:
+    """Cross-validation accuracies: per variant, each class's mean over folds with the folds as
+    dots, and the mean per-class accuracy."""
+    variants = list(dict.fromkeys(table["variant"]))
+    keys = [f"acc_{c}" for c in classes] + ["mean_class_accuracy"]
+    labels = list(classes) + ["mean per-class"]
+    colours = [CLASS_COLOURS.get(c, "grey") for c in classes] + ["black"]
+    fig = Figure(figsize=(max(6.0, 1.6 * len(variants) + 2), 4.0), layout="constrained")
+    ax = fig.add_subplot()
+    width = 0.8 / len(keys)
+    for j, (key, label, colour) in enumerate(zip(keys, labels, colours)):
+        for i, v in enumerate(variants):
+            vals = table.loc[table["variant"] == v, key].to_numpy(dtype=float)
+            x = i + (j - (len(keys) - 1) / 2) * width
+            ax.bar(x, np.nanmean(vals), width * 0.9, color=colour, alpha=0.55,
+                   label=label if i == 0 else None)  # fmt: skip
+            ax.plot(np.full(len(vals), x), vals, "o", color=colour, ms=3)
+    ax.set_xticks(range(len(variants)), variants, rotation=15, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy on held-out folds")
+    ax.yaxis.set_major_locator(MultipleLocator(0.1))
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, ncol=len(keys), loc="lower center", bbox_to_anchor=(0.5, 1.0))
+    return fig

@@ -79,10 +79,38 @@ class AugmentConfig:
     flip: bool = True
     #: zoom factor drawn log-uniformly in [1/(1+j), 1+j]; 0 switches it off.
     scale_jitter: float = 0.1
+    #: also mirror top-bottom (independently of ``flip``), half of the time.
+    flip_vertical: bool = False
+    #: rotation by a uniform angle within +-this many degrees (``rotate`` turns any angle).
+    rotate_degrees: float = 0.0
+    #: photometric jitter, on the [0, 1] frame inside the sky circle: gain drawn log-uniformly
+    #: in [1/(1+g), 1+g], gamma likewise, a uniform background glow up to ``glow``, Gaussian
+    #: noise of sd up to ``noise``, and a 3x3 blur with probability ``blur``. Real frames vary
+    #: in brightness and contrast with the season, cloud and the camera far more than in shape.
+    gain: float = 0.0
+    gamma: float = 0.0
+    glow: float = 0.0
+    noise: float = 0.0
+    blur: float = 0.0
 
     def validate(self) -> None:
         if not 0 <= self.scale_jitter <= 0.5:
             raise ValueError(f"augment.scale_jitter must be within 0..0.5, got {self.scale_jitter}")
+        for name in ("gain", "gamma"):
+            if not 0 <= getattr(self, name) <= 2:
+                raise ValueError(f"augment.{name} must be within 0..2, got {getattr(self, name)}")
+        for name in ("glow", "noise", "blur"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"augment.{name} must be within 0..1, got {getattr(self, name)}")
+        if not 0 <= self.rotate_degrees <= 180:
+            raise ValueError(
+                f"augment.rotate_degrees must be within 0..180, got {self.rotate_degrees}"
+            )
+
+    @property
+    def photometric(self) -> bool:
+        """Whether any brightness, contrast or noise jitter is on."""
+        return any((self.gain, self.gamma, self.glow, self.noise, self.blur))
 
 
 @dataclass(frozen=True)
@@ -104,7 +132,15 @@ class TrainConfig:
     #: how frames are drawn for validation: one by one at random within each class ("frame",
     #: the paper's 4:1), or whole UT days ("day"): frames 10 s apart are near-copies, so a
     #: frame split puts a neighbour of almost every validation frame into training.
-    split_by: Literal["frame", "day"] = "frame"
+    split_by: Literal["frame", "day", "episode"] = "frame"
+    #: the labels.parquet column that names each frame's group for ``split_by: episode``.
+    group_column: str = "episode"
+    #: "sampler": draw training frames with probability 1 / (frames of their class), so that
+    #: a rare class (7 hotspot episodes in the real set) is seen as often as a common one.
+    balance: Literal["none", "sampler"] = "none"
+    #: the validation metric that picks the kept epoch; on an imbalanced set the overall
+    #: accuracy rewards ignoring a rare class, the mean of the per-class accuracies does not.
+    select_on: Literal["average_accuracy", "mean_class_accuracy"] = "average_accuracy"
     seed: int = 0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     #: stop after this many epochs without a better validation accuracy (0 = never).
@@ -143,8 +179,9 @@ class TrainConfig:
             (0 <= self.momentum < 1, f"momentum must be within [0, 1), got {self.momentum}"),
             (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
             (
-                0 < self.val_fraction < 1,
-                f"val_fraction must be within (0, 1), got {self.val_fraction}",
+                0 <= self.val_fraction < 1,
+                f"val_fraction must be within [0, 1) (0: no validation, keep the last epoch), "
+                f"got {self.val_fraction}",
             ),
             (self.patience >= 0, f"patience must be >= 0, got {self.patience}"),
             (self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}"),
@@ -262,34 +299,80 @@ def lr_at(cfg: TrainConfig, epoch: float) -> float:
     return cfg.lr
 
 
+def _uniform(b: int, generator: torch.Generator, low: float, high: float) -> torch.Tensor:
+    return low + (high - low) * torch.rand(b, generator=generator)
+
+
+def _log_uniform(b: int, generator: torch.Generator, spread: float) -> torch.Tensor:
+    r = math.log1p(spread)
+    return torch.exp(_uniform(b, generator, -r, r))
+
+
+def photometric_batch(
+    x: torch.Tensor, aug: AugmentConfig, generator: torch.Generator, fill: float
+) -> torch.Tensor:
+    """Gain, gamma, glow, noise and blur jitter of a (B, C, S, S) model-input batch.
+
+    Applied to the [0, 1] frame inside the sky circle (pixels at ``fill``, the masked black,
+    stay black), then normalised back; random draws come from ``generator`` (on the CPU).
+    """
+    from pipeline.models.build import INPUT_MEAN, INPUT_STD
+
+    if not aug.photometric:
+        return x
+    b = x.shape[0]
+    sky = (x > fill + 1e-6).to(x.dtype)
+    v = (x * INPUT_STD + INPUT_MEAN).clamp(0, 1)
+    shape = (b, 1, 1, 1)
+    gain = _log_uniform(b, generator, aug.gain).view(shape).to(x)
+    gamma = _log_uniform(b, generator, aug.gamma).view(shape).to(x)
+    v = v.pow(gamma) * gain + _uniform(b, generator, 0, aug.glow).view(shape).to(x)
+    if aug.noise:
+        sd = _uniform(b, generator, 0, aug.noise).view(shape)
+        v = v + (torch.randn(x.shape, generator=generator) * sd).to(x)
+    if aug.blur:
+        pick = (torch.rand(b, generator=generator) < aug.blur).view(shape).to(x)
+        blurred = F.avg_pool2d(F.pad(v, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+        v = pick * blurred + (1 - pick) * v
+    v = v.clamp(0, 1) * sky
+    return (v - INPUT_MEAN) / INPUT_STD
+
+
 def augment_batch(
     x: torch.Tensor, aug: AugmentConfig, generator: torch.Generator, fill: float = 0.0
 ) -> torch.Tensor:
-    """Random rotation (any angle), mirror and zoom of a (B, C, S, S) batch about its centre.
+    """Random rotation, mirrors and zoom of a (B, C, S, S) batch about its centre, then the
+    photometric jitter (:func:`photometric_batch`).
 
     Areas brought in from outside the frame get ``fill`` (the model-input value of a masked,
     black pixel), so the fisheye mask stays what the network sees at inference.
     """
     b = x.shape[0]
-    if not (aug.rotate or aug.flip or aug.scale_jitter > 0):
-        return x
-    angle = torch.rand(b, generator=generator) * (2 * math.pi) if aug.rotate else torch.zeros(b)
-    mirror = (
-        torch.where(torch.rand(b, generator=generator) < 0.5, -1.0, 1.0)
-        if aug.flip
-        else torch.ones(b)
-    )
-    if aug.scale_jitter > 0:
-        r = math.log1p(aug.scale_jitter)
-        scale = torch.exp((torch.rand(b, generator=generator) * 2 - 1) * r)
+    x = photometric_batch(x, aug, generator, fill)
+    if not (aug.rotate or aug.rotate_degrees or aug.flip or aug.flip_vertical):
+        if aug.scale_jitter <= 0:
+            return x
+    if aug.rotate:
+        angle = torch.rand(b, generator=generator) * (2 * math.pi)
     else:
-        scale = torch.ones(b)
+        r = math.radians(aug.rotate_degrees)
+        angle = _uniform(b, generator, -r, r) if r else torch.zeros(b)
+
+    def mirror(on: bool) -> torch.Tensor:
+        return (
+            torch.where(torch.rand(b, generator=generator) < 0.5, -1.0, 1.0)
+            if on
+            else torch.ones(b)
+        )
+
+    mx, my = mirror(aug.flip), mirror(aug.flip_vertical)
+    scale = _log_uniform(b, generator, aug.scale_jitter) if aug.scale_jitter > 0 else torch.ones(b)
     cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
     theta = torch.zeros(b, 2, 3)
-    theta[:, 0, 0] = cos * mirror
-    theta[:, 0, 1] = -sin
-    theta[:, 1, 0] = sin * mirror
-    theta[:, 1, 1] = cos
+    theta[:, 0, 0] = cos * mx
+    theta[:, 0, 1] = -sin * my
+    theta[:, 1, 0] = sin * mx
+    theta[:, 1, 1] = cos * my
     theta = theta.to(device=x.device, dtype=x.dtype)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     out = F.grid_sample(x - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
@@ -362,6 +445,43 @@ class _RunState:
 
 #: Settings a resumed run may change: how long and how it runs, not what it learns.
 _RESUMABLE_CHANGES = ("epochs", "patience", "num_workers", "cache_frames")
+
+
+def split_for_config(
+    cfg: TrainConfig, labels: np.ndarray, groups: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, val) by ``cfg.split_by``; no val frames at ``val_fraction: 0``."""
+    if cfg.val_fraction == 0:
+        return np.arange(len(labels)), np.empty(0, dtype=np.int64)
+    if cfg.split_by == "episode":
+        from pipeline.folds import group_split
+
+        return group_split(labels, groups, cfg.val_fraction, cfg.seed)
+    if cfg.split_by == "day":
+        return day_stratified_split(labels, groups, cfg.val_fraction, cfg.seed)
+    return stratified_split(labels, cfg.val_fraction, cfg.seed)
+
+
+def _split_groups(cfg: TrainConfig, df: pd.DataFrame, data: Path) -> np.ndarray | None:
+    """The group of every frame for a day or episode split (None for a frame split)."""
+    if cfg.split_by == "day":
+        return _ut_days(df, data)
+    if cfg.split_by == "episode" and cfg.val_fraction > 0:
+        from pipeline.folds import groups_of
+
+        return groups_of(df, cfg.group_column, f"{data}/labels.parquet")
+    return None
+
+
+def _balanced_sampler(labels: np.ndarray, generator: torch.Generator, balance: str) -> Any:
+    """A sampler drawing each class equally often (with replacement), or None."""
+    if balance != "sampler":
+        return None
+    from torch.utils.data import WeightedRandomSampler
+
+    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    weights = torch.as_tensor(1.0 / counts[inverse], dtype=torch.double)
+    return WeightedRandomSampler(weights, len(labels), replacement=True, generator=generator)
 
 
 def _config_fingerprint(cfg: TrainConfig) -> str:
@@ -691,10 +811,13 @@ def train(
     config_source: str | None = None,
     classes: Sequence[str] = CLASSES,
     overwrite: bool = False,
+    init_from: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Train ``cfg`` on the labelled set DATA; best checkpoint + config.yaml + last.pt in OUT.
 
     ``overwrite``: replace another training run in OUT (other files there are still refused).
+    ``init_from``: start from the weights of another checkpoint of this project (a pretrain
+    or a model trained on other frames); ``init_weights``: from a torchvision ImageNet file.
     """
     from pipeline.checkpoint import save_checkpoint
     from pipeline.evaluate import metrics_to_json, resolve_device
@@ -710,7 +833,7 @@ def train(
         raise InputError(
             f"{data}/labels.parquet: training needs at least two classes, got {present}"
         )
-    days = _ut_days(df, data) if cfg.split_by == "day" else None
+    groups = _split_groups(cfg, df, data)
     stn = station_for_set(data, station, cfg.station)
     # Station: --station, else the set's own calib/station.yaml, else the config's, else yrs.
     ds = LabelledSet(df, stn, dark_dir=find_dark_dir(data), cache=cfg.cache_frames)
@@ -777,15 +900,13 @@ def train(
                 "stay out of it (train afresh to use them)",
                 back,
             )
-    elif days is not None:
-        train_idx, val_idx = day_stratified_split(
-            df["label"].to_numpy(), days[readable], cfg.val_fraction, cfg.seed
-        )
     else:
-        train_idx, val_idx = stratified_split(df["label"].to_numpy(), cfg.val_fraction, cfg.seed)
-    if len(val_idx) == 0 or len(train_idx) == 0:
+        train_idx, val_idx = split_for_config(
+            cfg, df["label"].to_numpy(), None if groups is None else groups[readable]
+        )
+    if (len(val_idx) == 0 and cfg.val_fraction > 0) or len(train_idx) == 0:
         raise InputError(
-            f"{data}: too few frames{' or days' if cfg.split_by == 'day' else ''} for a "
+            f"{data}: too few frames{'' if cfg.split_by == 'frame' else ' or groups'} for a "
             f"validation split of {cfg.val_fraction}"
         )
     one_sided = sorted(
@@ -811,7 +932,14 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     model = build_for_config(cfg, classes)
-    if init_weights is not None:
+    if init_from is not None and saved is None:
+        from pipeline.checkpoint import init_from_checkpoint
+
+        if cfg.scratch_init == "kaiming":
+            kaiming_reinit(model)  # parts the checkpoint lacks (a new head) start as from scratch
+        parts = init_from_checkpoint(model, init_from)
+        log.info("%s: initialised %s from %s", out, ", ".join(parts), init_from)
+    elif init_weights is not None:
         from pipeline.models import load_init_weights
 
         load_init_weights(model, init_weights)
@@ -864,10 +992,12 @@ def train(
 
     collate = ToModelInput(cfg.input_size)
     train_ds, val_ds = Subset(ds, train_idx.tolist()), Subset(ds, val_idx.tolist())
+    sampler = _balanced_sampler(df["label"].to_numpy()[train_idx], loader_gen, cfg.balance)
     train_loader = DataLoader(
         train_ds,
         batch_size=cfg.batch_size,
-        shuffle=True,
+        shuffle=sampler is None,
+        sampler=sampler,
         generator=loader_gen,
         num_workers=cfg.num_workers,
         collate_fn=collate,
@@ -923,6 +1053,7 @@ def train(
         )
         val_loss, val = _validate(model, val_loader, dev, classes)
         row.update({"val_loss": val_loss, "val_acc": val["average_accuracy"]})
+        row["val_mean_class_acc"] = val["mean_class_accuracy"]
         row["epoch_s"] = time.perf_counter() - t_epoch
         lam = _current_lambda(model)
         if lam is not None:
@@ -931,11 +1062,14 @@ def train(
         st.epoch = epoch + 1
         msg = (
             f"epoch {st.epoch}/{cfg.epochs}: loss {row['train_loss']:.3f} "
-            f"train acc {row['train_acc']:.3f} val acc {row['val_acc']:.3f}"
+            f"train acc {row['train_acc']:.3f} val acc {row['val_acc']:.3f} "
+            f"(mean per-class {row['val_mean_class_acc']:.3f})"
         )
         log.info(msg + (f" lambda {lam:.1f}" if lam is not None else ""))
-        if val["average_accuracy"] > st.best_acc:
-            st.best_acc = val["average_accuracy"]
+        # Without validation frames every epoch is the best so far: the last one is kept.
+        score = val[cfg.select_on] if len(val_idx) else float(st.epoch)
+        if score > st.best_acc:
+            st.best_acc = score
             st.best_epoch = st.epoch
             st.bad_epochs = 0
             metrics = {k: v for k, v in metrics_to_json(val).items() if k != "confusion_normalised"}
@@ -953,6 +1087,7 @@ def train(
                     "train_config_source": config_source,
                     "metrics": metrics,
                     "init_weights": None if init_weights is None else str(init_weights),
+                    "init_from": None if init_from is None else str(Path(init_from).resolve()),
                     "data": str(data),
                     # How far training got (evaluate and classify-archive warn if unfinished);
                     # updated after every epoch by _record_progress.
@@ -975,7 +1110,8 @@ def train(
         {
             "epochs_run": st.epoch,
             "best_epoch": st.best_epoch,
-            "best_val_accuracy": st.best_acc,
+            "best_val_accuracy": st.best_acc if len(val_idx) else math.nan,
+            "selected_on": cfg.select_on if len(val_idx) else "last epoch (no validation)",
             "early_stopped": st.stopped,
             "history": st.history,
             "device": str(dev),

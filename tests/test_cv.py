@@ -1,0 +1,105 @@
+"""Episode cross-validation on a tiny synthetic set: folds, resumption, summary outputs."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pipeline.cli import main
+from pipeline.cv import cross_validate, cv_markdown, fold_sets
+from pipeline.errors import InputError
+from pipeline.folds import group_folds
+from pipeline.labelled import load_labelled
+from pipeline.train import TrainConfig
+
+CFG = TrainConfig(
+    variant="alexnet",
+    input_size=64,
+    epochs=1,
+    batch_size=8,
+    val_batch_size=8,
+    lr=0.002,
+    scratch_init="kaiming",
+    cache_frames=True,
+    patience=0,
+    val_fraction=0.0,
+    balance="sampler",
+)
+
+
+@pytest.fixture(scope="module")
+def episodes_set(tiny_labelled, tmp_path_factory) -> Path:
+    """The tiny labelled set with an episode column: runs of 4 frames of one class."""
+    root = tmp_path_factory.mktemp("cv") / "set"
+    shutil.copytree(tiny_labelled, root)
+    labels = pd.read_parquet(root / "labels.parquet").sort_values(["label", "path"])
+    labels["episode"] = [
+        f"{c}-{i // 4}" for c, i in zip(labels["label"], labels.groupby("label").cumcount())
+    ]
+    labels.to_parquet(root / "labels.parquet", index=False)
+    return root
+
+
+def test_fold_sets_keep_episodes_on_one_side(episodes_set):
+    df = load_labelled(episodes_set)
+    fold = group_folds(df["label"].to_numpy(), df["episode"].to_numpy(), 3, 0)
+    for k in range(3):
+        train, test = fold_sets(df, fold, k, episodes_set)
+        assert not set(train["episode"]) & set(test["episode"])
+        assert len(train) + len(test) == len(df)
+        assert all(Path(p).is_absolute() for p in train["path"])
+
+
+def test_cv_runs_resumes_and_summarises(episodes_set, tmp_path):
+    out = tmp_path / "cv"
+    table = cross_validate(CFG, episodes_set, out, folds=3)
+    assert list(table["fold"]) == [0, 1, 2] and table["n"].sum() == 80
+    assert {"mean_class_accuracy", "acc_hotspot"} <= set(table.columns)
+    for name in ("cv.parquet", "cv.md", "cv.png", "confusion_pooled.parquet", "cv_run.json"):
+        assert (out / name).is_file(), name
+    pooled = pd.read_parquet(out / "confusion_pooled.parquet")
+    assert int(pooled[["arc", "drapery", "radial", "hotspot"]].to_numpy().sum()) == 80
+    assert "Mean per-class accuracy" in (out / "cv.md").read_text()
+    assert not (out / "alexnet/fold-0/ckpt/model.safetensors").exists()  # weights dropped
+    # A finished fold is not retrained: a rerun reads its metrics and rewrites the summary only.
+    marker = out / "alexnet/fold-1/eval/metrics.json"
+    before = marker.stat().st_mtime_ns
+    again = cross_validate(CFG, episodes_set, out, folds=3)
+    assert marker.stat().st_mtime_ns == before
+    pd.testing.assert_frame_equal(again, table)
+
+
+def test_cv_refuses_another_split_in_the_same_folder(episodes_set, tmp_path):
+    out = tmp_path / "cv"
+    cross_validate(CFG, episodes_set, out, folds=2)
+    with pytest.raises(InputError, match="another --out"):
+        cross_validate(CFG, episodes_set, out, folds=3)
+
+
+def test_cv_without_the_group_column_is_one_line(tiny_labelled, tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("variant: alexnet\ninput_size: 64\nepochs: 1\n")
+    args = ["cv", "--config", str(cfg), "--data", str(tiny_labelled), "--out", str(tmp_path / "o")]
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    err = capsys.readouterr().err
+    assert exc.value.code == 1 and err.count("\n") == 1
+    assert "no group column 'episode' (columns: path, label" in err
+
+
+def test_cv_markdown_has_mean_and_spread():
+    table = pd.DataFrame(
+        {
+            "variant": ["a", "a"],
+            "fold": [0, 1],
+            "n": [10, 10],
+            "average_accuracy": [0.8, 0.6],
+            "mean_class_accuracy": [0.7, 0.5],
+            **{f"acc_{c}": [1.0, 0.5] for c in ("arc", "drapery", "radial", "hotspot")},
+        }
+    )
+    md = cv_markdown(table, ("arc", "drapery", "radial", "hotspot"))
+    assert "| **Mean per-class accuracy** | 0.600 ± 0.141 |" in md
