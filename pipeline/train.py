@@ -160,6 +160,9 @@ class TrainConfig:
     scratch_init: Literal["default", "kaiming"] = "default"
     #: side of the down-sampled copy the STN's localisation net looks at (output keeps full size).
     stn_loc_size: int = 64
+    #: "frame": the model stretches each frame by its own 99th percentile before its first
+    #: layer (models.build.FrameStretch), so brightness differences between nights matter less.
+    input_norm: Literal["fixed", "frame"] = "fixed"
 
     def validate(self) -> None:
         try:
@@ -401,6 +404,7 @@ def build_for_config(cfg: TrainConfig, classes: Sequence[str] = CLASSES) -> torc
         lsoftmax_m=cfg.lsoftmax.m,
         lambda_schedule=to_dict(cfg.lsoftmax.schedule),
         stn_loc_size=cfg.stn_loc_size,
+        input_norm=cfg.input_norm,
     )
 
 
@@ -912,7 +916,7 @@ def train(
     one_sided = sorted(
         set(df["label"]) - (set(df["label"].iloc[val_idx]) & set(df["label"].iloc[train_idx]))
     )
-    if one_sided:
+    if one_sided and len(val_idx):
         log.warning(
             "%s: class(es) %s only on one side of the train/val split (%d train, %d val "
             "frames); the validation accuracy says nothing about them",

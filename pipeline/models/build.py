@@ -99,6 +99,30 @@ def to_model_input(
     return x.contiguous()
 
 
+#: how a model scales each frame's brightness before its first layer: "fixed" (the input
+#: transform alone) or "frame" (each frame divided by its own 99th percentile).
+INPUT_NORMS = ("fixed", "frame")
+
+
+class FrameStretch(nn.Module):
+    """Divide each frame by its own 99th-percentile brightness (in [0, 1] units), clipped.
+
+    Real frames differ between episodes by several times in brightness (season, cloud, camera
+    gain) while the morphology is what matters; inside the model, the same stretch applies in
+    training and in every stage that classifies. Parameter-free; black stays black.
+    """
+
+    def __init__(self, quantile: float = 0.99, floor: float = 0.05) -> None:
+        super().__init__()
+        self.quantile, self.floor = quantile, floor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v = x * INPUT_STD + INPUT_MEAN
+        top = torch.quantile(v.detach().flatten(1).float(), self.quantile, dim=1)
+        top = top.clamp_min(self.floor).to(v.dtype).view(-1, *([1] * (v.ndim - 1)))
+        return ((v / top).clamp(0, 1) - INPUT_MEAN) / INPUT_STD
+
+
 class AuroraNet(nn.Module):
     """[STN] + backbone + FC8 head; ``features`` gives the retrieval feature, ``forward`` logits."""
 
@@ -108,8 +132,10 @@ class AuroraNet(nn.Module):
         backbone: Backbone,
         head: nn.Module,
         stn: SpatialTransformer | None = None,
+        input_norm: str = "fixed",
     ) -> None:
         super().__init__()
+        self.input_norm = FrameStretch() if input_norm == "frame" else None
         self.variant = variant
         self.backbone_name = backbone.name
         self.feature_dim = backbone.feature_dim
@@ -128,6 +154,8 @@ class AuroraNet(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The retrieval feature: FC7 (B, 4096) for AlexNet/VGG16, (B, feature_dim) in general."""
+        if self.input_norm is not None:
+            x = self.input_norm(x)
         if self.stn is not None:
             x = self.stn(x)
         x = self.pool(self.trunk(x))
@@ -162,6 +190,7 @@ def build_model(
     stn_loc_size: int = 64,
     init_weights: str | os.PathLike | None = None,
     stn_fill: float = INPUT_BLACK,
+    input_norm: str = "fixed",
 ) -> AuroraNet:
     """Build a registry variant; ``init_weights`` is an optional local torchvision ImageNet file.
 
@@ -175,6 +204,8 @@ def build_model(
         raise ConfigError(f"unknown model variant {variant!r}; allowed: {', '.join(VARIANTS)}")
     if int(input_size) < MIN_INPUT_SIZE:
         raise ConfigError(f"input_size must be >= {MIN_INPUT_SIZE} px, got {input_size}")
+    if input_norm not in INPUT_NORMS:
+        raise ConfigError(f"input_norm must be one of {', '.join(INPUT_NORMS)}, got {input_norm!r}")
     if in_chans not in (1, 3):
         raise ConfigError(f"in_chans must be 1 (grey) or 3, got {in_chans}")
     if int(lsoftmax_m) != lsoftmax_m or lsoftmax_m < 1:
@@ -189,7 +220,7 @@ def build_model(
     else:
         head = nn.Linear(backbone.feature_dim, num_classes)
     stn = SpatialTransformer(in_chans, loc_size=stn_loc_size, fill=stn_fill) if with_stn else None
-    model = AuroraNet(variant, backbone, head, stn)
+    model = AuroraNet(variant, backbone, head, stn, input_norm)
     model.build_kwargs = {
         "num_classes": int(num_classes),
         "in_chans": int(in_chans),
@@ -198,6 +229,7 @@ def build_model(
         "lambda_schedule": schedule,
         "stn_loc_size": int(stn_loc_size),
         "stn_fill": float(stn_fill),
+        "input_norm": input_norm,
     }
     if init_weights is not None:
         load_init_weights(model, init_weights)
