@@ -770,3 +770,7 @@ def os_error_message(exc: OSError) -> str:
     text = exc.strerror or str(exc) or type(exc).__name__
     line = f"{where}: {text}" if where is not None else text
     return f"{line} ({hint})" if hint else line
+
+
+if __name__ == "__main__":  # `python -m pipeline.cli ...`, like `python -m pipeline ...`
+    main()
