@@ -552,7 +552,8 @@ def run_occurrence(
         "outputs": [str(out / n) for n in OUTPUT_NAMES],
     }
     table.attrs.update(station=st.code, mlt_method=method, source=str(pred))
-    ds = to_dataset(table, station=st.name, method=method, source=str(pred))
+    history = f"{pd.Timestamp.now(tz='UTC'):%Y-%m-%dT%H:%M:%SZ}: {command}"  # CF 2.6.2
+    ds = to_dataset(table, station=st.name, method=method, source=str(pred), history=history)
     title = f"{st.code.upper()}: {info['n_binned']:,} frames, {spec.label} bins, MLT: {method}"
     fig = plot_occurrence(overall, regions_config, min_frames=min_frames, title=title)
     schema = occurrence_schema(by, ci, confusion is not None)

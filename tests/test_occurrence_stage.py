@@ -62,7 +62,7 @@ def test_cli_on_a_predictions_directory_writes_every_output(tmp_path, pred_dir, 
     assert tab["winter"].unique().tolist() == [2003]
     assert tab["n_frames"].sum() == 300  # 03-15 UT is 06-18 MLT: nothing dropped
     with xr.open_dataset(out / "occurrence.nc", engine="netcdf4") as ds:
-        assert ds["ratio"].dims == ("winter", "mlt_bin", "class")
+        assert ds["ratio"].dims == ("mlt_bin", "class", "winter")
         assert int(ds["n_frames"].sum()) == 300
     info = json.loads((out / "occurrence_run.json").read_text())
     assert info["mlt_method"] == "offset" and info["n_dropped"] == 0
@@ -136,6 +136,30 @@ def test_confusion_parquet_gives_corrected_ratios(tmp_path):
     corr = tab[[f"ratio_{c}_corrected" for c in CLASSES]].to_numpy()
     full = tab["n_frames"].to_numpy() > 0
     np.testing.assert_allclose(corr[full].sum(axis=1), 1.0)
+
+
+def test_netcdf_of_ci_correct_by_winter_passes_the_cf_checker(
+    tmp_path, pred_dir, cf_problems, capsys
+):
+    """The issue's run: `compliance-checker --test=cf:1.8` found 3 errors and 3 warnings."""
+    d, _ = pred_dir
+    conf = pd.DataFrame({"true": list(CLASSES)})
+    for j, c in enumerate(CLASSES):
+        conf[c] = [80 if i == j else 7 for i in range(4)]
+    conf.to_parquet(tmp_path / "confusion.parquet")
+    out = tmp_path / "occ"
+    main(["occurrence", str(d), "--ci", "--correct", str(tmp_path / "confusion.parquet"),
+          "--by", "winter", "--bins", "0.5h", "--out", str(out)])  # fmt: skip
+    capsys.readouterr()
+    assert cf_problems(out / "occurrence.nc") == []
+    with xr.open_dataset(out / "occurrence.nc", engine="netcdf4") as ds:
+        assert ds["count"].dtype == np.int32 and ds["n_frames"].dtype == np.int32
+        assert "ratio_corrected" in ds and "ci_low" in ds
+        history = ds.attrs["history"]
+    assert history.endswith(f"aurora-pipeline occurrence {d} --bins 0.5h --mlt-range 6 18 "
+                            f"--by winter --ci --correct {tmp_path / 'confusion.parquet'} "
+                            f"--out {out}")  # fmt: skip
+    assert pd.Timestamp(history.split(": ", 1)[0]).tzinfo is not None  # when, in UTC
 
 
 @pytest.mark.parametrize(
