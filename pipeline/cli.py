@@ -466,7 +466,7 @@ def pretrain(
 @click.option(
     "--retry-errors",
     is_flag=True,
-    help="Classify again the frames in OUT/errors.parquet (files repaired or copied since).",
+    help="Classify again the frames in OUT/_errors.parquet (files repaired or copied since).",
 )
 @click.option(
     "--decode-threads",
@@ -488,7 +488,7 @@ def classify_archive(source: Path, checkpoint: Path, out: Path, **kwargs: object
     if summary.nothing_new_succeeded:
         raise AuroraError(
             f"no frame could be classified: all {summary.frames_errors} are in "
-            f"{out}/errors.parquet (first: {summary.first_error}); check --station and the files"
+            f"{out}/_errors.parquet (first: {summary.first_error}); check --station and the files"
         )
 
 

@@ -646,7 +646,7 @@ def read_feature_shards(pred_dir: Path) -> tuple[dict[str, Any], list[tuple[pd.D
     Every listed shard is opened here (the .npy as a memmap, header and size checked), so a
     damaged one is an InputError naming it before anything is computed.
     """
-    from pipeline.classify import FEATURES_DIR, features_name, read_run, shard_files
+    from pipeline.classify import FEATURES_DIR, features_path, read_run, shard_files
 
     run = read_run(pred_dir)
     if run is None:
@@ -657,19 +657,19 @@ def read_feature_shards(pred_dir: Path) -> tuple[dict[str, Any], list[tuple[pd.D
     done = {int(k) for k in run.get("shards", {})}
     shards = []
     for s, pq_path in shard_files(pred_dir).items():
-        npy = pred_dir / FEATURES_DIR / features_name(s)
+        npy = features_path(pred_dir, s)
         if s in done and npy.is_file():
             try:
                 table = pd.read_parquet(pq_path, columns=["path", "frame"])
             except (OSError, ValueError) as exc:
-                raise _damaged_shard(pq_path, pq_path, npy, str(exc)) from None
+                raise _damaged_shard(pred_dir, pq_path, pq_path, npy, str(exc)) from None
             try:
                 feats = np.load(npy, mmap_mode="r")
             except (OSError, ValueError) as exc:
-                raise _damaged_shard(npy, pq_path, npy, str(exc)) from None
+                raise _damaged_shard(pred_dir, npy, pq_path, npy, str(exc)) from None
             if feats.ndim != 2 or feats.shape[0] != len(table):
                 why = f"shape {feats.shape}, its shard has {len(table)} rows"
-                raise _damaged_shard(npy, pq_path, npy, why)
+                raise _damaged_shard(pred_dir, npy, pq_path, npy, why)
             shards.append((table, npy))
     if not shards:
         raise InputError(
@@ -679,8 +679,7 @@ def read_feature_shards(pred_dir: Path) -> tuple[dict[str, Any], list[tuple[pd.D
     return run, shards
 
 
-def _damaged_shard(bad: Path, parquet: Path, npy: Path, why: str) -> InputError:
-    pred_dir = parquet.parent
+def _damaged_shard(pred_dir: Path, bad: Path, parquet: Path, npy: Path, why: str) -> InputError:
     return InputError(
         f"{bad}: damaged classify-archive shard ({why}); delete {parquet} and {npy}, then rerun "
         f"`aurora-pipeline classify-archive ... --features --out {pred_dir}` to redo that shard, "

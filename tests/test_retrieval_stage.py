@@ -295,12 +295,18 @@ def test_index_skips_unreadable_frames(sets: dict[str, Path], ckpt: Path, tmp_pa
 
 
 def _archive_and_features(
-    ref, sets: dict[str, Path], ckpt: Path, base: Path, name: str = "archive"
+    ref,
+    sets: dict[str, Path],
+    ckpt: Path,
+    base: Path,
+    name: str = "archive",
+    legacy: bool = False,
 ) -> tuple[Path, Path, dict, np.ndarray]:
     """The index set as an archive (YRS layout, truth.parquet) and a classify-archive --features
     output for it holding the first 10 frames in two shards, marked (+1) so reuse is visible.
+    ``legacy``: in the layout before the predictions folder was a Parquet dataset.
     """
-    from pipeline.classify import FEATURES_DIR, RUN_FILE, features_name, shard_name
+    from pipeline.classify import FEATURES_DIR, RUN_FILE, features_name, shard_name, shard_path
     from pipeline.storage import PREDICTIONS_SCHEMA, write_table
 
     arch = base / name
@@ -317,7 +323,8 @@ def _archive_and_features(
     )
     pd.DataFrame(truth).to_parquet(arch / "truth.parquet")
     pred = base / f"pred-{name}"
-    (pred / FEATURES_DIR).mkdir(parents=True)
+    features_dir = pred / ("features" if legacy else FEATURES_DIR)
+    features_dir.mkdir(parents=True)
     marked = np.asarray(ref.features[:10], np.float32) + 1
     # What classify-archive records: the model, the archive root (resolved), the done shards.
     run = {
@@ -339,15 +346,16 @@ def _archive_and_features(
                 "model_id": ref.meta["model_id"],
             }
         )
-        np.save(pred / FEATURES_DIR / features_name(s), marked[rows].astype(np.float16))
-        write_table(df, pred / shard_name(s), PREDICTIONS_SCHEMA)
+        np.save(features_dir / features_name(s), marked[rows].astype(np.float16))
+        write_table(df, pred / shard_name(s) if legacy else shard_path(pred, s), PREDICTIONS_SCHEMA)
         run["shards"][f"{s:06d}"] = {"n": len(rows)}
     (pred / RUN_FILE).write_text(json.dumps(run))
     return arch, pred, run, marked
 
 
+@pytest.mark.parametrize("legacy", [False, True], ids=["dataset-layout", "old-layout"])
 def test_index_of_archive_reuses_classify_feature_shards(
-    index_dir: Path, sets: dict[str, Path], ckpt: Path, tmp_path: Path
+    index_dir: Path, sets: dict[str, Path], ckpt: Path, tmp_path: Path, legacy: bool
 ):
     """An archive (YRS layout, truth.parquet) indexed with --features-dir copies shard features."""
     from pipeline.classify import RUN_FILE
@@ -355,7 +363,7 @@ def test_index_of_archive_reuses_classify_feature_shards(
     from pipeline.retrieval_stage import build_index, load_index
 
     ref = load_index(index_dir)
-    arch, pred, run, marked = _archive_and_features(ref, sets, ckpt, tmp_path)
+    arch, pred, run, marked = _archive_and_features(ref, sets, ckpt, tmp_path, legacy=legacy)
     # The station classify-archive used, as it records it: the same settings pass.
     run["station"] = "yrs"
     run["station_config"] = to_dict(load_station(arch / "calib" / "station.yaml"))
@@ -502,7 +510,7 @@ def test_damaged_feature_shard_is_an_input_error(
     from pipeline.retrieval_stage import load_index
 
     arch, pred, _, _ = _archive_and_features(load_index(index_dir), sets, ckpt, tmp_path)
-    shard = pred / "features" / "shard-000000.npy"
+    shard = pred / "_features" / "shard-000000.npy"
     with open(shard, "r+b") as fh:
         fh.truncate(1000)
     out = tmp_path / "idx"
@@ -512,7 +520,7 @@ def test_damaged_feature_shard_is_an_input_error(
     assert exc.value.code == 1
     err = capsys.readouterr().err
     assert "Traceback" not in err and "shard-000000.npy" in err
-    assert "classify-archive" in err and "--features-dir" in err
+    assert "classify-archive" in err and "--features-dir" in err and f"--out {pred}`" in err
     assert not out.exists() and _leftovers(tmp_path) == []
 
 
