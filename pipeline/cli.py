@@ -622,7 +622,7 @@ def index(
     info = build_index(
         image_set, checkpoint, out, features_dir, station, dark_dir, batch_size, device
     )
-    errs = f", {info['n_errors']} unreadable (errors.parquet)" if info["n_errors"] else ""
+    errs = f", {info['n_errors']} unreadable (_errors.parquet)" if info["n_errors"] else ""
     click.echo(f"indexed {info['count']} frames x {info['dim']} features{errs} -> {out}")
 
 

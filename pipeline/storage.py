@@ -280,7 +280,8 @@ FOLDER_MARKERS: dict[str, str] = {
     "manifest.parquet": "an archive scan",
     "synth.json": "a synthetic archive or set",
     "_run.json": "classify-archive predictions",
-    "index.json": "a retrieval index",
+    "_index.json": "a retrieval index",
+    "index.json": "a retrieval index",  # of the earlier layout
     "metrics.json": "evaluate results",
     "occurrence_run.json": "occurrence results",
 }

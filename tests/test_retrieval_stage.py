@@ -94,11 +94,11 @@ def test_index_files(index_dir: Path, ckpt: Path, sets: dict[str, Path]):
     from pipeline.checkpoint import read_meta
     from pipeline.retrieval_stage import load_index
 
-    info = json.loads((index_dir / "index.json").read_text())
+    info = json.loads((index_dir / "_index.json").read_text())
     assert info["model_id"] == read_meta(ckpt)["model_id"]
     assert info["count"] == 24 and info["dim"] == 4096 and info["input_size"] == SIZE
     assert info["checkpoint"] == str(ckpt.resolve()) and info["labelled"]
-    feats = np.load(index_dir / "features.npy", mmap_mode="r")
+    feats = np.load(index_dir / "_features.npy", mmap_mode="r")
     assert feats.dtype == np.float16 and feats.shape == (24, 4096)
     assert np.isfinite(np.asarray(feats, np.float32)).all() and np.asarray(feats).any()
     items = pd.read_parquet(index_dir / "items.parquet")
@@ -108,6 +108,38 @@ def test_index_files(index_dir: Path, ckpt: Path, sets: dict[str, Path]):
     assert str(items["time_utc"].dtype) == "datetime64[ns, UTC]"
     idx = load_index(index_dir)
     assert isinstance(idx.features, np.memmap)
+    # The folder is a Parquet table of its items: every other file starts with "_".
+    pd.testing.assert_frame_equal(pd.read_parquet(index_dir), items)
+
+
+def test_an_index_of_the_earlier_layout_is_read_and_replaced(
+    index_dir: Path, sets: dict[str, Path], ckpt: Path, tmp_path: Path
+):
+    """features.npy, index.json and errors.parquet: opened as they are, replaced by a rebuild."""
+    from pipeline.errors import InputError
+    from pipeline.retrieval_stage import build_index, load_index, retrieve
+
+    old = tmp_path / "old"
+    old.mkdir()
+    for new, name in [("_features.npy", "features.npy"), ("_index.json", "index.json"),
+                      ("items.parquet", "items.parquet")]:  # fmt: skip
+        (old / name).write_bytes((index_dir / new).read_bytes())
+    (old / "errors.parquet").write_bytes(b"an earlier build's errors")
+    ref = load_index(index_dir)
+    idx = load_index(old)
+    np.testing.assert_array_equal(np.asarray(idx.features), np.asarray(ref.features))
+    q = ref.items["path"].iloc[3]
+    t = retrieve(old, [q], tmp_path / "r", k=3, ranks=[1, 3], figure=False)
+    assert Path(t["path"].iloc[0]) == Path(q)
+    with pytest.raises(InputError, match="is a retrieval index"):
+        build_index(old, ckpt, tmp_path / "i2")
+    build_index(sets["query_set"], ckpt, old)
+    assert sorted(p.name for p in old.iterdir()) == [
+        "_features.npy",
+        "_index.json",
+        "items.parquet",
+    ]
+    assert load_index(old).meta["count"] == 8
 
 
 def test_retrieve_round_trip(index_dir: Path, sets: dict[str, Path], tmp_path: Path):
@@ -198,11 +230,11 @@ def test_index_from_another_model_is_refused(
 
     moved = tmp_path / "index_copy"
     moved.mkdir()
-    for name in ("features.npy", "items.parquet"):
+    for name in ("_features.npy", "items.parquet"):
         (moved / name).write_bytes((index_dir / name).read_bytes())
-    info = json.loads((index_dir / "index.json").read_text())
+    info = json.loads((index_dir / "_index.json").read_text())
     info["checkpoint"] = str(tmp_path / "nowhere")
-    (moved / "index.json").write_text(json.dumps(info))
+    (moved / "_index.json").write_text(json.dumps(info))
     from pipeline.errors import CheckpointError
 
     with pytest.raises(CheckpointError, match="--checkpoint"):
@@ -213,7 +245,7 @@ def test_not_an_index_and_bad_ranks(index_dir: Path, tmp_path: Path, capsys):
     from pipeline.errors import InputError
     from pipeline.retrieval_stage import load_index, retrieve
 
-    with pytest.raises(InputError, match="index.json"):
+    with pytest.raises(InputError, match="_index.json"):
         load_index(tmp_path)
     q = pd.read_parquet(index_dir / "items.parquet")["path"][0]
     with pytest.raises(InputError, match="--k"):
@@ -282,8 +314,9 @@ def test_index_skips_unreadable_frames(sets: dict[str, Path], ckpt: Path, tmp_pa
     assert info["count"] == 3 and info["n_errors"] == 1 and info["source_kind"] == "folder"
     idx = load_index(tmp_path / "idx")
     assert idx.items["label"].isna().all() and not idx.labelled
-    errs = pd.read_parquet(tmp_path / "idx" / "errors.parquet")
+    errs = pd.read_parquet(tmp_path / "idx" / "_errors.parquet")
     assert errs["path"].str.endswith("G999999.png").all()
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "idx"), idx.items)  # not the errors
     assert [Path(p).name for p in idx.items["path"]] == [p.name for p in copies]
     ref = load_index(sets["base"] / "index")
     pos = {p: i for i, p in enumerate(ref.items["path"])}
@@ -557,13 +590,13 @@ def test_failed_index_build_leaves_nothing_and_keeps_the_old_index(
     monkeypatch.undo()
     assert {p.name: p.read_bytes() for p in old.iterdir()} == before
     assert _leftovers(tmp_path) == [] and rs.load_index(old).meta["count"] == 24
-    # A finished rebuild replaces the index files (a stale errors.parquet goes), others stay.
-    (old / "errors.parquet").write_bytes(b"stale")
+    # A finished rebuild replaces the index files (a stale _errors.parquet goes), others stay.
+    (old / "_errors.parquet").write_bytes(b"stale")
     info = rs.build_index(sets["query_set"], ckpt, old)
     assert info["count"] == 8 and rs.load_index(old).meta["count"] == 8
     assert sorted(p.name for p in old.iterdir()) == [
-        "features.npy",
-        "index.json",
+        "_features.npy",
+        "_index.json",
         "items.parquet",
         "notes.txt",
     ]
