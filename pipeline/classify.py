@@ -608,8 +608,8 @@ def upgrade_layout(out: Path) -> None:
         moves += [(p, out / FEATURES_DIR / p.name) for p in old_features.glob("shard-*.npy")]
     if not moves:
         return
-    log.info("%s: moving %d files into the Parquet-dataset layout (shards/, _errors.parquet, "
-             "_features/)", out, len(moves))  # fmt: skip
+    what = "moving %d files of the earlier layout into shards/, _errors.parquet, _features/"
+    log.info("%s: " + what, out, len(moves))
     (out / SHARDS_DIR).mkdir(exist_ok=True)
     with interrupts_deferred():
         for src, dst in moves:

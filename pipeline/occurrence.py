@@ -708,8 +708,11 @@ def to_dataset(
         "mlt": (
             "mlt_bin",
             (start + end) / 2,
-            {"units": "hours", "long_name": "magnetic local time at bin centre"}
-            | {"bounds": "mlt_bounds"},
+            {
+                "units": "hours",
+                "long_name": "magnetic local time at bin centre",
+                "bounds": "mlt_bounds",
+            },
         ),
         "mlt_bounds": (("mlt_bin", "nv"), np.stack([start, end], axis=1), {"units": "hours"}),
     }

@@ -793,7 +793,7 @@ def _model_for_index(
     ckpt = checkpoint or idx.meta.get("checkpoint")
     if checkpoint is None and (ckpt is None or not Path(ckpt).exists()):
         raise CheckpointError(
-            f"{idx.path / META_FILE}: the index's checkpoint {ckpt} no longer exists; pass "
+            f"{_index_file(idx.path, META_FILE)}: the index's checkpoint {ckpt} no longer exists; pass "
             "--checkpoint with the checkpoint the index was built with"
         )
     model, meta = _load_model(ckpt)
