@@ -4,26 +4,32 @@ The driver splits the manifest into shards of frames; only paths, frame indices 
 through the task graph, with the checkpoint PATH and a few settings. Each Dask worker loads the
 model once (a per-process cache keyed by checkpoint path, model_id and device), decodes and
 preprocesses frames in a small thread pool while the model runs the previous batch, and writes
-its shard itself, atomically, as ``PRED_DIR/shard-000123.parquet`` (PREDICTIONS_SCHEMA).
+its shard itself, atomically, as ``PRED_DIR/shards/shard-000123.parquet`` (PREDICTIONS_SCHEMA).
 
-Output folder (PRED_DIR):
+Output folder (PRED_DIR), a Parquet dataset: ``PRED_DIR/shards`` holds nothing but the shards, so
+any client (pandas, pyarrow, Dask, DuckDB, polars) opens it as the predictions table, and
+everything else in PRED_DIR starts with ``_`` or ``.``, so pandas and pyarrow open PRED_DIR too:
 
-- ``shard-NNNNNN.parquet``: predictions, one row per classified frame, manifest order (time).
-- ``features/shard-NNNNNN.npy`` (``--features``): FC7 features, float16, shape (rows, 4096), in
+- ``shards/shard-NNNNNN.parquet``: predictions, one row per classified frame, manifest order.
+- ``_features/shard-NNNNNN.npy`` (``--features``): FC7 features, float16, shape (rows, 4096), in
   the same row order as the shard's parquet file (written before the parquet file, so a shard's
   parquet file implies its features).
-- ``errors.parquet``: frames that could not be classified (stage ``classify``), one row per
+- ``_errors.parquet``: frames that could not be classified (stage ``classify``), one row per
   frame with the reason. ``ShardFailed`` rows (a shard that kept raising or whose workers kept
   dying) are retried by the next run; per-frame errors (unreadable, wrong geometry) are not.
 - ``_run.json``: model_id, checkpoint, manifest hash, shard size, the done shards and a history
   of runs. Rewritten atomically after every finished shard.
+
+Folders of the earlier layout (shards, ``errors.parquet`` and ``features/`` at the top) are read
+as they are; classify-archive moves them into this layout before it writes into one.
 
 Resuming: a shard is done when its parquet file exists and ``_run.json`` lists it. A rerun reads
 the (path, frame) keys of the done shards plus the per-frame error rows, and classifies only the
 manifest frames not covered yet, in new shards numbered after the highest existing one. So a
 rerun with the same inputs does no work, ``--since`` runs append, a crashed run resumes where it
 stopped, and the union of the shards holds every frame once. Read the predictions back with
-:func:`read_predictions` (``pd.read_parquet(PRED_DIR)`` would also pick up errors.parquet).
+:func:`read_predictions` (only the shards ``_run.json`` vouches for: a crashed run may leave a
+shard it did not record, which the next run removes) or with any Parquet reader.
 """
 
 from __future__ import annotations
@@ -57,6 +63,8 @@ from pipeline.storage import (
     atomic_path,
     empty_frame,
     exclusive_lock,
+    interrupts_deferred,
+    predictions_metadata,
     refuse_foreign_out,
     replace_stage_errors,
     write_table,
@@ -68,11 +76,17 @@ log = logging.getLogger(__name__)
 STAGE = "classify"
 SCAN_STAGE = "scan"
 RUN_FILE = "_run.json"
-ERRORS_FILE = "errors.parquet"
-FEATURES_DIR = "features"
+#: The predictions dataset: a folder of shard files and nothing else.
+SHARDS_DIR = "shards"
+#: Not predictions: hidden from Parquet readers by the leading underscore.
+ERRORS_FILE = "_errors.parquet"
+FEATURES_DIR = "_features"
+#: Names of the layout before PRED_DIR was a Parquet dataset (shards at the top), still read.
+LEGACY_ERRORS_FILE = "errors.parquet"
+LEGACY_FEATURES_DIR = "features"
 #: error class of rows written for a whole shard that failed after its retries (retried by reruns).
 SHARD_FAILED = "ShardFailed"
-#: at most one rewrite of _run.json and errors.parquet per this many seconds during a run.
+#: at most one rewrite of _run.json and _errors.parquet per this many seconds during a run.
 FLUSH_S = 2.0
 _SHARD_RE = re.compile(r"^shard-(\d{6,})\.parquet$")
 
@@ -83,8 +97,26 @@ def shard_name(shard: int) -> str:
 
 
 def features_name(shard: int) -> str:
-    """File name of a shard's FC7 features inside ``features/``: ``shard-000123.npy``."""
+    """File name of a shard's FC7 features inside ``_features/``: ``shard-000123.npy``."""
     return f"shard-{shard:06d}.npy"
+
+
+def shard_path(out: str | os.PathLike, shard: int) -> Path:
+    """Where a shard's predictions are written: ``OUT/shards/shard-000123.parquet``."""
+    return Path(out) / SHARDS_DIR / shard_name(shard)
+
+
+def errors_path(out: str | os.PathLike) -> Path:
+    """The errors table of a predictions folder (``errors.parquet`` in a folder of the old layout)."""
+    new, old = Path(out) / ERRORS_FILE, Path(out) / LEGACY_ERRORS_FILE
+    return old if old.is_file() and not new.exists() else new
+
+
+def features_path(out: str | os.PathLike, shard: int) -> Path:
+    """A shard's features file (in ``features/`` in a folder of the old layout)."""
+    new = Path(out) / FEATURES_DIR / features_name(shard)
+    old = Path(out) / LEGACY_FEATURES_DIR / features_name(shard)
+    return old if old.is_file() and not new.exists() else new
 
 
 # =============================================================================== worker side
@@ -434,7 +466,9 @@ def classify_shard(
         with atomic_path(out / FEATURES_DIR / features_name(shard)) as tmp, open(tmp, "wb") as fh:
             np.save(fh, feats)
     # The parquet file last: its presence means the shard (and its features) is complete.
-    write_table(df, out / shard_name(shard), PREDICTIONS_SCHEMA)
+    st = settings.station
+    meta = predictions_metadata(st.code, settings.model_id, st.mlt.method)
+    write_table(df, shard_path(out, shard), PREDICTIONS_SCHEMA, meta)
     counts = Counter(labels.astype(str)) if len(df) else Counter()
     return ShardResult(
         shard=shard,
@@ -520,12 +554,14 @@ def _write_run(out: Path, run: dict) -> None:
 
 
 def shard_files(out: str | os.PathLike) -> dict[int, Path]:
-    """Shard number -> predictions file of a predictions folder."""
+    """Shard number -> predictions file of a predictions folder (``shards/``, or the top of a
+    folder of the old layout, or of a folder of shard files such as ``shards/`` itself)."""
     found = {}
-    for p in Path(out).glob("shard-*.parquet"):
-        m = _SHARD_RE.match(p.name)
-        if m:
-            found[int(m.group(1))] = p
+    for folder in (Path(out), Path(out) / SHARDS_DIR):  # the new layout wins a number
+        for p in folder.glob("shard-*.parquet"):
+            m = _SHARD_RE.match(p.name)
+            if m:
+                found[int(m.group(1))] = p
     return dict(sorted(found.items()))
 
 
@@ -558,14 +594,36 @@ def read_predictions(out: str | os.PathLike, columns: Sequence[str] | None = Non
 
 def read_errors(out: str | os.PathLike) -> pd.DataFrame:
     """The errors table of a predictions folder (empty when there is none)."""
-    p = Path(out) / ERRORS_FILE
-    return storage_read_errors(p)
+    return storage_read_errors(errors_path(out))
+
+
+def upgrade_layout(out: Path) -> None:
+    """Move a predictions folder of the old layout (shards, errors.parquet and features/ at the
+    top) into the Parquet-dataset layout; renames only, so the files keep their mtimes."""
+    moves = [(p, shard_path(out, s)) for s, p in shard_files(out).items() if p.parent == out]
+    old_errors, old_features = out / LEGACY_ERRORS_FILE, out / LEGACY_FEATURES_DIR
+    if old_errors.is_file() and not (out / ERRORS_FILE).exists():
+        moves.append((old_errors, out / ERRORS_FILE))
+    if old_features.is_dir():
+        moves += [(p, out / FEATURES_DIR / p.name) for p in old_features.glob("shard-*.npy")]
+    if not moves:
+        return
+    what = "moving %d files of the earlier layout into shards/, _errors.parquet, _features/"
+    log.info("%s: " + what, out, len(moves))
+    (out / SHARDS_DIR).mkdir(exist_ok=True)
+    with interrupts_deferred():
+        for src, dst in moves:
+            dst.parent.mkdir(exist_ok=True)
+            os.replace(src, dst)
+    with contextlib.suppress(OSError):  # only when nothing else is left in it
+        old_features.rmdir()
 
 
 def _clean_stale(out: Path, done: set[int]) -> None:
     """Remove temporary files of killed writers and shard files no _run.json entry vouches for."""
-    for p in list(out.glob(".shard-*.part")) + list((out / FEATURES_DIR).glob(".shard-*.part")):
-        p.unlink(missing_ok=True)
+    for folder in (out, out / SHARDS_DIR, out / FEATURES_DIR):
+        for p in folder.glob(".shard-*.part"):
+            p.unlink(missing_ok=True)
     for s, p in shard_files(out).items():
         if s not in done:
             log.info("removing %s: written by an interrupted run, not marked done", p.name)
@@ -595,7 +653,7 @@ def _run_lock(out: Path) -> contextlib.AbstractContextManager[None]:
 
 
 class _ErrorBook:
-    """errors.parquet of a run: new rows merged in, retried ShardFailed rows removed on success."""
+    """_errors.parquet of a run: new rows merged in, retried ShardFailed rows removed on success."""
 
     def __init__(self, path: Path, retry_errors: bool = False) -> None:
         self.path = path
@@ -660,11 +718,11 @@ class ClassifySummary:
     t_model_s: float = 0.0
     #: seconds from the first shard submitted to the last result (no cluster start, no planning).
     compute_s: float = 0.0
-    #: frames in errors.parquet from earlier runs, not tried again (see --retry-errors).
+    #: frames in _errors.parquet from earlier runs, not tried again (see --retry-errors).
     earlier_errors: int = 0
     #: "path: message" of the first frame this run could not classify.
     first_error: str | None = None
-    #: planned frames that were in errors.parquet before (failed shards, --retry-errors).
+    #: planned frames that were in _errors.parquet before (failed shards, --retry-errors).
     frames_retried: int = 0
     #: files named like frames that the scan could not list as frames (no time, broken link...).
     scan_errors: int = 0
@@ -689,7 +747,7 @@ class ClassifySummary:
     def text(self) -> str:
         """A human-readable summary block."""
         earlier = (
-            f"; {self.earlier_errors} frames in errors.parquet from earlier runs "
+            f"; {self.earlier_errors} frames in _errors.parquet from earlier runs "
             "(--retry-errors tries them again)"
             if self.earlier_errors
             else ""
@@ -697,7 +755,7 @@ class ClassifySummary:
         if self.scan_errors:
             earlier += (
                 f"; {self.scan_errors} files named like frames are not frames "
-                "(no time, unreadable, broken link or folder: errors.parquet, stage scan)"
+                "(no time, unreadable, broken link or folder: _errors.parquet, stage scan)"
             )
         if self.frames_planned == 0:
             if self.manifest_frames == 0:
@@ -791,7 +849,7 @@ def classify_archive(
     """Classify every frame of an archive or manifest into ``out`` (resumable, see module doc).
 
     ``station``: a config, name or YAML path; None: the archive's calib/station.yaml, else yrs.
-    ``retry_errors``: classify again the frames an earlier run recorded in errors.parquet (a
+    ``retry_errors``: classify again the frames an earlier run recorded in _errors.parquet (a
     file repaired or finished copying since); they leave the errors table when they succeed.
     """
     from pipeline.checkpoint import read_meta, warn_if_unfinished
@@ -822,6 +880,7 @@ def classify_archive(
         )
     refuse_foreign_out(out, (RUN_FILE,), "classify-archive")
     out.mkdir(parents=True, exist_ok=True)
+    upgrade_layout(out)
     run = read_run(out)
     if run is not None and overwrite:
         _wipe(out)
@@ -985,7 +1044,7 @@ def classify_archive(
         last_flush = [time.monotonic()]
 
         def flush(force: bool = False) -> None:
-            # Throttled: rewriting _run.json and errors.parquet per shard would be quadratic in
+            # Throttled: rewriting _run.json and _errors.parquet per shard would be quadratic in
             # the archive size. Errors reach disk before the shards that reported them count as
             # done; a crash loses at most FLUSH_S of finished shards (their files are redone).
             if not force and time.monotonic() - last_flush[0] < FLUSH_S:
@@ -1049,9 +1108,9 @@ def classify_archive(
             )
             new_errors.append(rows)
             # This run's own count: shard numbers are reused by later runs, so rows of
-            # errors.parquet cannot tell which run's frames are missing (occurrence reads it).
+            # _errors.parquet cannot tell which run's frames are missing (occurrence reads it).
             run_entry["frames_failed"] = run_entry.get("frames_failed", 0) + len(df)
-            (out / shard_name(s)).unlink(missing_ok=True)
+            shard_path(out, s).unlink(missing_ok=True)
             summary.shards_submitted += 1
             summary.shards_failed += 1
             summary.frames_errors += len(df)

@@ -466,7 +466,7 @@ def pretrain(
 @click.option(
     "--retry-errors",
     is_flag=True,
-    help="Classify again the frames in OUT/errors.parquet (files repaired or copied since).",
+    help="Classify again the frames in OUT/_errors.parquet (files repaired or copied since).",
 )
 @click.option(
     "--decode-threads",
@@ -488,7 +488,7 @@ def classify_archive(source: Path, checkpoint: Path, out: Path, **kwargs: object
     if summary.nothing_new_succeeded:
         raise AuroraError(
             f"no frame could be classified: all {summary.frames_errors} are in "
-            f"{out}/errors.parquet (first: {summary.first_error}); check --station and the files"
+            f"{out}/_errors.parquet (first: {summary.first_error}); check --station and the files"
         )
 
 
@@ -622,7 +622,7 @@ def index(
     info = build_index(
         image_set, checkpoint, out, features_dir, station, dark_dir, batch_size, device
     )
-    errs = f", {info['n_errors']} unreadable (errors.parquet)" if info["n_errors"] else ""
+    errs = f", {info['n_errors']} unreadable (_errors.parquet)" if info["n_errors"] else ""
     click.echo(f"indexed {info['count']} frames x {info['dim']} features{errs} -> {out}")
 
 
@@ -770,3 +770,7 @@ def os_error_message(exc: OSError) -> str:
     text = exc.strerror or str(exc) or type(exc).__name__
     line = f"{where}: {text}" if where is not None else text
     return f"{line} ({hint})" if hint else line
+
+
+if __name__ == "__main__":  # `python -m pipeline.cli ...`, like `python -m pipeline ...`
+    main()

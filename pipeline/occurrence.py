@@ -20,7 +20,8 @@ import pandas as pd
 import pyarrow as pa
 import xarray as xr
 
-from pipeline.classes import CLASS_LONG_NAMES, CLASSES
+from pipeline import __version__
+from pipeline.classes import CLASS_LONG_NAMES, CLASSES, LABEL_CODES
 from pipeline.errors import InputError
 from pipeline.mlt import NS_PER_DAY, NS_PER_HOUR, to_utc_ns, ut_to_mlt
 
@@ -436,6 +437,41 @@ def occurrence_columns(by: str | None = None, ci: bool = False, corrected: bool 
     return cols
 
 
+#: Units (None: none apply) and meaning of the occurrence table's columns, stated once for
+#: occurrence.parquet's metadata and occurrence.nc's attributes. "{}": a class, or each class.
+OCCURRENCE_COLUMNS: dict[str, tuple[str | None, str]] = {
+    "year": (None, "calendar year (UT)"),
+    "winter": (None, "winter (July-June, named by the year of its December)"),
+    "day": (None, "UT date"),
+    "mlt_start": ("hours", "magnetic local time at bin start (inclusive)"),
+    "mlt_end": ("hours", "magnetic local time at bin end (exclusive)"),
+    "n_frames": ("1", "frames in bin"),
+    "n_{}": ("1", "frames of {} in bin"),
+    "ratio_{}": ("1", "occurrence ratio of {}: its frames / all frames in bin"),
+    "ci_low_{}": ("1", "{ci}, lower bound of the occurrence ratio of {}"),
+    "ci_high_{}": ("1", "{ci}, upper bound of the occurrence ratio of {}"),
+    "ratio_{}_corrected": ("1", "occurrence ratio of {} corrected for classifier confusion"),
+}
+
+
+def column_doc(pattern: str, cls: str | None = None, ci_kind: str | None = None) -> dict[str, str]:
+    """``long_name`` and ``units`` of an OCCURRENCE_COLUMNS entry, for class ``cls`` or each class."""
+    units, text = OCCURRENCE_COLUMNS[pattern]
+    kind = ci_kind or "Wilson 95% interval"
+    doc = {"long_name": text.format(f"class {cls}" if cls else "each class", ci=kind)}
+    return doc | ({"units": units} if units is not None else {})
+
+
+def occurrence_column_docs(columns: list[str], ci_kind: str | None = None) -> dict[str, dict]:
+    """``column_doc`` of each column of an occurrence table (for occurrence.parquet's metadata)."""
+    per_class = {p.format(c): (p, c) for p in OCCURRENCE_COLUMNS if "{}" in p for c in CLASSES}
+    docs = {}
+    for name in columns:
+        pattern, cls = per_class.get(name, (name, None))
+        docs[name] = column_doc(pattern, cls, ci_kind)
+    return docs
+
+
 def occurrence_schema(by: str | None = None, ci: bool = False, corrected: bool = False):
     """Arrow schema of occurrence.parquet."""
     fields = []
@@ -629,8 +665,12 @@ def to_dataset(
     station: str | None = None,
     method: str | None = None,
     source: str | None = None,
+    history: str | None = None,
 ) -> xr.Dataset:
-    """The occurrence table as an xarray Dataset, dims ([group,] mlt_bin, class), CF-style attrs."""
+    """The occurrence table as an xarray Dataset, dims (mlt_bin, class[, group]), CF-1.8 attrs.
+
+    ``history``: the CF history line (when and with which command the file was made).
+    """
     by = table.attrs.get("by")
     if by is None:
         by = next((g for g in GROUPINGS if g in table.columns), None)
@@ -654,74 +694,45 @@ def to_dataset(
 
     start = table["mlt_start"].to_numpy()[:nbins]
     end = table["mlt_end"].to_numpy()[:nbins]
+    codes = np.array(list(LABEL_CODES), dtype=np.int32)  # 1 arc ... 4 hotspot, CLASSES order
+    code_text = ", ".join(f"{k} {c}" for k, c in LABEL_CODES.items())
+    # CF coordinate variables are numeric and monotonic (the class names are not): the class
+    # dimensions carry the label-file codes, their names ride along as auxiliary coordinates.
     coords: dict[str, Any] = {
         "mlt_bin": ("mlt_bin", np.arange(nbins, dtype=np.int32), {"long_name": "MLT bin index"}),
-        "class": ("class", np.array(CLASSES, dtype=object), {"long_name": "auroral class"}),
-        "mlt_start": (
-            "mlt_bin",
-            start,
-            {"units": "hours", "long_name": "magnetic local time at bin start (inclusive)"},
-        ),
-        "mlt_end": (
-            "mlt_bin",
-            end,
-            {"units": "hours", "long_name": "magnetic local time at bin end (exclusive)"},
-        ),
+        "class": ("class", codes, {"long_name": f"auroral class code ({code_text})"}),
+        "class_name": ("class", np.array(CLASSES, dtype=object), {"long_name": "auroral class"}),
+        "mlt_start": ("mlt_bin", start, column_doc("mlt_start")),
+        "mlt_end": ("mlt_bin", end, column_doc("mlt_end")),
+        # No standard_name: the CF table has none for magnetic local time.
         "mlt": (
             "mlt_bin",
             (start + end) / 2,
             {
                 "units": "hours",
                 "long_name": "magnetic local time at bin centre",
-                "standard_name": "magnetic_local_time",
                 "bounds": "mlt_bounds",
             },
         ),
         "mlt_bounds": (("mlt_bin", "nv"), np.stack([start, end], axis=1), {"units": "hours"}),
     }
     if by:
-        gattrs = {
-            "long_name": {
-                "year": "calendar year (UT)",
-                "winter": "winter (year of its December)",
-                "day": "UT date",
-            }[by]
-        }
-        coords[by] = (by, np.asarray(groups), gattrs)
+        coords[by] = (by, np.asarray(groups), column_doc(by))
     cdims = dims + ("class",)
     data: dict[str, Any] = {
-        "n_frames": (dims, arr("n_frames"), {"units": "1", "long_name": "frames in bin"}),
-        "count": (
-            cdims,
-            stack("n_{}"),
-            {"units": "1", "long_name": "frames of each class in bin"},
-        ),
-        "ratio": (
-            cdims,
-            stack("ratio_{}"),
-            {"units": "1", "long_name": "occurrence ratio: class frames / all frames in bin"},
-        ),
+        "n_frames": (dims, _int32(arr("n_frames"), "n_frames"), column_doc("n_frames")),
+        "count": (cdims, _int32(stack("n_{}"), "count"), column_doc("n_{}")),
+        "ratio": (cdims, stack("ratio_{}"), column_doc("ratio_{}")),
     }
+    kind = CI_DESCRIPTIONS.get(table.attrs.get("ci_method"))
     if f"ci_low_{CLASSES[0]}" in table.columns:
-        kind = CI_DESCRIPTIONS.get(table.attrs.get("ci_method"), "Wilson 95% interval")
-        data["ci_low"] = (
-            cdims,
-            stack("ci_low_{}"),
-            {"units": "1", "long_name": f"{kind}, lower bound of ratio"},
-        )
-        data["ci_high"] = (
-            cdims,
-            stack("ci_high_{}"),
-            {"units": "1", "long_name": f"{kind}, upper bound of ratio"},
-        )
+        data["ci_low"] = (cdims, stack("ci_low_{}"), column_doc("ci_low_{}", ci_kind=kind))
+        data["ci_high"] = (cdims, stack("ci_high_{}"), column_doc("ci_high_{}", ci_kind=kind))
     if f"ratio_{CLASSES[0]}_corrected" in table.columns:
         data["ratio_corrected"] = (
             cdims,
             stack("ratio_{}_corrected"),
-            {
-                "units": "1",
-                "long_name": "occurrence ratio corrected for classifier confusion",
-            },
+            column_doc("ratio_{}_corrected"),
         )
     conf = table.attrs.get("confusion")
     if conf is not None:
@@ -730,7 +741,16 @@ def to_dataset(
             np.asarray(conf, dtype=float),
             {"units": "1", "long_name": "row-normalised confusion matrix (rows true class)"},
         )
-        coords["true_class"] = ("true_class", np.array(CLASSES, dtype=object))
+        coords["true_class"] = (
+            "true_class",
+            codes,
+            {"long_name": f"true class code ({code_text})"},
+        )
+        coords["true_class_name"] = (
+            "true_class",
+            np.array(CLASSES, dtype=object),
+            {"long_name": "true auroral class"},
+        )
     ds = xr.Dataset(data, coords=coords)
     attrs = {
         "title": "Occurrence of dayside auroral classes per magnetic local time bin",
@@ -740,9 +760,24 @@ def to_dataset(
         "source": source,
         "class_long_names": ", ".join(CLASS_LONG_NAMES[c] for c in CLASSES),
         "bin_edges_hours": list(map(float, np.append(start, end[-1:]))),
+        "history": history or f"aurora-pipeline {__version__} occurrence",
     }
     for key in ("bins", "bin_width_hours", "mlt_range", "by", "n_binned", "n_dropped", "n_missing"):
         if key in table.attrs:
             attrs[key] = table.attrs[key]
     ds.attrs = {k: _nc_attr(v) for k, v in attrs.items()}
+    if by:  # CF 2.4: a time dimension (day is one) goes right of the others; all groups alike
+        ds = ds.transpose(..., by)
+    # CF 7.1: bounds carry no _FillValue; coordinates have no missing values to flag.
+    for name in ("mlt", "mlt_start", "mlt_end", "mlt_bounds"):
+        ds[name].encoding["_FillValue"] = None
+    if by == "day":
+        ds[by].encoding.update(dtype="int32", units="days since 1970-01-01")  # not int64 (2.2)
     return ds
+
+
+def _int32(counts: np.ndarray, name: str) -> np.ndarray:
+    """Counts as int32, the widest integer type CF 1.8 allows in netCDF (section 2.2)."""
+    if counts.size and counts.max() > np.iinfo(np.int32).max:
+        raise InputError(f"occurrence: {name} exceeds 2**31 frames in a bin; use narrower bins")
+    return counts.astype(np.int32)

@@ -1,7 +1,7 @@
 """The ``occurrence`` stage: read predictions or expert labels, bin by MLT, write table/NetCDF/figure.
 
 Inputs (PRED):
-- a predictions directory (Parquet dataset of ``shard-*.parquet``, DESIGN.md section 3), read
+- a predictions directory (Parquet dataset of ``shards/shard-*.parquet``, DESIGN.md section 3), read
   with dask.dataframe so archives of any size stream through partition by partition;
 - one Parquet file with ``time_utc`` and ``label`` columns (class names);
 - a label text file like ``Alllabel2003_38044.txt``: lines ``N20031221G030001  1`` (the frame
@@ -35,6 +35,7 @@ from pipeline.classes import CLASSES, LABEL_CODES, PROB_COLUMNS
 from pipeline.config import StationConfig
 from pipeline.errors import ConfigError, InputError
 from pipeline.occurrence import (
+    CI_DESCRIPTIONS,
     UnknownLabelError,
     add_mlt,
     count_bins,
@@ -42,11 +43,12 @@ from pipeline.occurrence import (
     label_codes,
     make_bins,
     normalise_confusion,
+    occurrence_column_docs,
     occurrence_from_counts,
     occurrence_schema,
     to_dataset,
 )
-from pipeline.storage import install_outputs, refuse_foreign_out, write_table
+from pipeline.storage import contract_metadata, install_outputs, refuse_foreign_out, write_table
 
 OUTPUT_NAMES = (
     "occurrence.parquet",
@@ -212,7 +214,8 @@ def read_predictions(
         files = done_shard_files(p)
         if not files:
             raise InputError(
-                f"{p}: no shard-*.parquet files; give a classify-archive predictions directory"
+                f"{p}: no shards/shard-*.parquet files; give a classify-archive predictions "
+                "directory"
             )
         import dask.dataframe as dd
 
@@ -259,13 +262,13 @@ def predictions_station(
 
 def unclassified_frames(pred: str | os.PathLike) -> tuple[int, int, str | None]:
     """Frames that classify-archive's last run into ``pred`` was to classify but that are neither
-    in a done shard nor in errors.parquet: (missing, frames the run considered, its --since).
+    in a done shard nor in _errors.parquet: (missing, frames the run considered, its --since).
 
     (0, 0, None) when the last run finished or when _run.json does not say. Cheap for any
-    archive: it adds up the per-shard counts _run.json records and reads errors.parquet (a few
+    archive: it adds up the per-shard counts _run.json records and reads _errors.parquet (a few
     columns) only when those fall short (a shard that failed puts its frames there).
     """
-    from pipeline.classify import ERRORS_FILE, SHARD_FAILED, read_run
+    from pipeline.classify import SHARD_FAILED, errors_path, read_run
 
     none = (0, 0, None)
     run = read_run(pred) if Path(pred).is_dir() else None
@@ -286,13 +289,13 @@ def unclassified_frames(pred: str | os.PathLike) -> tuple[int, int, str | None]:
     except (KeyError, TypeError, ValueError):
         return none  # a _run.json of another layout: nothing to go by
     missing = planned_frames - done
-    errors = Path(pred) / ERRORS_FILE
+    errors = errors_path(pred)
     if "frames_failed" in last:  # the run's own count of frames in its failed shards
         try:
             missing -= int(last["frames_failed"])
         except (TypeError, ValueError):
             return none
-    elif missing > 0 and errors.exists():  # older _run.json: estimate from errors.parquet
+    elif missing > 0 and errors.exists():  # older _run.json: estimate from the errors table
         try:
             err = pd.read_parquet(errors, columns=["error", "message"])
         except Exception:  # noqa: BLE001 - unreadable: classify-archive's rerun will say so
@@ -393,7 +396,7 @@ def summary_markdown(hourly: pd.DataFrame, info: dict[str, Any], command: str | 
     if info.get("n_unclassified"):
         lines.append(
             f"- **incomplete predictions**: {info['n_unclassified']:,} frames of the last "
-            "classify-archive run are neither predicted nor in errors.parquet (not binned)"
+            "classify-archive run are neither predicted nor in _errors.parquet (not binned)"
         )
     if info.get("min_prob"):
         lines.append(
@@ -460,6 +463,7 @@ def run_occurrence(
     Every input and option is checked before anything is written, and the outputs replace
     those of an earlier run together (see the module doc), so OUT never mixes two runs.
     """
+    from pipeline.classify import read_run
     from pipeline.mlt import METHODS
     from pipeline.plots import load_regions, plot_occurrence, save_figure
 
@@ -489,7 +493,7 @@ def run_occurrence(
         after = f" after --since {since}" if since else ""
         log.warning(
             "%s: %s of the %s manifest frames%s that classify-archive was to classify are neither "
-            "predicted nor in errors.parquet (it was interrupted, or is still running), so they are "
+            "predicted nor in _errors.parquet (it was interrupted, or is still running), so they are "
             "not binned; rerun classify-archive with the same arguments to finish, then occurrence",
             pred, f"{n_unclassified:,}", f"{n_considered:,}", after,
         )  # fmt: skip
@@ -552,14 +556,31 @@ def run_occurrence(
         "outputs": [str(out / n) for n in OUTPUT_NAMES],
     }
     table.attrs.update(station=st.code, mlt_method=method, source=str(pred))
-    ds = to_dataset(table, station=st.name, method=method, source=str(pred))
+    history = f"{pd.Timestamp.now(tz='UTC'):%Y-%m-%dT%H:%M:%SZ}: {command}"  # CF 2.6.2
+    ds = to_dataset(table, station=st.name, method=method, source=str(pred), history=history)
     title = f"{st.code.upper()}: {info['n_binned']:,} frames, {spec.label} bins, MLT: {method}"
     fig = plot_occurrence(overall, regions_config, min_frames=min_frames, title=title)
     schema = occurrence_schema(by, ci, confusion is not None)
+    docs = occurrence_column_docs(schema.names, CI_DESCRIPTIONS.get(table.attrs.get("ci_method")))
+    run = read_run(pred) if Path(pred).is_dir() else None
+    metadata = contract_metadata(
+        "occurrence",
+        docs,
+        station=st.code,
+        model_id=(run or {}).get("model_id"),
+        mlt_method=method,
+        bins=spec.label,
+        mlt_range=list(spec.mlt_range),
+        by=by,
+        ci_method=table.attrs.get("ci_method"),
+        corrected=confusion is not None,
+        source=str(pred),
+        command=command,
+    )
     write_outputs(
         out,
         {
-            "occurrence.parquet": lambda path: write_table(table, path, schema),
+            "occurrence.parquet": lambda path: write_table(table, path, schema, metadata),
             "occurrence.nc": lambda path: ds.to_netcdf(path, engine="netcdf4"),
             "occurrence.png": lambda path: save_figure(fig, path, dpi=300),
             "occurrence.pdf": lambda path: save_figure(fig, path),

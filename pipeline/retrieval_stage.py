@@ -1,14 +1,18 @@
 """Retrieval I/O: build an FC7 index of an image set, query it, evaluate it, draw the Fig. 6 grid.
 
-An index is one folder:
+An index is one folder, whose only table is ``items.parquet`` (the other files start with ``_``,
+so ``pd.read_parquet(INDEX)`` gives the items):
 
-- ``features.npy``: float16 (count, dim) FC7 features, opened as a memmap when searched;
+- ``_features.npy``: float16 (count, dim) FC7 features, opened as a memmap when searched;
 - ``items.parquet``: one row per feature row: ``path`` (absolute), ``frame``, ``time_utc``,
   ``label`` (null where unknown);
-- ``index.json``: model_id, variant, checkpoint (absolute path), input_size, in_chans, dim, count,
-  the station and dark-frame folder used to preprocess the frames, the source; written last, so
-  a folder without it is an unfinished index;
-- ``errors.parquet`` when some frames could not be read (they are left out of the index).
+- ``_index.json``: model_id, variant, checkpoint (absolute path), input_size, in_chans, dim,
+  count, the station and dark-frame folder used to preprocess the frames, the source; written
+  last, so a folder without it is an unfinished index;
+- ``_errors.parquet`` when some frames could not be read (they are left out of the index).
+
+Indexes of the earlier layout (``features.npy``, ``index.json``, ``errors.parquet``) are read as
+they are; building into one replaces those files.
 
 ``index`` builds in a temporary folder beside OUT and moves the files in only when the index is
 complete, so a failed or interrupted build leaves OUT as it was. ``--features-dir`` reuses
@@ -58,10 +62,18 @@ from pipeline.storage import (
 log = logging.getLogger(__name__)
 
 INDEX_FORMAT = 1
-FEATURES_FILE = "features.npy"
+FEATURES_FILE = "_features.npy"
 ITEMS_FILE = "items.parquet"
-META_FILE = "index.json"
-ERRORS_FILE = "errors.parquet"
+META_FILE = "_index.json"
+ERRORS_FILE = "_errors.parquet"
+#: The index's files before its folder opened as a Parquet table: read, replaced when rebuilt.
+LEGACY_FILES = {
+    FEATURES_FILE: "features.npy",
+    META_FILE: "index.json",
+    ERRORS_FILE: "errors.parquet",
+}
+#: retrieve's own unreadable queries, beside neighbours.parquet.
+QUERY_ERRORS_FILE = "errors.parquet"
 PAPER_RANKS: tuple[int, ...] = (1, 3, 5, 8, 10, 15, 20)
 #: Query rows drawn in retrieval.png at most (the tables hold every query).
 FIGURE_MAX_ROWS = 16
@@ -193,7 +205,7 @@ def open_image_set(
         items = _items_frame(df["path"], df["frame"], df["time_utc"], df["label"], relpaths=rel)
         dd = Path(dark_dir) if dark_dir else _dark_dir(src)
         return ImageSet(items, st, dd, "labelled", str(src), src)
-    if src.is_dir() and (src / META_FILE).is_file():
+    if src.is_dir() and _index_file(src, META_FILE).is_file():
         raise InputError(f"{src}: is a retrieval index, not an image set; give the frames' folder")
     if src.is_file() and src.suffix.lower() in (".parquet", ".csv"):
         from pipeline.archive import load_manifest
@@ -406,10 +418,16 @@ class Index:
         return bool(len(self.items)) and bool(self.items["label"].notna().all())
 
 
+def _index_file(index_dir: Path, name: str) -> Path:
+    """An index file by its name, or by its earlier name in an index of the earlier layout."""
+    old = index_dir / LEGACY_FILES[name]
+    return old if old.is_file() and not (index_dir / name).exists() else index_dir / name
+
+
 def load_index(index_dir: str | os.PathLike) -> Index:
     """Open INDEX_DIR; InputError naming the folder when it is not a complete index."""
     d = Path(index_dir)
-    meta_path = d / META_FILE
+    meta_path = _index_file(d, META_FILE)
     if not meta_path.is_file():
         raise InputError(
             f"{d}: no {META_FILE}; not a (finished) retrieval index, build one with "
@@ -425,7 +443,7 @@ def load_index(index_dir: str | os.PathLike) -> Index:
             f"{INDEX_FORMAT}; rebuild the index"
         )
     try:
-        feats = np.load(d / FEATURES_FILE, mmap_mode="r")
+        feats = np.load(_index_file(d, FEATURES_FILE), mmap_mode="r")
         items = pd.read_parquet(d / ITEMS_FILE)
     except (OSError, ValueError) as exc:
         raise InputError(f"{d}: cannot read the index files ({exc}); rebuild the index") from None
@@ -466,7 +484,7 @@ def build_index(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: is a file; --out takes the folder to write the index to")
-    refuse_foreign_out(out, ("index.json",), "index")
+    refuse_foreign_out(out, (META_FILE, LEGACY_FILES[META_FILE]), "index")
     model, meta = _load_model(checkpoint)
     iset = open_image_set(source, station, _preprocess_station(meta), dark_dir)
     items = iset.items.reset_index(drop=True)
@@ -594,14 +612,16 @@ def _build_into(
 
 
 def _install(work: Path, out: Path) -> None:
-    """Move the finished index in WORK to OUT; index.json last, so OUT never looks finished early.
+    """Move the finished index in WORK to OUT; _index.json last, so OUT never looks finished early.
 
-    A new OUT is one rename; an existing one gets the files (anything else in it stays).
+    A new OUT is one rename; an existing one gets the files (anything else in it stays, but the
+    files of an index of the earlier layout go first, its index.json the very first).
     """
     if not out.exists():
         os.rename(work, out)
         return
-    install_outputs(work, out, (FEATURES_FILE, ITEMS_FILE, ERRORS_FILE), META_FILE)
+    legacy = [LEGACY_FILES[n] for n in (META_FILE, FEATURES_FILE, ERRORS_FILE)]
+    install_outputs(work, out, (*legacy, FEATURES_FILE, ITEMS_FILE, ERRORS_FILE), META_FILE)
 
 
 def _feature_dim(model: Any, meta: dict[str, Any]) -> int:
@@ -646,7 +666,7 @@ def read_feature_shards(pred_dir: Path) -> tuple[dict[str, Any], list[tuple[pd.D
     Every listed shard is opened here (the .npy as a memmap, header and size checked), so a
     damaged one is an InputError naming it before anything is computed.
     """
-    from pipeline.classify import FEATURES_DIR, features_name, read_run, shard_files
+    from pipeline.classify import FEATURES_DIR, features_path, read_run, shard_files
 
     run = read_run(pred_dir)
     if run is None:
@@ -657,19 +677,19 @@ def read_feature_shards(pred_dir: Path) -> tuple[dict[str, Any], list[tuple[pd.D
     done = {int(k) for k in run.get("shards", {})}
     shards = []
     for s, pq_path in shard_files(pred_dir).items():
-        npy = pred_dir / FEATURES_DIR / features_name(s)
+        npy = features_path(pred_dir, s)
         if s in done and npy.is_file():
             try:
                 table = pd.read_parquet(pq_path, columns=["path", "frame"])
             except (OSError, ValueError) as exc:
-                raise _damaged_shard(pq_path, pq_path, npy, str(exc)) from None
+                raise _damaged_shard(pred_dir, pq_path, pq_path, npy, str(exc)) from None
             try:
                 feats = np.load(npy, mmap_mode="r")
             except (OSError, ValueError) as exc:
-                raise _damaged_shard(npy, pq_path, npy, str(exc)) from None
+                raise _damaged_shard(pred_dir, npy, pq_path, npy, str(exc)) from None
             if feats.ndim != 2 or feats.shape[0] != len(table):
                 why = f"shape {feats.shape}, its shard has {len(table)} rows"
-                raise _damaged_shard(npy, pq_path, npy, why)
+                raise _damaged_shard(pred_dir, npy, pq_path, npy, why)
             shards.append((table, npy))
     if not shards:
         raise InputError(
@@ -679,8 +699,7 @@ def read_feature_shards(pred_dir: Path) -> tuple[dict[str, Any], list[tuple[pd.D
     return run, shards
 
 
-def _damaged_shard(bad: Path, parquet: Path, npy: Path, why: str) -> InputError:
-    pred_dir = parquet.parent
+def _damaged_shard(pred_dir: Path, bad: Path, parquet: Path, npy: Path, why: str) -> InputError:
     return InputError(
         f"{bad}: damaged classify-archive shard ({why}); delete {parquet} and {npy}, then rerun "
         f"`aurora-pipeline classify-archive ... --features --out {pred_dir}` to redo that shard, "
@@ -774,7 +793,7 @@ def _model_for_index(
     ckpt = checkpoint or idx.meta.get("checkpoint")
     if checkpoint is None and (ckpt is None or not Path(ckpt).exists()):
         raise CheckpointError(
-            f"{idx.path / META_FILE}: the index's checkpoint {ckpt} no longer exists; pass "
+            f"{_index_file(idx.path, META_FILE)}: the index's checkpoint {ckpt} no longer exists; pass "
             "--checkpoint with the checkpoint the index was built with"
         )
     model, meta = _load_model(ckpt)
@@ -887,13 +906,13 @@ def _record_query_errors(errors: pd.DataFrame, n: int, out: Path, stage: str) ->
     """This run's unreadable queries in OUT/errors.parquet (an earlier run's rows of the stage go)."""
     from pipeline.storage import replace_stage_errors
 
-    replace_stage_errors(out / ERRORS_FILE, errors, stage)
+    replace_stage_errors(out / QUERY_ERRORS_FILE, errors, stage)
     if len(errors):
         log.warning(
             "%d of %d query frames could not be read and are left out (see %s); the first: %s",
             len(errors),
             n,
-            out / ERRORS_FILE,
+            out / QUERY_ERRORS_FILE,
             errors["message"].iloc[0],
         )
 
@@ -1079,7 +1098,7 @@ def evaluate_retrieval(
     loaders: list[FrameLoader] | None = None
     errs = pd.DataFrame(columns=ERRORS_SCHEMA.names)
     n_given = 0
-    if (qpath / META_FILE).is_file():
+    if _index_file(qpath, META_FILE).is_file():
         qidx = load_index(qpath)
         if qidx.meta.get("model_id") != idx.meta.get("model_id"):
             raise CheckpointError(

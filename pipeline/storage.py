@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import signal
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -42,7 +43,7 @@ ERRORS_SCHEMA = pa.schema(
     ]
 )
 
-#: predictions/shard-NNNNNN.parquet.
+#: predictions/shards/shard-NNNNNN.parquet.
 PREDICTIONS_SCHEMA = pa.schema(
     [
         ("path", pa.string()),
@@ -55,7 +56,73 @@ PREDICTIONS_SCHEMA = pa.schema(
     ]
 )
 
+#: Units (None: none apply) and meaning of each predictions column, carried in every shard.
+PREDICTIONS_COLUMNS: dict[str, tuple[str | None, str]] = {
+    "path": (None, "frame file, relative to the archive root"),
+    "frame": (None, "frame index within its file (0 for single-frame files)"),
+    "time_utc": (None, "frame time (UTC)"),
+    "mlt": ("hours", "magnetic local time of the station at time_utc, in [0, 24)"),
+    "label": (None, "most probable class (see aurora:classes)"),
+    **{f"p_{c}": ("1", f"softmax probability of class {c}") for c in CLASSES},
+    "model_id": (None, "id of the checkpoint that classified the frame"),
+}
+
 assert len(PROB_COLUMNS) == len(CLASSES)
+assert list(PREDICTIONS_COLUMNS) == PREDICTIONS_SCHEMA.names
+
+#: Version of the data contract the key-value metadata below describes (README "Data contract").
+CONTRACT_VERSION = "1"
+#: Prefix of the pipeline's keys in Parquet key-value metadata, like Arrow's "ARROW:schema".
+META_PREFIX = "aurora:"
+
+
+def contract_metadata(
+    table: str, columns: Mapping[str, Mapping[str, str]], **facts: object
+) -> dict[str, str]:
+    """Parquet key-value metadata of a table: what it is, its classes, each column's units and
+    meaning (``columns``: name -> {units, long_name}), and ``facts`` (station, model_id,
+    mlt_method, ...; None is left out). Values that are not strings are JSON."""
+    meta: dict[str, object] = {
+        "table": table,
+        "contract": CONTRACT_VERSION,
+        "classes": list(CLASSES),
+        "units": {c: d["units"] for c, d in columns.items() if d.get("units") is not None},
+        "long_names": {c: d["long_name"] for c, d in columns.items()},
+        **{k: v for k, v in facts.items() if v is not None},
+    }
+    return {META_PREFIX + k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+
+
+def column_docs(columns: Mapping[str, tuple[str | None, str]]) -> dict[str, dict[str, str]]:
+    """{name: {units, long_name}} of a table's (units, meaning) pairs (units left out if None)."""
+    return {
+        name: {"long_name": text} | ({"units": units} if units is not None else {})
+        for name, (units, text) in columns.items()
+    }
+
+
+def predictions_metadata(station: str, model_id: str, mlt_method: str) -> dict[str, str]:
+    """The key-value metadata every predictions shard carries."""
+    return contract_metadata(
+        "predictions",
+        column_docs(PREDICTIONS_COLUMNS),
+        station=station,
+        model_id=model_id,
+        mlt_method=mlt_method,
+    )
+
+
+def read_contract(path: str | os.PathLike) -> dict[str, object]:
+    """The pipeline's key-value metadata of a Parquet file, prefix dropped, lists, mappings and
+    booleans decoded (strings such as a station code stay strings)."""
+    meta = pq.read_schema(path).metadata or {}
+    found: dict[str, object] = {}
+    for key, raw in meta.items():
+        name, text = key.decode(), raw.decode()
+        if name.startswith(META_PREFIX):
+            is_json = text.startswith(("[", "{")) or text in ("true", "false")
+            found[name[len(META_PREFIX) :]] = json.loads(text) if is_json else text
+    return found
 
 
 @contextlib.contextmanager
@@ -106,13 +173,21 @@ def exclusive_lock(path: str | os.PathLike, what: str) -> Iterator[None]:
         os.close(fd)  # closing releases the lock
 
 
-def write_table(df: pd.DataFrame, path: str | os.PathLike, schema: pa.Schema | None = None) -> Path:
-    """Write a DataFrame as Parquet atomically, cast to ``schema`` when given."""
+def write_table(
+    df: pd.DataFrame,
+    path: str | os.PathLike,
+    schema: pa.Schema | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write a DataFrame as Parquet atomically, cast to ``schema`` when given, with the
+    key-value ``metadata`` (e.g. :func:`contract_metadata`) beside pandas' own."""
     if schema is not None:
         df = df.reindex(columns=schema.names)
         table = pa.Table.from_pandas(df, schema=schema, preserve_index=False)
     else:
         table = pa.Table.from_pandas(df, preserve_index=False)
+    if metadata:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
     return Path(path)
@@ -205,7 +280,8 @@ FOLDER_MARKERS: dict[str, str] = {
     "manifest.parquet": "an archive scan",
     "synth.json": "a synthetic archive or set",
     "_run.json": "classify-archive predictions",
-    "index.json": "a retrieval index",
+    "_index.json": "a retrieval index",
+    "index.json": "a retrieval index",  # of the earlier layout
     "metrics.json": "evaluate results",
     "occurrence_run.json": "occurrence results",
 }

@@ -101,3 +101,34 @@ def tiny_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("archive")
     synth.make_archive(out, n=60, seed=2, winters=(2004,), size=TINY)
     return out
+
+
+@pytest.fixture(scope="session")
+def cf_problems():
+    """A function: NetCDF path -> the compliance checker's CF-1.8 errors and warnings."""
+    return _cf_problems
+
+
+def _cf_problems(path: str | os.PathLike) -> list[str]:
+    """The IOOS compliance checker's CF-1.8 errors and warnings (and exceptions) for a NetCDF file.
+
+    Offline: without a ``standard_name_vocabulary`` attribute the checker uses the standard-name
+    table it ships. Info-level suggestions are not counted (the CLI's default criteria).
+    """
+    from compliance_checker.runner import CheckSuite
+
+    suite = CheckSuite()
+    suite.load_all_available_checkers()
+    ds = suite.load_dataset(str(path))
+    try:
+        groups, raised = suite.run_all(ds, ["cf:1.8"], skip_checks=[])["cf:1.8"]
+    finally:
+        ds.close()
+    report = suite.build_structure("cf:1.8", groups, str(path), limit=2)
+    found = [
+        f"{level}: {r.name}: {msg}"
+        for level in ("high_priorities", "medium_priorities")
+        for r in report[level]
+        for msg in r.msgs
+    ]
+    return found + [f"checker raised in {name}: {exc}" for name, (exc, _) in raised.items()]

@@ -38,7 +38,7 @@ from pipeline.imageio import read_frame, write_frame
 from pipeline.mlt import ut_to_mlt
 from pipeline.models import build_model, to_model_input
 from pipeline.preprocess import calibration_from_station, dark_for_time, find_dark_dir, preprocess
-from pipeline.storage import PREDICTIONS_SCHEMA
+from pipeline.storage import PREDICTIONS_SCHEMA, read_contract
 
 SIZE = 64
 N_GOOD = 34
@@ -223,7 +223,7 @@ def test_local_cluster_matches_plain_loop_one_model_load_per_worker(
     # features: float16 FC7, the same rows in the same order as each shard's parquet file
     fc7 = {}
     for s, f in shard_files(out).items():
-        feats = np.load(out / "features" / f"shard-{s:06d}.npy")
+        feats = np.load(out / "_features" / f"shard-{s:06d}.npy")
         rows = pd.read_parquet(f, columns=["path"])
         assert feats.dtype == np.float16 and feats.shape == (len(rows), 4096)
         fc7.update(zip(rows["path"], feats))
@@ -260,13 +260,98 @@ def test_cli_scheduler_then_rerun_does_no_new_work(
     run = read_run(out)
     lost = run["shards"].pop("000004")
     (out / "_run.json").write_text(json.dumps(run))
-    (out / ".shard-000002.parquet.x1y2.part").write_bytes(b"half a file")
+    (out / "shards" / ".shard-000002.parquet.x1y2.part").write_bytes(b"half a file")
     s = classify_archive(
         archive, ckpt, out, station=station, scheduler=lc.scheduler_address, shard_size=8
     )
     assert s.frames_planned == lost["predicted"] and s.frames_classified == lost["predicted"]
     assert sorted(shard_files(out)) == [0, 1, 2, 3, 4]  # the orphan went, its number reused
     _assert_exactly_once(out, archive, station)
+
+
+def _comparable(df: pd.DataFrame) -> pd.DataFrame:
+    """Predictions as any reader returns them, in one form: schema columns, sorted, plain types."""
+    df = df[PREDICTIONS_SCHEMA.names].astype(
+        {"path": str, "label": str, "model_id": str, "frame": "int64"}
+    )
+    df["time_utc"] = pd.to_datetime(df["time_utc"], utc=True).dt.as_unit("ns")
+    return df.sort_values(["path", "frame"], ignore_index=True)
+
+
+def test_the_predictions_folder_is_a_parquet_dataset_any_client_opens(
+    archive, station, ckpt, cluster, tmp_path
+):
+    """pd.read_parquet(PRED_DIR) once failed on features/*.npy and errors.parquet. Now shards/
+    holds only the shards and everything else in PRED_DIR starts with _ or ."""
+    import dask.dataframe as dd
+    import duckdb
+    import polars as pl
+    import pyarrow.dataset as ds
+
+    out = tmp_path / "pred"
+    kw = dict(station=station, scheduler=cluster[0].scheduler_address, shard_size=12)
+    classify_archive(archive, ckpt, out, features=True, **kw)
+    assert len(read_errors(out)) == 2 and len(list((out / "_features").glob("*.npy"))) == 3
+    assert {p.name for p in out.iterdir()} == {
+        "shards", "_features", "_errors.parquet", "_run.json", ".classify.lock"
+    }  # fmt: skip
+    want = _comparable(read_predictions(out))
+    assert len(want) == N_GOOD
+    data = out / "shards"
+    got = {
+        "pandas": pd.read_parquet(out),
+        "pandas shards/": pd.read_parquet(data),
+        "pyarrow.dataset": ds.dataset(out, format="parquet").to_table().to_pandas(),
+        "pyarrow.dataset shards/": ds.dataset(data, format="parquet").to_table().to_pandas(),
+        "dask shards/": dd.read_parquet(data).compute(),
+        "duckdb shards/": duckdb.sql(f"SELECT * FROM read_parquet('{data}')").df(),
+        "polars shards/": pl.scan_parquet(data).collect().to_pandas(),
+    }
+    for reader, df in got.items():
+        pd.testing.assert_frame_equal(_comparable(df), want, check_dtype=False, obj=reader)
+
+    # Each shard says what it holds, in key-value metadata any Parquet client reads.
+    shard = next(iter(shard_files(out).values()))
+    contract = read_contract(shard)
+    model_id = json.loads((ckpt / "meta.json").read_text())["model_id"]
+    assert contract["table"] == "predictions" and contract["classes"] == list(CLASSES)
+    assert (contract["station"], contract["model_id"]) == (station.code, model_id)
+    assert contract["mlt_method"] == station.mlt.method
+    assert contract["units"]["mlt"] == "hours" and contract["units"]["p_arc"] == "1"
+    assert set(contract["long_names"]) == set(PREDICTIONS_SCHEMA.names)
+    kv = dict(duckdb.sql(f"SELECT key, value FROM parquet_kv_metadata('{shard}')").fetchall())
+    assert kv[b"aurora:model_id"] == model_id.encode()
+
+
+def test_a_folder_of_the_old_layout_is_read_then_moved_by_the_next_run(
+    archive, station, ckpt, cluster, tmp_path
+):
+    """Shards, errors.parquet and features/ at the top: read as they are; classify-archive moves
+    them (renames: nothing is classified again) before it writes into the folder."""
+    from pipeline.retrieval_stage import read_feature_shards
+
+    out = tmp_path / "pred"
+    kw = dict(station=station, scheduler=cluster[0].scheduler_address, shard_size=12)
+    classify_archive(archive, ckpt, out, features=True, **kw)
+    pred, err = read_predictions(out), read_errors(out)
+    for p in (out / "shards").iterdir():
+        p.rename(out / p.name)
+    (out / "shards").rmdir()
+    (out / "_errors.parquet").rename(out / "errors.parquet")
+    (out / "_features").rename(out / "features")
+
+    pd.testing.assert_frame_equal(read_predictions(out), pred)
+    pd.testing.assert_frame_equal(read_errors(out), err)
+    assert len(read_feature_shards(out)[1]) == 3
+    again = classify_archive(archive, ckpt, out, features=True, **kw)
+    assert again.frames_planned == 0 and again.already_done == N_GOOD + 2
+    assert {p.name for p in out.iterdir()} == {
+        "shards", "_features", "_errors.parquet", "_run.json", ".classify.lock"
+    }  # fmt: skip
+    assert len(list((out / "_features").glob("*.npy"))) == 3
+    pd.testing.assert_frame_equal(read_predictions(out), pred)
+    pd.testing.assert_frame_equal(read_errors(out), err)
+    pd.testing.assert_frame_equal(_comparable(pd.read_parquet(out)), _comparable(pred))
 
 
 def test_other_checkpoint_refused_unless_overwrite(
@@ -322,7 +407,7 @@ def test_failing_shards_are_recorded_then_retried_by_the_next_run(
     lc, _ = cluster
     out = tmp_path / "pred"
     out.mkdir()
-    (out / "features").write_text("a file where the features folder should be")
+    (out / "_features").write_text("a file where the features folder should be")
     kw = dict(station=station, scheduler=lc.scheduler_address, shard_size=12, device="cpu")
     s1 = classify_archive(archive, ckpt, out, features=True, retries=1, **kw)
     assert s1.shards_failed == 3 and s1.frames_classified == 0
@@ -335,7 +420,7 @@ def test_failing_shards_are_recorded_then_retried_by_the_next_run(
     )
     _assert_exactly_once(out, archive, station)
 
-    (out / "features").unlink()
+    (out / "_features").unlink()
     s2 = classify_archive(archive, ckpt, out, features=True, **kw)
     assert s2.frames_classified == N_GOOD and s2.shards_failed == 0
     err = read_errors(out)
@@ -570,7 +655,7 @@ def test_ctrl_c_stops_classify_archive_cleanly(archive, ckpt, tiny_station_path,
            "--threads-per-worker", "1", "--shard-size", "8", "--batch-size", "8"]  # fmt: skip
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.monotonic() + 120
-    while not list(out.glob("shard-*.parquet")) and time.monotonic() < deadline:
+    while not list(out.glob("shards/shard-*.parquet")) and time.monotonic() < deadline:
         time.sleep(0.1)  # classifying has started
     os.killpg(proc.pid, signal.SIGINT)
     t_int = time.monotonic()
@@ -580,7 +665,7 @@ def test_ctrl_c_stops_classify_archive_cleanly(archive, ckpt, tiny_station_path,
     assert time.monotonic() - t_int < 20
     assert "Traceback" not in text and "still alive" not in text, text[-2000:]
     done = json.loads((out / "_run.json").read_text())["shards"]
-    assert all((out / f"shard-{k}.parquet").is_file() for k in done)
+    assert all((out / "shards" / f"shard-{k}.parquet").is_file() for k in done)
     main(cmd[3:])  # the rerun (in-process) finishes the archive
     n_done = sum(v["frames"] for v in done.values())
     assert f"{n_done} already done" in "".join(capsys.readouterr())

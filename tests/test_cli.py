@@ -9,6 +9,29 @@ def test_version(capsys):
     assert __version__ in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("module", ["pipeline", "pipeline.cli"])
+def test_python_dash_m_runs_the_cli(module, tmp_path):
+    """`python -m pipeline.cli` once imported the module and exited 0 having done nothing."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
+    ok = subprocess.run(
+        [sys.executable, "-m", module, "--version"], capture_output=True, text=True, env=env
+    )
+    assert ok.returncode == 0 and __version__ in ok.stdout, ok.stderr
+    bad = subprocess.run(
+        [sys.executable, "-m", module, "scan", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert bad.returncode == 2 and "does not exist" in bad.stderr
+
+
 def test_help_lists_every_command(capsys):
     main(["--help"])
     out = capsys.readouterr().out

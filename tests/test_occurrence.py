@@ -384,7 +384,10 @@ def test_netcdf_round_trip(tmp_path, hand_table):
     path = tmp_path / "occ.nc"
     ds.to_netcdf(path, engine="netcdf4")
     with xr.open_dataset(path, engine="netcdf4") as back:
-        assert list(back["class"].values) == list(CLASSES)
+        assert list(back["class_name"].values) == list(CLASSES)
+        assert back["class"].values.tolist() == [1, 2, 3, 4]  # the label files' codes
+        assert back["count"].dtype == np.int32 and back["n_frames"].dtype == np.int32
+        assert back["count"].sel({"class": 1}).sum() == tab["n_arc"].sum()  # 1: arc
         np.testing.assert_array_equal(back["count"].values, ds["count"].values)
         np.testing.assert_allclose(back["ratio"].values, ds["ratio"].values)
         np.testing.assert_allclose(back["ci_high"].values, ds["ci_high"].values)
@@ -398,8 +401,25 @@ def test_netcdf_round_trip(tmp_path, hand_table):
 def test_grouped_dataset_has_a_group_dimension(hand_table):
     tab = occurrence_table(hand_table, bins="1h", mlt_range=(6, 9), by="winter")
     ds = to_dataset(tab)
-    assert ds["ratio"].dims == ("winter", "mlt_bin", "class")
+    assert ds["ratio"].dims == ("mlt_bin", "class", "winter")  # CF 2.4: time-like dims last
     assert ds["winter"].values.tolist() == [2003]
+
+
+@pytest.mark.parametrize(("by", "start"), [(None, 22), ("year", 6), ("day", 6)])
+def test_netcdf_passes_the_cf_checker(tmp_path, hand_table, cf_problems, by, start):
+    """No int64, no invented standard_name, a history, bounds without _FillValue, numeric
+    coordinate variables (the class names are an auxiliary coordinate), time dims last."""
+    df = hand_table.assign(mlt=(hand_table["mlt"] + start - 6) % 24)  # 22: across midnight
+    tab = occurrence_table(
+        df, bins="1h", mlt_range=(start, start + 3), by=by, ci=True, confusion=CONFUSION
+    )
+    path = tmp_path / "occ.nc"
+    to_dataset(tab, history="2026-01-01T00:00:00Z: by hand").to_netcdf(path, engine="netcdf4")
+    assert cf_problems(path) == []
+    with xr.open_dataset(path, engine="netcdf4") as back:
+        assert back.attrs["history"] == "2026-01-01T00:00:00Z: by hand"
+        assert "standard_name" not in back["mlt"].attrs
+        assert "_FillValue" not in back["mlt_bounds"].encoding
 
 
 def test_from_counts_collapses_groups(hand_table):

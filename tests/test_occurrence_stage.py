@@ -11,12 +11,13 @@ import pytest
 import xarray as xr
 
 from pipeline.classes import CLASSES, LABEL_CODES
+from pipeline.classify import shard_path
 from pipeline.cli import main
 from pipeline.config import load_station
 from pipeline.errors import InputError
 from pipeline.occurrence import occurrence_schema, wilson_interval
 from pipeline.occurrence_stage import read_confusion, read_label_file, run_occurrence
-from pipeline.storage import PREDICTIONS_SCHEMA, write_table
+from pipeline.storage import PREDICTIONS_SCHEMA, read_contract, write_table
 
 
 def _predictions(n: int, seed: int = 0) -> pd.DataFrame:
@@ -41,10 +42,11 @@ def _predictions(n: int, seed: int = 0) -> pd.DataFrame:
 
 @pytest.fixture()
 def pred_dir(tmp_path):
+    """A predictions folder as classify-archive lays it out: its shards in shards/."""
     d = tmp_path / "predictions"
     df = _predictions(300)
     for i, part in enumerate(np.array_split(np.arange(len(df)), 3)):
-        write_table(df.iloc[part], d / f"shard-{i:06d}.parquet", PREDICTIONS_SCHEMA)
+        write_table(df.iloc[part], shard_path(d, i), PREDICTIONS_SCHEMA)
     return d, df
 
 
@@ -62,7 +64,7 @@ def test_cli_on_a_predictions_directory_writes_every_output(tmp_path, pred_dir, 
     assert tab["winter"].unique().tolist() == [2003]
     assert tab["n_frames"].sum() == 300  # 03-15 UT is 06-18 MLT: nothing dropped
     with xr.open_dataset(out / "occurrence.nc", engine="netcdf4") as ds:
-        assert ds["ratio"].dims == ("winter", "mlt_bin", "class")
+        assert ds["ratio"].dims == ("mlt_bin", "class", "winter")
         assert int(ds["n_frames"].sum()) == 300
     info = json.loads((out / "occurrence_run.json").read_text())
     assert info["mlt_method"] == "offset" and info["n_dropped"] == 0
@@ -136,6 +138,45 @@ def test_confusion_parquet_gives_corrected_ratios(tmp_path):
     corr = tab[[f"ratio_{c}_corrected" for c in CLASSES]].to_numpy()
     full = tab["n_frames"].to_numpy() > 0
     np.testing.assert_allclose(corr[full].sum(axis=1), 1.0)
+
+
+def test_netcdf_of_ci_correct_by_winter_passes_the_cf_checker(
+    tmp_path, pred_dir, cf_problems, capsys
+):
+    """The issue's run: `compliance-checker --test=cf:1.8` found 3 errors and 3 warnings."""
+    d, _ = pred_dir
+    conf = pd.DataFrame({"true": list(CLASSES)})
+    for j, c in enumerate(CLASSES):
+        conf[c] = [80 if i == j else 7 for i in range(4)]
+    conf.to_parquet(tmp_path / "confusion.parquet")
+    out = tmp_path / "occ"
+    main(["occurrence", str(d), "--ci", "--correct", str(tmp_path / "confusion.parquet"),
+          "--by", "winter", "--bins", "0.5h", "--out", str(out)])  # fmt: skip
+    capsys.readouterr()
+    assert cf_problems(out / "occurrence.nc") == []
+    contract = read_contract(out / "occurrence.parquet")
+    assert contract["table"] == "occurrence" and contract["classes"] == list(CLASSES)
+    assert (contract["station"], contract["mlt_method"], contract["by"]) == (
+        "yrs",
+        "offset",
+        "winter",
+    )
+    assert contract["bins"] == "0.5h" and contract["mlt_range"] == [6, 18]
+    assert contract["corrected"] is True and contract["ci_method"] == "wilson-days"
+    assert (
+        contract["units"]["ratio_arc_corrected"] == "1" and contract["units"]["mlt_end"] == "hours"
+    )
+    assert contract["long_names"]["n_drapery"] == "frames of class drapery in bin"
+    assert "winter" not in contract["units"] and "--by winter" in contract["command"]
+    assert "model_id" not in contract  # no _run.json: the model is not known
+    with xr.open_dataset(out / "occurrence.nc", engine="netcdf4") as ds:
+        assert ds["count"].dtype == np.int32 and ds["n_frames"].dtype == np.int32
+        assert "ratio_corrected" in ds and "ci_low" in ds
+        history = ds.attrs["history"]
+    assert history.endswith(f"aurora-pipeline occurrence {d} --bins 0.5h --mlt-range 6 18 "
+                            f"--by winter --ci --correct {tmp_path / 'confusion.parquet'} "
+                            f"--out {out}")  # fmt: skip
+    assert pd.Timestamp(history.split(": ", 1)[0]).tzinfo is not None  # when, in UTC
 
 
 @pytest.mark.parametrize(
@@ -274,7 +315,7 @@ def test_a_crashed_runs_stray_shard_is_not_counted(tmp_path, pred_dir, capsys):
 
     d, df = pred_dir
     (d / "_run.json").write_text(json.dumps({"shards": {"0": 100, "1": 100, "2": 100}}))
-    write_table(df.iloc[:50], d / "shard-000003.parquet", PREDICTIONS_SCHEMA)  # not done
+    write_table(df.iloc[:50], shard_path(d, 3), PREDICTIONS_SCHEMA)  # not done
     main(["occurrence", str(d), "--bins", "0.5h", "--out", str(tmp_path / "occ")])
     assert "binned 300 frames" in capsys.readouterr().out
 
@@ -406,10 +447,10 @@ def test_an_unfinished_classify_archive_run_is_warned_about(tmp_path, pred_dir, 
     info = json.loads((tmp_path / "o" / "occurrence_run.json").read_text())
     assert info["n_unclassified"] == 200
     assert "incomplete predictions" in (tmp_path / "o" / "occurrence.md").read_text()
-    # shard 3 failed (its frames are in errors.parquet): only shard 4's frames are missing
+    # shard 3 failed (its frames are in _errors.parquet): only shard 4's frames are missing
     rows = error_rows([(f"g{i}.png", 0) for i in range(100)], "classify", "x", "ShardFailed")
     rows["message"] = "shard 000003: RuntimeError: boom"
-    write_table(rows, d / "errors.parquet", ERRORS_SCHEMA)
+    write_table(rows, d / "_errors.parquet", ERRORS_SCHEMA)
     caplog.clear()
     assert run_occurrence(d, tmp_path / "o2", bins="1h")["n_unclassified"] == 100
     assert "100 of the 500" in caplog.text
@@ -426,10 +467,29 @@ def test_an_unfinished_classify_archive_run_is_warned_about(tmp_path, pred_dir, 
     assert "WARNING" not in [r.levelname for r in caplog.records]
 
 
+def test_a_predictions_folder_of_the_old_layout_is_read(tmp_path, pred_dir):
+    """Shards, errors.parquet and features/ at the top, as classify-archive wrote them before
+    the folder became a Parquet dataset; and the shards/ folder alone is a predictions folder."""
+    from pipeline.storage import ERRORS_SCHEMA, error_rows
+
+    d, _ = pred_dir
+    old = tmp_path / "old"
+    (d / "shards").rename(old)
+    _run_json(old, done=3, planned=500)  # shards 3 and 4 never ran; 3 failed (errors.parquet)
+    rows = error_rows([(f"g{i}.png", 0) for i in range(100)], "classify", "x", "ShardFailed")
+    rows["message"] = "shard 000003: RuntimeError: boom"
+    write_table(rows, old / "errors.parquet", ERRORS_SCHEMA)
+    info = run_occurrence(old, tmp_path / "o", bins="1h")
+    assert info["n_binned"] == 300 and info["n_unclassified"] == 100
+    (old / "_run.json").unlink()
+    (old / "errors.parquet").unlink()
+    assert run_occurrence(old, tmp_path / "o2", bins="1h")["n_binned"] == 300
+
+
 def test_unknown_labels_name_their_file(tmp_path, pred_dir):
     d, df = pred_dir
     bad = df.iloc[100:200].assign(label=["cloud"] + ["arc"] * 99)
-    write_table(bad, d / "shard-000001.parquet", PREDICTIONS_SCHEMA)
+    write_table(bad, shard_path(d, 1), PREDICTIONS_SCHEMA)
     with pytest.raises(InputError, match=r"shard-000001\.parquet: unknown labels cloud"):
         run_occurrence(d, tmp_path / "o")
     single = tmp_path / "labels.parquet"

@@ -94,11 +94,11 @@ def test_index_files(index_dir: Path, ckpt: Path, sets: dict[str, Path]):
     from pipeline.checkpoint import read_meta
     from pipeline.retrieval_stage import load_index
 
-    info = json.loads((index_dir / "index.json").read_text())
+    info = json.loads((index_dir / "_index.json").read_text())
     assert info["model_id"] == read_meta(ckpt)["model_id"]
     assert info["count"] == 24 and info["dim"] == 4096 and info["input_size"] == SIZE
     assert info["checkpoint"] == str(ckpt.resolve()) and info["labelled"]
-    feats = np.load(index_dir / "features.npy", mmap_mode="r")
+    feats = np.load(index_dir / "_features.npy", mmap_mode="r")
     assert feats.dtype == np.float16 and feats.shape == (24, 4096)
     assert np.isfinite(np.asarray(feats, np.float32)).all() and np.asarray(feats).any()
     items = pd.read_parquet(index_dir / "items.parquet")
@@ -108,6 +108,38 @@ def test_index_files(index_dir: Path, ckpt: Path, sets: dict[str, Path]):
     assert str(items["time_utc"].dtype) == "datetime64[ns, UTC]"
     idx = load_index(index_dir)
     assert isinstance(idx.features, np.memmap)
+    # The folder is a Parquet table of its items: every other file starts with "_".
+    pd.testing.assert_frame_equal(pd.read_parquet(index_dir), items)
+
+
+def test_an_index_of_the_earlier_layout_is_read_and_replaced(
+    index_dir: Path, sets: dict[str, Path], ckpt: Path, tmp_path: Path
+):
+    """features.npy, index.json and errors.parquet: opened as they are, replaced by a rebuild."""
+    from pipeline.errors import InputError
+    from pipeline.retrieval_stage import build_index, load_index, retrieve
+
+    old = tmp_path / "old"
+    old.mkdir()
+    for new, name in [("_features.npy", "features.npy"), ("_index.json", "index.json"),
+                      ("items.parquet", "items.parquet")]:  # fmt: skip
+        (old / name).write_bytes((index_dir / new).read_bytes())
+    (old / "errors.parquet").write_bytes(b"an earlier build's errors")
+    ref = load_index(index_dir)
+    idx = load_index(old)
+    np.testing.assert_array_equal(np.asarray(idx.features), np.asarray(ref.features))
+    q = ref.items["path"].iloc[3]
+    t = retrieve(old, [q], tmp_path / "r", k=3, ranks=[1, 3], figure=False)
+    assert Path(t["path"].iloc[0]) == Path(q)
+    with pytest.raises(InputError, match="is a retrieval index"):
+        build_index(old, ckpt, tmp_path / "i2")
+    build_index(sets["query_set"], ckpt, old)
+    assert sorted(p.name for p in old.iterdir()) == [
+        "_features.npy",
+        "_index.json",
+        "items.parquet",
+    ]
+    assert load_index(old).meta["count"] == 8
 
 
 def test_retrieve_round_trip(index_dir: Path, sets: dict[str, Path], tmp_path: Path):
@@ -198,11 +230,11 @@ def test_index_from_another_model_is_refused(
 
     moved = tmp_path / "index_copy"
     moved.mkdir()
-    for name in ("features.npy", "items.parquet"):
+    for name in ("_features.npy", "items.parquet"):
         (moved / name).write_bytes((index_dir / name).read_bytes())
-    info = json.loads((index_dir / "index.json").read_text())
+    info = json.loads((index_dir / "_index.json").read_text())
     info["checkpoint"] = str(tmp_path / "nowhere")
-    (moved / "index.json").write_text(json.dumps(info))
+    (moved / "_index.json").write_text(json.dumps(info))
     from pipeline.errors import CheckpointError
 
     with pytest.raises(CheckpointError, match="--checkpoint"):
@@ -213,7 +245,7 @@ def test_not_an_index_and_bad_ranks(index_dir: Path, tmp_path: Path, capsys):
     from pipeline.errors import InputError
     from pipeline.retrieval_stage import load_index, retrieve
 
-    with pytest.raises(InputError, match="index.json"):
+    with pytest.raises(InputError, match="_index.json"):
         load_index(tmp_path)
     q = pd.read_parquet(index_dir / "items.parquet")["path"][0]
     with pytest.raises(InputError, match="--k"):
@@ -282,8 +314,9 @@ def test_index_skips_unreadable_frames(sets: dict[str, Path], ckpt: Path, tmp_pa
     assert info["count"] == 3 and info["n_errors"] == 1 and info["source_kind"] == "folder"
     idx = load_index(tmp_path / "idx")
     assert idx.items["label"].isna().all() and not idx.labelled
-    errs = pd.read_parquet(tmp_path / "idx" / "errors.parquet")
+    errs = pd.read_parquet(tmp_path / "idx" / "_errors.parquet")
     assert errs["path"].str.endswith("G999999.png").all()
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "idx"), idx.items)  # not the errors
     assert [Path(p).name for p in idx.items["path"]] == [p.name for p in copies]
     ref = load_index(sets["base"] / "index")
     pos = {p: i for i, p in enumerate(ref.items["path"])}
@@ -295,12 +328,18 @@ def test_index_skips_unreadable_frames(sets: dict[str, Path], ckpt: Path, tmp_pa
 
 
 def _archive_and_features(
-    ref, sets: dict[str, Path], ckpt: Path, base: Path, name: str = "archive"
+    ref,
+    sets: dict[str, Path],
+    ckpt: Path,
+    base: Path,
+    name: str = "archive",
+    legacy: bool = False,
 ) -> tuple[Path, Path, dict, np.ndarray]:
     """The index set as an archive (YRS layout, truth.parquet) and a classify-archive --features
     output for it holding the first 10 frames in two shards, marked (+1) so reuse is visible.
+    ``legacy``: in the layout before the predictions folder was a Parquet dataset.
     """
-    from pipeline.classify import FEATURES_DIR, RUN_FILE, features_name, shard_name
+    from pipeline.classify import FEATURES_DIR, RUN_FILE, features_name, shard_name, shard_path
     from pipeline.storage import PREDICTIONS_SCHEMA, write_table
 
     arch = base / name
@@ -317,7 +356,8 @@ def _archive_and_features(
     )
     pd.DataFrame(truth).to_parquet(arch / "truth.parquet")
     pred = base / f"pred-{name}"
-    (pred / FEATURES_DIR).mkdir(parents=True)
+    features_dir = pred / ("features" if legacy else FEATURES_DIR)
+    features_dir.mkdir(parents=True)
     marked = np.asarray(ref.features[:10], np.float32) + 1
     # What classify-archive records: the model, the archive root (resolved), the done shards.
     run = {
@@ -339,15 +379,16 @@ def _archive_and_features(
                 "model_id": ref.meta["model_id"],
             }
         )
-        np.save(pred / FEATURES_DIR / features_name(s), marked[rows].astype(np.float16))
-        write_table(df, pred / shard_name(s), PREDICTIONS_SCHEMA)
+        np.save(features_dir / features_name(s), marked[rows].astype(np.float16))
+        write_table(df, pred / shard_name(s) if legacy else shard_path(pred, s), PREDICTIONS_SCHEMA)
         run["shards"][f"{s:06d}"] = {"n": len(rows)}
     (pred / RUN_FILE).write_text(json.dumps(run))
     return arch, pred, run, marked
 
 
+@pytest.mark.parametrize("legacy", [False, True], ids=["dataset-layout", "old-layout"])
 def test_index_of_archive_reuses_classify_feature_shards(
-    index_dir: Path, sets: dict[str, Path], ckpt: Path, tmp_path: Path
+    index_dir: Path, sets: dict[str, Path], ckpt: Path, tmp_path: Path, legacy: bool
 ):
     """An archive (YRS layout, truth.parquet) indexed with --features-dir copies shard features."""
     from pipeline.classify import RUN_FILE
@@ -355,7 +396,7 @@ def test_index_of_archive_reuses_classify_feature_shards(
     from pipeline.retrieval_stage import build_index, load_index
 
     ref = load_index(index_dir)
-    arch, pred, run, marked = _archive_and_features(ref, sets, ckpt, tmp_path)
+    arch, pred, run, marked = _archive_and_features(ref, sets, ckpt, tmp_path, legacy=legacy)
     # The station classify-archive used, as it records it: the same settings pass.
     run["station"] = "yrs"
     run["station_config"] = to_dict(load_station(arch / "calib" / "station.yaml"))
@@ -502,7 +543,7 @@ def test_damaged_feature_shard_is_an_input_error(
     from pipeline.retrieval_stage import load_index
 
     arch, pred, _, _ = _archive_and_features(load_index(index_dir), sets, ckpt, tmp_path)
-    shard = pred / "features" / "shard-000000.npy"
+    shard = pred / "_features" / "shard-000000.npy"
     with open(shard, "r+b") as fh:
         fh.truncate(1000)
     out = tmp_path / "idx"
@@ -512,7 +553,7 @@ def test_damaged_feature_shard_is_an_input_error(
     assert exc.value.code == 1
     err = capsys.readouterr().err
     assert "Traceback" not in err and "shard-000000.npy" in err
-    assert "classify-archive" in err and "--features-dir" in err
+    assert "classify-archive" in err and "--features-dir" in err and f"--out {pred}`" in err
     assert not out.exists() and _leftovers(tmp_path) == []
 
 
@@ -549,13 +590,13 @@ def test_failed_index_build_leaves_nothing_and_keeps_the_old_index(
     monkeypatch.undo()
     assert {p.name: p.read_bytes() for p in old.iterdir()} == before
     assert _leftovers(tmp_path) == [] and rs.load_index(old).meta["count"] == 24
-    # A finished rebuild replaces the index files (a stale errors.parquet goes), others stay.
-    (old / "errors.parquet").write_bytes(b"stale")
+    # A finished rebuild replaces the index files (a stale _errors.parquet goes), others stay.
+    (old / "_errors.parquet").write_bytes(b"stale")
     info = rs.build_index(sets["query_set"], ckpt, old)
     assert info["count"] == 8 and rs.load_index(old).meta["count"] == 8
     assert sorted(p.name for p in old.iterdir()) == [
-        "features.npy",
-        "index.json",
+        "_features.npy",
+        "_index.json",
         "items.parquet",
         "notes.txt",
     ]

@@ -4,11 +4,16 @@ import stat
 import pandas as pd
 import pytest
 
+from pipeline.classes import CLASSES
 from pipeline.storage import (
     ERRORS_SCHEMA,
+    PREDICTIONS_SCHEMA,
     atomic_path,
+    empty_frame,
     error_rows,
     merge_errors,
+    predictions_metadata,
+    read_contract,
     refuse_foreign_out,
     write_table,
 )
@@ -139,3 +144,20 @@ def test_install_outputs_puts_the_record_last_and_drops_stale_outputs(tmp_path):
     with pytest.raises(OSError):
         install_outputs(staging, out, ("x", "run.json"), "run.json")
     assert not (out / "run.json").exists()
+
+
+def test_contract_metadata_travels_beside_pandas_own(tmp_path):
+    """Key-value metadata says what a table holds; pandas still gets its dtypes back."""
+    df = empty_frame(PREDICTIONS_SCHEMA)
+    p = write_table(df, tmp_path / "p.parquet", PREDICTIONS_SCHEMA, predictions_metadata(
+        "yrs", "abc123", "aacgm"))  # fmt: skip
+    contract = read_contract(p)
+    assert contract["station"] == "yrs" and contract["model_id"] == "abc123"
+    assert contract["mlt_method"] == "aacgm" and contract["contract"] == "1"
+    assert contract["units"] == {"mlt": "hours", **{f"p_{c}": "1" for c in CLASSES}}
+    assert contract["long_names"]["frame"].startswith("frame index")
+    back = pd.read_parquet(p)
+    assert (
+        str(back["time_utc"].dtype) == "datetime64[ns, UTC]" and back["label"].dtype == "category"
+    )
+    assert read_contract(write_table(df, tmp_path / "plain.parquet")) == {}
