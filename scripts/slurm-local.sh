@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A one-node SLURM cluster on this machine, for the `slurm` tests and for trying the launchers of
 # workflows/slurm/ by hand. Everything (config, munge key and socket, state, spool, logs, job
-# records) lives in one folder; nothing under /etc or /var is touched.
+# records) lives in one folder; apart from installing packages, nothing outside it is touched.
 #
 #   scripts/slurm-local.sh up [DIR]      start munged, slurmctld and slurmd; wait for the node
 #   scripts/slurm-local.sh down [DIR]    cancel jobs, stop the daemons and what they started,
@@ -9,8 +9,9 @@
 #   scripts/slurm-local.sh status [DIR]  sinfo and squeue of that cluster
 #
 # DIR defaults to $AURORA_SLURM_DIR or /tmp/aurora-slurm-$UID (keep it short: the munge socket's
-# path must fit a Unix socket name). `up` prints the line to use the cluster from a shell:
-#   export SLURM_CONF=DIR/slurm.conf
+# path must fit a Unix socket name). `up` prints the line to use the cluster from a shell (sbatch
+# reads SLURM_CONF, the slurm tests AURORA_SLURM_CONF):
+#   export SLURM_CONF=DIR/slurm.conf AURORA_SLURM_CONF=DIR/slurm.conf
 # As root, `up` installs the Debian packages it lacks (slurmctld slurmd slurm-client munge)
 # unless AURORA_SLURM_INSTALL=0. A failed `up` stops what it started and exits non-zero with
 # the reason on stderr.
@@ -131,12 +132,13 @@ down() {
 up() {
   if [ -f "$CONF" ] && SLURM_CONF=$CONF timeout 5 sinfo -h >/dev/null 2>&1; then
     echo "slurm-local: already up in $DIR" >&2
-    echo "export SLURM_CONF=$CONF"
+    echo "export SLURM_CONF=$CONF AURORA_SLURM_CONF=$CONF"
     return 0
   fi
   [ -e "$DIR" ] && down
   install_packages
   trap 'rc=$?; [ $rc != 0 ] && { show_logs; AURORA_SLURM_KEEP=0 down; }; exit $rc' EXIT
+  trap 'exit 143' TERM INT # a timeout or Ctrl-C also stops what was started
   mkdir -p "$DIR"
   chmod 700 "$DIR"
   mkdir -p "$DIR"/{munge,state,spool,run,log,tmp}
@@ -226,7 +228,7 @@ EOF
     die "test job $job did not run: $(cat "$DIR/log/smoke.out" 2>/dev/null)"
   trap - EXIT
   echo "slurm-local: up in $DIR (node $node, partition $PARTITION)" >&2
-  echo "export SLURM_CONF=$CONF"
+  echo "export SLURM_CONF=$CONF AURORA_SLURM_CONF=$CONF"
 }
 
 show_logs() {
@@ -245,7 +247,7 @@ case "$cmd" in
     sinfo && squeue
     ;;
   *)
-    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
     ;;
 esac

@@ -106,6 +106,11 @@ def slurm() -> Iterator[Slurm]:
     """The cluster of AURORA_SLURM_CONF, or a one-node cluster started here; else skip."""
     conf = os.environ.get("AURORA_SLURM_CONF")
     started: Path | None = None
+    if not conf and os.environ.get("AURORA_SLURM") == "0":
+        pytest.skip(
+            "AURORA_SLURM=0: no SLURM cluster for these tests (.ci/run sets it when "
+            "scripts/slurm-local.sh up fails, and says why)"
+        )
     if not conf:
         missing = [c for c in ("munged", "slurmctld", "slurmd", "sbatch") if not shutil.which(c)]
         if missing:
