@@ -378,7 +378,11 @@ def test_worker_jobs_leaving_mid_run_hand_their_shards_back(
         ).job_script()
         assert "--lifetime 8s" in script
         (tmp_path / "short.sh").write_text(script)
-        short = slurm.sbatch(str(tmp_path / "short.sh"), cwd=tmp_path)
+        # INFO: the worker logs why it closes (a CLI call in this process may have exported
+        # DASK_LOGGING__DISTRIBUTED=warning, which the job inherits).
+        short = slurm.sbatch(
+            "--export=ALL,DASK_LOGGING__DISTRIBUTED=info", str(tmp_path / "short.sh"), cwd=tmp_path
+        )
         cluster.wait_for_workers(1, timeout=WAIT_S)
         with ThreadPoolExecutor(1) as pool:
             run = pool.submit(
