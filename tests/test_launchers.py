@@ -51,6 +51,17 @@ def test_slurm_launcher_prints_job_script(capsys):
     assert "--gres=gpu:1" in capsys.readouterr().out
 
 
+def test_slurm_launcher_lifetime_and_log_directory_reach_the_job_script(capsys, tmp_path):
+    pytest.importorskip("dask_jobqueue")
+    launch = _load("workflows/slurm/launch.py")
+    argv = ["workflows/nightly.yaml", "--print-job-script", "--lifetime", "50m"]
+    argv += ["--lifetime-stagger", "1m", "--log-directory", str(tmp_path)]
+    assert launch.main(argv) == 0
+    script = capsys.readouterr().out
+    assert "--lifetime 50m --lifetime-stagger 1m" in script
+    assert f"#SBATCH -o {tmp_path}/" in script
+
+
 def test_kubernetes_spec_declares_gpus(capsys):
     launch = _load("workflows/kubernetes/launch.py")
     spec = launch.cluster_spec(image="img:1", workers=3, gpus_per_worker=1, archive_pvc="yrs")

@@ -12,7 +12,10 @@
 #SBATCH --cpus-per-task=2
 #SBATCH --time=02:00:00
 #SBATCH --output=aurora-%j.log
+# Submit from the repository root (the job starts there); arguments after the workflow go to
+# launch.py, e.g. `sbatch workflows/slurm/job.sh workflows/nightly.yaml --set out=/scratch/x`.
+# Options given to sbatch override the #SBATCH lines above.
 set -euo pipefail
 WORKFLOW=${1:-workflows/nightly.yaml}
 source "${AURORA_VENV:-$HOME/aurora-pipeline/.venv}/bin/activate"
-srun python workflows/slurm/launch.py --runner "$WORKFLOW"
+srun python workflows/slurm/launch.py --runner "$WORKFLOW" "${@:2}"

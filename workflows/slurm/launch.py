@@ -26,7 +26,9 @@ def cluster_kwargs(
     gpus_per_job: int = 1,
     walltime: str = "02:00:00",
     lifetime: str = "110m",
+    lifetime_stagger: str = "4m",
     local_directory: str = "$TMPDIR",
+    log_directory: str | None = None,
     python: str | None = None,
 ) -> dict[str, Any]:
     """SLURMCluster arguments: several worker processes per GPU, each declaring resource GPU=1.
@@ -41,9 +43,10 @@ def cluster_kwargs(
     else:
         workers_per_job = max(1, cores // 2)
     extra = ["--resources", "GPU=1"] if gpus_per_job else []
-    # --lifetime lets a worker retire gracefully before the SLURM wall time kills it, so no
-    # shard is cut off mid-write; the adaptive cluster then submits a fresh job.
-    extra += ["--lifetime", lifetime, "--lifetime-stagger", "4m"]
+    # --lifetime lets a worker retire gracefully before the SLURM wall time kills it: the shard
+    # it is running goes back to the scheduler and another worker classifies it whole (shard
+    # files are written atomically); the adaptive cluster then submits a fresh job.
+    extra += ["--lifetime", lifetime, "--lifetime-stagger", lifetime_stagger]
     directives = [f"--gres=gpu:{gpus_per_job}"] if gpus_per_job else []
     return {
         "queue": queue,
@@ -55,6 +58,7 @@ def cluster_kwargs(
         "job_extra_directives": directives,
         "worker_extra_args": extra,
         "local_directory": local_directory,
+        "log_directory": log_directory,
         "python": python or sys.executable,
     }
 
@@ -76,6 +80,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--memory", default="64GB")
     ap.add_argument("--gpus-per-job", type=int, default=1)
     ap.add_argument("--walltime", default="02:00:00")
+    ap.add_argument(
+        "--lifetime",
+        default="110m",
+        help="workers retire gracefully after this long (keep it under --walltime)",
+    )
+    ap.add_argument("--lifetime-stagger", default="4m", help="spread of the workers' lifetimes")
+    ap.add_argument("--log-directory", default=None, help="the worker jobs' logs (default: here)")
     ap.add_argument("--min-jobs", type=int, default=0)
     ap.add_argument("--max-jobs", type=int, default=4)
     ap.add_argument("--runner", action="store_true", help="batch mode inside an sbatch allocation")
@@ -101,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         memory=args.memory,
         gpus_per_job=args.gpus_per_job,
         walltime=args.walltime,
+        lifetime=args.lifetime,
+        lifetime_stagger=args.lifetime_stagger,
+        log_directory=args.log_directory,
     )
     try:
         if args.print_job_script:
