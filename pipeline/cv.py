@@ -20,11 +20,16 @@ import numpy as np
 import pandas as pd
 
 from pipeline.classes import CLASSES
-from pipeline.errors import InputError
 from pipeline.evaluate import confusion_markdown, confusion_table, read_confusion
 from pipeline.folds import DEFAULT_GROUP, fold_warnings, group_folds, groups_of
 from pipeline.labelled import load_labelled, station_for_set
-from pipeline.storage import atomic_path, refuse_foreign_out, write_table
+from pipeline.storage import (
+    atomic_path,
+    claim_run_record,
+    finish_run_record,
+    refuse_foreign_out,
+    write_table,
+)
 from pipeline.train import TrainConfig, train
 
 log = logging.getLogger(__name__)
@@ -131,7 +136,11 @@ def cross_validate(
         "init_from": None if init_from is None else str(Path(init_from).resolve()),
         "fold_of": dict(zip(map(str, groups), map(int, fold))),
     }
-    _check_plan(out, plan)
+    claim_run_record(
+        out, RUN_FILE, plan,
+        "a cross-validation of other data, folds, group, seed or --init-from (finished folds "
+        "are reused only for the same)",
+    )  # fmt: skip
     stn = station_for_set(data, station, cfg.station)
     rows = []
     for variant in variants or [cfg.variant]:
@@ -149,22 +158,6 @@ def cross_validate(
     table = pd.DataFrame(rows)
     write_summary(table, out, classes, plan)
     return table
-
-
-def _check_plan(out: Path, plan: dict[str, Any]) -> None:
-    """A folder holds one fold assignment: another would mix folds of two splits."""
-    path = out / RUN_FILE
-    if path.is_file():
-        old = json.loads(path.read_text())
-        if {k: old.get(k) for k in plan} != plan:
-            raise InputError(
-                f"{out}: holds a cross-validation of other data, folds, group, seed or "
-                "--init-from; choose another --out (finished folds are reused only for the same)"
-            )
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps({**plan, "finished": False}, indent=1) + "\n")
 
 
 def summary_frame(table: pd.DataFrame, classes: Sequence[str]) -> pd.DataFrame:
@@ -234,5 +227,4 @@ def write_summary(
     fig = cv_figure(table, classes)
     with atomic_path(out / "cv.png") as tmp:
         fig.savefig(tmp, dpi=120, format="png")
-    with atomic_path(out / RUN_FILE) as tmp:
-        tmp.write_text(json.dumps({**plan, "finished": True}, indent=1) + "\n")
+    finish_run_record(out, RUN_FILE, plan)

@@ -9,7 +9,6 @@ labelled sets whose labels are ignored).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -28,7 +27,14 @@ from torch import nn
 from pipeline.classes import CLASSES
 from pipeline.config import dump_yaml, load_config, to_dict
 from pipeline.errors import ConfigError, FrameReadError, InputError
-from pipeline.storage import ERRORS_SCHEMA, atomic_path, refuse_foreign_out, write_table
+from pipeline.storage import (
+    ERRORS_SCHEMA,
+    atomic_path,
+    claim_run_record,
+    finish_run_record,
+    refuse_foreign_out,
+    write_table,
+)
 from pipeline.train import AugmentConfig, augment_batch, kaiming_reinit, model_input_fill
 
 log = logging.getLogger(__name__)
@@ -203,7 +209,7 @@ def pretrain(
     out = Path(out)
     refuse_foreign_out(out, (RUN_FILE, "model.safetensors"), "pretrain")
     record = {"config": to_dict(cfg), "sources": [str(Path(s).resolve()) for s in sources]}
-    _check_record(out, record)
+    claim_run_record(out, RUN_FILE, record, "a pre-training with another config or other frames")
     dev = resolve_device(device)
     st = resolve_station(station, Path(sources[0]), cfg.station)
     x8, errors = load_frames(sources, cfg, st)
@@ -251,26 +257,9 @@ def pretrain(
     dump_yaml(cfg, out / "config.yaml")
     if len(errors):
         write_table(errors, out / "errors.parquet", ERRORS_SCHEMA)
-    with atomic_path(out / RUN_FILE) as tmp:
-        tmp.write_text(json.dumps({**record, "finished": True, "history": history}, indent=1))
+    finish_run_record(out, RUN_FILE, record, history=history)
     (out / STATE_FILE).unlink(missing_ok=True)
     return {"frames": len(x8), "unreadable": len(errors), "epochs": cfg.epochs, "out": str(out)}
-
-
-def _check_record(out: Path, record: dict[str, Any]) -> None:
-    """OUT holds one pre-training: another config or other frames would be a silent mix."""
-    path = out / RUN_FILE
-    if path.is_file():
-        old = json.loads(path.read_text())
-        if {k: old.get(k) for k in record} != record:
-            raise InputError(
-                f"{out}: holds a pre-training with another config or other frames; choose "
-                "another --out"
-            )
-    out.mkdir(parents=True, exist_ok=True)
-    if not path.is_file():
-        with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps({**record, "finished": False}, indent=1))
 
 
 def _resume(path: Path, model: nn.Module, head: nn.Module, opt: Any, gen: Any) -> int:

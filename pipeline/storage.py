@@ -342,3 +342,32 @@ def install_outputs(staging: Path, out: Path, names: Sequence[str], record: str)
             else:
                 (out / name).unlink(missing_ok=True)
         os.replace(staging / record, out / record)
+
+
+def claim_run_record(out: Path, name: str, record: dict, what: str) -> None:
+    """OUT/name holds the settings of one run: start it (finished: false), or accept an earlier
+    run of the same settings (resumed); another run's record is an InputError naming ``what``."""
+    import json
+
+    from pipeline.errors import InputError
+
+    path = out / name
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, ValueError):
+            old = {}
+        if {k: old.get(k) for k in record} != record:
+            raise InputError(f"{out}: holds {what}; choose another --out")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps({**record, "finished": False}, indent=1) + "\n")
+
+
+def finish_run_record(out: Path, name: str, record: dict, **extra: object) -> None:
+    """Mark the run of OUT/name finished (written last, after every output is in place)."""
+    import json
+
+    with atomic_path(out / name) as tmp:
+        tmp.write_text(json.dumps({**record, **extra, "finished": True}, indent=1) + "\n")
