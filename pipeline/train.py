@@ -477,7 +477,7 @@ def _split_groups(cfg: TrainConfig, df: pd.DataFrame, data: Path) -> np.ndarray 
     return None
 
 
-def _balanced_sampler(labels: np.ndarray, generator: torch.Generator, balance: str) -> Any:
+def balanced_sampler(labels: np.ndarray, generator: torch.Generator, balance: str) -> Any:
     """A sampler drawing each class equally often (with replacement), or None."""
     if balance != "sampler":
         return None
@@ -996,7 +996,7 @@ def train(
 
     collate = ToModelInput(cfg.input_size)
     train_ds, val_ds = Subset(ds, train_idx.tolist()), Subset(ds, val_idx.tolist())
-    sampler = _balanced_sampler(df["label"].to_numpy()[train_idx], loader_gen, cfg.balance)
+    sampler = balanced_sampler(df["label"].to_numpy()[train_idx], loader_gen, cfg.balance)
     train_loader = DataLoader(
         train_ds,
         batch_size=cfg.batch_size,

@@ -233,3 +233,33 @@ def test_train_step_on_cuda_with_autocast(variant):
     opt.step()
     assert torch.isfinite(loss)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_frame_stretch_makes_the_model_blind_to_overall_brightness(tmp_path):
+    from pipeline.checkpoint import load_checkpoint, save_checkpoint
+    from pipeline.models.build import FrameStretch
+
+    torch.manual_seed(0)
+    frame = torch.rand(2, 1, 64, 64) * 0.4  # a dim frame in [0, 1]
+    frame[:, :, :8] = 0.0  # a black (masked) band
+    x = to_model_input(frame, 64)
+    out = FrameStretch()(x) * INPUT_STD + INPUT_MEAN
+    top = torch.quantile(frame.flatten(1), 0.99, dim=1)
+    # float32 division and the (x - m) / s round trip: a few ulps of values <= 1
+    # the same roundings as below, against the exact stretch of the float32 frame
+    u = 2.0**-24
+    ref = (frame / top.view(-1, 1, 1, 1)).clamp(0, 1)
+    torch.testing.assert_close(out, ref, atol=8 * u * float(1 / top.min()), rtol=0)
+    assert (out[:, :, :8] == 0).all()  # black stays black
+    # Doubling the brightness is undone: the quantile doubles exactly, and the two paths
+    # differ only by the roundings of (x - m) / s, its inverse and the division (<= 8 float32
+    # roundings of values <= 1 / top, in [0, 1] units, then / INPUT_STD).
+    bright = FrameStretch()(to_model_input(frame * 2, 64))
+    bound = 8 * u * float(1 / top.min()) / INPUT_STD
+    torch.testing.assert_close(FrameStretch()(x), bright, atol=bound, rtol=0)
+    model = build_model("alexnet", input_size=64, input_norm="frame").eval()
+    save_checkpoint(tmp_path / "ck", model)
+    loaded, meta = load_checkpoint(tmp_path / "ck")
+    assert meta["build"]["input_norm"] == "frame" and loaded.input_norm is not None
+    with pytest.raises(ConfigError, match="input_norm"):
+        build_model("alexnet", input_norm="per-pixel")

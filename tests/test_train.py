@@ -20,9 +20,11 @@ from pipeline.train import (
     AugmentConfig,
     TrainConfig,
     augment_batch,
+    balanced_sampler,
     day_stratified_split,
     load_train_config,
     lr_at,
+    split_for_config,
     stratified_split,
 )
 
@@ -625,3 +627,43 @@ def test_a_station_that_does_not_fit_the_set_names_the_dark_frame_and_the_fix(
         _train(write_cfg(tmp_path / "c.yaml"), mini_set, tmp_path / "ck", "--station", "yrs")
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert ex.value.code == 1 and "calib/dark_" in err and "leave out --station" in err
+
+
+# ----------------------------------------------------------------------------- real-frame recipe
+
+
+def testbalanced_sampler_draws_every_class_about_equally():
+    labels = np.array(["arc"] * 300 + ["hotspot"] * 10 + ["radial"] * 90)
+    sampler = balanced_sampler(labels, torch.Generator().manual_seed(0), "sampler")
+    draws = labels[np.concatenate([list(sampler) for _ in range(10)])]  # 10 epochs, 4000 draws
+    counts = np.array([np.sum(draws == c) for c in ("arc", "hotspot", "radial")])
+    # Each count ~ Binomial(4000, 1/3): mean 1333, sd 30, so > 1000 holds by > 10 sd; a plain
+    # shuffle would give 3000:100:900.
+    assert len(sampler) == 400 and counts.min() > 1000
+    assert balanced_sampler(labels, torch.Generator(), "none") is None
+
+
+def test_photometric_jitter_keeps_the_mask_black_and_is_seeded():
+    from pipeline.models.build import INPUT_BLACK
+
+    aug = AugmentConfig(flip=False, scale_jitter=0, gain=0.5, gamma=0.3, glow=0.05, noise=0.02,
+                        blur=0.5)  # fmt: skip
+    x = torch.full((4, 1, 32, 32), 0.5)
+    x[:, :, :, :4] = INPUT_BLACK  # masked sky
+    a = augment_batch(x, aug, torch.Generator().manual_seed(1), INPUT_BLACK)
+    b = augment_batch(x, aug, torch.Generator().manual_seed(1), INPUT_BLACK)
+    assert torch.equal(a, b)
+    assert (a[:, :, :, :4] == INPUT_BLACK).all()
+    assert not torch.equal(a[:, :, :, 8:], x[:, :, :, 8:])  # the sky was jittered
+    assert a.std(dim=(1, 2, 3)).unique().numel() == 4  # each frame its own draw
+
+
+def test_episode_split_and_no_validation(tmp_path):
+    labels = np.array(["arc"] * 40 + ["radial"] * 40)
+    groups = np.repeat([f"e{i}" for i in range(16)], 5)
+    cfg = TrainConfig(split_by="episode", val_fraction=0.25)
+    train_idx, val_idx = split_for_config(cfg, labels, groups)
+    assert not set(groups[train_idx]) & set(groups[val_idx]) and len(val_idx)
+    none = TrainConfig(val_fraction=0.0)
+    train_idx, val_idx = split_for_config(none, labels, None)
+    assert len(train_idx) == 80 and len(val_idx) == 0
