@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.classes import CLASSES
+from pipeline.config import to_dict
 from pipeline.evaluate import confusion_markdown, confusion_table, read_confusion
 from pipeline.folds import DEFAULT_GROUP, fold_warnings, group_folds, groups_of
 from pipeline.labelled import load_labelled, station_for_set
@@ -134,12 +135,13 @@ def cross_validate(
         "group": group,
         "seed": cfg.seed,
         "init_from": None if init_from is None else str(Path(init_from).resolve()),
+        "config": to_dict(cfg),
         "fold_of": dict(zip(map(str, groups), map(int, fold))),
     }
     claim_run_record(
         out, RUN_FILE, plan,
-        "a cross-validation of other data, folds, group, seed or --init-from (finished folds "
-        "are reused only for the same)",
+        "a cross-validation of another config, data, folds, group, seed or "
+        "--init-from (finished folds are reused only for the same)",
     )  # fmt: skip
     stn = station_for_set(data, station, cfg.station)
     rows = []

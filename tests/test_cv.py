@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -77,6 +78,8 @@ def test_cv_refuses_another_split_in_the_same_folder(episodes_set, tmp_path):
     cross_validate(CFG, episodes_set, out, folds=2)
     with pytest.raises(InputError, match="another --out"):
         cross_validate(CFG, episodes_set, out, folds=3)
+    with pytest.raises(InputError, match="another config"):  # finished folds of another recipe
+        cross_validate(dataclasses.replace(CFG, lr=0.01), episodes_set, out, folds=2)
 
 
 def test_cv_without_the_group_column_is_one_line(tiny_labelled, tmp_path, capsys):
