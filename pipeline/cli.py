@@ -187,10 +187,17 @@ def synth_archive(
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["png", "npy"]),
+    type=click.Choice(["png", "npy", "zarr"]),
     default="png",
     show_default=True,
-    help="png: 8-bit; npy: float32 in [0, 1].",
+    help="png: 8-bit; npy: float32 in [0, 1]; zarr: a frame store (OUT) at --input-size, "
+    "which classify-archive, index and evaluate read instead of the frames.",
+)
+@click.option(
+    "--input-size",
+    type=click.IntRange(1),
+    default=None,
+    help="--format zarr: the model input size the store holds frames at (default 227).",
 )
 @click.option(
     "--chunk-size",
@@ -207,6 +214,7 @@ def preprocess(
     workers: int | None,
     scheduler: str | None,
     fmt: str,
+    input_size: int | None,
     chunk_size: int | None,
 ) -> None:
     """Subtract system noise, crop and mask every frame of INPUT (archive, manifest or labelled set)."""
@@ -222,13 +230,14 @@ def preprocess(
         scheduler=scheduler,
         fmt=fmt,
         chunk_size=chunk_size,
+        input_size=input_size,
     )
     click.echo(summary.line())
     if summary.failed and not (summary.written or summary.passed_through or summary.up_to_date):
         first = summary.errors[0] if summary.errors else "see errors.parquet"
         raise AuroraError(
             f"no frame could be preprocessed: all {summary.failed} failed (first: {first}); "
-            f"they are listed in {out}/errors.parquet; check --station and the files"
+            f"they are listed in {out}/{summary.errors_file}; check --station and the files"
         )
 
 

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from pipeline import __version__
+from pipeline import __version__, framestore
 from pipeline.config import StationConfig, resolve_station, to_dict
 from pipeline.errors import ConfigError, FrameReadError, InputError
 from pipeline.preprocess import (
@@ -63,6 +63,9 @@ LABELS_NAME = "labels.parquet"
 #: Failures that belong to the frame file itself: retried on a rerun only when the file changed.
 _FRAME_FAULTS = ("FrameReadError", "FrameGeometryError")
 _PGM = (".pgm.gz", ".pgm")
+FORMATS = ("png", "npy", "zarr")
+#: a store's frame size when --input-size is not given: the paper's AlexNet input.
+DEFAULT_INPUT_SIZE = 227
 
 
 # ------------------------------------------------------------------------------ darks
@@ -291,6 +294,8 @@ class PreprocessSummary:
     dark: str = ""
     #: the first few error messages, for the summary line.
     errors: list[str] = field(default_factory=list)
+    #: where the errors table is, relative to ``out``.
+    errors_file: str = ERRORS_NAME
 
     def note_error(self, message: str) -> None:
         """Keep the first few error messages (the table holds them all)."""
@@ -312,7 +317,7 @@ class PreprocessSummary:
         tail = ""
         if self.failed + self.known_errors + self.scan_errors:
             first = f"; first: {self.errors[0]}" if self.errors else ""
-            tail = f" (see {self.out / ERRORS_NAME}{first})"
+            tail = f" (see {self.out / self.errors_file}{first})"
         return ", ".join(parts) + f"; {self.dark}; {self.seconds:.1f} s -> {self.out}" + tail
 
 
@@ -399,13 +404,20 @@ def run_preprocess(
     scheduler: str | None = None,
     fmt: str = "png",
     chunk_size: int | None = None,
+    input_size: int | None = None,
 ) -> PreprocessSummary:
-    """Preprocess every frame of INPUT (archive tree, manifest or labelled set) into OUT."""
+    """Preprocess every frame of INPUT (archive tree, manifest or labelled set) into OUT.
+
+    ``fmt`` ``zarr``: OUT is a frame store of the frames at ``input_size`` (default 227), see
+    :mod:`pipeline.store_writer`.
+    """
     t0 = time.perf_counter()
     source = Path(input).resolve()
     out_dir = Path(out).resolve()
-    if fmt not in ("png", "npy"):
-        raise InputError(f"--format {fmt!r}: allowed values: png, npy")
+    if fmt not in FORMATS:
+        raise InputError(f"--format {fmt!r}: allowed values: {', '.join(FORMATS)}")
+    if input_size is not None and fmt != "zarr":
+        raise InputError(f"--input-size sizes the frames of a store (--format zarr), not {fmt}")
     if dark is not None and dark_dir is not None:
         raise InputError("give either --dark (one frame for all) or --dark-dir, not both")
     if not source.exists():
@@ -416,6 +428,7 @@ def run_preprocess(
             "(a later scan would pick the outputs up as frames); choose another --out"
         )
     kind, root, st, df, scan_errors = _load_frames(source, station)
+    # float32 for a store: what classify-archive computes from the frames, before its resize.
     dtype = "uint8" if fmt == "png" else "float32"
 
     if dark is not None or dark_dir is not None:
@@ -449,6 +462,22 @@ def run_preprocess(
         dark_note = "no dark frame, no bias subtraction"
 
     settings = _settings(st, darks, fmt, dtype)
+    if fmt == "zarr":
+        from pipeline.store_writer import write_store
+
+        summary = PreprocessSummary(out=out_dir, total=len(df), dark=dark_note)
+        summary.errors_file = f"{framestore.SIDE_GROUP}/{framestore.ERRORS_NAME}"
+        size = DEFAULT_INPUT_SIZE if input_size is None else int(input_size)
+        write_store(
+            source, out_dir, kind, root, st, df, scan_errors, darks, settings, size, summary,
+            workers, scheduler, chunk_size,
+        )  # fmt: skip
+        summary.seconds = time.perf_counter() - t0
+        return summary
+    if framestore.is_store(out_dir):
+        raise InputError(
+            f"{out_dir}: is a frame store; add to it with --format zarr, or choose another --out"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     with _out_lock(out_dir):
         _check_settings(out_dir, settings)
