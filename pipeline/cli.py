@@ -425,7 +425,7 @@ def pretrain(
 
 # ------------------------------------------------------------------------------ classify-archive
 @cli.command("classify-archive")
-@click.argument("source", metavar="ARCHIVE_OR_MANIFEST", type=ExistingPath)
+@click.argument("source", metavar="ARCHIVE_MANIFEST_OR_STORE", type=ExistingPath)
 @click.option("--checkpoint", type=ExistingPath, required=True)
 @click.option("--out", type=PathArg, required=True, help="Predictions directory.")
 @click.option(
@@ -484,7 +484,10 @@ def pretrain(
     help="Decoding threads per worker (default: the torch threads on CPU, the cores on GPU).",
 )
 def classify_archive(source: Path, checkpoint: Path, out: Path, **kwargs: object) -> None:
-    """Classify every frame of an archive or manifest on a Dask cluster (resumable).
+    """Classify every frame of an archive, manifest or frame store on a Dask cluster (resumable).
+
+    A frame store (`preprocess --format zarr`) is read chunk by chunk, not decoded; its input
+    size must be the checkpoint's.
 
     --threads-per-worker sets the torch threads of each worker (default: its share of the cores);
     each worker runs one shard at a time and decodes the next batch while the model runs.
