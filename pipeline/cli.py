@@ -329,7 +329,8 @@ def evaluate(
     station: str | None,
     no_timing: bool,
 ) -> None:
-    """Per-class accuracy, confusion matrix and time per image of a checkpoint on a labelled set."""
+    """Per-class accuracy, confusion matrix and time per image of a checkpoint on a labelled set
+    (or on a frame store of one, `preprocess LABELLED --format zarr`)."""
     from pipeline.evaluate import evaluate_checkpoint
 
     res = evaluate_checkpoint(
@@ -628,7 +629,8 @@ def index(
     batch_size: int,
     device: str,
 ) -> None:
-    """Build a retrieval index of FC7 features for SET (labelled set, archive, manifest, images)."""
+    """Build a retrieval index of FC7 features for SET (labelled set, archive, manifest, images,
+    or a frame store of `preprocess --format zarr`)."""
     from pipeline.retrieval_stage import build_index
 
     info = build_index(
