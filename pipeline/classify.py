@@ -5,6 +5,10 @@ through the task graph, with the checkpoint PATH and a few settings. Each Dask w
 model once (a per-process cache keyed by checkpoint path, model_id and device), decodes and
 preprocesses frames in a small thread pool while the model runs the previous batch, and writes
 its shard itself, atomically, as ``PRED_DIR/shards/shard-000123.parquet`` (PREDICTIONS_SCHEMA).
+A frame store (:mod:`pipeline.framestore`, ``preprocess --format zarr``) is classified like an
+archive of its frames, with the same paths, times and predictions: its shards are runs of store
+indices, and workers read them chunk by chunk (the next batch while the model runs this one)
+instead of decoding files.
 
 Output folder (PRED_DIR), a Parquet dataset: ``PRED_DIR/shards`` holds nothing but the shards, so
 any client (pandas, pyarrow, Dask, DuckDB, polars) opens it as the predictions table, and

@@ -202,18 +202,24 @@ def _decode_times(raw: np.ndarray, attrs: dict[str, Any], fill: Any) -> np.ndarr
     return ds["t"].to_numpy()
 
 
-_ARRAYS: dict[str, Any] = {}
+_ARRAYS: dict[str, tuple[int, Any]] = {}
 _ARRAYS_LOCK = threading.Lock()
 
 
 def _frames_array(store: str | os.PathLike, need: int) -> Any:
-    """The store's ``frames`` array, opened once per process (again when it has grown)."""
-    key = os.fspath(Path(store).resolve())
+    """The store's ``frames`` array, opened once per process and again when its metadata
+    changed (an append, or a store written anew at the same path)."""
+    path = os.fspath(Path(store).resolve())
+    try:
+        stamp = os.stat(f"{path}/{FRAMES}/zarr.json").st_mtime_ns
+    except OSError:
+        raise InputError(f"{path}: the frame store holds no frames array") from None
     with _ARRAYS_LOCK:
-        arr = _ARRAYS.get(key)
-        if arr is None or arr.shape[0] < need:
-            arr = _ARRAYS[key] = _zarr().open_array(f"{key}/{FRAMES}", mode="r", zarr_format=3)
-        return arr
+        hit = _ARRAYS.get(path)
+        if hit is None or hit[0] != stamp or hit[1].shape[0] < need:
+            arr = _zarr().open_array(f"{path}/{FRAMES}", mode="r", zarr_format=3)
+            hit = _ARRAYS[path] = (stamp, arr)
+        return hit[1]
 
 
 def read_frames(store: str | os.PathLike, start: int, stop: int) -> np.ndarray:

@@ -105,17 +105,23 @@ def test_store_holds_what_classify_computes_from_the_frames(tiny_archive, store,
 
 
 def test_the_nightly_run_appends_only_new_frames_and_bad_ones_are_recorded(
-    tiny_archive, tmp_path, cluster
+    tiny_archive, tmp_path, cluster, capsys
 ):
+    from pipeline.cli import main
+
     root = _small_archive(tiny_archive, tmp_path / "arch", 20)
     station = load_station(root / "calib" / "station.yaml")
     manifest = load_manifest(root, station)
     write_manifest(manifest.iloc[:12], tmp_path / "first.parquet", root=root)
     out = tmp_path / "s.zarr"
-    s = run_preprocess(
-        tmp_path / "first.parquet", out, fmt="zarr", input_size=SIZE, scheduler=cluster[0]
+    args = ["--out", str(out), "--format", "zarr", "--input-size", str(SIZE)]
+    main(["preprocess", str(tmp_path / "first.parquet"), *args, "--scheduler", cluster[0]])
+    assert (
+        capsys.readouterr()
+        .out.strip()
+        .splitlines()[-1]
+        .startswith("preprocess: 12 frames, 12 written")
     )
-    assert s.written == 12
     bad = manifest["path"].iloc[15]
     (root / bad).write_bytes(b"\x89PNG\r\n\x1a\n truncated")
 
