@@ -197,7 +197,8 @@ def synth_archive(
     "--input-size",
     type=click.IntRange(1),
     default=None,
-    help="--format zarr: the model input size the store holds frames at (default 227).",
+    help="--format zarr: the model input size the store holds frames at (default: an existing "
+    "store's, else 227).",
 )
 @click.option(
     "--chunk-size",

@@ -5,6 +5,7 @@ Tasks carry chunks of file paths, never pixels: each task reads its frames, appl
 returns one status per frame. Outputs newer than their input are skipped, so a rerun after a
 crash finishes the job and a rerun of a finished job does nothing. Frames that fail go to
 OUT/errors.parquet and the run goes on. The resolved settings are written to OUT/_preprocess.json.
+``--format zarr`` writes a frame store instead (:mod:`pipeline.store_writer`).
 """
 
 from __future__ import annotations
@@ -408,8 +409,8 @@ def run_preprocess(
 ) -> PreprocessSummary:
     """Preprocess every frame of INPUT (archive tree, manifest or labelled set) into OUT.
 
-    ``fmt`` ``zarr``: OUT is a frame store of the frames at ``input_size`` (default 227), see
-    :mod:`pipeline.store_writer`.
+    ``fmt`` ``zarr``: OUT is a frame store of the frames at ``input_size`` (default: the
+    store's own, else 227), see :mod:`pipeline.store_writer`.
     """
     t0 = time.perf_counter()
     source = Path(input).resolve()
@@ -467,7 +468,11 @@ def run_preprocess(
 
         summary = PreprocessSummary(out=out_dir, total=len(df), dark=dark_note)
         summary.errors_file = f"{framestore.SIDE_GROUP}/{framestore.ERRORS_NAME}"
-        size = DEFAULT_INPUT_SIZE if input_size is None else int(input_size)
+        if input_size is not None:
+            size = int(input_size)
+        else:  # the nightly run adds to a store at its own size
+            is_store = framestore.is_store(out_dir)
+            size = framestore.open_info(out_dir).input_size if is_store else DEFAULT_INPUT_SIZE
         write_store(
             source, out_dir, kind, root, st, df, scan_errors, darks, settings, size, summary,
             workers, scheduler, chunk_size,

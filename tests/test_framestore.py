@@ -125,7 +125,7 @@ def test_the_nightly_run_appends_only_new_frames_and_bad_ones_are_recorded(
     bad = manifest["path"].iloc[15]
     (root / bad).write_bytes(b"\x89PNG\r\n\x1a\n truncated")
 
-    s = run_preprocess(root, out, fmt="zarr", input_size=SIZE, scheduler=cluster[0])
+    s = run_preprocess(root, out, fmt="zarr", scheduler=cluster[0])  # the store's input size
     assert (s.written, s.up_to_date, s.failed) == (7, 12, 1)
     assert "_aurora/errors.parquet" in s.line()
     items = framestore.read_items(out)
