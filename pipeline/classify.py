@@ -5,6 +5,10 @@ through the task graph, with the checkpoint PATH and a few settings. Each Dask w
 model once (a per-process cache keyed by checkpoint path, model_id and device), decodes and
 preprocesses frames in a small thread pool while the model runs the previous batch, and writes
 its shard itself, atomically, as ``PRED_DIR/shards/shard-000123.parquet`` (PREDICTIONS_SCHEMA).
+A frame store (:mod:`pipeline.framestore`, ``preprocess --format zarr``) is classified like an
+archive of its frames, with the same paths, times and predictions: its shards are runs of store
+indices, and workers read them chunk by chunk (the next batch while the model runs this one)
+instead of decoding files.
 
 Output folder (PRED_DIR), a Parquet dataset: ``PRED_DIR/shards`` holds nothing but the shards, so
 any client (pandas, pyarrow, Dask, DuckDB, polars) opens it as the predictions table, and
@@ -141,6 +145,8 @@ class ShardSettings:
     decode_threads: int | None = None
     #: worker processes per host, so a worker can share its host's cores fairly.
     workers_per_host: dict[str, int] = field(default_factory=dict)
+    #: a frame store (pipeline.framestore) to read the frames from instead of their files.
+    store: str | None = None
 
 
 @dataclass
@@ -373,8 +379,13 @@ def classify_shard(
     frames: Sequence[int],
     times_ns: Sequence[int],
     settings: ShardSettings,
+    rows: Sequence[int] | None = None,
 ) -> ShardResult:
-    """Classify one shard on this worker and write its predictions (and features) atomically."""
+    """Classify one shard on this worker and write its predictions (and features) atomically.
+
+    ``rows``: the frames' indices in ``settings.store``, read chunk by chunk instead of decoding
+    ``abspaths`` (then unused).
+    """
     t0 = time.perf_counter()
     model, meta, device, loads = worker_model(settings)
     input_size = int(meta.get("input_size", 227))
@@ -384,12 +395,14 @@ def classify_shard(
     cores = _host_cores()
     host, _ = _worker_identity()
     per_host = settings.workers_per_host.get(host or "", 1) or 1
+    store = settings.store if rows is not None else None
     n_dec = settings.decode_threads or (
-        _torch_threads(settings) if device.type == "cpu" else max(1, cores // per_host)
+        1 if store else _torch_threads(settings) if device.type == "cpu" else cores // per_host
     )
-    pool = _decode_pool(n_dec)
+    pool = _decode_pool(max(1, n_dec))
     bs = settings.batch_size
-    bufs = _batch_buffers(bs, settings.station.crop_size, device.type == "cuda")
+    side = input_size if store else settings.station.crop_size
+    bufs = _batch_buffers(bs, side, device.type == "cuda")
 
     def decode(i: int, dst: np.ndarray) -> AuroraError | None:
         try:
@@ -400,9 +413,21 @@ def classify_shard(
             return FrameReadError(abspaths[i], f"{type(exc).__name__}: {exc}")
         return None
 
+    def read(start: int, dst: np.ndarray) -> list[None]:
+        from pipeline.framestore import read_rows
+
+        stop = min(n, start + bs)
+        read_rows(store, np.asarray(rows[start:stop], dtype=np.int64), dst)  # type: ignore[arg-type]
+        return [None] * (stop - start)
+
     def submit(start: int) -> list:
         arr = bufs[(start // bs) % 2][1]
+        if store:  # one read per batch: whole chunks of the store, no decoding
+            return [pool.submit(read, start, arr)]
         return [pool.submit(decode, i, arr[i - start]) for i in range(start, min(n, start + bs))]
+
+    def outcomes(futs: list) -> list[AuroraError | None]:
+        return futs[0].result() if store else [fut.result() for fut in futs]
 
     errors: list[tuple[str, int, str, str]] = []
     keep: list[int] = []
@@ -419,8 +444,8 @@ def classify_shard(
             pending = submit(start + bs) if start + bs < n else []
             td = time.perf_counter()
             ok: list[int] = []
-            for j, fut in enumerate(futs):
-                res = fut.result()
+            done = outcomes(futs)
+            for j, res in enumerate(done):
                 if res is None:
                     ok.append(j)
                 else:
@@ -430,7 +455,7 @@ def classify_shard(
             t_decode += tm - td
             if ok:
                 tensor = bufs[(start // bs) % 2][0]
-                m = len(futs)
+                m = len(done)
                 batch = tensor[:m] if len(ok) == m else tensor[ok]
                 p, f = predict_batch(model, batch, input_size, device, settings.features, in_chans)
                 probs_parts.append(p)
@@ -861,7 +886,13 @@ def classify_archive(
     model_id = str(meta["model_id"])
     out = Path(out).resolve()
 
-    st, manifest, scan_errors = _station_and_manifest(source, station)
+    store = _store_info(source)
+    if store is not None:
+        st, manifest, scan_errors = _store_and_manifest(
+            store, station, ckpt, meta, preprocessed, dark_dir
+        )
+    else:
+        st, manifest, scan_errors = _station_and_manifest(source, station)
     n_manifest = len(manifest)
     if not n_manifest:
         raise InputError(
@@ -874,9 +905,10 @@ def classify_archive(
         manifest = manifest[pd.to_datetime(manifest["time_utc"], utc=True) > since_ts]
     mhash = manifest_hash(manifest)
 
-    if root is not None and out == Path(root).resolve():
+    if (root is not None and out == Path(root).resolve()) or (store and out == store.path):
         raise InputError(
-            f"--out {out} is the archive itself; give the predictions a folder of their own"
+            f"--out {out} is the {'store' if store else 'archive'} itself; give the predictions "
+            "a folder of their own"
         )
     refuse_foreign_out(out, (RUN_FILE,), "classify-archive")
     out.mkdir(parents=True, exist_ok=True)
@@ -923,6 +955,8 @@ def classify_archive(
         run["shards"].pop(f"{s:06d}", None)
     covered = pd.concat(covered_parts, ignore_index=True)
     todo = remaining_frames(manifest, covered)
+    if store is not None:  # shards of consecutive store indices: whole chunks per read
+        todo = todo.sort_values("store_index", kind="stable", ignore_index=True)
     first = max([int(k) for k in run["shards"]] + [s for s in files], default=-1) + 1
     shards = plan_shards(todo, shard_size, first)
 
@@ -969,14 +1003,15 @@ def classify_archive(
         return summary
     # Run-level checks before _run.json records this run: a refused run must leave nothing
     # that a corrected rerun would trip over.
-    if dark_dir is None and root is not None and not preprocessed and st.preprocess.dark_subtract:
+    raw = store is None and not preprocessed  # a store's frames are preprocessed already
+    if dark_dir is None and root is not None and raw and st.preprocess.dark_subtract:
         from pipeline.preprocess import find_dark_dir
 
         found = find_dark_dir(Path(root))
         dark_dir = str(found) if found is not None else None
-    if dark_dir is None and not preprocessed and st.preprocess.dark_subtract:
+    if dark_dir is None and raw and st.preprocess.dark_subtract:
         log.warning("no dark frames found (calib/ or --dark-dir): noise from the corners only")
-    if dark_dir is not None and not preprocessed:
+    if dark_dir is not None and raw:
         from pipeline.preprocess import dark_coverage_note
 
         _check_dark_size(Path(dark_dir), st)
@@ -1022,6 +1057,7 @@ def classify_archive(
             torch_threads=threads_per_worker,
             decode_threads=decode_threads,
             workers_per_host=dict(per_host),
+            store=str(store.path) if store is not None else None,
         )
         n_slots = max(1, len(wk))
         retried = book.retried_keys()
@@ -1037,6 +1073,8 @@ def classify_archive(
                     pd.to_datetime(df["time_utc"], utc=True).astype("int64").tolist(),
                     settings,
                 )
+                if store is not None:
+                    args += (df["store_index"].astype(int).tolist(),)
                 yield s, args, len(df)
 
         new_errors: list[pd.DataFrame] = []
@@ -1178,6 +1216,46 @@ def _station_and_manifest(
             manifest, errors = load_manifest_and_errors(src, st)
         return st, manifest, errors
     return first, manifest, errors
+
+
+def _store_info(source: str | os.PathLike) -> Any:
+    """The StoreInfo when ``source`` is a frame store (pipeline.framestore), else None."""
+    from pipeline import framestore
+
+    return framestore.open_info(source) if framestore.is_store(source) else None
+
+
+def _store_and_manifest(
+    info: Any,
+    station: str | os.PathLike | StationConfig | None,
+    ckpt: Path,
+    meta: dict,
+    preprocessed: bool,
+    dark_dir: Any,
+) -> tuple[StationConfig, pd.DataFrame, pd.DataFrame]:
+    """The station, the manifest (with ``store_index``) and the frames the store lacks (its
+    errors table) of a frame store; one clear error when the model's input size is not its."""
+    from pipeline import framestore
+    from pipeline.config import resolve_station
+
+    if preprocessed or dark_dir is not None:
+        raise InputError(
+            f"{info.path}: a frame store holds preprocessed frames; drop --preprocessed/--dark-dir"
+        )
+    framestore.check_input_size(info, int(meta.get("input_size", 227)), ckpt)
+    st = resolve_station(None, None, info.station)
+    if station is not None and resolve_station(station).code != st.code:
+        raise InputError(
+            f"{info.path}: holds frames of station {st.code}; drop --station (the store "
+            "records its own) or classify the archive of the other station"
+        )
+    manifest = framestore.read_items(info.path, info)
+    root = Path(info.root) if info.root else None
+    manifest["abspath"] = [str(root / p) if root else p for p in manifest["path"]]
+    manifest.attrs["root"] = info.root
+    errors = storage_read_errors(framestore.side_path(info.path, framestore.ERRORS_NAME))
+    errors = errors.drop_duplicates(["path", "frame"]).reset_index(drop=True)
+    return st, manifest, errors
 
 
 def _check_dark_size(dark_dir: Path, st: StationConfig) -> None:

@@ -187,10 +187,18 @@ def synth_archive(
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["png", "npy"]),
+    type=click.Choice(["png", "npy", "zarr"]),
     default="png",
     show_default=True,
-    help="png: 8-bit; npy: float32 in [0, 1].",
+    help="png: 8-bit; npy: float32 in [0, 1]; zarr: a frame store (OUT) at --input-size, "
+    "which classify-archive, index and evaluate read instead of the frames.",
+)
+@click.option(
+    "--input-size",
+    type=click.IntRange(1),
+    default=None,
+    help="--format zarr: the model input size the store holds frames at (default: an existing "
+    "store's, else 227).",
 )
 @click.option(
     "--chunk-size",
@@ -207,6 +215,7 @@ def preprocess(
     workers: int | None,
     scheduler: str | None,
     fmt: str,
+    input_size: int | None,
     chunk_size: int | None,
 ) -> None:
     """Subtract system noise, crop and mask every frame of INPUT (archive, manifest or labelled set)."""
@@ -222,13 +231,14 @@ def preprocess(
         scheduler=scheduler,
         fmt=fmt,
         chunk_size=chunk_size,
+        input_size=input_size,
     )
     click.echo(summary.line())
     if summary.failed and not (summary.written or summary.passed_through or summary.up_to_date):
         first = summary.errors[0] if summary.errors else "see errors.parquet"
         raise AuroraError(
             f"no frame could be preprocessed: all {summary.failed} failed (first: {first}); "
-            f"they are listed in {out}/errors.parquet; check --station and the files"
+            f"they are listed in {out}/{summary.errors_file}; check --station and the files"
         )
 
 
@@ -320,7 +330,8 @@ def evaluate(
     station: str | None,
     no_timing: bool,
 ) -> None:
-    """Per-class accuracy, confusion matrix and time per image of a checkpoint on a labelled set."""
+    """Per-class accuracy, confusion matrix and time per image of a checkpoint on a labelled set
+    (or on a frame store of one, `preprocess LABELLED --format zarr`)."""
     from pipeline.evaluate import evaluate_checkpoint
 
     res = evaluate_checkpoint(
@@ -416,7 +427,7 @@ def pretrain(
 
 # ------------------------------------------------------------------------------ classify-archive
 @cli.command("classify-archive")
-@click.argument("source", metavar="ARCHIVE_OR_MANIFEST", type=ExistingPath)
+@click.argument("source", metavar="ARCHIVE_MANIFEST_OR_STORE", type=ExistingPath)
 @click.option("--checkpoint", type=ExistingPath, required=True)
 @click.option("--out", type=PathArg, required=True, help="Predictions directory.")
 @click.option(
@@ -475,7 +486,10 @@ def pretrain(
     help="Decoding threads per worker (default: the torch threads on CPU, the cores on GPU).",
 )
 def classify_archive(source: Path, checkpoint: Path, out: Path, **kwargs: object) -> None:
-    """Classify every frame of an archive or manifest on a Dask cluster (resumable).
+    """Classify every frame of an archive, manifest or frame store on a Dask cluster (resumable).
+
+    A frame store (`preprocess --format zarr`) is read chunk by chunk, not decoded; its input
+    size must be the checkpoint's.
 
     --threads-per-worker sets the torch threads of each worker (default: its share of the cores);
     each worker runs one shard at a time and decodes the next batch while the model runs.
@@ -616,7 +630,8 @@ def index(
     batch_size: int,
     device: str,
 ) -> None:
-    """Build a retrieval index of FC7 features for SET (labelled set, archive, manifest, images)."""
+    """Build a retrieval index of FC7 features for SET (labelled set, archive, manifest, images,
+    or a frame store of `preprocess --format zarr`)."""
     from pipeline.retrieval_stage import build_index
 
     info = build_index(

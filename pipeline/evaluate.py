@@ -305,7 +305,11 @@ def evaluate_checkpoint(
     num_workers: int = 0,
     timing: bool = True,
 ) -> dict[str, Any]:
-    """Evaluate a checkpoint on a labelled set; write metrics.json, confusion.parquet, metrics.md, confusion.png."""
+    """Evaluate a checkpoint on a labelled set; write metrics.json, confusion.parquet, metrics.md, confusion.png.
+
+    ``data``: a labelled set, or a frame store of one (``preprocess --format zarr``) at the
+    checkpoint's input size.
+    """
     import torch
     from torch.utils.data import DataLoader
 
@@ -313,8 +317,10 @@ def evaluate_checkpoint(
     from pipeline.labelled import (
         CheckedCollate,
         CheckedFrames,
+        StoreBatches,
         ToModelInput,
         load_labelled,
+        load_labelled_store,
         open_labelled,
         unreadable_rows,
     )
@@ -335,15 +341,22 @@ def evaluate_checkpoint(
     classes = tuple(meta.get("classes", CLASSES))
     input_size = int(meta["input_size"])
     in_chans = int(meta.get("in_chans", 1))
-    df = load_labelled(data, classes=classes)
-    ds = open_labelled(data, station=station, df=df)
-    loader = DataLoader(
-        CheckedFrames(ds),
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        collate_fn=CheckedCollate(ToModelInput(input_size)),
-    )
+    from pipeline import framestore
+
+    if framestore.is_store(data):  # preprocessed once: read, not decoded
+        framestore.check_input_size(framestore.open_info(data), input_size, checkpoint)
+        df = load_labelled_store(data, classes=classes)
+        loader: Any = StoreBatches(data, df, input_size, batch_size, classes)
+    else:
+        df = load_labelled(data, classes=classes)
+        ds = open_labelled(data, station=station, df=df)
+        loader = DataLoader(
+            CheckedFrames(ds),
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=num_workers,
+            collate_fn=CheckedCollate(ToModelInput(input_size)),
+        )
     y_true, y_pred, probs, kept, bad = predict_checked(model, loader, dev)
     out = Path(out)
     errors = unreadable_rows(df, bad, "evaluate")

@@ -298,3 +298,69 @@ def unreadable_rows(df: pd.DataFrame, bad: list[tuple[int, str]], stage: str) ->
         for i, msg in bad
     ]
     return pd.DataFrame(rows, columns=ERRORS_SCHEMA.names)
+
+
+# ------------------------------------------------------------------------------ frame stores
+
+
+def load_labelled_store(store: str | os.PathLike, classes: Sequence[str] = CLASSES) -> pd.DataFrame:
+    """The items of a frame store of a labelled set, as :func:`load_labelled` gives a set's:
+    absolute ``path``, ``label``, ``time_utc``, ``winter``, ``frame`` (``episode`` where it has
+    one), plus ``store_index``."""
+    from pipeline import framestore
+
+    info = framestore.open_info(store)
+    if not info.labelled:
+        raise InputError(
+            f"{info.path}: a frame store without labels; write one of a labelled set with "
+            "`aurora-pipeline preprocess LABELLED_SET --format zarr --out STORE`"
+        )
+    df = framestore.read_items(info.path, info)
+    if len(df) == 0:
+        raise InputError(f"{info.path}: the frame store holds no frames")
+    unknown = sorted(set(df["label"]) - set(classes))
+    if unknown:
+        raise InputError(
+            f"{info.path}: unknown class {unknown[0]!r}; allowed classes: {', '.join(classes)}"
+        )
+    root = Path(info.root) if info.root else info.path
+    df["path"] = [str(root / p) for p in df["path"]]
+    t = df["time_utc"]
+    df["winter"] = _winter_of(t) if t.notna().all() else pd.array([pd.NA] * len(df), "Int64")
+    df.attrs["root"] = str(root)
+    return df
+
+
+class StoreBatches:
+    """Batches of a frame store for ``evaluate.predict_checked``: (model input, class indices,
+    item positions, no errors), read chunk by chunk in store order."""
+
+    def __init__(
+        self,
+        store: str | os.PathLike,
+        df: pd.DataFrame,
+        input_size: int,
+        batch_size: int,
+        classes: Sequence[str] = CLASSES,
+    ) -> None:
+        self.store = store
+        self.rows = df["store_index"].to_numpy(np.int64)
+        self.targets = np.array([list(classes).index(c) for c in df["label"]], dtype=np.int64)
+        self.input_size = input_size
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.rows) // self.batch_size)
+
+    def __iter__(self):
+        from pipeline.framestore import read_rows
+        from pipeline.models import to_model_input
+
+        bs = self.batch_size
+        buf = np.empty((bs, self.input_size, self.input_size), np.float32)
+        for s in range(0, len(self.rows), bs):
+            r = self.rows[s : s + bs]
+            read_rows(self.store, r, buf)
+            x = to_model_input(buf[: len(r)], self.input_size)
+            idx = list(range(s, s + len(r)))
+            yield x, torch.as_tensor(self.targets[s : s + len(r)]), idx, []

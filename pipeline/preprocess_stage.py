@@ -5,6 +5,7 @@ Tasks carry chunks of file paths, never pixels: each task reads its frames, appl
 returns one status per frame. Outputs newer than their input are skipped, so a rerun after a
 crash finishes the job and a rerun of a finished job does nothing. Frames that fail go to
 OUT/errors.parquet and the run goes on. The resolved settings are written to OUT/_preprocess.json.
+``--format zarr`` writes a frame store instead (:mod:`pipeline.store_writer`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from pipeline import __version__
+from pipeline import __version__, framestore
 from pipeline.config import StationConfig, resolve_station, to_dict
 from pipeline.errors import ConfigError, FrameReadError, InputError
 from pipeline.preprocess import (
@@ -63,6 +64,9 @@ LABELS_NAME = "labels.parquet"
 #: Failures that belong to the frame file itself: retried on a rerun only when the file changed.
 _FRAME_FAULTS = ("FrameReadError", "FrameGeometryError")
 _PGM = (".pgm.gz", ".pgm")
+FORMATS = ("png", "npy", "zarr")
+#: a store's frame size when --input-size is not given: the paper's AlexNet input.
+DEFAULT_INPUT_SIZE = 227
 
 
 # ------------------------------------------------------------------------------ darks
@@ -291,6 +295,8 @@ class PreprocessSummary:
     dark: str = ""
     #: the first few error messages, for the summary line.
     errors: list[str] = field(default_factory=list)
+    #: where the errors table is, relative to ``out``.
+    errors_file: str = ERRORS_NAME
 
     def note_error(self, message: str) -> None:
         """Keep the first few error messages (the table holds them all)."""
@@ -312,7 +318,7 @@ class PreprocessSummary:
         tail = ""
         if self.failed + self.known_errors + self.scan_errors:
             first = f"; first: {self.errors[0]}" if self.errors else ""
-            tail = f" (see {self.out / ERRORS_NAME}{first})"
+            tail = f" (see {self.out / self.errors_file}{first})"
         return ", ".join(parts) + f"; {self.dark}; {self.seconds:.1f} s -> {self.out}" + tail
 
 
@@ -399,13 +405,20 @@ def run_preprocess(
     scheduler: str | None = None,
     fmt: str = "png",
     chunk_size: int | None = None,
+    input_size: int | None = None,
 ) -> PreprocessSummary:
-    """Preprocess every frame of INPUT (archive tree, manifest or labelled set) into OUT."""
+    """Preprocess every frame of INPUT (archive tree, manifest or labelled set) into OUT.
+
+    ``fmt`` ``zarr``: OUT is a frame store of the frames at ``input_size`` (default: the
+    store's own, else 227), see :mod:`pipeline.store_writer`.
+    """
     t0 = time.perf_counter()
     source = Path(input).resolve()
     out_dir = Path(out).resolve()
-    if fmt not in ("png", "npy"):
-        raise InputError(f"--format {fmt!r}: allowed values: png, npy")
+    if fmt not in FORMATS:
+        raise InputError(f"--format {fmt!r}: allowed values: {', '.join(FORMATS)}")
+    if input_size is not None and fmt != "zarr":
+        raise InputError(f"--input-size sizes the frames of a store (--format zarr), not {fmt}")
     if dark is not None and dark_dir is not None:
         raise InputError("give either --dark (one frame for all) or --dark-dir, not both")
     if not source.exists():
@@ -416,6 +429,7 @@ def run_preprocess(
             "(a later scan would pick the outputs up as frames); choose another --out"
         )
     kind, root, st, df, scan_errors = _load_frames(source, station)
+    # float32 for a store: what classify-archive computes from the frames, before its resize.
     dtype = "uint8" if fmt == "png" else "float32"
 
     if dark is not None or dark_dir is not None:
@@ -449,6 +463,26 @@ def run_preprocess(
         dark_note = "no dark frame, no bias subtraction"
 
     settings = _settings(st, darks, fmt, dtype)
+    if fmt == "zarr":
+        from pipeline.store_writer import write_store
+
+        summary = PreprocessSummary(out=out_dir, total=len(df), dark=dark_note)
+        summary.errors_file = f"{framestore.SIDE_GROUP}/{framestore.ERRORS_NAME}"
+        if input_size is not None:
+            size = int(input_size)
+        else:  # the nightly run adds to a store at its own size
+            is_store = framestore.is_store(out_dir)
+            size = framestore.open_info(out_dir).input_size if is_store else DEFAULT_INPUT_SIZE
+        write_store(
+            source, out_dir, kind, root, st, df, scan_errors, darks, settings, size, summary,
+            workers, scheduler, chunk_size,
+        )  # fmt: skip
+        summary.seconds = time.perf_counter() - t0
+        return summary
+    if framestore.is_store(out_dir):
+        raise InputError(
+            f"{out_dir}: is a frame store; add to it with --format zarr, or choose another --out"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     with _out_lock(out_dir):
         _check_settings(out_dir, settings)

@@ -195,6 +195,10 @@ def open_image_set(
     src = Path(source).resolve()
     if not src.exists():
         raise InputError(f"{src}: not found; give a labelled set, an archive, a manifest or images")
+    from pipeline import framestore
+
+    if framestore.is_store(src):
+        return _store_set(src, station)
     if src.is_dir() and (src / "labels.parquet").is_file():
         from pipeline.labelled import load_labelled
 
@@ -245,6 +249,29 @@ def open_image_set(
         )
     items = _items_frame([str(p) for p in files])
     return ImageSet(_attach_truth(items, src), st, dd, "folder", str(src))
+
+
+def _store_set(src: Path, station: Any) -> ImageSet:
+    """A frame store's items (``store_index`` added), with the station it was written for."""
+    from pipeline import framestore
+
+    info = framestore.open_info(src)
+    st = resolve_station(None, None, info.station)
+    if station is not None and resolve_station(station).code != st.code:
+        raise InputError(f"{src}: holds frames of station {st.code}; drop --station")
+    got = framestore.read_items(src, info)
+    root = Path(info.root) if info.root else src
+    items = _items_frame(
+        [str(root / p) for p in got["path"]],
+        got["frame"],
+        got["time_utc"],
+        got["label"] if info.labelled else None,
+        relpaths=got["path"],
+    )
+    if not info.labelled and info.root:
+        items = _attach_truth(items, root)
+    items["store_index"] = got["store_index"].to_numpy()
+    return ImageSet(items, st, None, "store", str(src), root)
 
 
 def _relative_to(path: str, root: Path) -> str:
@@ -335,12 +362,8 @@ def embed(
     import torch
     from tqdm.auto import tqdm
 
-    from pipeline.models import to_model_input
-
     dev = resolve_device(device)
     model = model.to(dev).eval()
-    input_size = int(meta["input_size"])
-    in_chans = int(meta.get("in_chans", 1))
     n = len(items)
     ok = np.zeros(n, bool)
     errors = []
@@ -373,16 +396,7 @@ def embed(
                     batch.append(img)
                     rows.append(j)
             if batch:
-                x = to_model_input(np.stack(batch), input_size, in_chans).to(dev)
-                f = model.features(x).float().cpu().numpy()
-                if not np.isfinite(f).all():
-                    raise CheckpointError(
-                        f"model {meta.get('model_id')} gives non-finite features for "
-                        f"{paths[rows[0]]}; the checkpoint looks broken (retrain it)"
-                    )
-                # float16 keeps the index small; FC7 activations are far below its range, clip
-                # guards against an odd model rather than turning features into inf.
-                f16 = np.clip(f, -_FLOAT16_MAX, _FLOAT16_MAX).astype(np.float16)
+                f16 = _fc7(model, meta, np.stack(batch), dev, paths[rows[0]])
                 if out is not None:
                     out[rows if out_rows is None else out_rows[rows]] = f16
                 else:
@@ -400,6 +414,51 @@ def embed(
     dim = int(getattr(model, "feature_dim", 0) or 0)
     arr = np.concatenate(feats) if feats else np.zeros((0, dim), np.float16)
     return arr, ok, err
+
+
+def _fc7(model: Any, meta: dict[str, Any], frames: np.ndarray, dev: Any, first: str) -> np.ndarray:
+    """FC7 features (float16) of preprocessed frames; a broken model is an error naming it."""
+    from pipeline.models import to_model_input
+
+    x = to_model_input(frames, int(meta["input_size"]), int(meta.get("in_chans", 1))).to(dev)
+    f = model.features(x).float().cpu().numpy()
+    if not np.isfinite(f).all():
+        raise CheckpointError(
+            f"model {meta.get('model_id')} gives non-finite features for {first}; the "
+            "checkpoint looks broken (retrain it)"
+        )
+    # float16 keeps the index small; FC7 activations are far below its range, clip guards
+    # against an odd model rather than turning features into inf.
+    return np.clip(f, -_FLOAT16_MAX, _FLOAT16_MAX).astype(np.float16)
+
+
+def embed_store(
+    model: Any,
+    meta: dict[str, Any],
+    store: str | os.PathLike,
+    rows: np.ndarray,
+    out: np.ndarray,
+    out_rows: np.ndarray,
+    batch_size: int = 64,
+    device: str = "auto",
+) -> None:
+    """FC7 features of the frames at store indices ``rows`` into ``out[out_rows]``, read from
+    the frame store in batches of consecutive items (whole chunks, no decoding)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from pipeline.framestore import read_rows
+
+    dev = resolve_device(device)
+    model = model.to(dev).eval()
+    size = int(meta["input_size"])
+    buf = np.empty((batch_size, size, size), np.float32)
+    n = len(rows)
+    with torch.inference_mode():
+        for s in tqdm(range(0, n, batch_size), desc="features", unit="batch", disable=n < 128):
+            r = np.asarray(rows[s : s + batch_size], dtype=np.int64)
+            read_rows(store, r, buf)
+            out[out_rows[s : s + len(r)]] = _fc7(model, meta, buf[: len(r)], dev, str(store))
 
 
 # ------------------------------------------------------------------------------ index
@@ -487,6 +546,12 @@ def build_index(
     refuse_foreign_out(out, (META_FILE, LEGACY_FILES[META_FILE]), "index")
     model, meta = _load_model(checkpoint)
     iset = open_image_set(source, station, _preprocess_station(meta), dark_dir)
+    if iset.kind == "store":
+        from pipeline import framestore
+
+        framestore.check_input_size(
+            framestore.open_info(source), int(meta["input_size"]), checkpoint
+        )
     items = iset.items.reset_index(drop=True)
     if len(items) == 0:
         raise InputError(f"{source}: no frames to index")
@@ -568,7 +633,11 @@ def _build_into(
         log.info("%d of %d frames reuse features from %s", found.sum(), n, features_dir)
     ok = found.copy()
     todo = np.flatnonzero(~found)
-    if len(todo):
+    if len(todo) and iset.kind == "store":
+        rows = items["store_index"].to_numpy()[todo]
+        embed_store(model, meta, iset.source, rows, mm, todo, batch_size, device)
+        ok[todo] = True
+    elif len(todo):
         _, ok_todo, errors = embed(
             model, meta, items.iloc[todo], loader, batch_size, device, out=mm, out_rows=todo
         )

@@ -284,6 +284,7 @@ FOLDER_MARKERS: dict[str, str] = {
     "index.json": "a retrieval index",  # of the earlier layout
     "metrics.json": "evaluate results",
     "occurrence_run.json": "occurrence results",
+    "zarr.json": "a Zarr store (a frame store of `preprocess --format zarr`?)",
 }
 
 

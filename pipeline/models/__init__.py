@@ -9,6 +9,7 @@ from pipeline.models.build import (
     build_model,
     load_init_weights,
     model_input_params,
+    resize_frames,
     to_model_input,
 )
 from pipeline.models.lsoftmax import DEFAULT_SCHEDULE, LambdaSchedule, LSoftmaxLinear
@@ -27,5 +28,6 @@ __all__ = [
     "build_model",
     "load_init_weights",
     "model_input_params",
+    "resize_frames",
     "to_model_input",
 ]

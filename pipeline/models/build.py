@@ -87,16 +87,26 @@ def to_model_input(
             f"model input must be a (B, H, W) or (B, 1, H, W) batch of grey frames, "
             f"got shape {tuple(x.shape)}"
         )
-    if input_size < MIN_INPUT_SIZE:
-        raise ConfigError(f"input_size must be >= {MIN_INPUT_SIZE} px, got {input_size}")
-    if tuple(x.shape[-2:]) != (input_size, input_size):
-        x = F.interpolate(
-            x, size=(input_size, input_size), mode="bilinear", align_corners=False, antialias=False
-        )
+    x = resize_frames(x, input_size)
     x = (x - INPUT_MEAN) / INPUT_STD
     if in_chans != 1:
         x = x.expand(-1, in_chans, -1, -1)
     return x.contiguous()
+
+
+def resize_frames(x: torch.Tensor, input_size: int) -> torch.Tensor:
+    """(B, 1, H, W) float frames -> (B, 1, S, S): bilinear, no antialias; unchanged at S already.
+
+    The resize of :func:`to_model_input`, on its own: the frame store (pipeline.framestore)
+    holds frames resized by it, so reading them back and resizing here agree bit for bit.
+    """
+    if input_size < MIN_INPUT_SIZE:
+        raise ConfigError(f"input_size must be >= {MIN_INPUT_SIZE} px, got {input_size}")
+    if tuple(x.shape[-2:]) == (input_size, input_size):
+        return x
+    return F.interpolate(
+        x, size=(input_size, input_size), mode="bilinear", align_corners=False, antialias=False
+    )
 
 
 #: how a model scales each frame's brightness before its first layer: "fixed" (the input
