@@ -53,11 +53,16 @@ def _keep_sigint_handler():
 
 @pytest.fixture(scope="session", autouse=True)
 def _few_threads():
-    """Two cores are shared by dask workers and torch: keep torch from oversubscribing them."""
+    """Two cores are shared by dask workers and torch: keep torch from oversubscribing them.
+
+    AURORA_TEST_TORCH_THREADS sets the count instead (``make test-matrix`` runs 1 and 2): no
+    tolerance may depend on how a reduction is split between threads.
+    """
     try:
         import torch
 
-        torch.set_num_threads(min(2, torch.get_num_threads()))
+        n = os.environ.get("AURORA_TEST_TORCH_THREADS")
+        torch.set_num_threads(int(n) if n else min(2, torch.get_num_threads()))
     except ImportError:  # pragma: no cover
         pass
 
