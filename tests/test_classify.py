@@ -628,8 +628,8 @@ def test_a_table_without_frames_is_refused_not_nothing_to_do(ckpt, tmp_path):
 
 
 def test_ctrl_c_stops_classify_archive_cleanly(archive, ckpt, tiny_station_path, tmp_path, capsys):
-    """A terminal's Ctrl-C mid-run (to the whole process group): exit 130 within seconds, no
-    traceback and no worker killed by its nanny; the rerun finishes every frame once."""
+    """A terminal's Ctrl-C mid-run (to the whole process group): exit 130 before the work is
+    done, no traceback and no worker killed by its nanny; the rerun finishes every frame once."""
     import os
     import signal
     import subprocess
@@ -658,17 +658,18 @@ def test_ctrl_c_stops_classify_archive_cleanly(archive, ckpt, tiny_station_path,
     while not list(out.glob("shards/shard-*.parquet")) and time.monotonic() < deadline:
         time.sleep(0.1)  # classifying has started
     os.killpg(proc.pid, signal.SIGINT)
-    t_int = time.monotonic()
-    _, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=120)  # a generous wait, not a timing assertion
     text = err.decode(errors="replace")
     assert proc.returncode == 130, text[-2000:]
-    assert time.monotonic() - t_int < 20
     assert "Traceback" not in text and "still alive" not in text, text[-2000:]
     done = json.loads((out / "_run.json").read_text())["shards"]
     assert all((out / "shards" / f"shard-{k}.parquet").is_file() for k in done)
     main(cmd[3:])  # the rerun (in-process) finishes the archive
     n_done = sum(v["frames"] for v in done.values())
     assert f"{n_done} already done" in "".join(capsys.readouterr())
+    # It stopped without draining the queue: the frame count says so, not the (load-dependent)
+    # clock; a Ctrl-C that waited for all the work would have done all 300.
+    assert n_done < 300
     pred = read_predictions(out)
     keys = list(zip(pred["path"], pred["frame"]))
     assert len(keys) == len(set(keys)) == 300

@@ -81,16 +81,23 @@ def test_cron_script_never_overlaps(tmp_path):
     """A second nightly run while the first holds the lock exits at once with code 75."""
     fake = tmp_path / ".venv" / "bin" / "aurora-pipeline"
     fake.parent.mkdir(parents=True)
-    fake.write_text('#!/bin/bash\necho ran >> "$AURORA_REPO/ran.txt"\nsleep 2\n')
+    # The first run holds the lock until the test releases it: no sleep to outlast, whatever the load.
+    fake.write_text(
+        '#!/bin/bash\necho ran >> "$AURORA_REPO/ran.txt"\n'
+        'while [ ! -e "$AURORA_REPO/release" ]; do sleep 0.05; done\n'
+    )
     fake.chmod(0o755)
     env = {**os.environ, "AURORA_REPO": str(tmp_path), "AURORA_LOCK": str(tmp_path / "lock")}
     script = str(REPO / "workflows/cron/nightly.sh")
     first = subprocess.Popen([script], env=env)
-    for _ in range(50):  # wait until the first run holds the lock
-        if (tmp_path / "ran.txt").exists():
-            break
-        time.sleep(0.05)
-    second = subprocess.run([script], env=env, timeout=10)
-    assert first.wait(timeout=10) == 0
+    try:
+        deadline = time.monotonic() + 60  # a generous wait until the first run holds the lock
+        while not (tmp_path / "ran.txt").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (tmp_path / "ran.txt").exists(), "the first run never started"
+        second = subprocess.run([script], env=env, timeout=60)
+    finally:
+        (tmp_path / "release").touch()
+    assert first.wait(timeout=60) == 0
     assert second.returncode == 75
     assert (tmp_path / "ran.txt").read_text() == "ran\n"

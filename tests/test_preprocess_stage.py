@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import bounds
 import numpy as np
 import pandas as pd
 import pytest
@@ -149,9 +150,12 @@ def test_corrupt_frames_are_recorded_and_the_run_goes_on(archive, tmp_path, sche
     assert (again.written, again.up_to_date, again.known_errors) == (0, 12, 3)
     assert mtimes(out) == before
 
-    # A repaired file is retried, and leaves the errors table.
-    time.sleep(0.01)
-    (day / "N20031221G040000.png").write_bytes(frames[3].read_bytes())
+    # A repaired file is retried, and leaves the errors table. Its mtime is set past the errors
+    # table's explicitly: a sleep would depend on the filesystem's timestamp granularity.
+    repaired = day / "N20031221G040000.png"
+    repaired.write_bytes(frames[3].read_bytes())
+    t = (out / "errors.parquet").stat().st_mtime_ns + 1_000_000_000
+    os.utime(repaired, ns=(t, t))
     fixed = run_preprocess(root, out, scheduler=scheduler)
     assert (fixed.written, fixed.up_to_date, fixed.known_errors) == (1, 12, 2)
     err = pd.read_parquet(out / "errors.parquet")
@@ -327,8 +331,16 @@ def test_killed_run_resumes_to_the_full_correct_set(tmp_path, scheduler):
             time.sleep(0.02)
         os.killpg(proc.pid, signal.SIGKILL)
     finally:
-        proc.wait(timeout=30)
-    time.sleep(0.5)
+        proc.wait(timeout=60)
+    # Count once every process of the group (the dask workers too) is gone, not after a fixed
+    # sleep: a killed worker mid-rename could otherwise still add a frame, however loaded.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
     n_before = len(list(out.rglob("N*.png")))
     assert 10 <= n_before < 100, "the run was not killed halfway"
     # What a kill in the middle of a write leaves behind: a temporary file beside the outputs.
@@ -378,9 +390,10 @@ def test_synthetic_archive_and_labelled_set(tiny_archive, tiny_labelled, tmp_pat
     assert s.written == 80
     raw, pre = open_labelled(tiny_labelled), open_labelled(tmp_path / "l")
     assert len(pre) == 80 and list(pre.targets) == list(raw.targets)
-    # training on the written 8-bit set sees the same frames as preprocessing on the fly
+    # training on the written 8-bit set sees the same frames as preprocessing on the fly: the
+    # 8-bit rounding (0.5/255) plus float32 roundings of values <= 1 (v*255, q/255: <= 3u)
     for i in (0, 41, 79):
-        np.testing.assert_allclose(pre.frame(i), raw.frame(i), atol=0.5 / 255 + 1e-6)
+        np.testing.assert_allclose(pre.frame(i), raw.frame(i), atol=0.5 / 255 + bounds.gamma(3))
 
 
 def test_multi_frame_pgm_stacks_get_one_output_per_frame(shared_data, tmp_path, scheduler):
