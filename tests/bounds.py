@@ -148,6 +148,13 @@ _EXACT = (nn.ReLU, nn.MaxPool2d, nn.Dropout, nn.Flatten, nn.Identity)
 LAMBDA = 10.0
 
 
+def _is_residual_block(mod: nn.Module) -> bool:
+    """torchvision ResNet blocks: their forward adds the shortcut outside any leaf module."""
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    return isinstance(mod, (BasicBlock, Bottleneck))
+
+
 def _conv_fan_in(mod: nn.Conv2d) -> int:
     return (mod.in_channels // mod.groups) * math.prod(mod.kernel_size)
 
@@ -166,6 +173,14 @@ def _local_error(mod: nn.Module, inp: torch.Tensor, out: torch.Tensor, u: float,
         if isinstance(mod, nn.Linear):
             b = mod.bias.abs() if mod.bias is not None else None
             return mod.in_features + 1, F.linear(a, mod.weight.abs(), b)
+        if isinstance(mod, nn.BatchNorm2d) and not mod.training:
+            # eval: x * scale + shift, scale = w / sqrt(var + eps) (3 roundings), shift = b - mean
+            # * scale (2 more): <= 6 roundings of at most |x| |scale| + |b| + |mean scale|.
+            scale = (mod.weight / torch.sqrt(mod.running_var + mod.eps)).abs()[:, None, None]
+            shift = (mod.bias.abs() + (mod.running_mean * scale[:, 0, 0]).abs())[:, None, None]
+            return 6, a * scale + shift
+        if _is_residual_block(mod):
+            return 1, out.detach().abs()  # relu(branch + identity): the addition rounds once
         if isinstance(mod, nn.AdaptiveAvgPool2d):
             # a mean of at most n = (ceil(H/h)+1)(ceil(W/w)+1) values: n + 1 roundings of <= mean|x|.
             size = mod.output_size
@@ -227,7 +242,11 @@ def forward_error_bound(
         # worst case: gamma_n s; probabilistic: the sum of squares of the n roundings' bounds.
         terms.append((gamma(n, dtype) * s, n * (u * s) ** 2))
 
-    handles = [m.register_forward_hook(hook) for m in m64.modules() if not list(m.children())]
+    handles = [
+        m.register_forward_hook(hook)
+        for m in m64.modules()
+        if not list(m.children()) or _is_residual_block(m)
+    ]
     try:
         with torch.enable_grad():
             x64 = x.detach().double().requires_grad_(True)
@@ -297,3 +316,47 @@ def resample_error(x: torch.Tensor, fill: float = 0.0, dtype=torch.float32) -> t
     v = (x.double() - fill).abs()
     vmax = v.amax(dim=(-2, -1), keepdim=True)
     return 4 * c * vmax + gamma(6, dtype) * (vmax + abs(fill))
+
+
+# ------------------------------------------------------------------------------ L-Softmax
+
+
+def chebyshev_error(m: int, dtype=torch.float64) -> float:
+    """Bound on |psi_from_cos(fl(cos t), m) - psi(t)| (and chebyshev_cos_m vs cos(m t)) on [0, pi].
+
+    cos t itself rounds (u), and |d T_m / dc| <= m^2 on [-1, 1] (Markov), so that moves psi by
+    m^2 u; Horner in c^2 over the coefficients of T_m rounds at most 2m + 2 times on partial sums
+    bounded by sum |coef| = |T_m(i)|; -2k and the sign add u |psi| <= (2m - 1) u; a reference
+    cos(m t) rounds m t (u m pi, amplified by |sin| <= 1) and itself (u).
+    """
+    from pipeline.models.lsoftmax import chebyshev_coefficients
+
+    u = unit_roundoff(dtype)
+    coef = sum(abs(c) for c in chebyshev_coefficients(m))
+    return m * m * u + gamma(2 * m + 2, dtype) * coef + (2 * m - 1) * u + u * m * math.pi + u
+
+
+def lsoftmax_target_error(
+    x: torch.Tensor, w: torch.Tensor, m: int, input_rel: float = 0.0, eps: float = 1e-12
+) -> torch.Tensor:
+    """(B,) bound on |LSoftmaxLinear.margin_logits in float32 - ||w|| ||x|| psi(theta) exact|.
+
+    Rows x (B, D) and their target weights w (B, D), S = |x|.|w|, N = ||x|| ||w||, g = gamma_{D+2}:
+    the dot product is off by gamma_D S, each norm (sum of squares, + eps, sqrt) by relative
+    g + eps / (2 ||.||^2); so cos by gamma_D S / N + 2 g + 2 u (division, product of norms).
+    ``input_rel``: x arrives with each element off by at most that relative amount (float16
+    input: 2^-11), which moves cos by input_rel (S / N + 1) and ||x|| by input_rel.
+    psi is m^2-Lipschitz in cos (continuous, |T_m'| <= m^2), its own evaluation rounds
+    (chebyshev_error), |psi| <= 2m - 1, and N psi rounds twice more.
+    """
+    x, w = x.detach().double(), w.detach().double()
+    d = x.shape[1]
+    u = unit_roundoff(torch.float32)
+    s = (x.abs() * w.abs()).sum(1)
+    xn2, wn2 = (x * x).sum(1), (w * w).sum(1)
+    n = torch.sqrt(xn2 * wn2)
+    g = gamma(d + 2)
+    norm_rel = 2 * g + eps / (2 * xn2.clamp_min(eps)) + eps / (2 * wn2.clamp_min(eps))
+    cos_err = gamma(d) * s / n + norm_rel + 2 * u + input_rel * (s / n + 1)
+    psi_err = m * m * cos_err + chebyshev_error(m, torch.float32)
+    return n * (psi_err + (norm_rel + input_rel + 2 * u) * (2 * m - 1))
