@@ -6,6 +6,7 @@ import copy
 import importlib.util
 import pickle
 
+import bounds
 import numpy as np
 import pytest
 import torch
@@ -85,9 +86,17 @@ def test_lsoftmax_variants_use_margin_only_when_training():
     margin = model(x, y)
     torch.manual_seed(1)  # same dropout mask
     plain = model(x)
+    torch.manual_seed(1)
+    f = model.features(x).detach()  # what the head saw in both
     assert not torch.allclose(margin, plain)
-    # the target logit is only ever lowered (psi <= cos)
-    assert (margin.gather(1, y[:, None]) <= plain.gather(1, y[:, None]) + 1e-4).all()
+    # the target logit is only ever lowered (psi <= cos), up to the rounding of both logits:
+    # the margin logit's (bounds.lsoftmax_target_error) and the plain dot's gamma_D |w|.|f|
+    w = model.head.weight.detach()[y]
+    tol = bounds.lsoftmax_target_error(f, w, 3) + bounds.gamma(f.shape[1]) * (
+        f.abs() * w.abs()
+    ).sum(1)
+    lowered = plain.gather(1, y[:, None])[:, 0] - margin.gather(1, y[:, None])[:, 0]
+    assert (lowered.detach().double() >= -tol).all()
     model.eval()
     assert torch.equal(model(x, y), model(x))
     # the plain variants accept (and ignore) a target, so training code needs no special case
@@ -131,13 +140,18 @@ def test_to_model_input():
     expected = F.interpolate(
         torch.from_numpy(frames)[:, None], size=(64, 64), mode="bilinear", align_corners=False
     )
-    assert torch.allclose(x, (expected - INPUT_MEAN) / INPUT_STD, atol=1e-6)
-    # no resize at the model size; constant mid-grey maps to 0
+    # A bilinear resize (4 positive weights summing to 1: gamma_4 of values <= 1) and the
+    # normalisation (one rounding, then exact / 0.25) per path: gamma_5 (|z| + 2) each.
+    want = (expected - INPUT_MEAN) / INPUT_STD
+    assert ((x - want).abs() <= 2 * bounds.gamma(5) * (want.abs() + 2)).all()
+    # no resize at the model size; constant mid-grey maps to 0 (0.5 - 0.5: exact)
     same = to_model_input(np.full((1, 64, 64), INPUT_MEAN, np.float32), 64)
-    assert torch.allclose(same, torch.zeros_like(same))
-    # uint8 frames are scaled by 255; tensors and (B, 1, H, W) give the same result
+    assert torch.equal(same, torch.zeros_like(same))
+    # uint8 frames are scaled by 255; tensors and (B, 1, H, W) give the same result. u8 / 255 in
+    # float32, or in float64 then rounded to float32: 1 ulp apart at most, then resized alike.
     u8 = (frames * 255).round().astype(np.uint8)
-    assert torch.allclose(to_model_input(u8, 64), to_model_input(u8 / 255.0, 64), atol=1e-5)
+    a, b = to_model_input(u8, 64), to_model_input(u8 / 255.0, 64)
+    assert ((a - b).abs() <= 2 * bounds.gamma(5) * (a.abs() + 2)).all()
     assert torch.equal(to_model_input(torch.from_numpy(frames)[:, None], 64), x)
     assert to_model_input(frames, 64, in_chans=3).shape == (3, 3, 64, 64)
     with pytest.raises(InputError, match="got shape"):
@@ -163,19 +177,42 @@ def test_init_weights_from_local_torchvision_alexnet(tmp_path):
     torch.save(tv.state_dict(), path)
     model = build_model("alexnet", init_weights=path).eval()
     sd = model.state_dict()
-    assert torch.allclose(sd["trunk.0.weight"], tv.features[0].weight.sum(1, keepdim=True))
+    # the same sum of the same three tensors: bit for bit
+    assert torch.equal(sd["trunk.0.weight"], tv.features[0].weight.sum(1, keepdim=True))
     assert torch.equal(sd["neck.4.weight"], tv.classifier[4].weight)
     assert sd["head.weight"].shape == (4, 4096)  # the 1000-class FC8 is not loaded
-    # the grey model answers a grey image as the RGB network answers it replicated on 3 channels
+    # The grey model answers a grey image as the RGB network answers it replicated on 3
+    # channels. Compared in float64, where bounds.forward_error_bound is sharp (u = 2^-53), along
+    # 4 random directions of the 4096-d feature (a bound per element would take 4096 passes).
     x = torch.rand(2, 1, 112, 112)
+    r = torch.from_numpy(np.random.default_rng(3).standard_normal((4, 4096)))
+
+    def ours(m, t):
+        return m.features(t) @ r.T
+
+    def theirs(m, t):
+        return _tv_features(m, t.expand(-1, 3, -1, -1)) @ r.T
+
+    f64 = torch.float64
+    tol = bounds.forward_error_bound(model, x, ours, dtype=f64)[0]
+    tol = tol + bounds.forward_error_bound(tv, x, theirs, dtype=f64)[0]
+    m64, tv64 = copy.deepcopy(model).double(), copy.deepcopy(tv).double()
     with torch.no_grad():
-        assert torch.allclose(
-            model.features(x), _tv_features(tv, x.expand(-1, 3, -1, -1)), atol=1e-4
-        )
-    # the STN variant loads the same backbone weights and keeps its identity transform
+        got = ours(m64, x.double())
+        # The grey kernel is the float32 sum (checked bit for bit above); its float32 rounding
+        # is no mapping error, so compare with the exact sum (3 float32 terms: exact in float64).
+        exact = copy.deepcopy(m64)
+        exact.trunk[0].weight.copy_(tv64.features[0].weight.sum(1, keepdim=True))
+        assert ((ours(exact, x.double()) - theirs(tv64, x.double())).abs() <= tol).all()
+    assert tol.max() < 1e-6 * got.abs().max()  # sharp: any real mapping error shows
+    # the STN variant loads the same backbone weights and keeps its identity transform: its
+    # resampling (bounds.resample_error) is an input error of the same backbone.
     stn = build_model("stn-lsoftmax-alexnet", init_weights=path).eval()
+    e_stn = bounds.resample_error(x, stn.stn.fill, f64)
+    tol_stn = tol + bounds.forward_error_bound(model, x, ours, e_stn, dtype=f64)[0]
     with torch.no_grad():
-        assert torch.allclose(stn.features(x), model.features(x), atol=1e-4)
+        got_stn = ours(copy.deepcopy(stn).double(), x.double())
+    assert ((got_stn - got).abs() <= tol_stn).all()
 
 
 def test_init_weights_resnet18_and_mismatches(tmp_path):
@@ -184,7 +221,7 @@ def test_init_weights_resnet18_and_mismatches(tmp_path):
     rpath = tmp_path / "resnet18.pth"
     torch.save({"state_dict": tv.state_dict()}, rpath)  # a wrapped state dict is accepted too
     model = build_model("resnet18", init_weights=rpath)
-    assert torch.allclose(
+    assert torch.equal(  # the same sum of the same tensors: bit for bit
         model.state_dict()["trunk.conv1.weight"], tv.conv1.weight.sum(1, keepdim=True)
     )
     assert torch.equal(
