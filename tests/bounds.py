@@ -300,22 +300,42 @@ def softmax_error(logits: torch.Tensor, logit_err: torch.Tensor, dtype=torch.flo
     return logit_err.double().amax(dim=1, keepdim=True) + own
 
 
-def resample_error(x: torch.Tensor, fill: float = 0.0, dtype=torch.float32) -> torch.Tensor:
-    """Bound on |STN(x) - x| at the identity transform (affine_grid + bilinear grid_sample).
+def grid_error(theta: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """(N, 2) bound on a normalised sampling grid theta @ [x, y, 1] per output coordinate.
 
-    The base grid (2i + 1)/W - 1 and its product with the identity theta are off by a few u;
-    grid_sample's unnormalisation ((g + 1) W - 1)/2 scales that to at most 8 u max(H, W) pixels
-    (generously: 2u for the grid, 2u for g + 1, u each for *W, -1, /2). A coordinate off by c
-    pixels moves each bilinear weight by at most c, so the value by at most 4c max|x - fill|
-    over the 2x2 neighbourhood (bounded by the frame's max); the 4-term weighted sum, the
-    subtraction and the addition of ``fill`` round: gamma_6 (|x - fill| + |fill|).
+    The base coordinates (2i + 1) / W - 1 round twice (<= 3u, being <= 1 in magnitude), the
+    3-term product with theta adds gamma_3: |err| <= gamma_6 sum_j |theta_ij|.
+    """
+    return gamma(6, dtype) * theta.detach().double().abs().sum(-1)
+
+
+def sample_error(x: torch.Tensor, grid_err: float, fill: float = 0.0, dtype=torch.float32):
+    """Bound on |bilinear grid_sample(x - fill) + fill| moved by a grid off by ``grid_err``
+    (normalised units), plus its own rounding, per sample (N, 1, 1, 1).
+
+    grid_sample unnormalises ((g + 1) W - 1) / 2 (align_corners=False): g's error becomes
+    grid_err max(H, W) / 2 pixels, and its own 4 roundings add <= 8 u max(H, W) (generously).
+    A coordinate off by c pixels moves each factor of a bilinear weight by c, so the value by
+    at most 2c (one per axis) times the largest difference of neighbours, <= 2 max|x - fill|:
+    4 c max|x - fill|. The weights (2 subtractions, a product: 3u each, summing to 1 in exact
+    arithmetic) and the 4-term sum round by gamma_16 max|x - fill|; - fill and + fill by
+    u (|x - fill| + |fill|) each.
     """
     u = unit_roundoff(dtype)
     h, w = x.shape[-2:]
-    c = 8 * u * max(h, w)
-    v = (x.double() - fill).abs()
-    vmax = v.amax(dim=(-2, -1), keepdim=True)
-    return 4 * c * vmax + gamma(6, dtype) * (vmax + abs(fill))
+    c = grid_err * max(h, w) / 2 + 8 * u * max(h, w)
+    vmax = (x.double() - fill).abs().amax(dim=tuple(range(1, x.ndim)), keepdim=True)
+    return 4 * c * vmax + gamma(16, dtype) * vmax + 2 * u * (vmax + abs(fill))
+
+
+def resample_error(x: torch.Tensor, fill: float = 0.0, dtype=torch.float32) -> torch.Tensor:
+    """Bound on |STN(x) - x| at the identity transform or a mirror (affine_grid + grid_sample).
+
+    The localisation net's last layer has zero weights, so theta is its bias exactly; the grid
+    is the base grid, off by 3u (grid_error with sum |theta| = 1), where the exact sampling
+    points are the pixel centres: the output is x exactly, up to sample_error.
+    """
+    return sample_error(x, 3 * unit_roundoff(dtype), fill, dtype)
 
 
 # ------------------------------------------------------------------------------ L-Softmax

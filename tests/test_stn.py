@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bounds
 import numpy as np
 import pytest
 import torch
@@ -18,10 +19,11 @@ def test_identity_at_init_returns_input(chans, h, w):
     x = torch.rand(2, chans, h, w)
     out = stn(x)
     assert out.shape == x.shape
-    # float32 grid coordinates are off by ~size * 1e-7 pixel: interpolation error ~3e-5 at 227 px
-    assert torch.allclose(out, x, atol=1e-4)
+    # float32 grid coordinates are off by ~size * u pixel: bounds.resample_error (5e-4 at 227)
+    assert ((out - x).abs() <= bounds.resample_error(x)).all()
     theta = stn.theta(x)
-    assert torch.allclose(theta, torch.tensor(IDENTITY_THETA).view(1, 2, 3).expand(2, 2, 3))
+    # zero regression weights: theta = 0 + bias, exactly
+    assert torch.equal(theta, torch.tensor(IDENTITY_THETA).view(1, 2, 3).expand(2, 2, 3))
 
 
 def test_zoom_out_and_shift_bring_in_black_sky_not_grey():
@@ -37,10 +39,13 @@ def test_zoom_out_and_shift_bring_in_black_sky_not_grey():
     x = to_model_input(frame, 64)
     with torch.no_grad():
         out = model.stn(x)
+    # A constant frame: the bilinear weights sum to 1 in exact arithmetic wherever they fall,
+    # so only the sampler's own rounding is left (bounds.sample_error with an exact grid).
+    tol = float(bounds.sample_error(x, 0.0, model.stn.fill))
     border = out[0, 0, :, :4]  # far left: outside the source frame after the zoom-out
-    assert torch.allclose(border, black[0, 0, 0, 0].expand_as(border), atol=1e-5)
+    assert ((border - black[0, 0, 0, 0]).abs() <= tol).all()
     inside = out[0, 0, 32, 32]
-    assert inside == pytest.approx(float(x[0, 0, 0, 0]), abs=1e-5)
+    assert abs(float(inside) - float(x[0, 0, 0, 0])) <= tol
 
 
 def test_localisation_runs_on_downsampled_copy():
@@ -57,7 +62,8 @@ def test_sampler_applies_the_predicted_transform():
     with torch.no_grad():
         stn.regress.bias.copy_(torch.tensor([-1.0, 0.0, 0.0, 0.0, 1.0, 0.0]))  # mirror x
     x = torch.rand(1, 1, 64, 64)
-    assert torch.allclose(stn(x), torch.flip(x, dims=[-1]), atol=1e-5)
+    # -x of the base grid lands on pixel centres again: the identity's bound
+    assert ((stn(x) - torch.flip(x, dims=[-1])).abs() <= bounds.resample_error(x)).all()
 
 
 def test_gradients_reach_the_localisation_net():
@@ -87,13 +93,26 @@ def test_affine_grid_matches_torch(h, w):
     ref = F.affine_grid(theta, [3, 2, h, w], align_corners=False)
     grid = affine_grid(theta, h, w)
     assert grid.shape == ref.shape
-    assert torch.allclose(grid, ref, atol=1e-12)
+    f64 = torch.float64
+    g_err = bounds.grid_error(theta, f64)  # (3, 2): both grids within it of the exact one
+    assert ((grid - ref).abs() <= 2 * g_err[:, None, None, :]).all()
     out = F.grid_sample(x, grid, align_corners=False)
     out_ref = F.grid_sample(x, ref, align_corners=False)
-    assert torch.allclose(out, out_ref, atol=1e-12)
+    tol = 2 * bounds.sample_error(x, 2 * float(g_err.max()), dtype=f64)
+    assert ((out - out_ref).abs() <= tol).all()
     (g,) = torch.autograd.grad(out.sum(), theta)
     (g_ref,) = torch.autograd.grad(out_ref.sum(), theta)
-    assert torch.allclose(g, g_ref, atol=1e-9)
+    # d sum(out) / d theta sums dout/dgrid * [x, y, 1] (|.| <= 1) over the C H W samples, in
+    # any order: gamma_{CHW} sum |dout/dgrid| per path. The grids' difference (and their
+    # unnormalisation's rounding, 32u) moves each dout/dgrid_x (piecewise constant in x, linear
+    # in y) by <= W/2 H/2 |dgrid| 4 max|x|: first order, like the model bounds.
+    gg = grid.detach().requires_grad_(True)
+    (dg,) = torch.autograd.grad(F.grid_sample(x, gg, align_corners=False).sum(), gg)
+    n = x.shape[1] * h * w
+    dgrid = 2 * float(g_err.max()) + 32 * bounds.unit_roundoff(f64)
+    shift = n * (w / 2) * (h / 2) * 4 * float(x.abs().max()) * dgrid
+    tol_g = 2 * bounds.gamma(n, f64) * dg.abs().sum(dim=(1, 2))[:, :, None] + shift
+    assert ((g - g_ref).abs() <= tol_g).all()
 
 
 def test_grid_cached_in_inference_mode_still_trains():
@@ -111,7 +130,7 @@ def test_affine_grid_stays_float32_under_autocast():
         grid = affine_grid(theta.bfloat16(), 227, 227)
     assert grid.dtype == torch.float32
     ref = F.affine_grid(theta, [1, 1, 227, 227], align_corners=False)
-    assert torch.allclose(grid, ref, atol=1e-6)
+    assert ((grid - ref).abs() <= 2 * bounds.grid_error(theta)[:, None, None, :]).all()
 
 
 @pytest.mark.gpu
@@ -119,11 +138,13 @@ def test_identity_and_grid_on_cuda():
     torch.manual_seed(0)
     stn = SpatialTransformer(1).cuda()
     x = torch.rand(4, 1, 227, 227, device="cuda")
-    assert torch.allclose(stn(x), x, atol=1e-4)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        assert torch.allclose(stn(x).float(), x, atol=1e-4)
+    tol = bounds.resample_error(x.cpu()).cuda()
+    assert ((stn(x) - x).abs() <= tol).all()
+    with torch.autocast("cuda", dtype=torch.bfloat16):  # grid and sampling stay float32
+        assert ((stn(x).float() - x).abs() <= tol).all()
     theta = torch.randn(4, 2, 3, device="cuda")
     ref_grid = F.affine_grid(theta, [4, 1, 227, 227], align_corners=False)
     ref = F.grid_sample(x, ref_grid, align_corners=False)
     out = F.grid_sample(x, affine_grid(theta, 227, 227), align_corners=False)
-    assert torch.allclose(out, ref, atol=1e-4)
+    g_err = 2 * float(bounds.grid_error(theta.cpu()).max())
+    assert ((out - ref).abs() <= 2 * bounds.sample_error(x.cpu(), g_err).cuda()).all()
