@@ -31,9 +31,8 @@ _UNIT_ROUNDOFF = {
 def unit_roundoff(dtype=torch.float32) -> float:
     """u of a torch or numpy floating dtype (round to nearest)."""
     if not isinstance(dtype, torch.dtype):
-        dtype = {np.dtype(np.float64): torch.float64, np.dtype(np.float32): torch.float32}.get(
-            np.dtype(dtype), torch.float16 if np.dtype(dtype) == np.float16 else None
-        )
+        numpy_to_torch = {np.float64: torch.float64, np.float32: torch.float32}
+        dtype = {**numpy_to_torch, np.float16: torch.float16}[np.dtype(dtype).type]
     return _UNIT_ROUNDOFF[dtype]
 
 

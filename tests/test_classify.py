@@ -590,6 +590,9 @@ def test_cuda_workers_agree_with_the_plain_cpu_loop(archive, station, ckpt, tmp_
     assert len(got) == N_GOOD
     probs = got[list(PROB_COLUMNS)].to_numpy()
     ref = got[[f"{c}_r" for c in PROB_COLUMNS]].to_numpy()
+    # Not derived from a bound (issue #12): cuBLAS may round split-K partial sums of bf16 GEMMs
+    # to bf16 (torch's allow_bf16_reduced_precision_reduction), with a split count it chooses,
+    # so no gamma_n applies; 0.02 is ~5 bf16 steps (2^-8) of a probability.
     np.testing.assert_allclose(probs, ref, atol=0.02)  # bf16 keeps ~3 significant digits
     clear = np.sort(ref, axis=1)[:, -1] - np.sort(ref, axis=1)[:, -2] > 0.04
     assert (probs.argmax(1) == ref.argmax(1))[clear].all()

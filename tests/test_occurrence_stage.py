@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import bounds
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
@@ -253,7 +254,9 @@ def test_real_labels_total_and_hourly_shares(shared_data, tmp_path):
     tab["hour"] = np.floor(tab["mlt_start"] + 1e-9).astype(int)
     hourly = tab.groupby("hour")[[f"n_{c}" for c in CLASSES]].sum()
     mine = hourly.div(hourly.sum(axis=1), axis=0)
-    np.testing.assert_allclose(mine.to_numpy(), shares.loc[mine.index].to_numpy(), atol=1e-12)
+    # integer counts (exact) divided once or twice per side: shares <= 1 off by <= gamma_2 each
+    tol = 2 * bounds.gamma(2, np.float64)
+    np.testing.assert_allclose(mine.to_numpy(), shares.loc[mine.index].to_numpy(), atol=tol)
     # The known physics: drapery prenoon, radial at noon, hotspot early afternoon, arcs on flanks.
     assert mine["n_drapery"].idxmax() in (9, 10, 11)
     assert mine["n_radial"].idxmax() == 12
