@@ -148,7 +148,7 @@ def test_preprocessed_frames_pass_through(tmp_path, pattern_set):
     pset = LabelledSet(load_labelled(tmp_path), ds.pre.station)
     img, _ = pset[0]
     assert img.shape == (crop, crop)
-    assert img.max() == pytest.approx(1.0, abs=1e-6)
+    assert img.max() == pytest.approx(1.0, abs=1e-6)  # 255 / 255: 1 exactly in any float
 
 
 def test_collate_gives_model_input(pattern_set):
