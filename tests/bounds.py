@@ -79,10 +79,12 @@ def sq_distance_error(q: np.ndarray, x: np.ndarray, dtype=torch.float32) -> np.n
 def euclidean_error(q: np.ndarray, x: np.ndarray, d_ref: np.ndarray, dtype=torch.float32):
     """(Q, N) bound on |sqrt(fl(d2)) - d_ref| for the matrix-product form (kNN's selection step).
 
-    The squared-distance error through :func:`sqrt_error`, plus u d for the rounded sqrt.
+    The squared-distance error through :func:`sqrt_error`; the rounded sqrt adds u times the
+    result, at most u (d + that error).
     """
     u = unit_roundoff(dtype)
-    return sqrt_error(d_ref, sq_distance_error(q, x, dtype)) + u * np.asarray(d_ref) * 2
+    err = sqrt_error(d_ref, sq_distance_error(q, x, dtype))
+    return err * (1 + u) + u * np.asarray(d_ref, np.float64)
 
 
 def direct_euclidean_error(d_ref: np.ndarray, dim: int, dtype=torch.float32) -> np.ndarray:
@@ -147,6 +149,13 @@ _EXACT = (nn.ReLU, nn.MaxPool2d, nn.Dropout, nn.Flatten, nn.Identity)
 LAMBDA = 10.0
 
 
+def _is_lsoftmax(mod: nn.Module) -> bool:
+    """The L-Softmax head: not a leaf (its schedule is a submodule); plain F.linear at inference."""
+    from pipeline.models.lsoftmax import LSoftmaxLinear
+
+    return isinstance(mod, LSoftmaxLinear)
+
+
 def _is_residual_block(mod: nn.Module) -> bool:
     """torchvision ResNet blocks: their forward adds the shortcut outside any leaf module."""
     from torchvision.models.resnet import BasicBlock, Bottleneck
@@ -172,6 +181,10 @@ def _local_error(mod: nn.Module, inp: torch.Tensor, out: torch.Tensor, u: float,
         if isinstance(mod, nn.Linear):
             b = mod.bias.abs() if mod.bias is not None else None
             return mod.in_features + 1, F.linear(a, mod.weight.abs(), b)
+        if _is_lsoftmax(mod):
+            if mod.training:
+                raise ValueError("forward_error_bound: an L-Softmax head in training mode")
+            return mod.in_features, F.linear(a, mod.weight.abs())
         if isinstance(mod, nn.BatchNorm2d) and not mod.training:
             # eval: x * scale + shift, scale = w / sqrt(var + eps) (3 roundings), shift = b - mean
             # * scale (2 more): <= 6 roundings of at most |x| |scale| + |b| + |mean scale|.
@@ -244,7 +257,7 @@ def forward_error_bound(
     handles = [
         m.register_forward_hook(hook)
         for m in m64.modules()
-        if not list(m.children()) or _is_residual_block(m)
+        if not list(m.children()) or _is_residual_block(m) or _is_lsoftmax(m)
     ]
     try:
         with torch.enable_grad():
