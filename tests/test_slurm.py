@@ -26,7 +26,13 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import TINY
-from test_classify import _assert_exactly_once, _checkpoint
+from test_classify import (
+    _assert_exactly_once,
+    _assert_probabilities,
+    _checkpoint,
+    _exact,
+    _reference,
+)
 
 from pipeline import synth
 from pipeline.classes import PROB_COLUMNS
@@ -266,10 +272,22 @@ def test_nightly_twice_through_launch_py_classifies_only_new_frames(
     ref = read_predictions(local)
     got = pred.merge(ref, on=["path", "frame"], suffixes=("", "_local"), validate="1:1")
     assert len(got) == len(ref) == len(pred)
-    for c in PROB_COLUMNS:
-        np.testing.assert_allclose(got[c], got[f"{c}_local"], atol=1e-5)
-    assert (got["label"].astype(str) == got["label_local"].astype(str)).all()
-    np.testing.assert_allclose(got["mlt"], got["mlt_local"])
+    # Two float32 runs (other batches and threads): each against the float64 model within its
+    # bound (test_classify._exact), labels equal where the float64 top-2 margin exceeds it.
+    import torch
+
+    from pipeline.checkpoint import load_checkpoint
+
+    inputs = _reference(archive, station, ckpt)[["path", "frame", "x"]]
+    got = got.merge(inputs, on=["path", "frame"], validate="1:1")
+    assert len(got) == len(pred)
+    exact = _exact(load_checkpoint(ckpt)[0], torch.stack(list(got["x"])))
+    _assert_probabilities(got[list(PROB_COLUMNS)].to_numpy(), exact)
+    _assert_probabilities(got[[f"{c}_local" for c in PROB_COLUMNS]].to_numpy(), exact)
+    top2 = np.sort(exact["p"], axis=1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 2 * exact["p_prob"].max(axis=1)
+    assert (got["label"].astype(str) == got["label_local"].astype(str))[clear].all()
+    np.testing.assert_allclose(got["mlt"], got["mlt_local"])  # the same float64 formula
 
     rows = slurm.records(*jobs)
     assert set(rows) == set(jobs)
