@@ -417,6 +417,9 @@ def test_worker_jobs_leaving_mid_run_hand_their_shards_back(
             before = len(shard_files(out))
             _until(lambda: len(shard_files(out)) > before or run.done(), "a shard")
             cancelled_at = None if run.done() else len(shard_files(out))
+            # With one job left the victim is the only worker: did it hold a shard right now?
+            # (Between two shards it holds none, and then there is nothing to hand back.)
+            held = any(ws.processing for ws in cluster.scheduler.workers.values())
             slurm.run("scancel", victim)
             summary = run.result(timeout=WAIT_S)
         lifetime_back = _handed_back(cluster.scheduler, "worker-close-gracefully")
@@ -428,7 +431,7 @@ def test_worker_jobs_leaving_mid_run_hand_their_shards_back(
     _assert_exactly_once(out, linked_archive, station)
     assert not list(out.rglob("*.part")), "a cut shard left a partial file"
     assert lifetime_back, "the worker retiring at its lifetime held no shard"
-    assert cancel_back, "the cancelled worker held no shard"
+    assert cancel_back or not held, "the cancelled worker's shard was not handed back"
 
     jobs = [short, *_worker_jobs(logs)]
     rows = slurm.records(*jobs)
