@@ -240,7 +240,7 @@ def pretrain(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += float(loss)
+            total += float(loss.detach())
         if not math.isfinite(total):
             raise ConfigError(f"pre-training diverged in epoch {epoch + 1}; lower lr ({cfg.lr})")
         history.append({"epoch": epoch + 1, "loss": total / steps, "s": time.perf_counter() - t0})
