@@ -47,7 +47,7 @@ WORKER = {"cores": 1, "memory": "3GB", "gpus_per_job": 0, "walltime": "00:15:00"
 #: Longest wait for a job, a worker or a run: generous, as the machine may be shared.
 WAIT_S = 300
 #: tiny_archive's frames, each linked again on the following days (see linked_archive).
-COPIES = 10
+COPIES = 60
 SACCT_FIELDS = "JobID,JobName,Partition,NCPUS,State,ExitCode,Start,End,Elapsed,NodeList"
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(900)]
@@ -173,7 +173,7 @@ def station(tiny_archive):
 
 @pytest.fixture(scope="module")
 def linked_archive(tiny_archive, tmp_path_factory) -> Path:
-    """tiny_archive's frames, each hard-linked again on the next COPIES-1 days: 20x the frames
+    """tiny_archive's frames, each hard-linked again on the next COPIES-1 days: 60x the frames
     (a run long enough to cancel or outlive a worker) at no cost in time or disk."""
     root = tmp_path_factory.mktemp("linked_archive")
     shutil.copytree(tiny_archive / "calib", root / "calib")
