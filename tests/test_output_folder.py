@@ -25,7 +25,11 @@ def test_install_moves_outputs_and_writes_the_record_last(tmp_path):
         folder.install(["metrics.md", "sub"], accuracy=0.5)
     record = json.loads((out / RUN_RECORD).read_text())
     assert record == {
-        "command": "evaluate", "checkpoint": "ckpt", "n": 3, "accuracy": 0.5, "finished": True
+        "command": "evaluate",
+        "checkpoint": "ckpt",
+        "n": 3,
+        "accuracy": 0.5,
+        "finished": True,
     }
     assert (out / "metrics.md").read_text() == "table"
     assert (out / "sub" / "a.txt").read_text() == "a"
