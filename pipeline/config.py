@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import os
 import types
 import typing
@@ -16,9 +17,10 @@ from pipeline.errors import ConfigError
 
 T = TypeVar("T")
 
-#: The repository's configs/ folder (override with AURORA_CONFIG_DIR).
+#: The built-in configs, package data of ``pipeline`` (override with AURORA_CONFIG_DIR); the
+#: repository's top-level ``configs`` is a link to the same folder.
 CONFIG_DIR = Path(
-    os.environ.get("AURORA_CONFIG_DIR", Path(__file__).resolve().parents[1] / "configs")
+    os.environ.get("AURORA_CONFIG_DIR") or str(importlib.resources.files("pipeline") / "configs")
 )
 
 
