@@ -740,7 +740,7 @@ def run(
     """Run a workflow: its stages in order, skipping those that are up to date."""
     from pipeline.workflow import main_run
 
-    main_run(workflow, scheduler, from_stage, only, dry_run, overrides)
+    main_run(cli, workflow, scheduler, from_stage, only, dry_run, overrides)
 
 
 def main(args: list[str] | None = None) -> None:

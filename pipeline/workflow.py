@@ -20,8 +20,10 @@ from typing import Any
 
 import click
 
+from pipeline.cluster import dask_client
 from pipeline.config import from_dict, load_yaml
 from pipeline.errors import AuroraError, ConfigError
+from pipeline.report import write_report
 from pipeline.storage import atomic_path, exclusive_lock
 
 log = logging.getLogger(__name__)
@@ -194,7 +196,9 @@ def _resolve_vars(raw: dict[str, Any], overrides: dict[str, str], source: str) -
     return resolved
 
 
-def load_workflow(path: str | os.PathLike, overrides: dict[str, str] | None = None) -> Workflow:
+def load_workflow(
+    path: str | os.PathLike, commands: click.Group, overrides: dict[str, str] | None = None
+) -> Workflow:
     """Read, substitute and validate a workflow file; errors name the file and the key."""
     source = str(path)
     data = load_yaml(path)
@@ -214,21 +218,19 @@ def load_workflow(path: str | os.PathLike, overrides: dict[str, str] | None = No
                 for key in ("inputs", "outputs"):
                     if isinstance(st.get(key), list):
                         st[key] = [str(a) for a in st[key]]
-            _check_command(st.get("command") if isinstance(st, dict) else None, source, i)
+            _check_command(commands, st.get("command") if isinstance(st, dict) else None, source, i)
     wf = from_dict(Workflow, {**body, "vars": variables}, source)
     # Every stage's command line is checked now, so that a typo does not surface only when
     # its stage runs, after the earlier ones took their time.
     for i, stage in enumerate(wf.stages):
-        _check_stage_argv(stage, f"{source}: stage {stage.name!r} (stages[{i}])")
+        _check_stage_argv(commands, stage, f"{source}: stage {stage.name!r} (stages[{i}])")
     return wf
 
 
-def _check_command(command: Any, source: str, i: int) -> None:
-    from pipeline.cli import cli
-
+def _check_command(commands: click.Group, command: Any, source: str, i: int) -> None:
     if not isinstance(command, str):
         return  # from_dict reports the missing or mistyped key
-    group: Any = cli
+    group: Any = commands
     for word in command.split():
         sub = getattr(group, "commands", {}).get(word)
         if sub is None:
@@ -239,11 +241,9 @@ def _check_command(command: Any, source: str, i: int) -> None:
         group = sub
 
 
-def _click_command(command: str) -> click.Command:
+def _click_command(commands: click.Group, command: str) -> click.Command:
     """The click command a stage's ``command`` names (already checked by _check_command)."""
-    from pipeline.cli import cli
-
-    cmd: Any = cli
+    cmd: Any = commands
     for word in command.split():
         cmd = cmd.commands[word]
     return cmd
@@ -259,9 +259,11 @@ def _given(value: Any) -> bool:
     return isinstance(value, (str, bool)) or (isinstance(value, (list, tuple)) and bool(value))
 
 
-def _parse_stage(stage: StageSpec, where: str) -> tuple[click.Command, dict[str, Any]]:
+def _parse_stage(
+    commands: click.Group, stage: StageSpec, where: str
+) -> tuple[click.Command, dict[str, Any]]:
     """The stage's command and the raw values of its parameters, by parameter name."""
-    cmd = _click_command(stage.command)
+    cmd = _click_command(commands, stage.command)
     ctx = click.Context(cmd, info_name=stage.command, resilient_parsing=True)
     argv = stage_argv(stage)[len(stage.command.split()) :]
     try:
@@ -283,9 +285,9 @@ def _param_label(param: click.Parameter) -> str:
     return (longs or param.opts)[0]
 
 
-def _check_stage_argv(stage: StageSpec, where: str) -> None:
+def _check_stage_argv(commands: click.Group, stage: StageSpec, where: str) -> None:
     """Refuse unknown options, flags given a value, and missing required parameters."""
-    cmd = _click_command(stage.command)
+    cmd = _click_command(commands, stage.command)
     options = [p for p in cmd.params if isinstance(p, click.Option)]
     by_flag = {o: p for p in options for o in (*p.opts, *p.secondary_opts)}
     for key, value in stage.options.items():
@@ -312,7 +314,7 @@ def _check_stage_argv(stage: StageSpec, where: str) -> None:
         raise ConfigError(
             f"{where}: scheduler: true, but {stage.command} takes no --scheduler option"
         )
-    _, values = _parse_stage(stage, where)
+    _, values = _parse_stage(commands, stage, where)
     for param in cmd.params:
         if param.required and not param.envvar and not _given(values.get(param.name or "")):
             raise ConfigError(f"{where}: {stage.command} needs {_param_label(param)}")
@@ -332,7 +334,12 @@ def _related(a: Path, b: Path) -> bool:
     return a == b or a in b.parents or b in a.parents
 
 
-def check_input_paths(wf: Workflow, source: str, stages: Sequence[StageSpec] | None = None) -> None:
+def check_input_paths(
+    wf: Workflow,
+    commands: click.Group,
+    source: str,
+    stages: Sequence[StageSpec] | None = None,
+) -> None:
     """Refuse an input path of a stage that is missing and that no earlier stage writes."""
     check = {s.name for s in (wf.stages if stages is None else stages)}
     # What earlier stages write: their declared outputs and the paths they are given to
@@ -341,7 +348,7 @@ def check_input_paths(wf: Workflow, source: str, stages: Sequence[StageSpec] | N
     written: list[Path] = []
     for i, stage in enumerate(wf.stages):
         where = f"{source}: stage {stage.name!r} (stages[{i}])"
-        cmd, values = _parse_stage(stage, where)
+        cmd, values = _parse_stage(commands, stage, where)
         inputs: list[tuple[click.Parameter, str]] = []
         outputs: list[str] = list(stage.outputs)
         for param in cmd.params:
@@ -495,12 +502,10 @@ class StageFailed(AuroraError):
     """A stage of a workflow failed; the next run resumes there."""
 
 
-def _call_cli(argv: list[str]) -> None:
+def _call_cli(commands: click.Group, argv: list[str]) -> None:
     """Run one CLI command in this process; any failure becomes StageFailed's cause."""
-    from pipeline.cli import cli
-
     try:
-        cli.main(args=argv, prog_name="aurora-pipeline", standalone_mode=False)
+        commands.main(args=argv, prog_name="aurora-pipeline", standalone_mode=False)
     except SystemExit as exc:
         if exc.code not in (0, None):
             raise RuntimeError(f"exited with code {exc.code}") from None
@@ -528,8 +533,6 @@ def _workflow_scheduler(wf: Workflow, scheduler: str | None, needed: bool) -> It
     if scheduler or not needed:
         yield scheduler
         return
-    from pipeline.cluster import dask_client
-
     workers = wf.vars.get("workers")
     try:
         n = int(workers) if workers not in (None, "") else None
@@ -541,6 +544,7 @@ def _workflow_scheduler(wf: Workflow, scheduler: str | None, needed: bool) -> It
 
 def run_workflow(
     path: str | os.PathLike,
+    commands: click.Group,
     scheduler: str | None = None,
     from_stage: str | None = None,
     only: str | None = None,
@@ -548,23 +552,17 @@ def run_workflow(
     overrides: dict[str, str] | None = None,
     echo: Any = print,
 ) -> dict[str, Any]:
-    """Run a workflow file; returns {stage: "ran" | "skipped: why" | "would run: why"}."""
-    wf = load_workflow(path, overrides)
+    """Run a workflow file with the stage ``commands`` (the CLI's group); returns
+    {stage: "ran" | "skipped: why" | "would run: why"}."""
+    wf = load_workflow(path, commands, overrides)
     chosen = select_stages(wf, from_stage, only)
-    check_input_paths(wf, str(path), [s for s, _ in chosen])
+    check_input_paths(wf, commands, str(path), [s for s, _ in chosen])
     spath = state_path(path, wf)
     state = read_state(spath)
-    plan = []
-    for stage, forced in chosen:
-        reason = "forced by --from/--only" if forced else why_run(stage, state)
-        plan.append((stage, reason))
-    outcome: dict[str, Any] = {}
+    plan = [(s, "forced by --from/--only" if f else why_run(s, state)) for s, f in chosen]
     if dry_run:
-        for stage, reason in plan:
-            line = f"would run: {reason}" if reason else "up to date, would skip"
-            outcome[stage.name] = line
-            echo(f"[{stage.name}] {line}\n    aurora-pipeline {shlex.join(stage_argv(stage))}")
-        return outcome
+        return _dry_run(plan, echo)
+    outcome: dict[str, Any] = {}
     needs_cluster = any(reason and stage.scheduler for stage, reason in plan)
     with run_lock(spath.with_suffix(".lock")):
         state = read_state(spath)  # what a run that held the lock before us recorded
@@ -577,44 +575,12 @@ def run_workflow(
                     outcome[stage.name] = "skipped: up to date"
                     echo(f"[{stage.name}] up to date, skipped")
                     continue
-                argv = stage_argv(stage, address)
-                echo(f"[{stage.name}] running ({reason}): aurora-pipeline {shlex.join(argv)}")
-                t0 = time.perf_counter()
-                try:
-                    _call_cli(argv)
-                except (KeyboardInterrupt, click.exceptions.Abort):
-                    # Ctrl-C (click turns it into Abort, a RuntimeError) is no stage failure:
-                    # let the CLI report the interruption, but record that the stage did
-                    # not finish, so that the next run resumes there.
-                    state["stages"].pop(stage.name, None)
-                    state["failed"] = stage.name
-                    write_state(spath, state)
-                    echo(f"[{stage.name}] interrupted; rerun to resume from it")
-                    raise
-                except Exception as exc:  # noqa: BLE001 - reported with the stage named
-                    state["stages"].pop(stage.name, None)
-                    state["failed"] = stage.name
-                    write_state(spath, state)
-                    why = str(exc).strip() or type(exc).__name__  # some errors have no message
-                    raise StageFailed(
-                        f"{path}: stage {stage.name!r} failed: {why}; rerun to resume from it"
-                    ) from exc
-                seconds = time.perf_counter() - t0
-                state["stages"][stage.name] = {
-                    "args_hash": _args_hash(stage),
-                    "finished_utc": dt.datetime.now(dt.timezone.utc).isoformat(),
-                    "seconds": round(seconds, 2),
-                }
-                state.pop("failed", None)
-                write_state(spath, state)
+                _run_stage(commands, stage, reason, address, state, spath, str(path), echo)
                 outcome[stage.name] = "ran"
-                echo(f"[{stage.name}] done in {seconds:.1f} s")
         state["last_run_utc"] = dt.datetime.now(dt.timezone.utc).isoformat()
         state["last_run_seconds"] = round(time.perf_counter() - t_run, 2)
         write_state(spath, state)
     if wf.report is not None:
-        from pipeline.report import write_report
-
         report_path = Path(wf.report.path or f"results/{wf.name}/report.html")
         write_report(wf, state, report_path)
         echo(f"report: {report_path}")
@@ -623,7 +589,64 @@ def run_workflow(
     return outcome
 
 
+def _dry_run(plan: list[tuple[StageSpec, str | None]], echo: Any) -> dict[str, Any]:
+    """Say what a run would do, stage by stage, without running anything."""
+    outcome: dict[str, Any] = {}
+    for stage, reason in plan:
+        line = f"would run: {reason}" if reason else "up to date, would skip"
+        outcome[stage.name] = line
+        echo(f"[{stage.name}] {line}\n    aurora-pipeline {shlex.join(stage_argv(stage))}")
+    return outcome
+
+
+def _run_stage(
+    commands: click.Group,
+    stage: StageSpec,
+    reason: str,
+    address: str | None,
+    state: dict[str, Any],
+    spath: Path,
+    source: str,
+    echo: Any,
+) -> None:
+    """Run one stage and record it in the state file (or record where to resume)."""
+    argv = stage_argv(stage, address)
+    echo(f"[{stage.name}] running ({reason}): aurora-pipeline {shlex.join(argv)}")
+    t0 = time.perf_counter()
+    try:
+        _call_cli(commands, argv)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        # Ctrl-C (click turns it into Abort, a RuntimeError) is no stage failure: let the CLI
+        # report the interruption, but record that the stage did not finish, so that the next
+        # run resumes there.
+        _record_failure(state, spath, stage)
+        echo(f"[{stage.name}] interrupted; rerun to resume from it")
+        raise
+    except Exception as exc:  # noqa: BLE001 - reported with the stage named
+        _record_failure(state, spath, stage)
+        why = str(exc).strip() or type(exc).__name__  # some errors have no message
+        raise StageFailed(
+            f"{source}: stage {stage.name!r} failed: {why}; rerun to resume from it"
+        ) from exc
+    seconds = time.perf_counter() - t0
+    state["stages"][stage.name] = {
+        "args_hash": _args_hash(stage),
+        "finished_utc": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "seconds": round(seconds, 2),
+    }
+    state.pop("failed", None)
+    write_state(spath, state)
+    echo(f"[{stage.name}] done in {seconds:.1f} s")
+
+
+def _record_failure(state: dict[str, Any], spath: Path, stage: StageSpec) -> None:
+    state["stages"].pop(stage.name, None)
+    state["failed"] = stage.name
+    write_state(spath, state)
+
+
 def main_run(
+    commands: click.Group,
     workflow: Path,
     scheduler: str | None,
     from_stage: str | None,
@@ -634,6 +657,7 @@ def main_run(
     """CLI wrapper of run_workflow."""
     run_workflow(
         workflow,
+        commands,
         scheduler=scheduler,
         from_stage=from_stage,
         only=only,

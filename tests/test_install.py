@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,13 @@ def _run(args: list[str], cwd: Path, env: dict[str, str]) -> str:
 
 
 def test_a_plain_install_makes_scans_and_bins_a_synthetic_archive(tmp_path):
+    # Built from a copy, so that setuptools' build/ folder does not land in the checkout.
+    src = tmp_path / "src"
+    shutil.copytree(
+        REPO / "pipeline", src / "pipeline", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
     site = tmp_path / "site"
     _run(
         [
@@ -33,7 +41,7 @@ def test_a_plain_install_makes_scans_and_bins_a_synthetic_archive(tmp_path):
             "--no-index",
             "--target",
             str(site),
-            str(REPO),
+            str(src),
         ],
         cwd=tmp_path,
         env=dict(os.environ),

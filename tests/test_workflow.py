@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from pipeline import workflow as wfmod
+from pipeline.cli import cli
 from pipeline.errors import ConfigError, InputError
 from pipeline.workflow import StageFailed, load_workflow, run_workflow, stage_argv
 
@@ -16,7 +17,7 @@ def fake_cli(monkeypatch, tmp_path):
     """Stand in for the stage commands: ``scan IN -o OUT`` copies IN to OUT, recording each call."""
     calls: list[list[str]] = []
 
-    def fake(argv: list[str]) -> None:
+    def fake(commands, argv: list[str]) -> None:
         calls.append(argv)
         if (tmp_path / "fail").exists() and argv[1].endswith("b.txt"):
             raise RuntimeError("boom")
@@ -60,43 +61,43 @@ def _age(path: Path, seconds: float) -> None:
 
 def test_stages_run_then_skip_and_touch_reruns_only_downstream(tmp_path, fake_cli):
     wf = _chain(tmp_path)
-    assert _ran(run_workflow(wf, echo=lambda s: None)) == ["first", "second", "third"]
+    assert _ran(run_workflow(wf, cli, echo=lambda s: None)) == ["first", "second", "third"]
     assert (tmp_path / "d.txt").read_text() == "a+++"
-    assert _ran(run_workflow(wf, echo=lambda s: None)) == []
+    assert _ran(run_workflow(wf, cli, echo=lambda s: None)) == []
     for name in "abcd":  # make the chain's files strictly ordered in time, then touch the middle
         _age(tmp_path / f"{name}.txt", 100 - "abcd".index(name))
     (tmp_path / "b.txt").touch()
-    assert _ran(run_workflow(wf, echo=lambda s: None)) == ["second", "third"]
+    assert _ran(run_workflow(wf, cli, echo=lambda s: None)) == ["second", "third"]
 
 
 def test_changed_arguments_rerun_the_stage(tmp_path, fake_cli):
     wf = _chain(tmp_path, {"tag": "x"})
-    run_workflow(wf, echo=lambda s: None)
+    run_workflow(wf, cli, echo=lambda s: None)
     text = wf.read_text().replace("${d}/d.txt", "${d}/d2.txt")
     wf.write_text(text)
-    assert _ran(run_workflow(wf, echo=lambda s: None)) == ["third"]
+    assert _ran(run_workflow(wf, cli, echo=lambda s: None)) == ["third"]
 
 
 def test_failed_stage_stops_and_rerun_resumes_there(tmp_path, fake_cli):
     wf = _chain(tmp_path)
     (tmp_path / "fail").touch()
     with pytest.raises(StageFailed, match="stage 'second' failed: boom"):
-        run_workflow(wf, echo=lambda s: None)
+        run_workflow(wf, cli, echo=lambda s: None)
     assert not (tmp_path / "d.txt").exists()
     (tmp_path / "fail").unlink()
-    assert _ran(run_workflow(wf, echo=lambda s: None)) == ["second", "third"]
+    assert _ran(run_workflow(wf, cli, echo=lambda s: None)) == ["second", "third"]
 
 
 def test_run_says_where_the_outputs_are(tmp_path, fake_cli):
     lines: list[str] = []
-    run_workflow(_chain(tmp_path), echo=lines.append)
+    run_workflow(_chain(tmp_path), cli, echo=lines.append)
     assert lines[-1] == f"outputs: {tmp_path.resolve()}"
 
 
 def test_dry_run_runs_nothing_and_says_why(tmp_path, fake_cli):
     wf = _chain(tmp_path)
     lines: list[str] = []
-    outcome = run_workflow(wf, dry_run=True, echo=lines.append)
+    outcome = run_workflow(wf, cli, dry_run=True, echo=lines.append)
     assert fake_cli == []
     assert outcome["first"] == "would run: never ran"
     assert any("aurora-pipeline scan" in ln for ln in lines)
@@ -104,15 +105,18 @@ def test_dry_run_runs_nothing_and_says_why(tmp_path, fake_cli):
 
 def test_from_and_only_force_stages(tmp_path, fake_cli):
     wf = _chain(tmp_path)
-    run_workflow(wf, echo=lambda s: None)
-    assert _ran(run_workflow(wf, from_stage="second", echo=lambda s: None)) == ["second", "third"]
-    assert _ran(run_workflow(wf, only="first", echo=lambda s: None)) == ["first"]
+    run_workflow(wf, cli, echo=lambda s: None)
+    assert _ran(run_workflow(wf, cli, from_stage="second", echo=lambda s: None)) == [
+        "second",
+        "third",
+    ]
+    assert _ran(run_workflow(wf, cli, only="first", echo=lambda s: None)) == ["first"]
     with pytest.raises(ConfigError, match="--only nope: no such stage; stages: first, second"):
-        run_workflow(wf, only="nope", echo=lambda s: None)
+        run_workflow(wf, cli, only="nope", echo=lambda s: None)
 
 
 def test_variables_and_overrides(tmp_path):
-    wf = load_workflow(_chain(tmp_path), {"d": "/elsewhere"})
+    wf = load_workflow(_chain(tmp_path), cli, {"d": "/elsewhere"})
     assert wf.stages[0].args == ("/elsewhere/a.txt",)
     assert stage_argv(wf.stages[0]) == ["scan", "/elsewhere/a.txt", "--out", "/elsewhere/b.txt"]
 
@@ -161,7 +165,7 @@ def test_validation_errors_name_the_file_and_key(tmp_path, mutate, match):
     mutate(doc)
     p.write_text(yaml.safe_dump(doc))
     with pytest.raises(ConfigError, match=match):
-        load_workflow(p)
+        load_workflow(p, cli)
 
 
 def test_stage_option_typo_is_refused_before_any_stage_runs(tmp_path, fake_cli):
@@ -177,19 +181,19 @@ def test_stage_option_typo_is_refused_before_any_stage_runs(tmp_path, fake_cli):
     )
     for dry_run in (True, False):
         with pytest.raises(ConfigError, match=want):
-            run_workflow(p, dry_run=dry_run, overrides={"out": str(tmp_path)}, echo=print)
+            run_workflow(p, cli, dry_run=dry_run, overrides={"out": str(tmp_path)}, echo=print)
     assert fake_cli == []
     del classify["options"]["shardsize"]
     classify["options"]["features"] = "yes"
     p.write_text(yaml.safe_dump(doc))
     with pytest.raises(ConfigError, match=r"--features is an on/off flag; give true or false"):
-        load_workflow(p)
+        load_workflow(p, cli)
     # a variable substitutes text: --set feats=false switches the flag off, true on
     doc["vars"]["feats"] = "true"
     classify["options"]["features"] = "${feats}"
     p.write_text(yaml.safe_dump(doc))
     for text, on in (("false", False), ("true", True)):
-        wf = load_workflow(p, overrides={"feats": text})
+        wf = load_workflow(p, cli, overrides={"feats": text})
         stage = next(s for s in wf.stages if s.name == "classify")
         assert ("--features" in stage_argv(stage)) is on
 
@@ -205,7 +209,7 @@ def test_stage_option_typo_is_refused_before_any_stage_runs(tmp_path, fake_cli):
 )
 def test_empty_variables_are_refused(tmp_path, overrides, extra_vars, match):
     with pytest.raises(ConfigError, match=match):
-        load_workflow(_chain(tmp_path, extra_vars), overrides)
+        load_workflow(_chain(tmp_path, extra_vars), cli, overrides)
 
 
 @pytest.mark.parametrize(
@@ -219,11 +223,11 @@ def test_empty_variables_are_refused(tmp_path, overrides, extra_vars, match):
 )
 def test_variable_loops_and_unresolved_references_are_refused(tmp_path, extra_vars, match):
     with pytest.raises(ConfigError, match=match):
-        load_workflow(_chain(tmp_path, extra_vars))
+        load_workflow(_chain(tmp_path, extra_vars), cli)
 
 
 def test_variables_may_refer_to_variables_in_any_order(tmp_path):
-    wf = load_workflow(_chain(tmp_path, {"x": "${y}/x", "y": "${d}/y", "n": "${k}", "k": 3}))
+    wf = load_workflow(_chain(tmp_path, {"x": "${y}/x", "y": "${d}/y", "n": "${k}", "k": 3}), cli)
     assert wf.vars["x"] == f"{tmp_path}/y/x"
     assert wf.vars["n"] == 3
 
@@ -232,7 +236,7 @@ def test_unresolved_reference_in_a_stage_is_refused(tmp_path):
     p = _chain(tmp_path)
     p.write_text(p.read_text().replace("${d}/d.txt", "${d/d.txt"))
     with pytest.raises(ConfigError, match=r"stages\[2\]\.options\.out: .* unresolved '\$\{'"):
-        load_workflow(p)
+        load_workflow(p, cli)
 
 
 def test_missing_input_path_is_refused_before_any_stage_runs(tmp_path, fake_cli, monkeypatch):
@@ -244,7 +248,11 @@ def test_missing_input_path_is_refused_before_any_stage_runs(tmp_path, fake_cli,
     doc["stages"][2]["args"] = [f"{tmp_path}/made"]  # a folder an earlier stage writes into
     p.write_text(yaml.safe_dump(doc))
     monkeypatch.chdir(tmp_path)
-    assert set(run_workflow(p, dry_run=True, echo=lambda s: None)) == {"first", "second", "third"}
+    assert set(run_workflow(p, cli, dry_run=True, echo=lambda s: None)) == {
+        "first",
+        "second",
+        "third",
+    }
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
     for dry_run in (True, False):
@@ -254,17 +262,17 @@ def test_missing_input_path_is_refused_before_any_stage_runs(tmp_path, fake_cli,
             r"folder, and no earlier stage writes it \(relative paths are resolved against the "
             r"current folder, .*elsewhere: run from the repository root or use absolute paths\)",
         ):
-            run_workflow(p, dry_run=dry_run, echo=lambda s: None)
+            run_workflow(p, cli, dry_run=dry_run, echo=lambda s: None)
     assert fake_cli == []
     # --only third: the folder it reads is still written by an earlier stage
-    assert run_workflow(p, only="third", dry_run=True, echo=lambda s: None)
+    assert run_workflow(p, cli, only="third", dry_run=True, echo=lambda s: None)
 
 
 @pytest.mark.parametrize("interrupt", [KeyboardInterrupt, click.exceptions.Abort])
 def test_interrupted_stage_propagates_and_rerun_resumes_there(tmp_path, monkeypatch, interrupt):
     calls: list[str] = []
 
-    def fake(argv: list[str]) -> None:
+    def fake(commands, argv: list[str]) -> None:
         calls.append(argv[1])
         if argv[1].endswith("b.txt") and calls.count(argv[1]) == 1:
             raise interrupt()
@@ -274,15 +282,15 @@ def test_interrupted_stage_propagates_and_rerun_resumes_there(tmp_path, monkeypa
     wf = _chain(tmp_path)
     lines: list[str] = []
     with pytest.raises(interrupt):
-        run_workflow(wf, echo=lines.append)
+        run_workflow(wf, cli, echo=lines.append)
     assert lines[-1] == "[second] interrupted; rerun to resume from it"
-    assert _ran(run_workflow(wf, echo=lambda s: None)) == ["second", "third"]
+    assert _ran(run_workflow(wf, cli, echo=lambda s: None)) == ["second", "third"]
 
 
 def test_interrupt_in_the_cli_says_so_not_stage_failed(tmp_path, monkeypatch, capsys):
     from pipeline.cli import main
 
-    def fake(argv: list[str]) -> None:
+    def fake(commands, argv: list[str]) -> None:
         raise click.exceptions.Abort()
 
     monkeypatch.setattr(wfmod, "_call_cli", fake)
@@ -294,28 +302,28 @@ def test_interrupt_in_the_cli_says_so_not_stage_failed(tmp_path, monkeypatch, ca
 
 
 def test_stage_failure_without_a_message_names_the_exception(tmp_path, monkeypatch):
-    def fake(argv: list[str]) -> None:
+    def fake(commands, argv: list[str]) -> None:
         raise ValueError()
 
     monkeypatch.setattr(wfmod, "_call_cli", fake)
     with pytest.raises(StageFailed, match=r"stage 'first' failed: ValueError; rerun to resume"):
-        run_workflow(_chain(tmp_path), echo=lambda s: None)
+        run_workflow(_chain(tmp_path), cli, echo=lambda s: None)
 
 
 def test_unknown_override_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="--set nope: the workflow has no variable 'nope'"):
-        load_workflow(_chain(tmp_path), {"nope": "1"})
+        load_workflow(_chain(tmp_path), cli, {"nope": "1"})
 
 
 def test_concurrent_runs_do_not_both_run(tmp_path, fake_cli):
     wf_path = _chain(tmp_path)
-    wf = load_workflow(wf_path)
+    wf = load_workflow(wf_path, cli)
     lock = wfmod.state_path(wf_path, wf).with_suffix(".lock")
     with wfmod.run_lock(lock):
         with pytest.raises(InputError, match="another run of this workflow holds the lock"):
-            run_workflow(wf_path, echo=lambda s: None)
+            run_workflow(wf_path, cli, echo=lambda s: None)
     assert fake_cli == []
-    assert _ran(run_workflow(wf_path, echo=lambda s: None)) == ["first", "second", "third"]
+    assert _ran(run_workflow(wf_path, cli, echo=lambda s: None)) == ["first", "second", "third"]
 
 
 def test_scheduler_address_reaches_the_stages(tmp_path, monkeypatch):
@@ -323,7 +331,7 @@ def test_scheduler_address_reaches_the_stages(tmp_path, monkeypatch):
 
     seen = []
 
-    def fake(argv):
+    def fake(commands, argv):
         addr = argv[argv.index("--scheduler") + 1]
         with Client(addr) as c:
             seen.append(len(c.scheduler_info()["workers"]))
@@ -350,7 +358,7 @@ def test_scheduler_address_reaches_the_stages(tmp_path, monkeypatch):
         )
     )
     with LocalCluster(n_workers=1, processes=False, dashboard_address=":0") as cluster:
-        run_workflow(p, scheduler=cluster.scheduler_address, echo=lambda s: None)
+        run_workflow(p, cli, scheduler=cluster.scheduler_address, echo=lambda s: None)
     assert seen == [1]
 
 
@@ -371,7 +379,7 @@ def test_report_is_written_and_self_contained(tmp_path, fake_cli):
         "metrics": [str(tmp_path / "m.json")],
     }
     p.write_text(yaml.safe_dump(doc))
-    run_workflow(p, echo=lambda s: None)
+    run_workflow(p, cli, echo=lambda s: None)
     page = (tmp_path / "report.html").read_text()
     assert "data:image/png;base64," in page
     assert "<td>arc</td><td>0.9</td>" in page
@@ -399,7 +407,7 @@ def test_report_renders_in_headless_chromium(tmp_path, fake_cli):
     doc = yaml.safe_load(p.read_text())
     doc["report"] = {"path": str(tmp_path / "report.html"), "figures": [str(tmp_path / "fig.png")]}
     p.write_text(yaml.safe_dump(doc))
-    run_workflow(p, echo=lambda s: None)
+    run_workflow(p, cli, echo=lambda s: None)
     shot = tmp_path / "shot.png"
     flags = [
         "--headless",

@@ -9,6 +9,7 @@ import torch
 from pipeline import synth
 from pipeline.checkpoint import save_checkpoint
 from pipeline.classify import read_predictions, read_run
+from pipeline.cli import cli
 from pipeline.models import build_model
 from pipeline.workflow import run_workflow
 
@@ -32,7 +33,7 @@ def test_nightly_classifies_only_new_frames(tmp_path, checkpoint):
         "station": str(archive / "calib" / "station.yaml"),
         "bins": "1h",
     }
-    first = run_workflow("workflows/nightly.yaml", overrides=overrides, echo=lambda s: None)
+    first = run_workflow("workflows/nightly.yaml", cli, overrides=overrides, echo=lambda s: None)
     assert first == {"scan": "ran", "classify": "ran", "occurrence": "ran"}
     assert len(read_predictions(out / "predictions")) == 24
 
@@ -45,7 +46,7 @@ def test_nightly_classifies_only_new_frames(tmp_path, checkpoint):
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(p, dst)
         dst.touch()
-    second = run_workflow("workflows/nightly.yaml", overrides=overrides, echo=lambda s: None)
+    second = run_workflow("workflows/nightly.yaml", cli, overrides=overrides, echo=lambda s: None)
     assert second == {"scan": "ran", "classify": "ran", "occurrence": "ran"}
     pred = read_predictions(out / "predictions")
     assert len(pred) == 24 + len(new)
@@ -56,5 +57,5 @@ def test_nightly_classifies_only_new_frames(tmp_path, checkpoint):
     assert set(occ["winter"]) == {2004, 2005}
 
     # Nothing new: the third night does nothing.
-    third = run_workflow("workflows/nightly.yaml", overrides=overrides, echo=lambda s: None)
+    third = run_workflow("workflows/nightly.yaml", cli, overrides=overrides, echo=lambda s: None)
     assert set(third.values()) == {"skipped: up to date"}

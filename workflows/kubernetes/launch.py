@@ -113,11 +113,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from dask_kubernetes.operator import KubeCluster
 
+    from pipeline.cli import cli
     from pipeline.workflow import parse_overrides, run_workflow
 
     with KubeCluster(custom_cluster_spec=spec) as cluster:
         run_workflow(
             args.workflow,
+            cli,
             scheduler=cluster.scheduler_address,
             overrides=parse_overrides(args.overrides),
         )

@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args(argv)
 
+    from pipeline.cli import cli
     from pipeline.workflow import parse_overrides, run_workflow
 
     overrides = parse_overrides(args.overrides)
@@ -103,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
 
         with SLURMRunner() as runner, Client(runner) as client:
             client.wait_for_workers(1)
-            run_workflow(args.workflow, scheduler=runner.scheduler_address, overrides=overrides)
+            run_workflow(
+                args.workflow, cli, scheduler=runner.scheduler_address, overrides=overrides
+            )
         return 0
     cluster = make_cluster(
         queue=args.queue,
@@ -122,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         cluster.adapt(minimum_jobs=args.min_jobs, maximum_jobs=args.max_jobs)
         print(f"dask dashboard: {cluster.dashboard_link}", file=sys.stderr)
-        run_workflow(args.workflow, scheduler=cluster.scheduler_address, overrides=overrides)
+        run_workflow(args.workflow, cli, scheduler=cluster.scheduler_address, overrides=overrides)
     finally:
         cluster.close()
     return 0
