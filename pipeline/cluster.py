@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from typing import Any
 
+from distributed import Client, LocalCluster, as_completed
 from tqdm.auto import tqdm
 
 from pipeline.errors import InputError
@@ -72,8 +73,6 @@ def dask_client(
     processes: bool = True,
 ) -> Iterator[Any]:
     """A ``distributed.Client``: on the running cluster at ``scheduler``, or on a new LocalCluster."""
-    from distributed import Client, LocalCluster
-
     logging.getLogger("tornado.application").addFilter(_SYNC_CANCEL_FILTER)  # once: a set
 
     if scheduler:
@@ -130,8 +129,6 @@ def run_windowed(
     progress bar advances by each task's weight (frames). A task that still fails after its
     retries (or whose workers keep dying) goes to ``on_error``; nothing is silently dropped.
     """
-    from distributed import as_completed
-
     it = iter(tasks)
     pending = as_completed(loop=client.loop)
     weights: dict[Any, tuple[Hashable, int]] = {}

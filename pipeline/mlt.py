@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterable
 
+import aacgmv2
 import numpy as np
 import pandas as pd
 
@@ -58,8 +59,6 @@ def offset_mlt(ns: np.ndarray, offset_hours: float) -> np.ndarray:
 
 def _magnetic_longitudes(days: np.ndarray, lat: float, lon: float, alt_km: float) -> np.ndarray:
     """AACGM-v2 magnetic longitude of the station, one per UT day (it drifts only with the IGRF epoch)."""
-    import aacgmv2
-
     out = np.empty(len(days))
     for i, d in enumerate(days):
         t = dt.datetime(1970, 1, 1) + dt.timedelta(days=int(d), hours=12)
@@ -75,8 +74,6 @@ def _magnetic_longitudes(days: np.ndarray, lat: float, lon: float, alt_km: float
 
 def aacgm_mlt(ns: np.ndarray, lat: float, lon: float, alt_km: float = 110.0) -> np.ndarray:
     """AACGM-v2 MLT at a site for int64 UTC nanoseconds; exact on a 10-min grid, linear between."""
-    import aacgmv2
-
     ns = np.asarray(ns, dtype=np.int64)
     out = np.full(ns.shape, np.nan)
     good = ns != _NAT

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 METRICS: tuple[str, ...] = ("euclidean", "cosine")
 
@@ -133,8 +134,6 @@ def knn(
     starts = range(0, n, chunk)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=n * ((nq + query_batch - 1) // query_batch), desc="knn", unit="row")
     with torch.inference_mode():
         for q0 in range(0, nq, query_batch):

@@ -122,7 +122,7 @@ class _MinSize(nn.Module):
 def inception_v4(in_chans: int = 1) -> Backbone:
     """timm Inception-v4 (optional dependency); its feature is the 1536-d pooled vector."""
     try:
-        import timm
+        import timm  # noqa: PLC0415 - optional dependency, only for this variant
     except ImportError:
         raise ConfigError(
             "variant 'inception-v4' needs timm, an optional dependency: "
