@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-#: Class order everywhere (index 0..3), DESIGN.md section 3.
+#: Class order everywhere (index 0..3), docs/design.md section 4.
 CLASSES: tuple[str, ...] = ("arc", "drapery", "radial", "hotspot")
 
 #: Long names, for figures and tables.

@@ -190,7 +190,7 @@ class MLTConfig:
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    """Which preprocessing steps run, and their parameters (DESIGN.md section 4)."""
+    """Which preprocessing steps run, and their parameters (docs/design.md section 5)."""
 
     dark_subtract: bool = True
     bias_from_corners: bool = True

@@ -1,7 +1,7 @@
 """Occurrence of the auroral classes per MLT bin: counts, ratios, intervals, confusion correction.
 
 Pure functions: a pandas or dask DataFrame of frames in (``mlt`` in hours, ``label``, and
-``time_utc`` when grouping), the DESIGN.md section 3 table or an xarray Dataset out. Bin indices
+``time_utc`` when grouping), the docs/design.md section 4 table or an xarray Dataset out. Bin indices
 are computed in integer nanoseconds of MLT, so 06:03:00 falls in bin 1 of 3-minute bins exactly.
 
 A range may cross midnight: ``(22, 26)`` bins 22-24 then 00-02 MLT (the end is written past 24).
@@ -426,7 +426,7 @@ def correct_proportions(observed, confusion) -> np.ndarray:
 
 
 def occurrence_columns(by: str | None = None, ci: bool = False, corrected: bool = False) -> list:
-    """Column names of the occurrence table, in order (DESIGN.md section 3)."""
+    """Column names of the occurrence table, in order (docs/design.md section 4)."""
     cols = ([by] if by else []) + ["mlt_start", "mlt_end", "n_frames"]
     cols += [f"n_{c}" for c in CLASSES] + [f"ratio_{c}" for c in CLASSES]
     if ci:

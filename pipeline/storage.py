@@ -20,7 +20,7 @@ from pipeline.classes import CLASSES, PROB_COLUMNS
 
 _TS = pa.timestamp("ns", tz="UTC")
 
-#: manifest.parquet (DESIGN.md section 3): one row per frame, sorted by time.
+#: manifest.parquet (docs/design.md section 4): one row per frame, sorted by time.
 MANIFEST_SCHEMA = pa.schema(
     [
         ("path", pa.string()),
