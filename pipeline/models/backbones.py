@@ -51,16 +51,7 @@ def alexnet(in_chans: int = 1) -> Backbone:
     tv = torchvision.models.alexnet(weights=None)
     tv.features[0] = nn.Conv2d(in_chans, 64, kernel_size=11, stride=4, padding=2)
     # classifier = [Dropout, FC6, ReLU, Dropout, FC7, ReLU, FC8]; the neck stops after FC7's ReLU.
-    neck = nn.Sequential(*list(tv.classifier.children())[:6])
-    return Backbone(
-        "alexnet",
-        tv.features,
-        tv.avgpool,
-        neck,
-        4096,
-        functools.partial(_tv_features_classifier_map, last_fc="classifier.6."),
-        "trunk.0.weight",
-    )
+    return _features_classifier("alexnet", tv)
 
 
 def vgg16(in_chans: int = 1) -> Backbone:
@@ -71,9 +62,14 @@ def vgg16(in_chans: int = 1) -> Backbone:
     nn.init.zeros_(conv.bias)
     tv.features[0] = conv
     # classifier = [FC6, ReLU, Dropout, FC7, ReLU, Dropout, FC8].
+    return _features_classifier("vgg16", tv)
+
+
+def _features_classifier(name: str, tv: nn.Module) -> Backbone:
+    """A torchvision features/avgpool/classifier net cut after FC7 (its first six layers)."""
     neck = nn.Sequential(*list(tv.classifier.children())[:6])
     return Backbone(
-        "vgg16",
+        name,
         tv.features,
         tv.avgpool,
         neck,
