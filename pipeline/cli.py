@@ -632,7 +632,7 @@ def index(
 ) -> None:
     """Build a retrieval index of FC7 features for SET (labelled set, archive, manifest, images,
     or a frame store of `preprocess --format zarr`)."""
-    from pipeline.retrieval_stage import build_index
+    from pipeline.retrieval_index import build_index
 
     info = build_index(
         image_set, checkpoint, out, features_dir, station, dark_dir, batch_size, device
@@ -688,8 +688,8 @@ def retrieve(
     device: str,
 ) -> None:
     """Nearest neighbours of query images in an index, or precision@k of a labelled query set."""
-    from pipeline.retrieval_stage import evaluate_retrieval
-    from pipeline.retrieval_stage import retrieve as run_retrieve
+    from pipeline.retrieval_eval import evaluate_retrieval
+    from pipeline.retrieval_query import retrieve as run_retrieve
 
     if bool(query) == (query_set is not None):
         raise InputError("give either --query IMAGE (repeatable) or --evaluate QUERY_SET")

@@ -3,15 +3,37 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import bounds
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
+import pipeline.retrieval_eval as reval
+import pipeline.retrieval_index as ri
+import pipeline.retrieval_query as rq
+from pipeline.archive import load_manifest, write_manifest
+from pipeline.checkpoint import read_meta, save_checkpoint
 from pipeline.classes import CLASSES
+from pipeline.classify import FEATURES_DIR, RUN_FILE, features_name, shard_name, shard_path
 from pipeline.cli import main
+from pipeline.config import dump_yaml, load_station, to_dict
+from pipeline.errors import CheckpointError, FrameGeometryError, InputError
+from pipeline.imageio import write_frame
+from pipeline.models import build_model, to_model_input
+from pipeline.output_folder import read_run_record
+from pipeline.retrieval import knn
+from pipeline.retrieval_eval import evaluate_retrieval
+from pipeline.retrieval_features import embed
+from pipeline.retrieval_images import FrameLoader
+from pipeline.retrieval_index import build_index, load_index
+from pipeline.retrieval_query import model_for_index, query_items, retrieve
+from pipeline.storage import ERRORS_SCHEMA, PREDICTIONS_SCHEMA, write_table
 
 SIZE = 64
 
@@ -38,8 +60,6 @@ def _pattern(label: str, rng: np.random.Generator) -> np.ndarray:
 
 def _make_set(out: Path, n_per_class: int, seed: int, year: int) -> Path:
     """OUT/<class>/N<date>G<time>.png raw frames, labels.parquet and calib/station.yaml (64 px)."""
-    from pipeline.config import dump_yaml, load_station
-    from pipeline.imageio import write_frame
 
     rng = np.random.default_rng(seed)
     rows = []
@@ -68,11 +88,6 @@ def sets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _checkpoint(out: Path, seed: int) -> Path:
-    import torch
-
-    from pipeline.checkpoint import save_checkpoint
-    from pipeline.models import build_model
-
     torch.manual_seed(seed)
     model = build_model("alexnet", input_size=SIZE)
     save_checkpoint(out, model, {"classes": list(CLASSES)})
@@ -90,12 +105,8 @@ _U16 = 2.0**-11
 
 def _model_inputs(idx, paths: list[str]):
     """The model inputs of index paths, preprocessed as a query of that index (as embed does)."""
-    import torch
 
-    from pipeline.models import to_model_input
-    from pipeline.retrieval_stage import _query_items
-
-    items, loaders = _query_items(paths, idx, None)
+    items, loaders = query_items(paths, idx, None)
     imgs = [
         ld(p, int(f), t)
         for ld, p, f, t in zip(loaders, items["path"], items["frame"], items["time_utc"])
@@ -108,7 +119,6 @@ def _assert_same_frame_features(model, x, f16_a: np.ndarray, f16_b: np.ndarray) 
     the last bits) agree along _DIRECTIONS within both float32 errors (bounds.forward_error_bound:
     the worst case, ~as large as the features themselves here, and the probabilistic one) plus
     both float16 roundings."""
-    import torch
 
     r = torch.from_numpy(_DIRECTIONS)
     worst, prob = bounds.forward_error_bound(model, x, lambda m, t: m.features(t) @ r.T.to(t.dtype))
@@ -136,10 +146,8 @@ def index_dir(sets: dict[str, Path], ckpt: Path) -> Path:
 
 
 def test_index_files(index_dir: Path, ckpt: Path, sets: dict[str, Path]):
-    from pipeline.checkpoint import read_meta
-    from pipeline.retrieval_stage import load_index
-
-    info = json.loads((index_dir / "_index.json").read_text())
+    info = json.loads((index_dir / "_run.json").read_text())
+    assert info["command"] == "index" and info["finished"] is True
     assert info["model_id"] == read_meta(ckpt)["model_id"]
     assert info["count"] == 24 and info["dim"] == 4096 and info["input_size"] == SIZE
     assert info["checkpoint"] == str(ckpt.resolve()) and info["labelled"]
@@ -157,34 +165,10 @@ def test_index_files(index_dir: Path, ckpt: Path, sets: dict[str, Path]):
     pd.testing.assert_frame_equal(pd.read_parquet(index_dir), items)
 
 
-def test_an_index_of_the_earlier_layout_is_read_and_replaced(
-    index_dir: Path, sets: dict[str, Path], ckpt: Path, tmp_path: Path
-):
-    """features.npy, index.json and errors.parquet: opened as they are, replaced by a rebuild."""
-    from pipeline.errors import InputError
-    from pipeline.retrieval_stage import build_index, load_index, retrieve
-
-    old = tmp_path / "old"
-    old.mkdir()
-    for new, name in [("_features.npy", "features.npy"), ("_index.json", "index.json"),
-                      ("items.parquet", "items.parquet")]:  # fmt: skip
-        (old / name).write_bytes((index_dir / new).read_bytes())
-    (old / "errors.parquet").write_bytes(b"an earlier build's errors")
-    ref = load_index(index_dir)
-    idx = load_index(old)
-    np.testing.assert_array_equal(np.asarray(idx.features), np.asarray(ref.features))
-    q = ref.items["path"].iloc[3]
-    t = retrieve(old, [q], tmp_path / "r", k=3, ranks=[1, 3], figure=False)
-    assert Path(t["path"].iloc[0]) == Path(q)
+def test_an_index_is_not_an_image_set(index_dir: Path, ckpt: Path, tmp_path: Path):
     with pytest.raises(InputError, match="is a retrieval index"):
-        build_index(old, ckpt, tmp_path / "i2")
-    build_index(sets["query_set"], ckpt, old)
-    assert sorted(p.name for p in old.iterdir()) == [
-        "_features.npy",
-        "_index.json",
-        "items.parquet",
-    ]
-    assert load_index(old).meta["count"] == 8
+        build_index(index_dir, ckpt, tmp_path / "i2")
+    assert not (tmp_path / "i2").exists()
 
 
 def test_retrieve_round_trip(index_dir: Path, sets: dict[str, Path], tmp_path: Path):
@@ -227,23 +211,15 @@ def test_retrieve_round_trip(index_dir: Path, sets: dict[str, Path], tmp_path: P
 
 def test_query_features_match_index(index_dir: Path, ckpt: Path):
     """A query is preprocessed like the index: same file -> same features (up to float16 steps)."""
-    from pipeline.retrieval_stage import (
-        FrameLoader,
-        _model_for_index,
-        _query_items,
-        embed,
-        load_index,
-    )
 
     idx = load_index(index_dir)
-    model, meta = _model_for_index(idx, None)
-    q_items, loaders = _query_items([idx.items["path"][5]], idx, None)
+    model, meta = model_for_index(idx, None)
+    q_items, loaders = query_items([idx.items["path"][5]], idx, None)
     f, ok, _ = embed(model, meta, q_items, loaders[0], strict=True)
     x = _model_inputs(idx, [idx.items["path"][5]])
     _assert_same_frame_features(model, x, f[:1], idx.features[5:6])
     # The nearest index row is itself, at a distance of float16 steps: its exact value (from
     # the two stored vectors) within the float32 kNN bound of what knn reports.
-    from pipeline.retrieval import knn
 
     d, i = knn(f.astype(np.float32), idx.features, 1, device="cpu")
     assert i[0, 0] == 5
@@ -253,8 +229,6 @@ def test_query_features_match_index(index_dir: Path, ckpt: Path):
 
 
 def test_wrong_size_query_is_refused(index_dir: Path, tmp_path: Path, capsys):
-    from pipeline.imageio import write_frame
-
     bad = tmp_path / "big.png"
     write_frame(bad, np.zeros((80, 80), np.uint16))
     with pytest.raises(SystemExit) as exc:
@@ -277,26 +251,21 @@ def test_index_from_another_model_is_refused(
     err = capsys.readouterr().err
     assert "model_id" in err and "rebuild the index" in err and "Traceback" not in err
     # The index's own checkpoint gone: a clear message naming --checkpoint.
-    from pipeline.retrieval_stage import retrieve
 
     moved = tmp_path / "index_copy"
     moved.mkdir()
     for name in ("_features.npy", "items.parquet"):
         (moved / name).write_bytes((index_dir / name).read_bytes())
-    info = json.loads((index_dir / "_index.json").read_text())
+    info = json.loads((index_dir / "_run.json").read_text())
     info["checkpoint"] = str(tmp_path / "nowhere")
-    (moved / "_index.json").write_text(json.dumps(info))
-    from pipeline.errors import CheckpointError
+    (moved / "_run.json").write_text(json.dumps(info))
 
     with pytest.raises(CheckpointError, match="--checkpoint"):
         retrieve(moved, [q], tmp_path / "o2", figure=False)
 
 
 def test_not_an_index_and_bad_ranks(index_dir: Path, tmp_path: Path, capsys):
-    from pipeline.errors import InputError
-    from pipeline.retrieval_stage import load_index, retrieve
-
-    with pytest.raises(InputError, match="_index.json"):
+    with pytest.raises(InputError, match="_run.json"):
         load_index(tmp_path)
     q = pd.read_parquet(index_dir / "items.parquet")["path"][0]
     with pytest.raises(InputError, match="--k"):
@@ -336,8 +305,6 @@ def test_evaluate(index_dir: Path, sets: dict[str, Path], tmp_path: Path):
 
 
 def test_evaluate_on_the_index_set_excludes_self(index_dir: Path, sets: dict[str, Path], tmp_path):
-    from pipeline.retrieval_stage import evaluate_retrieval
-
     res = evaluate_retrieval(index_dir, sets["index_set"], tmp_path, k=5, ranks=[1, 5])
     assert res["self_matches_excluded"] and res["k"] == 5
     nb = pd.read_parquet(tmp_path / "eval_neighbours.parquet")
@@ -348,8 +315,6 @@ def test_evaluate_on_the_index_set_excludes_self(index_dir: Path, sets: dict[str
 
 
 def test_index_skips_unreadable_frames(sets: dict[str, Path], ckpt: Path, tmp_path: Path):
-    from pipeline.retrieval_stage import build_index, load_index
-
     folder = tmp_path / "imgs"
     folder.mkdir()
     src = sorted((sets["index_set"] / "arc").glob("*.png"))[:3]
@@ -372,10 +337,9 @@ def test_index_skips_unreadable_frames(sets: dict[str, Path], ckpt: Path, tmp_pa
     ref = load_index(sets["base"] / "index")
     pos = {p: i for i, p in enumerate(ref.items["path"])}
     rows = [pos[str(p.resolve())] for p in src]
-    from pipeline.retrieval_stage import _model_for_index
 
     x = _model_inputs(ref, [str(p.resolve()) for p in src])
-    model = _model_for_index(ref, None)[0]
+    model = model_for_index(ref, None)[0]
     _assert_same_frame_features(model, x, idx.features[: len(src)], ref.features[rows])
 
 
@@ -391,8 +355,6 @@ def _archive_and_features(
     output for it holding the first 10 frames in two shards, marked (+1) so reuse is visible.
     ``legacy``: in the layout before the predictions folder was a Parquet dataset.
     """
-    from pipeline.classify import FEATURES_DIR, RUN_FILE, features_name, shard_name, shard_path
-    from pipeline.storage import PREDICTIONS_SCHEMA, write_table
 
     arch = base / name
     truth = []
@@ -443,9 +405,6 @@ def test_index_of_archive_reuses_classify_feature_shards(
     index_dir: Path, sets: dict[str, Path], ckpt: Path, tmp_path: Path, legacy: bool
 ):
     """An archive (YRS layout, truth.parquet) indexed with --features-dir copies shard features."""
-    from pipeline.classify import RUN_FILE
-    from pipeline.config import load_station, to_dict
-    from pipeline.retrieval_stage import build_index, load_index
 
     ref = load_index(index_dir)
     arch, pred, run, marked = _archive_and_features(ref, sets, ckpt, tmp_path, legacy=legacy)
@@ -463,17 +422,15 @@ def test_index_of_archive_reuses_classify_feature_shards(
     # The reused rows are copies of the shards' float16 features, bit for bit ...
     np.testing.assert_array_equal(idx.features[order[:10]], marked.astype(np.float16))
     # ... and the rest are computed afresh: the same frames' features within their bounds.
-    from pipeline.retrieval_stage import _model_for_index
 
     x = _model_inputs(ref, list(ref.items["path"][10:]))
-    model = _model_for_index(ref, None)[0]
+    model = model_for_index(ref, None)[0]
     _assert_same_frame_features(model, x, idx.features[order[10:]], ref.features[10:])
     for j, p in enumerate(ref.items["path"]):
         assert idx.items["label"][by_name[Path(p).name]] == ref.items["label"][j]
     # Shards of another model are refused.
     run["model_id"] = "0" * 16
     (pred / RUN_FILE).write_text(json.dumps(run))
-    from pipeline.errors import CheckpointError
 
     with pytest.raises(CheckpointError, match="features of model"):
         build_index(arch, ckpt, tmp_path / "idx2", features_dir=pred)
@@ -482,8 +439,6 @@ def test_index_of_archive_reuses_classify_feature_shards(
 
 def test_real_yrs_frames(shared_data: Path, ckpt: Path, tmp_path: Path):
     """Real preprocessed 440x440 YRS JPEGs pass through; a real THEMIS frame is refused."""
-    from pipeline.errors import FrameGeometryError
-    from pipeline.retrieval_stage import build_index, retrieve
 
     yrs = shared_data / "yrs"
     info = build_index(yrs, ckpt, tmp_path / "idx")
@@ -498,8 +453,6 @@ def test_real_yrs_frames(shared_data: Path, ckpt: Path, tmp_path: Path):
 
 
 def test_retrieve_cosine(index_dir: Path, tmp_path: Path):
-    from pipeline.retrieval_stage import retrieve
-
     q = pd.read_parquet(index_dir / "items.parquet")["path"][7]
     t = retrieve(index_dir, [q], tmp_path, k=3, ranks=[1, 3], metric="cosine", figure=False)
     # Itself first. Its cosine distance: float16 steps of ~2^-11 relative move the direction by
@@ -508,14 +461,12 @@ def test_retrieve_cosine(index_dir: Path, tmp_path: Path):
     assert t["path"].iloc[0] == q
     assert t["distance"].iloc[0] <= (2 * 2.0**-11) ** 2 / 2 + bounds.cosine_error(4096)
     assert (t["distance"] <= 2).all()
-    assert json.loads((tmp_path / "retrieve.json").read_text())["metric"] == "cosine"
+    assert json.loads((tmp_path / "_run.json").read_text())["metric"] == "cosine"
 
 
 def test_evaluate_json_is_strict_when_a_class_has_no_queries(
     index_dir: Path, sets: dict[str, Path], tmp_path: Path
 ):
-    from pipeline.retrieval_stage import evaluate_retrieval
-
     qs = tmp_path / "arcs"
     (qs / "calib").mkdir(parents=True)
     (qs / "calib" / "station.yaml").write_bytes(
@@ -539,7 +490,6 @@ def test_evaluate_json_is_strict_when_a_class_has_no_queries(
 
 def test_lone_query_uses_the_index_dark_frames(tiny_labelled: Path, ckpt: Path, tmp_path: Path):
     """A query copied out of its set (no calib/ beside it) is preprocessed with the index's darks."""
-    from pipeline.retrieval_stage import build_index, load_index, retrieve
 
     info = build_index(tiny_labelled, ckpt, tmp_path / "idx")
     assert info["dark_dir"] is not None and info["source_kind"] == "labelled"
@@ -561,13 +511,6 @@ def test_features_of_another_archive_are_refused(
     index_dir: Path, sets: dict[str, Path], ckpt: Path, tmp_path: Path, capsys
 ):
     """Same relative names in another archive are other frames: their features are not reused."""
-    import shutil
-
-    from pipeline.archive import load_manifest, write_manifest
-    from pipeline.classify import RUN_FILE
-    from pipeline.config import load_station, to_dict
-    from pipeline.errors import InputError
-    from pipeline.retrieval_stage import build_index, load_index
 
     arch, pred, run, _ = _archive_and_features(load_index(index_dir), sets, ckpt, tmp_path, "a")
     other = tmp_path / "b"
@@ -600,8 +543,6 @@ def test_features_of_another_archive_are_refused(
 def test_damaged_feature_shard_is_an_input_error(
     index_dir: Path, sets: dict[str, Path], ckpt: Path, tmp_path: Path, capsys
 ):
-    from pipeline.retrieval_stage import load_index
-
     arch, pred, _, _ = _archive_and_features(load_index(index_dir), sets, ckpt, tmp_path)
     shard = pred / "_features" / "shard-000000.npy"
     with open(shard, "r+b") as fh:
@@ -620,18 +561,13 @@ def test_damaged_feature_shard_is_an_input_error(
 def test_failed_index_build_leaves_nothing_and_keeps_the_old_index(
     index_dir: Path, sets: dict[str, Path], ckpt: Path, tmp_path: Path, monkeypatch
 ):
-    import shutil
-
-    import pipeline.retrieval_stage as rs
-    from pipeline.errors import InputError
-
     # No frame of the 64-px set fits the full-size yrs camera: nothing indexed, nothing left.
     with pytest.raises(InputError, match="no frame could be read"):
-        rs.build_index(sets["index_set"], ckpt, tmp_path / "new" / "idx", station="yrs")
+        ri.build_index(sets["index_set"], ckpt, tmp_path / "new" / "idx", station="yrs")
     assert list(tmp_path.iterdir()) == []
     (tmp_path / "file").write_text("x")
     with pytest.raises(InputError, match="choose another --out"):
-        rs.build_index(sets["index_set"], ckpt, tmp_path / "file" / "idx")
+        ri.build_index(sets["index_set"], ckpt, tmp_path / "file" / "idx")
     (tmp_path / "file").unlink()
     # The same failure, and Ctrl-C halfway, into an existing index: it stays as it was.
     old = tmp_path / "old"
@@ -639,24 +575,24 @@ def test_failed_index_build_leaves_nothing_and_keeps_the_old_index(
     (old / "notes.txt").write_text("mine")
     before = {p.name: p.read_bytes() for p in old.iterdir()}
     with pytest.raises(InputError, match="no frame could be read"):
-        rs.build_index(sets["index_set"], ckpt, old, station="yrs")
+        ri.build_index(sets["index_set"], ckpt, old, station="yrs")
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(rs, "embed", interrupted)
+    monkeypatch.setattr(ri, "embed", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        rs.build_index(sets["index_set"], ckpt, old)
+        ri.build_index(sets["index_set"], ckpt, old)
     monkeypatch.undo()
     assert {p.name: p.read_bytes() for p in old.iterdir()} == before
-    assert _leftovers(tmp_path) == [] and rs.load_index(old).meta["count"] == 24
+    assert _leftovers(tmp_path) == [] and ri.load_index(old).meta["count"] == 24
     # A finished rebuild replaces the index files (a stale _errors.parquet goes), others stay.
     (old / "_errors.parquet").write_bytes(b"stale")
-    info = rs.build_index(sets["query_set"], ckpt, old)
-    assert info["count"] == 8 and rs.load_index(old).meta["count"] == 8
+    info = ri.build_index(sets["query_set"], ckpt, old)
+    assert info["count"] == 8 and ri.load_index(old).meta["count"] == 8
     assert sorted(p.name for p in old.iterdir()) == [
         "_features.npy",
-        "_index.json",
+        "_run.json",
         "items.parquet",
         "notes.txt",
     ]
@@ -665,12 +601,6 @@ def test_failed_index_build_leaves_nothing_and_keeps_the_old_index(
 def test_unreadable_queries_are_skipped_and_recorded(
     index_dir: Path, sets: dict[str, Path], tmp_path: Path, capsys, caplog
 ):
-    import shutil
-
-    from pipeline.errors import InputError
-    from pipeline.retrieval_stage import evaluate_retrieval, retrieve
-    from pipeline.storage import ERRORS_SCHEMA
-
     good = sorted((sets["query_set"] / "arc").glob("*.png"))
     qdir = tmp_path / "q"
     qdir.mkdir()
@@ -687,7 +617,7 @@ def test_unreadable_queries_are_skipped_and_recorded(
     assert list(errs.columns) == ERRORS_SCHEMA.names
     assert errs["path"].tolist() == [str(bad)] and errs["stage"].tolist() == ["retrieve"]
     assert "1 of 3 query frames could not be read" in caplog.text
-    assert json.loads((out / "retrieve.json").read_text())["n_unreadable"] == 1
+    assert json.loads((out / "_run.json").read_text())["n_unreadable"] == 1
     # A clean rerun into the same folder drops the stale table; none readable is an error.
     retrieve(index_dir, good, out, k=3, ranks=[1], figure=False)
     assert not (out / "errors.parquet").exists()
@@ -708,17 +638,18 @@ def test_unreadable_queries_are_skipped_and_recorded(
 
 
 def test_default_ranks_are_clipped_to_k(index_dir: Path, sets: dict[str, Path], tmp_path: Path):
-    from pipeline.errors import InputError
-    from pipeline.retrieval_stage import evaluate_retrieval, retrieve
-
     q = pd.read_parquet(index_dir / "items.parquet")["path"][0]
     main(["retrieve", "--index", str(index_dir), "--query", q, "--k", "5"]
          + ["--out", str(tmp_path / "a")])  # fmt: skip
-    assert json.loads((tmp_path / "a" / "retrieve.json").read_text())["ranks"] == [1, 3, 5]
+    assert json.loads((tmp_path / "a" / "_run.json").read_text())["ranks"] == [1, 3, 5]
     retrieve(index_dir, [q], tmp_path / "b", k=2, figure=False)
-    assert json.loads((tmp_path / "b" / "retrieve.json").read_text())["ranks"] == [1]
-    res = evaluate_retrieval(index_dir, sets["query_set"], tmp_path / "c", k=4, figure=False)
+    assert json.loads((tmp_path / "b" / "_run.json").read_text())["ranks"] == [1]
+    # --evaluate into --query's folder: it then holds the evaluation's outputs only.
+    res = evaluate_retrieval(index_dir, sets["query_set"], tmp_path / "a", k=4, figure=False)
     assert res["ranks"] == [1, 3]
+    assert json.loads((tmp_path / "a" / "_run.json").read_text())["mode"] == "evaluate"
+    assert not (tmp_path / "a" / "neighbours.parquet").exists()
+    assert not (tmp_path / "a" / "retrieval.png").exists()
     with pytest.raises(InputError, match="--ranks asks for rank 8 but --k is 5"):
         retrieve(index_dir, [q], tmp_path / "d", k=5, ranks="1,8")
     with pytest.raises(InputError, match="--ranks asks for rank 8 but --k is 5"):  # given: kept
@@ -729,11 +660,6 @@ def test_rebuild_into_an_index_on_another_filesystem(
     index_dir: Path, sets: dict[str, Path], ckpt: Path, tmp_path: Path
 ):
     """--out a link to a folder on another disk: the rebuild must not rename across devices."""
-    import os
-    import shutil
-    import tempfile
-
-    from pipeline.retrieval_stage import build_index, load_index
 
     shm = Path("/dev/shm")
     if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
@@ -746,6 +672,73 @@ def test_rebuild_into_an_index_on_another_filesystem(
         link.symlink_to(target)
         build_index(sets["index_set"], ckpt, link)
         assert load_index(link).meta["count"] == load_index(index_dir).meta["count"]
-        assert not [p for p in target.iterdir() if p.name.endswith(".building")]
+        assert not [p for p in target.iterdir() if p.name.startswith(".")]
     finally:
         shutil.rmtree(elsewhere, ignore_errors=True)
+
+
+def _foreign_folders(base: Path) -> list[Path]:
+    """A folder holding train's run record and one holding a checkpoint file."""
+    by_record, by_marker = base / "train-out", base / "ckpt-out"
+    by_record.mkdir()
+    (by_record / "_run.json").write_text(json.dumps({"command": "train", "finished": True}))
+    by_marker.mkdir()
+    (by_marker / "model.safetensors").write_bytes(b"weights")
+    return [by_record, by_marker]
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+@pytest.mark.parametrize("stage", ["index", "retrieve", "evaluate"])
+def test_another_stages_out_is_refused(
+    stage: str, index_dir: Path, sets: dict[str, Path], ckpt: Path, tmp_path: Path
+):
+    q = pd.read_parquet(index_dir / "items.parquet")["path"][0]
+    run = {
+        "index": lambda out: build_index(sets["query_set"], ckpt, out),
+        "retrieve": lambda out: retrieve(index_dir, [q], out, k=3, figure=False),
+        "evaluate": lambda out: evaluate_retrieval(index_dir, sets["query_set"], out, k=3),
+    }[stage]
+    for out in _foreign_folders(tmp_path):
+        before = _snapshot(out)
+        with pytest.raises(InputError, match="give `(index|retrieve)` a folder of its own") as e:
+            run(out)
+        assert str(out) in str(e.value)
+        assert _snapshot(out) == before
+
+
+def test_an_interrupted_index_build_leaves_no_finished_record(
+    sets: dict[str, Path], ckpt: Path, tmp_path: Path, monkeypatch
+):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ri, "write_table", interrupted)  # after the features, before the record
+    with pytest.raises(KeyboardInterrupt):
+        ri.build_index(sets["query_set"], ckpt, tmp_path / "idx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_interrupted_retrieve_leaves_no_finished_record(
+    index_dir: Path, sets: dict[str, Path], tmp_path: Path, monkeypatch
+):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    q = pd.read_parquet(index_dir / "items.parquet")["path"][0]
+    monkeypatch.setattr(rq, "retrieval_figure", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        rq.retrieve(index_dir, [q], tmp_path / "fresh", k=3)
+    assert not (tmp_path / "fresh").exists()
+    # Over a finished run: the earlier outputs and their record stay as they were.
+    done = tmp_path / "done"
+    rq.retrieve(index_dir, [q], done, k=3, figure=False)
+    before = _snapshot(done)
+    with pytest.raises(KeyboardInterrupt):
+        rq.retrieve(index_dir, [q], done, k=5)
+    monkeypatch.setattr(reval, "retrieval_figure", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        reval.evaluate_retrieval(index_dir, sets["query_set"], done, k=3)
+    assert _snapshot(done) == before and read_run_record(done)["k"] == 3
