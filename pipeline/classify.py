@@ -1,4 +1,4 @@
-"""classify-archive: distributed, resumable inference over a whole archive (DESIGN.md sections 3, 5).
+"""classify-archive: distributed, resumable inference over a whole archive (docs/design.md).
 
 The driver splits the manifest into shards of frames; only paths, frame indices and times travel
 through the task graph, with the checkpoint PATH and a few settings. Each Dask worker loads the
@@ -10,30 +10,17 @@ archive of its frames, with the same paths, times and predictions: its shards ar
 indices, and workers read them chunk by chunk (the next batch while the model runs this one)
 instead of decoding files.
 
-Output folder (PRED_DIR), a Parquet dataset: ``PRED_DIR/shards`` holds nothing but the shards, so
-any client (pandas, pyarrow, Dask, DuckDB, polars) opens it as the predictions table, and
-everything else in PRED_DIR starts with ``_`` or ``.``, so pandas and pyarrow open PRED_DIR too:
+The output folder (PRED_DIR) and how to read it are :mod:`pipeline.predictions`. It is a
+resumable stage's folder (:class:`pipeline.output_folder.OutputFolder`): the run record
+``_run.json`` says ``finished: false`` while a run writes shards into it, is rewritten at most
+every FLUSH_S seconds with the shards done so far, and says ``finished: true`` at the end.
+``ShardFailed`` rows of ``_errors.parquet`` (a shard that kept raising or whose workers kept
+dying) are retried by the next run; per-frame errors (unreadable, wrong geometry) are not.
 
-- ``shards/shard-NNNNNN.parquet``: predictions, one row per classified frame, manifest order.
-- ``_features/shard-NNNNNN.npy`` (``--features``): FC7 features, float16, shape (rows, 4096), in
-  the same row order as the shard's parquet file (written before the parquet file, so a shard's
-  parquet file implies its features).
-- ``_errors.parquet``: frames that could not be classified (stage ``classify``), one row per
-  frame with the reason. ``ShardFailed`` rows (a shard that kept raising or whose workers kept
-  dying) are retried by the next run; per-frame errors (unreadable, wrong geometry) are not.
-- ``_run.json``: model_id, checkpoint, manifest hash, shard size, the done shards and a history
-  of runs. Rewritten atomically after every finished shard.
-
-Folders of the earlier layout (shards, ``errors.parquet`` and ``features/`` at the top) are read
-as they are; classify-archive moves them into this layout before it writes into one.
-
-Resuming: a shard is done when its parquet file exists and ``_run.json`` lists it. A rerun reads
-the (path, frame) keys of the done shards plus the per-frame error rows, and classifies only the
-manifest frames not covered yet, in new shards numbered after the highest existing one. So a
-rerun with the same inputs does no work, ``--since`` runs append, a crashed run resumes where it
-stopped, and the union of the shards holds every frame once. Read the predictions back with
-:func:`read_predictions` (only the shards ``_run.json`` vouches for: a crashed run may leave a
-shard it did not record, which the next run removes) or with any Parquet reader.
+Resuming: a rerun reads the (path, frame) keys of the done shards plus the per-frame error rows,
+and classifies only the manifest frames not covered yet, in new shards numbered after the highest
+existing one. So a rerun with the same inputs does no work, ``--since`` runs append, a crashed
+run resumes where it stopped, and the union of the shards holds every frame once.
 """
 
 from __future__ import annotations
@@ -41,86 +28,112 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import json
+import inspect
 import logging
 import os
-import re
 import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
+import torch
 
+from pipeline import cluster, devices, framestore
+from pipeline.archive import load_manifest_and_errors
+from pipeline.checkpoint import load_checkpoint, preprocess_mismatch, read_meta, warn_if_unfinished
 from pipeline.classes import CLASSES, PROB_COLUMNS
-from pipeline.config import StationConfig, to_dict
-from pipeline.errors import AuroraError, FrameGeometryError, FrameReadError, InputError
+from pipeline.config import StationConfig, resolve_station, to_dict
+from pipeline.errors import (
+    AuroraError,
+    CheckpointError,
+    FrameGeometryError,
+    FrameReadError,
+    InputError,
+)
+from pipeline.imageio import read_frame
+from pipeline.mlt import ut_to_mlt
+from pipeline.models import to_model_input
+from pipeline.output_folder import OutputFolder, refuse_foreign_out
+from pipeline.predictions import (
+    COMMAND,
+    ERRORS_FILE,
+    FEATURES_DIR,
+    RUN_FILE,
+    SHARD_FAILED,
+    STAGE,
+    done_shards,
+    features_name,
+    features_path,
+    read_errors,
+    read_predictions,
+    read_run,
+    remove_strays,
+    shard_files,
+    shard_name,
+    shard_path,
+)
+from pipeline.preprocess import (
+    calibration_from_station,
+    dark_coverage_note,
+    dark_for_time,
+    dark_frames,
+    find_dark_dir,
+    preprocess,
+)
 from pipeline.storage import (
     ERRORS_SCHEMA,
     PREDICTIONS_SCHEMA,
     atomic_path,
-    empty_frame,
     exclusive_lock,
-    interrupts_deferred,
     predictions_metadata,
-    refuse_foreign_out,
     replace_stage_errors,
     write_table,
 )
-from pipeline.storage import read_errors as storage_read_errors
+from pipeline.storage import read_errors as read_errors_table
 
 log = logging.getLogger(__name__)
 
-STAGE = "classify"
+#: The public names. Those of the predictions folder (FEATURES_DIR, RUN_FILE, SHARD_FAILED,
+#: features_*, read_*, shard_*) belong to pipeline.predictions: import them from there.
+__all__ = [
+    "FEATURES_DIR",
+    "RUN_FILE",
+    "SHARD_FAILED",
+    "ClassifySummary",
+    "ShardResult",
+    "ShardSettings",
+    "classify_archive",
+    "classify_shard",
+    "decode_frame",
+    "features_name",
+    "features_path",
+    "manifest_hash",
+    "parse_since",
+    "plan_shards",
+    "predict_batch",
+    "print_summary",
+    "read_errors",
+    "read_predictions",
+    "read_run",
+    "remaining_frames",
+    "shard_files",
+    "shard_name",
+    "shard_path",
+]
+
 SCAN_STAGE = "scan"
-RUN_FILE = "_run.json"
-#: The predictions dataset: a folder of shard files and nothing else.
-SHARDS_DIR = "shards"
-#: Not predictions: hidden from Parquet readers by the leading underscore.
-ERRORS_FILE = "_errors.parquet"
-FEATURES_DIR = "_features"
-#: Names of the layout before PRED_DIR was a Parquet dataset (shards at the top), still read.
-LEGACY_ERRORS_FILE = "errors.parquet"
-LEGACY_FEATURES_DIR = "features"
-#: error class of rows written for a whole shard that failed after its retries (retried by reruns).
-SHARD_FAILED = "ShardFailed"
 #: at most one rewrite of _run.json and _errors.parquet per this many seconds during a run.
 FLUSH_S = 2.0
-_SHARD_RE = re.compile(r"^shard-(\d{6,})\.parquet$")
-
-
-def shard_name(shard: int) -> str:
-    """File name of a shard's predictions: ``shard-000123.parquet``."""
-    return f"shard-{shard:06d}.parquet"
-
-
-def features_name(shard: int) -> str:
-    """File name of a shard's FC7 features inside ``_features/``: ``shard-000123.npy``."""
-    return f"shard-{shard:06d}.npy"
-
-
-def shard_path(out: str | os.PathLike, shard: int) -> Path:
-    """Where a shard's predictions are written: ``OUT/shards/shard-000123.parquet``."""
-    return Path(out) / SHARDS_DIR / shard_name(shard)
-
-
-def errors_path(out: str | os.PathLike) -> Path:
-    """The errors table of a predictions folder (``errors.parquet`` in a folder of the old layout)."""
-    new, old = Path(out) / ERRORS_FILE, Path(out) / LEGACY_ERRORS_FILE
-    return old if old.is_file() and not new.exists() else new
-
-
-def features_path(out: str | os.PathLike, shard: int) -> Path:
-    """A shard's features file (in ``features/`` in a folder of the old layout)."""
-    new = Path(out) / FEATURES_DIR / features_name(shard)
-    old = Path(out) / LEGACY_FEATURES_DIR / features_name(shard)
-    return old if old.is_file() and not new.exists() else new
+#: One driver per predictions folder (an flock: it vanishes with the process that held it).
+LOCK_FILE = ".classify.lock"
 
 
 # =============================================================================== worker side
@@ -188,7 +201,7 @@ def _host_cores() -> int:
 def _worker_identity() -> tuple[str | None, Any]:
     """(host, name) of the Dask worker running this task, (None, None) outside a worker."""
     try:
-        from distributed import get_worker
+        from distributed import get_worker  # noqa: PLC0415 - dask.distributed stays lazy
 
         w = get_worker()
     except (ImportError, ValueError):
@@ -199,46 +212,27 @@ def _worker_identity() -> tuple[str | None, Any]:
 
 def resolve_device(device: str) -> str:
     """``auto`` becomes ``cuda`` where CUDA is visible, else ``cpu``; a missing GPU is an error."""
-    from pipeline.devices import resolve_device as resolve
-
-    return str(resolve(device))
+    return str(devices.resolve_device(device))
 
 
 def _torch_threads(settings: ShardSettings) -> int:
     if settings.torch_threads:
         return settings.torch_threads
+    return max(1, _host_cores() // _workers_on_this_host(settings))
+
+
+def _workers_on_this_host(settings: ShardSettings) -> int:
     host, _ = _worker_identity()
-    per_host = settings.workers_per_host.get(host or "", 1) or 1
-    return max(1, _host_cores() // per_host)
+    return settings.workers_per_host.get(host or "", 1) or 1
 
 
 def worker_model(settings: ShardSettings) -> tuple[Any, dict, Any, int]:
     """The cached (model, meta, torch device, load count) of this process for the settings."""
-    import torch
-
-    from pipeline.checkpoint import load_checkpoint
-    from pipeline.errors import CheckpointError
-
     key = (settings.checkpoint, settings.model_id, settings.device)
     with _MODEL_LOCK:
         hit = _MODELS.get(key)
         if hit is None:
-            device = resolve_device(settings.device)
-            if device == "cuda" and torch.cuda.device_count() > 1:
-                from pipeline.cluster import worker_gpu_index
-
-                _, name = _worker_identity()
-                device = f"cuda:{worker_gpu_index(name, torch.cuda.device_count())}"
-            if device != "cpu":
-                torch.backends.cudnn.benchmark = True  # fixed batch shapes: pick kernels once
-            model, meta = load_checkpoint(settings.checkpoint, map_location="cpu")
-            if meta.get("model_id") != settings.model_id:
-                raise CheckpointError(
-                    f"{settings.checkpoint}: model_id changed during the run "
-                    f"({settings.model_id} -> {meta.get('model_id')}); rerun classify-archive"
-                )
-            tdev = torch.device(device)
-            model = model.to(tdev).eval()
+            model, meta, tdev = _load_model(settings)
             _MODELS.clear()  # one model per run: free the previous one before holding the next
             hit = _MODELS[key] = (model, meta, tdev)
             _MODEL_LOADS[key] += 1
@@ -248,6 +242,24 @@ def worker_model(settings: ShardSettings) -> tuple[Any, dict, Any, int]:
             if torch.get_num_threads() != n:
                 torch.set_num_threads(n)
         return (*hit, _MODEL_LOADS[key])
+
+
+def _load_model(settings: ShardSettings) -> tuple[Any, dict, torch.device]:
+    """The checkpoint's model on this worker's device (its own GPU of several), in eval mode."""
+    device = resolve_device(settings.device)
+    if device == "cuda" and torch.cuda.device_count() > 1:
+        _, name = _worker_identity()
+        device = f"cuda:{cluster.worker_gpu_index(name, torch.cuda.device_count())}"
+    if device != "cpu":
+        torch.backends.cudnn.benchmark = True  # fixed batch shapes: pick kernels once
+    model, meta = load_checkpoint(settings.checkpoint, map_location="cpu")
+    if meta.get("model_id") != settings.model_id:
+        raise CheckpointError(
+            f"{settings.checkpoint}: model_id changed during the run "
+            f"({settings.model_id} -> {meta.get('model_id')}); rerun classify-archive"
+        )
+    tdev = torch.device(device)
+    return model.to(tdev).eval(), meta, tdev
 
 
 def model_load_counts() -> dict[tuple[str, str, str], int]:
@@ -263,13 +275,12 @@ def _decode_pool(n: int) -> ThreadPoolExecutor:
 
 
 def _batch_buffers(bs: int, crop: int, cuda: bool) -> list[tuple[Any, np.ndarray]]:
-    """Two reusable batch buffers (torch tensor, numpy view) per worker: decode threads write
-    frames straight into them (no serial np.stack), one filling while the other is classified.
-    float32, as preprocess() returns: a float16 buffer would halve the host-to-device bytes but
-    costs the decode threads a 0.38 ms cast per 440x440 frame (numpy 2.4, no F16C), 8% of their
-    work, while the copy is not the bottleneck. Pinned on GPU workers (asynchronous copies)."""
-    import torch
+    """Two reusable batch buffers (torch tensor, numpy view) per worker thread.
 
+    Decode threads write frames straight into them (no serial np.stack), one filling while the
+    other is classified. float32, as preprocess() returns (a float16 buffer would cost the decode
+    threads a cast per frame); pinned on GPU workers, for asynchronous copies.
+    """
     # Per thread: a worker with several Dask threads may run shards side by side.
     key = (threading.get_ident(), bs, crop, cuda)
     bufs = _BUFFERS.get(key)
@@ -284,9 +295,6 @@ def _batch_buffers(bs: int, crop: int, cuda: bool) -> list[tuple[Any, np.ndarray
 
 def _calibration(settings: ShardSettings, time_utc: pd.Timestamp) -> Any:
     """The station calibration for a frame time, with the dark frame of its date when available."""
-    from pipeline.imageio import read_frame
-    from pipeline.preprocess import calibration_from_station, dark_for_time
-
     dark_path = None
     if (
         settings.dark_dir
@@ -311,9 +319,6 @@ def decode_frame(
     abspath: str, frame: int, time_utc: pd.Timestamp, settings: ShardSettings
 ) -> np.ndarray:
     """Read one frame and preprocess it like the preprocess stage: float32 (crop, crop) in [0, 1]."""
-    from pipeline.imageio import read_frame
-    from pipeline.preprocess import preprocess
-
     arr = read_frame(abspath, frame)
     st = settings.station
     if settings.preprocessed and arr.shape != (st.crop_size, st.crop_size):
@@ -339,10 +344,6 @@ def predict_batch(
 
     ``batch``: (B, H, W) preprocessed frames in [0, 1], a numpy array or a (pinned) CPU tensor.
     """
-    import torch
-
-    from pipeline.models import to_model_input
-
     cuda = device.type == "cuda"
     if cuda:
         # Resize and normalise on the GPU: on the host they would cap a GPU worker's rate.
@@ -367,9 +368,175 @@ def predict_batch(
 
 def ut_to_mlt_hours(times: pd.DatetimeIndex, station: StationConfig) -> np.ndarray:
     """MLT (hours in [0, 24)) of each frame time by the station's MLT method."""
-    from pipeline.mlt import ut_to_mlt
-
     return np.asarray(ut_to_mlt(times, station), dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class _ShardFrames:
+    """The frames of one shard task, as the driver sent them."""
+
+    paths: Sequence[str]
+    abspaths: Sequence[str]
+    frames: Sequence[int]
+    times: pd.DatetimeIndex
+    #: the frames' indices in the frame store, read instead of decoding ``abspaths``.
+    rows: Sequence[int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+class _BatchFeeder:
+    """Fills a shard's batches into the two batch buffers in the decode pool, one batch ahead.
+
+    Files are decoded one frame per pool task (PIL, zlib and numpy release the GIL); a frame
+    store is read one batch per task, whole chunks at a time.
+    """
+
+    def __init__(
+        self, frames: _ShardFrames, settings: ShardSettings, device: Any, side: int
+    ) -> None:
+        self.frames = frames
+        self.settings = settings
+        self.bs = settings.batch_size
+        self.store = settings.store if frames.rows is not None else None
+        self.pool = _decode_pool(max(1, self._decode_threads(device)))
+        self.bufs = _batch_buffers(self.bs, side, device.type == "cuda")
+
+    def _decode_threads(self, device: Any) -> int:
+        if self.settings.decode_threads:
+            return self.settings.decode_threads
+        if self.store:
+            return 1
+        if device.type == "cpu":
+            return _torch_threads(self.settings)
+        return _host_cores() // _workers_on_this_host(self.settings)
+
+    def tensor(self, start: int) -> Any:
+        """The torch buffer that holds the batch starting at ``start``."""
+        return self.bufs[(start // self.bs) % 2][0]
+
+    def submit(self, start: int) -> list[Future]:
+        """Start filling the batch at ``start`` (none past the end)."""
+        n = len(self.frames)
+        if start >= n:
+            return []
+        arr = self.bufs[(start // self.bs) % 2][1]
+        if self.store:
+            return [self.pool.submit(self._read, start, arr)]
+        stop = min(n, start + self.bs)
+        return [self.pool.submit(self._decode, i, arr[i - start]) for i in range(start, stop)]
+
+    def outcomes(self, futs: list[Future]) -> list[AuroraError | None]:
+        """Per frame of a submitted batch: None when it is in the buffer, else its error."""
+        return futs[0].result() if self.store else [fut.result() for fut in futs]
+
+    def _decode(self, i: int, dst: np.ndarray) -> AuroraError | None:
+        f = self.frames
+        try:
+            dst[...] = decode_frame(f.abspaths[i], int(f.frames[i]), f.times[i], self.settings)
+        except AuroraError as exc:  # per-frame problems: recorded, the shard goes on
+            return exc
+        except (OSError, ValueError) as exc:  # e.g. a file that vanished or a truncated stream
+            return FrameReadError(f.abspaths[i], f"{type(exc).__name__}: {exc}")
+        return None
+
+    def _read(self, start: int, dst: np.ndarray) -> list[None]:
+        stop = min(len(self.frames), start + self.bs)
+        rows = np.asarray(self.frames.rows[start:stop], dtype=np.int64)  # type: ignore[index]
+        framestore.read_rows(self.store, rows, dst)
+        return [None] * (stop - start)
+
+
+@dataclass
+class _Classified:
+    """What the model made of a shard's frames."""
+
+    keep: list[int] = field(default_factory=list)
+    probs: list[np.ndarray] = field(default_factory=list)
+    feats: list[np.ndarray] = field(default_factory=list)
+    errors: list[tuple[str, int, str, str]] = field(default_factory=list)
+    t_decode: float = 0.0
+    t_model: float = 0.0
+
+
+def _classify_frames(
+    model: Any, meta: dict, device: Any, frames: _ShardFrames, feeder: _BatchFeeder
+) -> _Classified:
+    """Run the model over the feeder's batches while it fills the next one."""
+    input_size = int(meta.get("input_size", 227))
+    in_chans = int(meta.get("in_chans", 1))
+    features = feeder.settings.features
+    bs, n = feeder.bs, len(frames)
+    out = _Classified()
+    pending, futs = feeder.submit(0), []
+    try:
+        for start in range(0, n, bs):
+            futs, pending = pending, feeder.submit(start + bs)
+            td = time.perf_counter()
+            done = feeder.outcomes(futs)
+            ok = [j for j, res in enumerate(done) if res is None]
+            for j, res in enumerate(done):
+                if res is not None:
+                    i = start + j
+                    out.errors.append(
+                        (frames.paths[i], int(frames.frames[i]), type(res).__name__, str(res))
+                    )
+            tm = time.perf_counter()
+            out.t_decode += tm - td
+            if ok:
+                tensor = feeder.tensor(start)
+                batch = tensor[: len(done)] if len(ok) == len(done) else tensor[ok]
+                p, f = predict_batch(model, batch, input_size, device, features, in_chans)
+                out.probs.append(p)
+                if f is not None:
+                    out.feats.append(f)
+                out.keep.extend(start + j for j in ok)
+            out.t_model += time.perf_counter() - tm
+    finally:
+        # A shard that fails must not leave decodes running: they write into the buffers the
+        # retry of this shard (on this worker) will use.
+        for fut in [*futs, *pending]:
+            fut.cancel()
+        wait([*futs, *pending])
+    return out
+
+
+def _predictions_table(
+    frames: _ShardFrames, got: _Classified, settings: ShardSettings
+) -> pd.DataFrame:
+    """The shard's predictions (PREDICTIONS_SCHEMA columns), in the order of its frames."""
+    probs = np.concatenate(got.probs) if got.probs else np.zeros((0, len(CLASSES)), "f4")
+    k = np.asarray(got.keep, dtype=np.int64)
+    n = len(frames)
+    labels = pd.Categorical.from_codes(probs.argmax(axis=1), categories=list(CLASSES))
+    df = pd.DataFrame(
+        {
+            "path": [frames.paths[i] for i in got.keep],
+            "frame": np.asarray(frames.frames, dtype=np.int16)[k] if n else np.zeros(0, np.int16),
+            "time_utc": frames.times[k],
+            "mlt": ut_to_mlt_hours(frames.times[k], settings.station),
+            "label": labels,
+            **{c: probs[:, j] for j, c in enumerate(PROB_COLUMNS)},
+            "model_id": settings.model_id,
+        }
+    )
+    return df
+
+
+def _write_shard(
+    shard: int, df: pd.DataFrame, got: _Classified, model: Any, settings: ShardSettings
+) -> None:
+    """The features first, the parquet file last: its presence means the shard is complete."""
+    out = Path(settings.out_dir)
+    if settings.features:
+        dim = int(getattr(model, "feature_dim", 4096))
+        feats = np.concatenate(got.feats) if got.feats else np.zeros((0, dim), np.float16)
+        with atomic_path(features_path(out, shard)) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, feats)
+    st = settings.station
+    meta = predictions_metadata(st.code, settings.model_id, st.mlt.method)
+    write_table(df, shard_path(out, shard), PREDICTIONS_SCHEMA, meta)
 
 
 def classify_shard(
@@ -383,128 +550,29 @@ def classify_shard(
 ) -> ShardResult:
     """Classify one shard on this worker and write its predictions (and features) atomically.
 
-    ``rows``: the frames' indices in ``settings.store``, read chunk by chunk instead of decoding
-    ``abspaths`` (then unused).
+    The Dask task of classify-archive. ``rows``: the frames' indices in ``settings.store``, read
+    chunk by chunk instead of decoding ``abspaths`` (then unused).
     """
     t0 = time.perf_counter()
     model, meta, device, loads = worker_model(settings)
-    input_size = int(meta.get("input_size", 227))
-    in_chans = int(meta.get("in_chans", 1))
-    n = len(paths)
     times = pd.to_datetime(np.asarray(times_ns, dtype="int64"), utc=True)
-    cores = _host_cores()
-    host, _ = _worker_identity()
-    per_host = settings.workers_per_host.get(host or "", 1) or 1
-    store = settings.store if rows is not None else None
-    n_dec = settings.decode_threads or (
-        1 if store else _torch_threads(settings) if device.type == "cpu" else cores // per_host
-    )
-    pool = _decode_pool(max(1, n_dec))
-    bs = settings.batch_size
-    side = input_size if store else settings.station.crop_size
-    bufs = _batch_buffers(bs, side, device.type == "cuda")
-
-    def decode(i: int, dst: np.ndarray) -> AuroraError | None:
-        try:
-            dst[...] = decode_frame(abspaths[i], int(frames[i]), times[i], settings)
-        except AuroraError as exc:  # per-frame problems: recorded, the shard goes on
-            return exc
-        except (OSError, ValueError) as exc:  # e.g. a file that vanished or a truncated stream
-            return FrameReadError(abspaths[i], f"{type(exc).__name__}: {exc}")
-        return None
-
-    def read(start: int, dst: np.ndarray) -> list[None]:
-        from pipeline.framestore import read_rows
-
-        stop = min(n, start + bs)
-        read_rows(store, np.asarray(rows[start:stop], dtype=np.int64), dst)  # type: ignore[arg-type]
-        return [None] * (stop - start)
-
-    def submit(start: int) -> list:
-        arr = bufs[(start // bs) % 2][1]
-        if store:  # one read per batch: whole chunks of the store, no decoding
-            return [pool.submit(read, start, arr)]
-        return [pool.submit(decode, i, arr[i - start]) for i in range(start, min(n, start + bs))]
-
-    def outcomes(futs: list) -> list[AuroraError | None]:
-        return futs[0].result() if store else [fut.result() for fut in futs]
-
-    errors: list[tuple[str, int, str, str]] = []
-    keep: list[int] = []
-    probs_parts: list[np.ndarray] = []
-    feat_parts: list[np.ndarray] = []
-    t_decode = t_model = 0.0
-    pending = submit(0)
-    futs: list = []
-    try:
-        for start in range(0, n, bs):
-            futs = pending
-            # Decode the next batch (into the other buffer) while the model runs this one; PIL,
-            # zlib and numpy release the GIL.
-            pending = submit(start + bs) if start + bs < n else []
-            td = time.perf_counter()
-            ok: list[int] = []
-            done = outcomes(futs)
-            for j, res in enumerate(done):
-                if res is None:
-                    ok.append(j)
-                else:
-                    i = start + j
-                    errors.append((paths[i], int(frames[i]), type(res).__name__, str(res)))
-            tm = time.perf_counter()
-            t_decode += tm - td
-            if ok:
-                tensor = bufs[(start // bs) % 2][0]
-                m = len(done)
-                batch = tensor[:m] if len(ok) == m else tensor[ok]
-                p, f = predict_batch(model, batch, input_size, device, settings.features, in_chans)
-                probs_parts.append(p)
-                if f is not None:
-                    feat_parts.append(f)
-                keep.extend(start + j for j in ok)
-            t_model += time.perf_counter() - tm
-    finally:
-        # A shard that fails must not leave decodes running: they write into the buffers the
-        # retry of this shard (on this worker) will use.
-        for fut in [*futs, *pending]:
-            fut.cancel()
-        wait([*futs, *pending])
-
-    probs = np.concatenate(probs_parts) if probs_parts else np.zeros((0, len(CLASSES)), "f4")
-    k = np.asarray(keep, dtype=np.int64)
-    labels = pd.Categorical.from_codes(probs.argmax(axis=1), categories=list(CLASSES))
-    df = pd.DataFrame(
-        {
-            "path": [paths[i] for i in keep],
-            "frame": np.asarray(frames, dtype=np.int16)[k] if n else np.zeros(0, np.int16),
-            "time_utc": times[k],
-            "mlt": ut_to_mlt_hours(times[k], settings.station),
-            "label": labels,
-            **{c: probs[:, j] for j, c in enumerate(PROB_COLUMNS)},
-            "model_id": settings.model_id,
-        }
-    )
-    out = Path(settings.out_dir)
-    if settings.features:
-        dim = int(getattr(model, "feature_dim", 4096))
-        feats = np.concatenate(feat_parts) if feat_parts else np.zeros((0, dim), np.float16)
-        with atomic_path(out / FEATURES_DIR / features_name(shard)) as tmp, open(tmp, "wb") as fh:
-            np.save(fh, feats)
-    # The parquet file last: its presence means the shard (and its features) is complete.
-    st = settings.station
-    meta = predictions_metadata(st.code, settings.model_id, st.mlt.method)
-    write_table(df, shard_path(out, shard), PREDICTIONS_SCHEMA, meta)
-    counts = Counter(labels.astype(str)) if len(df) else Counter()
+    todo = _ShardFrames(paths, abspaths, frames, times, rows)
+    side = int(meta.get("input_size", 227)) if rows is not None and settings.store else None
+    feeder = _BatchFeeder(todo, settings, device, side or settings.station.crop_size)
+    got = _classify_frames(model, meta, device, todo, feeder)
+    df = _predictions_table(todo, got, settings)
+    _write_shard(shard, df, got, model, settings)
+    counts = Counter(df["label"].astype(str)) if len(df) else Counter()
     return ShardResult(
         shard=shard,
-        n_frames=n,
+        n_frames=len(todo),
         n_predicted=len(df),
         class_counts={c: int(counts.get(c, 0)) for c in CLASSES},
-        errors=errors,
+        errors=got.errors,
         worker_pid=os.getpid(),
         model_loads=loads,
-        t_decode=t_decode,
-        t_model=t_model,
+        t_decode=got.t_decode,
+        t_model=got.t_model,
         t_wall=time.perf_counter() - t0,
     )
 
@@ -562,100 +630,6 @@ def parse_since(since: str | pd.Timestamp | None) -> pd.Timestamp | None:
 # =============================================================================== output folder
 
 
-def read_run(out: str | os.PathLike) -> dict | None:
-    """The ``_run.json`` of a predictions folder, or None when there is none."""
-    p = Path(out) / RUN_FILE
-    if not p.exists():
-        return None
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{p}: not valid JSON ({exc}); delete it or pass --overwrite") from None
-
-
-def _write_run(out: Path, run: dict) -> None:
-    with atomic_path(out / RUN_FILE) as tmp:
-        tmp.write_text(json.dumps(run, indent=1, sort_keys=False, default=str) + "\n")
-
-
-def shard_files(out: str | os.PathLike) -> dict[int, Path]:
-    """Shard number -> predictions file of a predictions folder (``shards/``, or the top of a
-    folder of the old layout, or of a folder of shard files such as ``shards/`` itself)."""
-    found = {}
-    for folder in (Path(out), Path(out) / SHARDS_DIR):  # the new layout wins a number
-        for p in folder.glob("shard-*.parquet"):
-            m = _SHARD_RE.match(p.name)
-            if m:
-                found[int(m.group(1))] = p
-    return dict(sorted(found.items()))
-
-
-def done_shard_files(out: str | os.PathLike) -> list[Path]:
-    """The shard files ``_run.json`` vouches for, in shard order (a crashed run's strays are not).
-
-    A folder of shard files without ``_run.json`` (made elsewhere) counts all of them.
-    """
-    run = read_run(out)
-    files = shard_files(out)
-    if run is None:
-        return list(files.values())
-    done = {int(k) for k in run.get("shards", {})}
-    return [p for s, p in files.items() if s in done]
-
-
-def read_predictions(out: str | os.PathLike, columns: Sequence[str] | None = None) -> pd.DataFrame:
-    """All predictions of a folder (the union of its done shards), in shard order."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    files = done_shard_files(out)
-    cols = list(columns) if columns else None
-    if not files:
-        df = empty_frame(PREDICTIONS_SCHEMA)
-        return df[cols] if cols else df
-    tables = [pq.read_table(f, columns=cols, schema=PREDICTIONS_SCHEMA) for f in files]
-    return pa.concat_tables(tables).to_pandas()
-
-
-def read_errors(out: str | os.PathLike) -> pd.DataFrame:
-    """The errors table of a predictions folder (empty when there is none)."""
-    return storage_read_errors(errors_path(out))
-
-
-def upgrade_layout(out: Path) -> None:
-    """Move a predictions folder of the old layout (shards, errors.parquet and features/ at the
-    top) into the Parquet-dataset layout; renames only, so the files keep their mtimes."""
-    moves = [(p, shard_path(out, s)) for s, p in shard_files(out).items() if p.parent == out]
-    old_errors, old_features = out / LEGACY_ERRORS_FILE, out / LEGACY_FEATURES_DIR
-    if old_errors.is_file() and not (out / ERRORS_FILE).exists():
-        moves.append((old_errors, out / ERRORS_FILE))
-    if old_features.is_dir():
-        moves += [(p, out / FEATURES_DIR / p.name) for p in old_features.glob("shard-*.npy")]
-    if not moves:
-        return
-    what = "moving %d files of the earlier layout into shards/, _errors.parquet, _features/"
-    log.info("%s: " + what, out, len(moves))
-    (out / SHARDS_DIR).mkdir(exist_ok=True)
-    with interrupts_deferred():
-        for src, dst in moves:
-            dst.parent.mkdir(exist_ok=True)
-            os.replace(src, dst)
-    with contextlib.suppress(OSError):  # only when nothing else is left in it
-        old_features.rmdir()
-
-
-def _clean_stale(out: Path, done: set[int]) -> None:
-    """Remove temporary files of killed writers and shard files no _run.json entry vouches for."""
-    for folder in (out, out / SHARDS_DIR, out / FEATURES_DIR):
-        for p in folder.glob(".shard-*.part"):
-            p.unlink(missing_ok=True)
-    for s, p in shard_files(out).items():
-        if s not in done:
-            log.info("removing %s: written by an interrupted run, not marked done", p.name)
-            p.unlink(missing_ok=True)
-            (out / FEATURES_DIR / features_name(s)).unlink(missing_ok=True)
-
-
 def _wipe(out: Path) -> None:
     """--overwrite: forget every shard, feature file, run record and classify error of ``out``."""
     for p in shard_files(out).values():
@@ -669,12 +643,37 @@ def _wipe(out: Path) -> None:
         write_table(err[err["stage"] != STAGE], out / ERRORS_FILE, ERRORS_SCHEMA)
 
 
-LOCK_FILE = ".classify.lock"
-
-
 def _run_lock(out: Path) -> contextlib.AbstractContextManager[None]:
     """One driver per predictions folder: a second run would delete the first one's new shards."""
     return exclusive_lock(out / LOCK_FILE, f"{out}: another classify-archive run is writing here")
+
+
+def _one_driver_per_folder(fn: Any) -> Any:
+    """Run ``fn(source, checkpoint, out, ...)`` holding the lock of the predictions folder.
+
+    Another stage's folder is refused before anything (the lock file too) is created in it.
+    """
+
+    @functools.wraps(fn)
+    def locked(source: Any, checkpoint: Any, out: Any, **kwargs: Any) -> Any:
+        out = Path(out).resolve()
+        if out.is_dir():
+            read_run(out)  # a damaged record: the error that says so
+        refuse_foreign_out(out, COMMAND)
+        created = not out.exists()
+        out.mkdir(parents=True, exist_ok=True)
+        with _run_lock(out):
+            try:
+                return fn(source, checkpoint, out, **kwargs)
+            except BaseException:
+                # A run refused before writing anything leaves no folder behind (tidied while
+                # the lock is held, so no other run can be starting in it).
+                if created and {p.name for p in out.iterdir()} <= {LOCK_FILE}:
+                    (out / LOCK_FILE).unlink(missing_ok=True)
+                    out.rmdir()
+                raise
+
+    return locked
 
 
 class _ErrorBook:
@@ -802,49 +801,424 @@ class ClassifySummary:
             ]
         )
 
+    def add_result(self, res: ShardResult) -> None:
+        """Count a shard a worker classified."""
+        if res.errors and self.first_error is None:
+            self.first_error = f"{res.errors[0][0]}: {res.errors[0][3]}"
+        self.shards_submitted += 1
+        self.frames_classified += res.n_predicted
+        self.frames_errors += len(res.errors)
+        for c, n in res.class_counts.items():
+            self.class_counts[c] += n
+        pid = res.worker_pid
+        self.model_loads[pid] = max(res.model_loads, self.model_loads.get(pid, 0))
+        self.t_decode_s += res.t_decode
+        self.t_model_s += res.t_model
 
-def _default_workers(device: str) -> tuple[int, dict[str, float] | None]:
-    """Several worker processes per GPU (each declaring resource GPU=1), else cores / 2.
+    def add_failed_shard(self, n_frames: int, reason: str) -> None:
+        """Count a shard that failed after its retries (its frames go to the errors table)."""
+        if self.first_error is None:
+            self.first_error = reason
+        self.shards_submitted += 1
+        self.shards_failed += 1
+        self.frames_errors += n_frames
 
-    On one H200 a single worker with 15 decode threads reached 386 frames/s with the GPU idle
-    (results/bench/gpu_classify.json): one process did not decode fast enough. See
-    ``cluster.workers_per_gpu``; benchmarks/gpu_classify.sh measures both layouts side by side.
+
+class _Recorder:
+    """Takes a run's shard results and failures into its run record and errors table.
+
+    ``_run.json`` and ``_errors.parquet`` are rewritten at most every FLUSH_S seconds (per shard
+    it would be quadratic in the archive size). Errors reach disk before the shards that reported
+    them count as done; a crash loses at most FLUSH_S of finished shards (the rerun redoes them).
     """
-    from pipeline.cluster import default_workers, workers_per_gpu
 
-    if device.startswith("cuda"):
-        import torch
+    def __init__(
+        self,
+        folder: OutputFolder,
+        shards: dict[str, Any],
+        runs: list[dict[str, Any]],
+        book: _ErrorBook,
+        summary: ClassifySummary,
+    ) -> None:
+        self.folder = folder
+        #: _run.json's done shards ("000123" -> counts) and runs (one entry per run).
+        self.shards = dict(shards)
+        self.runs = list(runs)
+        self.book = book
+        self.summary = summary
+        self.entry: dict[str, Any] = {}
+        self.retries = 0
+        self._pending: dict[int, pd.DataFrame] = {}
+        self._retried = book.retried_keys()
+        self._new_errors: list[pd.DataFrame] = []
+        self._drop_errors: set[tuple[str, int]] = set()
+        self._last_flush = time.monotonic()
 
-        # cuda:N names one GPU: its workers all use it (worker_model spreads only "cuda")
-        n_gpu = 1 if ":" in device else max(1, torch.cuda.device_count())
-        return n_gpu * workers_per_gpu(_host_cores(), n_gpu), {"GPU": 1}
-    return default_workers(), None
+    def write(self, finished: bool) -> None:
+        """Rewrite _run.json now (``finished`` only once every shard is in place)."""
+        write = self.folder.finish if finished else self.folder.begin
+        write(shards=self.shards, runs=self.runs)
+
+    def start(
+        self, shards: list[tuple[int, pd.DataFrame]], entry: dict[str, Any], retries: int
+    ) -> None:
+        """Record this run as under way (finished: false) before its first shard is submitted."""
+        self._pending = dict(shards)
+        self.entry = entry
+        self.retries = retries
+        self.runs.append(entry)
+        self.write(finished=False)
+
+    def flush(self, force: bool = False) -> None:
+        """Write the errors and done shards gathered so far (throttled unless ``force``)."""
+        if not force and time.monotonic() - self._last_flush < FLUSH_S:
+            return
+        if self._new_errors or self._drop_errors:
+            new = self._new_errors
+            add = pd.concat(new, ignore_index=True) if new else self.book.table[:0]
+            self.book.update(add, self._drop_errors)
+            self._new_errors, self._drop_errors = [], set()
+        self.write(finished=False)
+        self._last_flush = time.monotonic()
+
+    def on_result(self, s: int, res: ShardResult) -> None:
+        """A shard a worker wrote: its frame errors, and its entry among the done shards."""
+        df = self._pending.pop(s)
+        if res.errors:
+            rows = [(p, f, STAGE, e, m) for p, f, e, m in res.errors]
+            self._new_errors.append(pd.DataFrame(rows, columns=ERRORS_SCHEMA.names))
+        if self._retried:  # ShardFailed rows of an earlier run, now classified: forget them
+            keys = set(zip(df["path"].astype(str), df["frame"].astype(int)))
+            self._drop_errors.update(keys & self._retried)
+            self._retried.difference_update(keys)
+        self.shards[f"{s:06d}"] = {
+            "frames": res.n_frames,
+            "predicted": res.n_predicted,
+            "errors": len(res.errors),
+            "first": _iso(df["time_utc"].iloc[0]),
+            "last": _iso(df["time_utc"].iloc[-1]),
+            "worker_pid": res.worker_pid,
+        }
+        self.flush()
+        self.summary.add_result(res)
+
+    def on_error(self, s: int, exc: BaseException) -> None:
+        """A shard that kept failing: its frames become ShardFailed rows, retried by the rerun."""
+        df = self._pending.pop(s)
+        reason = f"shard {s:06d}: {type(exc).__name__}: {exc}"
+        log.error("shard %06d failed after %d retries: %s", s, self.retries, exc)
+        rows = pd.DataFrame(
+            {
+                "path": df["path"].astype(str).to_numpy(),
+                "frame": df["frame"].astype(int).to_numpy(),
+                "stage": STAGE,
+                "error": SHARD_FAILED,
+                "message": reason[:500],
+            }
+        )
+        self._new_errors.append(rows)
+        # This run's own count: shard numbers are reused by later runs, so rows of
+        # _errors.parquet cannot tell which run's frames are missing (occurrence reads it).
+        self.entry["frames_failed"] = self.entry.get("frames_failed", 0) + len(df)
+        shard_path(self.folder.path, s).unlink(missing_ok=True)
+        self.summary.add_failed_shard(len(df), reason)
+        self.flush()
+
+    def finish(self) -> None:
+        """Close this run's entry and mark the folder finished (after every shard is in)."""
+        summary = self.summary
+        self.entry.update(
+            finished=_iso(pd.Timestamp.now(tz="UTC")),
+            frames_classified=summary.frames_classified,
+            frames_errors=summary.frames_errors,
+            wall_s=round(summary.wall_s, 3),
+            compute_s=round(summary.compute_s, 3),
+        )
+        self.write(finished=True)
 
 
-def _iso(ts: pd.Timestamp) -> str:
-    return pd.Timestamp(ts).isoformat()
+@dataclass
+class _Source:
+    """The frames a run classifies and where they come from."""
+
+    path: Path
+    #: the StoreInfo of a frame store (pipeline.framestore), else None.
+    store: Any
+    station: StationConfig
+    #: the frames after --since (a store's with their ``store_index``).
+    manifest: pd.DataFrame
+    #: files named like frames that are not classifiable frames (stage scan).
+    scan_errors: pd.DataFrame
+    #: frames of the whole manifest, before --since.
+    n_manifest: int
+    root: Any
+    since: pd.Timestamp | None
 
 
-def _one_driver_per_folder(fn: Any) -> Any:
-    """Run ``fn(source, checkpoint, out, ...)`` holding the lock of the predictions folder."""
+@dataclass
+class _Plan:
+    """What a run does: the frames not covered yet, in shards numbered after the existing ones."""
 
-    @functools.wraps(fn)
-    def locked(source: Any, checkpoint: Any, out: Any, **kwargs: Any) -> Any:
-        out = Path(out).resolve()
-        created = not out.exists()
-        out.mkdir(parents=True, exist_ok=True)
-        with _run_lock(out):
-            try:
-                return fn(source, checkpoint, out, **kwargs)
-            except BaseException:
-                # A run refused before writing anything leaves no folder behind (tidied while
-                # the lock is held, so no other run can be starting in it).
-                if created and {p.name for p in out.iterdir()} <= {LOCK_FILE}:
-                    (out / LOCK_FILE).unlink(missing_ok=True)
-                    out.rmdir()
-                raise
+    todo: pd.DataFrame
+    shards: list[tuple[int, pd.DataFrame]]
+    #: _run.json's entries of the done shards whose files are there.
+    done: dict[str, Any]
+    #: done shards whose files vanished (redone).
+    lost: list[int]
 
-    return locked
+
+def _read_source(
+    source: str | os.PathLike,
+    station: str | os.PathLike | StationConfig | None,
+    ckpt: Path,
+    meta: dict,
+    preprocessed: bool,
+    dark_dir: Any,
+    since: str | pd.Timestamp | None,
+) -> _Source:
+    """The station, manifest and scan errors of an archive, manifest or frame store."""
+    store = framestore.open_info(source) if framestore.is_store(source) else None
+    if store is not None:
+        st, manifest, scan_errors = _store_and_manifest(
+            store, station, ckpt, meta, preprocessed, dark_dir
+        )
+    else:
+        st, manifest, scan_errors = _station_and_manifest(source, station)
+    if not len(manifest):
+        raise InputError(
+            f"{source}: no frames to classify (an empty manifest, or no file in it has a time "
+            f"for station {st.code}); `aurora-pipeline scan` lists why"
+        )
+    n_manifest, root = len(manifest), manifest.attrs.get("root")
+    since_ts = parse_since(since)
+    if since_ts is not None:
+        manifest = manifest[pd.to_datetime(manifest["time_utc"], utc=True) > since_ts]
+    path = Path(source).resolve()
+    return _Source(path, store, st, manifest, scan_errors, n_manifest, root, since_ts)
+
+
+def _refuse_out_is_source(out: Path, src: _Source) -> None:
+    if (src.root is not None and out == Path(src.root).resolve()) or (
+        src.store and out == src.store.path
+    ):
+        raise InputError(
+            f"--out {out} is the {'store' if src.store else 'archive'} itself; give the "
+            "predictions a folder of their own"
+        )
+
+
+def _previous_run(
+    out: Path, overwrite: bool, model_id: str, ckpt: Path, src: _Source
+) -> dict[str, Any] | None:
+    """The run record of an earlier run to resume (None: a fresh start; --overwrite wipes)."""
+    run = read_run(out)
+    if run is not None and overwrite:
+        _wipe(out)
+        return None
+    if run is not None and run.get("model_id") != model_id:
+        raise InputError(
+            f"{out}: holds predictions of model {run.get('model_id')} "
+            f"({run.get('checkpoint')}), not {model_id} ({ckpt}); refusing to mix models in one "
+            "output: pass --overwrite to replace them or choose another --out"
+        )
+    if run is not None:
+        _refuse_other_archive_or_station(out, run, src.root, src.station)
+    return run
+
+
+def _run_settings(
+    previous: dict[str, Any] | None, meta: dict, ckpt: Path, src: _Source, shard_size: int
+) -> dict[str, Any]:
+    """What _run.json records besides its shards and runs: the folder's model and station (from
+    its first run), and this run's checkpoint, archive, manifest and shard size."""
+    first = previous or {
+        "model_id": str(meta["model_id"]),
+        "variant": meta.get("variant"),
+        "station": src.station.code,
+        # the whole station: occurrence computes MLT with it (a YAML path may not travel)
+        "station_config": to_dict(src.station),
+    }
+    root = str(Path(src.root).resolve()) if src.root is not None else first.get("root")
+    return {
+        "model_id": first.get("model_id"),
+        "checkpoint": str(ckpt),
+        "variant": first.get("variant"),
+        "station": first.get("station"),
+        "station_config": first.get("station_config"),
+        "root": root,
+        "manifest_hash": manifest_hash(src.manifest),
+        "manifest_frames": src.n_manifest,
+        "shard_size": shard_size,
+    }
+
+
+def _plan_run(
+    out: Path, previous: dict[str, Any] | None, book: _ErrorBook, src: _Source, shard_size: int
+) -> _Plan:
+    """Remove the strays of killed runs and plan the frames that no done shard or error covers."""
+    done = done_shards(previous)
+    remove_strays(out, done)
+    files = shard_files(out)
+    covered = [book.covered()]
+    for s in sorted(done & set(files)):
+        covered.append(pq.read_table(files[s], columns=["path", "frame"]).to_pandas())
+    lost = sorted(done - set(files))  # a done shard whose file vanished is redone
+    entries = {k: v for k, v in (previous or {}).get("shards", {}).items() if int(k) not in lost}
+    todo = remaining_frames(src.manifest, pd.concat(covered, ignore_index=True))
+    if src.store is not None:  # shards of consecutive store indices: whole chunks per read
+        todo = todo.sort_values("store_index", kind="stable", ignore_index=True)
+    first = max([int(k) for k in entries] + list(files), default=-1) + 1
+    return _Plan(todo, plan_shards(todo, shard_size, first), entries, lost)
+
+
+def _new_summary(
+    out: Path, model_id: str, src: _Source, plan: _Plan, book: _ErrorBook, retry_errors: bool
+) -> ClassifySummary:
+    todo = plan.todo
+    keys = set(zip(todo["path"].astype(str), todo["frame"].astype(int)))
+    return ClassifySummary(
+        out=str(out),
+        model_id=model_id,
+        manifest_frames=len(src.manifest),
+        already_done=len(src.manifest) - len(todo),
+        frames_planned=len(todo),
+        earlier_errors=0 if retry_errors else len(book.covered()),
+        scan_errors=len(src.scan_errors),
+        frames_retried=len(keys & book.retried_keys()),
+    )
+
+
+def _run_entry(
+    src: _Source, settings: dict[str, Any], plan: _Plan, **options: Any
+) -> dict[str, Any]:
+    """This run's entry in _run.json's ``runs``; ``options``: the classify settings it used."""
+    return {
+        "started": _iso(pd.Timestamp.now(tz="UTC")),
+        "source": str(src.path),
+        "manifest_hash": settings["manifest_hash"],
+        "manifest_frames": src.n_manifest,
+        "frames_considered": len(src.manifest),
+        "since": _iso(src.since) if src.since is not None else None,
+        "shard_size": settings["shard_size"],
+        **options,
+        "frames_planned": len(plan.todo),
+        "shards_planned": [s for s, _ in plan.shards],
+        "frames_failed": 0,
+    }
+
+
+def _resolve_darks(dark_dir: Any, src: _Source, preprocessed: bool) -> str | None:
+    """The dark frames of raw frames (--dark-dir, else the archive's calib/), checked once."""
+    st = src.station
+    raw = src.store is None and not preprocessed  # a store's frames are preprocessed already
+    if dark_dir is None and src.root is not None and raw and st.preprocess.dark_subtract:
+        found = find_dark_dir(Path(src.root))
+        dark_dir = str(found) if found is not None else None
+    if dark_dir is None and raw and st.preprocess.dark_subtract:
+        log.warning("no dark frames found (calib/ or --dark-dir): noise from the corners only")
+    if dark_dir is not None and raw:
+        _check_dark_size(Path(dark_dir), st)
+        first = src.manifest["time_utc"].min() if len(src.manifest) else None
+        if first is not None and (note := dark_coverage_note(dark_dir, first)):
+            log.warning(note)
+    return str(dark_dir) if dark_dir else None
+
+
+def _connect(
+    stack: contextlib.ExitStack,
+    client: Any,
+    scheduler: str | None,
+    workers: int | None,
+    device: str,
+    local_device: str,
+) -> tuple[Any, dict[str, float] | None, dict[str, Any]]:
+    """The Dask client (a local cluster, or the scheduler's), the resources a shard task needs
+    (a GPU where the workers declare them) and the workers' info."""
+    resources = None
+    if client is None:
+        if scheduler is None:
+            n_default, resources = _default_workers(local_device)
+            client = stack.enter_context(
+                cluster.dask_client(workers or n_default, 1, None, resources=resources)
+            )
+        else:
+            client = stack.enter_context(cluster.dask_client(scheduler=scheduler))
+    info = client.scheduler_info(n_workers=-1) if _accepts_n_workers(client) else None
+    info = info or client.scheduler_info()
+    wk = info.get("workers", {})
+    if resources is None and device != "cpu":
+        if any(w.get("resources", {}).get("GPU") for w in wk.values()):
+            resources = {"GPU": 1}
+    # run_windowed's as_completed() binds to the *current* client's event loop: make that ours
+    # (a caller inside `with Client(...)` would otherwise lend its loop, which breaks when a
+    # worker dies and a result must be re-gathered).
+    stack.enter_context(client.as_current())
+    return client, resources, wk
+
+
+def _shard_settings(
+    ckpt: Path, model_id: str, out: Path, src: _Source, workers: dict[str, Any], **kw: Any
+) -> ShardSettings:
+    """What every shard task gets besides its frames; ``kw``: the other ShardSettings fields."""
+    per_host = Counter(a.split("://")[-1].rsplit(":", 1)[0] for a in workers)
+    return ShardSettings(
+        checkpoint=str(ckpt),
+        model_id=model_id,
+        out_dir=str(out),
+        station=src.station,
+        workers_per_host=dict(per_host),
+        store=str(src.store.path) if src.store is not None else None,
+        **kw,
+    )
+
+
+def _tasks(
+    shards: list[tuple[int, pd.DataFrame]], settings: ShardSettings, store: Any
+) -> Iterator[tuple[int, tuple, int]]:
+    """(shard, classify_shard's arguments, frames) of each shard, made as they are submitted."""
+    for s, df in shards:
+        args = (
+            s,
+            df["path"].astype(str).tolist(),
+            df["abspath"].astype(str).tolist(),
+            df["frame"].astype(int).tolist(),
+            pd.to_datetime(df["time_utc"], utc=True).astype("int64").tolist(),
+            settings,
+        )
+        if store is not None:
+            args += (df["store_index"].astype(int).tolist(),)
+        yield s, args, len(df)
+
+
+def _compute(
+    client: Any,
+    recorder: _Recorder,
+    tasks: Iterator[tuple[int, tuple, int]],
+    total: int,
+    window: int,
+    retries: int,
+    resources: dict[str, float] | None,
+) -> float:
+    """Run the shard tasks on the cluster into the recorder; the seconds it took."""
+    t = time.perf_counter()
+    try:
+        cluster.run_windowed(
+            client,
+            classify_shard,
+            tasks,
+            on_result=recorder.on_result,
+            on_error=recorder.on_error,
+            window=window,
+            total=total,
+            desc="classify",
+            retries=retries,
+            resources=resources,
+        )
+    finally:
+        # Ctrl-C or a lost scheduler too: the shards finished so far count as done, so the
+        # rerun does not classify them again.
+        recorder.flush(force=True)
+    return time.perf_counter() - t
 
 
 @_one_driver_per_folder
@@ -877,318 +1251,51 @@ def classify_archive(
     ``retry_errors``: classify again the frames an earlier run recorded in _errors.parquet (a
     file repaired or finished copying since); they leave the errors table when they succeed.
     """
-    from pipeline.checkpoint import read_meta, warn_if_unfinished
-
     t_start = time.perf_counter()
     ckpt = Path(checkpoint).resolve()
     meta = read_meta(ckpt)
     warn_if_unfinished(meta, ckpt)
     model_id = str(meta["model_id"])
     out = Path(out).resolve()
-
-    store = _store_info(source)
-    if store is not None:
-        st, manifest, scan_errors = _store_and_manifest(
-            store, station, ckpt, meta, preprocessed, dark_dir
-        )
-    else:
-        st, manifest, scan_errors = _station_and_manifest(source, station)
-    n_manifest = len(manifest)
-    if not n_manifest:
-        raise InputError(
-            f"{source}: no frames to classify (an empty manifest, or no file in it has a time "
-            f"for station {st.code}); `aurora-pipeline scan` lists why"
-        )
-    root = manifest.attrs.get("root")
-    since_ts = parse_since(since)
-    if since_ts is not None:
-        manifest = manifest[pd.to_datetime(manifest["time_utc"], utc=True) > since_ts]
-    mhash = manifest_hash(manifest)
-
-    if (root is not None and out == Path(root).resolve()) or (store and out == store.path):
-        raise InputError(
-            f"--out {out} is the {'store' if store else 'archive'} itself; give the predictions "
-            "a folder of their own"
-        )
-    refuse_foreign_out(out, (RUN_FILE,), "classify-archive")
-    out.mkdir(parents=True, exist_ok=True)
-    upgrade_layout(out)
-    run = read_run(out)
-    if run is not None and overwrite:
-        _wipe(out)
-        run = None
-    if run is not None and run.get("model_id") != model_id:
-        raise InputError(
-            f"{out}: holds predictions of model {run.get('model_id')} "
-            f"({run.get('checkpoint')}), not {model_id} ({ckpt}); refusing to mix models in one "
-            "output: pass --overwrite to replace them or choose another --out"
-        )
-    if run is not None:
-        _refuse_other_archive_or_station(out, run, root, st)
-    fresh = run is None
-    if run is None:
-        run = {
-            "stage": STAGE,
-            "model_id": model_id,
-            "checkpoint": str(ckpt),
-            "variant": meta.get("variant"),
-            "station": st.code,
-            # the whole station: occurrence computes MLT with it (a YAML path may not travel)
-            "station_config": to_dict(st),
-            "shards": {},
-            "runs": [],
-        }
-    done = {int(k) for k in run["shards"]}
-    _clean_stale(out, done)
-    book = _ErrorBook(out / ERRORS_FILE, retry_errors)
-    book.replace_scan_rows(scan_errors.sort_values(["path", "frame"], ignore_index=True))
-    files = shard_files(out)
-    covered_parts = [book.covered()]
-    if files:
-        import pyarrow.parquet as pq
-
-        for s in sorted(done & set(files)):
-            covered_parts.append(pq.read_table(files[s], columns=["path", "frame"]).to_pandas())
-    # A done shard whose file vanished is redone.
-    lost = sorted(done - set(files))
-    for s in lost:
-        run["shards"].pop(f"{s:06d}", None)
-    covered = pd.concat(covered_parts, ignore_index=True)
-    todo = remaining_frames(manifest, covered)
-    if store is not None:  # shards of consecutive store indices: whole chunks per read
-        todo = todo.sort_values("store_index", kind="stable", ignore_index=True)
-    first = max([int(k) for k in run["shards"]] + [s for s in files], default=-1) + 1
-    shards = plan_shards(todo, shard_size, first)
-
-    summary = ClassifySummary(
-        out=str(out),
-        model_id=model_id,
-        manifest_frames=len(manifest),
-        already_done=len(manifest) - len(todo),
-        frames_planned=len(todo),
-        earlier_errors=0 if retry_errors else len(book.covered()),
-        scan_errors=len(scan_errors),
-        frames_retried=len(
-            set(zip(todo["path"].astype(str), todo["frame"].astype(int))) & book.retried_keys()
-        ),
-    )
-    run_entry = {
-        "started": _iso(pd.Timestamp.now(tz="UTC")),
-        "source": str(Path(source).resolve()),
-        "manifest_hash": mhash,
-        "manifest_frames": n_manifest,
-        "frames_considered": len(manifest),
-        "since": _iso(since_ts) if since_ts is not None else None,
-        "shard_size": shard_size,
-        "batch_size": batch_size,
-        "device": device,
-        "preprocessed": preprocessed,
-        "features": features,
-        "frames_planned": len(todo),
-        "shards_planned": [s for s, _ in shards],
-        "frames_failed": 0,
-    }
-    run.update(
-        root=str(Path(root).resolve()) if root is not None else run.get("root"),
-        manifest_hash=mhash,
-        manifest_frames=n_manifest,
-        shard_size=shard_size,
-        checkpoint=str(ckpt),
-    )
-    if not shards:
-        # Nothing to do: leave _run.json untouched (its mtime tells workflows nothing changed).
-        if fresh or lost:
-            _write_run(out, run)
+    src = _read_source(source, station, ckpt, meta, preprocessed, dark_dir, since)
+    _refuse_out_is_source(out, src)
+    previous = _previous_run(out, overwrite, model_id, ckpt, src)
+    settings = _run_settings(previous, meta, ckpt, src, shard_size)
+    with OutputFolder(out, COMMAND, settings) as folder:
+        book = _ErrorBook(out / ERRORS_FILE, retry_errors)
+        book.replace_scan_rows(src.scan_errors.sort_values(["path", "frame"], ignore_index=True))
+        plan = _plan_run(out, previous, book, src, shard_size)
+        summary = _new_summary(out, model_id, src, plan, book, retry_errors)
+        recorder = _Recorder(folder, plan.done, (previous or {}).get("runs", []), book, summary)
+        if not plan.shards:
+            # Nothing to do: leave a finished _run.json untouched (its mtime tells workflows
+            # nothing changed).
+            if previous is None or plan.lost or previous.get("finished") is not True:
+                recorder.write(finished=True)
+            summary.wall_s = time.perf_counter() - t_start
+            return summary
+        # Run-level checks before _run.json records this run: a refused run must leave nothing
+        # that a corrected rerun would trip over.
+        darks = _resolve_darks(dark_dir, src, preprocessed)
+        _warn_preprocess_mismatch(meta, src.station, ckpt)
+        local = resolve_device(device) if client is None and scheduler is None else device
+        options = dict(batch_size=batch_size, preprocessed=preprocessed, features=features)
+        entry = _run_entry(src, settings, plan, device=device, **options)
+        recorder.start(plan.shards, entry, retries)
+        with contextlib.ExitStack() as stack:
+            client, resources, wk = _connect(stack, client, scheduler, workers, device, local)
+            shard_settings = _shard_settings(
+                ckpt, model_id, out, src, wk, device=local, dark_dir=darks,
+                torch_threads=threads_per_worker, decode_threads=decode_threads, **options,
+            )  # fmt: skip
+            tasks = _tasks(plan.shards, shard_settings, src.store)
+            window = window or 2 * max(1, len(wk))
+            summary.compute_s = _compute(
+                client, recorder, tasks, len(plan.todo), window, retries, resources
+            )
+        remove_strays(out, set(map(int, recorder.shards)))
         summary.wall_s = time.perf_counter() - t_start
-        return summary
-    # Run-level checks before _run.json records this run: a refused run must leave nothing
-    # that a corrected rerun would trip over.
-    raw = store is None and not preprocessed  # a store's frames are preprocessed already
-    if dark_dir is None and root is not None and raw and st.preprocess.dark_subtract:
-        from pipeline.preprocess import find_dark_dir
-
-        found = find_dark_dir(Path(root))
-        dark_dir = str(found) if found is not None else None
-    if dark_dir is None and raw and st.preprocess.dark_subtract:
-        log.warning("no dark frames found (calib/ or --dark-dir): noise from the corners only")
-    if dark_dir is not None and raw:
-        from pipeline.preprocess import dark_coverage_note
-
-        _check_dark_size(Path(dark_dir), st)
-        if len(manifest) and (note := dark_coverage_note(dark_dir, manifest["time_utc"].min())):
-            log.warning(note)
-    _warn_preprocess_mismatch(meta, st, ckpt)
-
-    local_device = device
-    if client is None and scheduler is None:
-        local_device = resolve_device(device)
-    run["runs"].append(run_entry)
-    _write_run(out, run)
-
-    resources = None
-    with contextlib.ExitStack() as stack:
-        if client is None:
-            from pipeline.cluster import dask_client
-
-            if scheduler is None:
-                n_default, resources = _default_workers(local_device)
-                client = stack.enter_context(
-                    dask_client(workers or n_default, 1, None, resources=resources)
-                )
-            else:
-                client = stack.enter_context(dask_client(scheduler=scheduler))
-        info = client.scheduler_info(n_workers=-1) if _accepts_n_workers(client) else None
-        info = info or client.scheduler_info()
-        wk = info.get("workers", {})
-        if resources is None and device != "cpu":
-            if any(w.get("resources", {}).get("GPU") for w in wk.values()):
-                resources = {"GPU": 1}
-        per_host = Counter(a.split("://")[-1].rsplit(":", 1)[0] for a in wk)
-        settings = ShardSettings(
-            checkpoint=str(ckpt),
-            model_id=model_id,
-            out_dir=str(out),
-            station=st,
-            device=local_device,
-            batch_size=batch_size,
-            dark_dir=str(dark_dir) if dark_dir else None,
-            preprocessed=preprocessed,
-            features=features,
-            torch_threads=threads_per_worker,
-            decode_threads=decode_threads,
-            workers_per_host=dict(per_host),
-            store=str(store.path) if store is not None else None,
-        )
-        n_slots = max(1, len(wk))
-        retried = book.retried_keys()
-        shard_frames = {s: df for s, df in shards}
-
-        def tasks() -> Iterator[tuple[int, tuple, int]]:
-            for s, df in shards:
-                args = (
-                    s,
-                    df["path"].astype(str).tolist(),
-                    df["abspath"].astype(str).tolist(),
-                    df["frame"].astype(int).tolist(),
-                    pd.to_datetime(df["time_utc"], utc=True).astype("int64").tolist(),
-                    settings,
-                )
-                if store is not None:
-                    args += (df["store_index"].astype(int).tolist(),)
-                yield s, args, len(df)
-
-        new_errors: list[pd.DataFrame] = []
-        drop_errors: set[tuple[str, int]] = set()
-        last_flush = [time.monotonic()]
-
-        def flush(force: bool = False) -> None:
-            # Throttled: rewriting _run.json and _errors.parquet per shard would be quadratic in
-            # the archive size. Errors reach disk before the shards that reported them count as
-            # done; a crash loses at most FLUSH_S of finished shards (their files are redone).
-            if not force and time.monotonic() - last_flush[0] < FLUSH_S:
-                return
-            if new_errors or drop_errors:
-                add = pd.concat(new_errors, ignore_index=True) if new_errors else book.table[:0]
-                book.update(add, set(drop_errors))
-                new_errors.clear()
-                drop_errors.clear()
-            _write_run(out, run)
-            last_flush[0] = time.monotonic()
-
-        def on_result(s: int, res: ShardResult) -> None:
-            df = shard_frames.pop(s)
-            if res.errors and summary.first_error is None:
-                summary.first_error = f"{res.errors[0][0]}: {res.errors[0][3]}"
-            if res.errors:
-                new_errors.append(
-                    pd.DataFrame(
-                        [(p, f, STAGE, e, m) for p, f, e, m in res.errors],
-                        columns=ERRORS_SCHEMA.names,
-                    )
-                )
-            if retried:  # ShardFailed rows of an earlier run, now classified: forget them
-                keys = set(zip(df["path"].astype(str), df["frame"].astype(int)))
-                drop_errors.update(keys & retried)
-                retried.difference_update(keys)
-            run["shards"][f"{s:06d}"] = {
-                "frames": res.n_frames,
-                "predicted": res.n_predicted,
-                "errors": len(res.errors),
-                "first": _iso(df["time_utc"].iloc[0]),
-                "last": _iso(df["time_utc"].iloc[-1]),
-                "worker_pid": res.worker_pid,
-            }
-            flush()
-            summary.shards_submitted += 1
-            summary.frames_classified += res.n_predicted
-            summary.frames_errors += len(res.errors)
-            for c, n in res.class_counts.items():
-                summary.class_counts[c] += n
-            summary.model_loads[res.worker_pid] = max(
-                res.model_loads, summary.model_loads.get(res.worker_pid, 0)
-            )
-            summary.t_decode_s += res.t_decode
-            summary.t_model_s += res.t_model
-
-        def on_error(s: int, exc: BaseException) -> None:
-            df = shard_frames.pop(s)
-            if summary.first_error is None:
-                summary.first_error = f"shard {s:06d}: {type(exc).__name__}: {exc}"
-            log.error("shard %06d failed after %d retries: %s", s, retries, exc)
-            rows = pd.DataFrame(
-                {
-                    "path": df["path"].astype(str).to_numpy(),
-                    "frame": df["frame"].astype(int).to_numpy(),
-                    "stage": STAGE,
-                    "error": SHARD_FAILED,
-                    "message": f"shard {s:06d}: {type(exc).__name__}: {exc}"[:500],
-                }
-            )
-            new_errors.append(rows)
-            # This run's own count: shard numbers are reused by later runs, so rows of
-            # _errors.parquet cannot tell which run's frames are missing (occurrence reads it).
-            run_entry["frames_failed"] = run_entry.get("frames_failed", 0) + len(df)
-            shard_path(out, s).unlink(missing_ok=True)
-            summary.shards_submitted += 1
-            summary.shards_failed += 1
-            summary.frames_errors += len(df)
-            flush()
-
-        from pipeline.cluster import run_windowed
-
-        # run_windowed's as_completed() binds to the *current* client's event loop: make that
-        # ours (a caller inside `with Client(...)` would otherwise lend its loop, which breaks
-        # when a worker dies and a result must be re-gathered).
-        stack.enter_context(client.as_current())
-        t_compute = time.perf_counter()
-        try:
-            run_windowed(
-                client,
-                classify_shard,
-                tasks(),
-                on_result=on_result,
-                on_error=on_error,
-                window=window or 2 * n_slots,
-                total=len(todo),
-                desc="classify",
-                retries=retries,
-                resources=resources,
-            )
-        finally:
-            # Ctrl-C or a lost scheduler too: the shards finished so far count as done, so the
-            # rerun does not classify them again.
-            flush(force=True)
-        summary.compute_s = time.perf_counter() - t_compute
-    _clean_stale(out, {int(k) for k in run["shards"]})
-    summary.wall_s = time.perf_counter() - t_start
-    run_entry.update(
-        finished=_iso(pd.Timestamp.now(tz="UTC")),
-        frames_classified=summary.frames_classified,
-        frames_errors=summary.frames_errors,
-        wall_s=round(summary.wall_s, 3),
-        compute_s=round(summary.compute_s, 3),
-    )
-    _write_run(out, run)
+        recorder.finish()
     return summary
 
 
@@ -1197,9 +1304,6 @@ def _station_and_manifest(
 ) -> tuple[StationConfig, pd.DataFrame, pd.DataFrame]:
     """The station (given, else the archive's calib/station.yaml, else yrs), the manifest and
     the scan's error rows (files named like frames that are not classifiable frames)."""
-    from pipeline.archive import load_manifest_and_errors
-    from pipeline.config import resolve_station
-
     if isinstance(station, StationConfig):
         return station, *load_manifest_and_errors(source, station)
     src = Path(source)
@@ -1218,13 +1322,6 @@ def _station_and_manifest(
     return first, manifest, errors
 
 
-def _store_info(source: str | os.PathLike) -> Any:
-    """The StoreInfo when ``source`` is a frame store (pipeline.framestore), else None."""
-    from pipeline import framestore
-
-    return framestore.open_info(source) if framestore.is_store(source) else None
-
-
 def _store_and_manifest(
     info: Any,
     station: str | os.PathLike | StationConfig | None,
@@ -1235,9 +1332,6 @@ def _store_and_manifest(
 ) -> tuple[StationConfig, pd.DataFrame, pd.DataFrame]:
     """The station, the manifest (with ``store_index``) and the frames the store lacks (its
     errors table) of a frame store; one clear error when the model's input size is not its."""
-    from pipeline import framestore
-    from pipeline.config import resolve_station
-
     if preprocessed or dark_dir is not None:
         raise InputError(
             f"{info.path}: a frame store holds preprocessed frames; drop --preprocessed/--dark-dir"
@@ -1253,16 +1347,13 @@ def _store_and_manifest(
     root = Path(info.root) if info.root else None
     manifest["abspath"] = [str(root / p) if root else p for p in manifest["path"]]
     manifest.attrs["root"] = info.root
-    errors = storage_read_errors(framestore.side_path(info.path, framestore.ERRORS_NAME))
+    errors = read_errors_table(framestore.side_path(info.path, framestore.ERRORS_NAME))
     errors = errors.drop_duplicates(["path", "frame"]).reset_index(drop=True)
     return st, manifest, errors
 
 
 def _check_dark_size(dark_dir: Path, st: StationConfig) -> None:
     """Dark frames of another camera size are a run-level mistake: one error, not one per frame."""
-    from pipeline.imageio import read_frame
-    from pipeline.preprocess import dark_frames
-
     darks = dark_frames(dark_dir)
     if not darks or not st.preprocess.dark_subtract:
         return
@@ -1292,9 +1383,6 @@ def _refuse_other_archive_or_station(out: Path, run: dict, root: Any, st: Statio
 
 def _warn_preprocess_mismatch(meta: dict, station: StationConfig, ckpt: Path) -> None:
     """One warning when the station preprocesses frames differently from the training data."""
-    from pipeline.checkpoint import preprocess_mismatch
-    from pipeline.preprocess import calibration_from_station
-
     diff = preprocess_mismatch(meta, calibration_from_station(station).params())
     if diff:
         log.warning(
@@ -1307,8 +1395,6 @@ def _warn_preprocess_mismatch(meta: dict, station: StationConfig, ckpt: Path) ->
 
 
 def _accepts_n_workers(client: Any) -> bool:
-    import inspect
-
     try:
         return "n_workers" in inspect.signature(client.scheduler_info).parameters
     except (TypeError, ValueError):  # pragma: no cover
@@ -1318,3 +1404,20 @@ def _accepts_n_workers(client: Any) -> bool:
 def print_summary(summary: ClassifySummary, file: Any = None) -> None:
     """Print the end-of-run summary (stderr by default, so stdout stays clean for pipes)."""
     print(summary.text(), file=file or sys.stderr)
+
+
+def _default_workers(device: str) -> tuple[int, dict[str, float] | None]:
+    """Several worker processes per GPU (each declaring resource GPU=1), else cores / 2.
+
+    One process per GPU does not decode frames fast enough to keep the GPU busy: see
+    ``cluster.workers_per_gpu`` (benchmarks/gpu_classify.sh compares the layouts).
+    """
+    if device.startswith("cuda"):
+        # cuda:N names one GPU: its workers all use it (worker_model spreads only "cuda")
+        n_gpu = 1 if ":" in device else max(1, torch.cuda.device_count())
+        return n_gpu * cluster.workers_per_gpu(_host_cores(), n_gpu), {"GPU": 1}
+    return cluster.default_workers(), None
+
+
+def _iso(ts: pd.Timestamp) -> str:
+    return pd.Timestamp(ts).isoformat()

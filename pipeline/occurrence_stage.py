@@ -1,7 +1,7 @@
 """The ``occurrence`` stage: read predictions or expert labels, bin by MLT, write table/NetCDF/figure.
 
 Inputs (PRED):
-- a predictions directory (Parquet dataset of ``shards/shard-*.parquet``, DESIGN.md section 3), read
+- a predictions directory (Parquet dataset of ``shards/shard-*.parquet``, :mod:`pipeline.predictions`), read
   with dask.dataframe so archives of any size stream through partition by partition;
 - one Parquet file with ``time_utc`` and ``label`` columns (class names);
 - a label text file like ``Alllabel2003_38044.txt``: lines ``N20031221G030001  1`` (the frame
@@ -10,30 +10,32 @@ Inputs (PRED):
 MLT is always recomputed from ``time_utc`` with the chosen method, so one archive can be binned
 with either method; a table with ``mlt`` but no ``time_utc`` is binned on its stored MLT.
 
-Outputs: every input and option is checked before anything is written; the outputs are written
-into a hidden staging folder inside OUT and moved into OUT together, ``occurrence_run.json``
-last (it is removed first): a folder holds a finished result only when it has that file.
+Outputs (docs/design.md, "Output folders"): every input and option is checked before anything is
+written; the outputs are written into a hidden staging folder inside OUT and moved into OUT
+together, the run record ``_run.json`` last (it is removed first): a folder holds a finished
+result only when its record says ``finished: true``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
+from tqdm.dask import TqdmCallback
 
+from pipeline import plots
 from pipeline.classes import CLASSES, LABEL_CODES, PROB_COLUMNS
-from pipeline.config import StationConfig
+from pipeline.config import StationConfig, resolve_station
 from pipeline.errors import ConfigError, InputError
+from pipeline.mlt import METHODS
 from pipeline.occurrence import (
     CI_DESCRIPTIONS,
     UnknownLabelError,
@@ -48,18 +50,19 @@ from pipeline.occurrence import (
     occurrence_schema,
     to_dataset,
 )
-from pipeline.storage import contract_metadata, install_outputs, refuse_foreign_out, write_table
+from pipeline.output_folder import RUN_RECORD, OutputFolder, refuse_foreign_out
+from pipeline.predictions import done_shard_files, read_run, unclassified_frames
+from pipeline.storage import contract_metadata, write_table
 
+COMMAND = "occurrence"
 OUTPUT_NAMES = (
     "occurrence.parquet",
     "occurrence.nc",
     "occurrence.png",
     "occurrence.pdf",
     "occurrence.md",
-    "occurrence_run.json",
+    RUN_RECORD,
 )
-#: Written last (and removed before the others are replaced): its presence marks a finished result.
-RUN_RECORD = "occurrence_run.json"
 #: The inputs occurrence reads, for errors about a file that is none of them.
 ACCEPTED_INPUTS = (
     "occurrence reads a classify-archive predictions folder, a Parquet file with time_utc "
@@ -179,7 +182,7 @@ def _columns_to_read(path: Path, available: list[str]) -> list[str]:
     if "label" not in available:
         raise InputError(
             f"{path}: no 'label' column (has {', '.join(available)}); expected predictions "
-            "with time_utc and label (DESIGN.md section 3)"
+            "with time_utc and label (docs/design.md)"
         )
     if "time_utc" in available:
         return ["time_utc", "label"]
@@ -209,16 +212,12 @@ def read_predictions(
         return _columns_to_read(path, available) + extra
 
     if p.is_dir():
-        from pipeline.classify import done_shard_files
-
         files = done_shard_files(p)
         if not files:
             raise InputError(
                 f"{p}: no shards/shard-*.parquet files; give a classify-archive predictions "
                 "directory"
             )
-        import dask.dataframe as dd
-
         return dd.read_parquet([str(f) for f in files], columns=columns(files[0]))
     if not p.is_file():
         raise InputError(f"{p}: no such file or directory")
@@ -237,9 +236,6 @@ def predictions_station(
 ) -> StationConfig:
     """The station whose MLT the frames get: the one classify-archive recorded for a predictions
     directory (a different --station is refused), else ``station``, else yrs."""
-    from pipeline.classify import read_run
-    from pipeline.config import resolve_station
-
     run = read_run(pred) if Path(pred).is_dir() else None
     recorded = (run or {}).get("station_config") or (run or {}).get("station")
     if station is None:
@@ -260,59 +256,11 @@ def predictions_station(
     return st
 
 
-def unclassified_frames(pred: str | os.PathLike) -> tuple[int, int, str | None]:
-    """Frames that classify-archive's last run into ``pred`` was to classify but that are neither
-    in a done shard nor in _errors.parquet: (missing, frames the run considered, its --since).
-
-    (0, 0, None) when the last run finished or when _run.json does not say. Cheap for any
-    archive: it adds up the per-shard counts _run.json records and reads _errors.parquet (a few
-    columns) only when those fall short (a shard that failed puts its frames there).
-    """
-    from pipeline.classify import SHARD_FAILED, errors_path, read_run
-
-    none = (0, 0, None)
-    run = read_run(pred) if Path(pred).is_dir() else None
-    runs = (run or {}).get("runs")
-    if not isinstance(runs, list) or not runs or not isinstance(runs[-1], dict):
-        return none
-    last = runs[-1]
-    if last.get("finished"):
-        return none  # a finished run put every frame it planned into a shard or into errors
-    try:
-        planned_frames = int(last["frames_planned"])
-        planned = {int(s) for s in last.get("shards_planned", [])}
-        considered = int(last.get("frames_considered", planned_frames))
-        done = 0
-        for key, entry in (run.get("shards") or {}).items():
-            if int(key) in planned:
-                done += int(entry["frames"])
-    except (KeyError, TypeError, ValueError):
-        return none  # a _run.json of another layout: nothing to go by
-    missing = planned_frames - done
-    errors = errors_path(pred)
-    if "frames_failed" in last:  # the run's own count of frames in its failed shards
-        try:
-            missing -= int(last["frames_failed"])
-        except (TypeError, ValueError):
-            return none
-    elif missing > 0 and errors.exists():  # older _run.json: estimate from the errors table
-        try:
-            err = pd.read_parquet(errors, columns=["error", "message"])
-        except Exception:  # noqa: BLE001 - unreadable: classify-archive's rerun will say so
-            err = pd.DataFrame({"error": [], "message": []})
-        failed = err.loc[err["error"] == SHARD_FAILED, "message"].astype(str)
-        shard = pd.to_numeric(failed.str.extract(r"^shard (\d+):")[0], errors="coerce")
-        missing -= int(shard.isin(list(planned)).sum())
-    return max(missing, 0), considered, last.get("since")
-
-
 def _unknown_labels_source(pred: str | os.PathLike) -> str:
     """The file whose labels are unknown: the first such shard of a predictions folder."""
     p = Path(pred)
     if not p.is_dir():
         return str(p)
-    from pipeline.classify import done_shard_files
-
     for f in done_shard_files(p):  # the error path only: read the label columns one by one
         try:
             label_codes(pq.read_table(f, columns=["label"]).column("label").to_pandas())
@@ -456,75 +404,30 @@ def run_occurrence(
     regions: str | os.PathLike | None = None,
     min_prob: float = 0.0,
 ) -> dict[str, Any]:
-    """The occurrence stage; returns a summary dict (also written to occurrence_run.json).
+    """The occurrence stage; returns a summary dict (also the run record, ``_run.json``).
 
     ``min_prob``: leave out frames whose most probable class is below it (a partial screen for
     frames that fit no class well: no aurora, cloud, diffuse aurora), counted as uncertain.
     Every input and option is checked before anything is written, and the outputs replace
     those of an earlier run together (see the module doc), so OUT never mixes two runs.
     """
-    from pipeline.classify import read_run
-    from pipeline.mlt import METHODS
-    from pipeline.plots import load_regions, plot_occurrence, save_figure
-
     # Options and small files first: errors before any reading of the predictions.
-    if not 0.0 <= min_prob < 1.0:
-        raise InputError(f"--min-prob must be within 0..1 (e.g. 0.6), got {min_prob:g}")
-    if min_frames < 0:
-        raise InputError(f"--min-frames must be 0 or more, got {min_frames}")
-    if mlt_method is not None and mlt_method not in METHODS:
-        raise InputError(f"--mlt-method {mlt_method!r}: allowed {', '.join(METHODS)}")
+    _check_options(min_prob, min_frames, mlt_method)
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: is a file; --out takes a folder")
-    refuse_foreign_out(out, ("occurrence_run.json",), "occurrence")
+    refuse_foreign_out(out, COMMAND)
     command = command_line(
         pred, out, bins, mlt_range, station, mlt_method, by=by, ci=ci, correct=correct,
         min_frames=min_frames, regions=regions, min_prob=min_prob,
     )  # fmt: skip
     spec = make_bins(bins, mlt_range)
-    regions_config = load_regions(regions)
+    regions_config = plots.load_regions(regions)
     confusion = read_confusion(correct) if correct is not None else None
     st = predictions_station(pred, station)
+    n_unclassified = _warn_unclassified(pred)
+
     method = mlt_method or st.mlt.method
-
-    n_unclassified, n_considered, since = unclassified_frames(pred)
-    if n_unclassified:
-        after = f" after --since {since}" if since else ""
-        log.warning(
-            "%s: %s of the %s manifest frames%s that classify-archive was to classify are neither "
-            "predicted nor in _errors.parquet (it was interrupted, or is still running), so they are "
-            "not binned; rerun classify-archive with the same arguments to finish, then occurrence",
-            pred, f"{n_unclassified:,}", f"{n_considered:,}", after,
-        )  # fmt: skip
-
-    frames = read_predictions(pred, st, probabilities=min_prob > 0)
-    n_uncertain = 0
-    if min_prob > 0:
-        frames, n_uncertain = screen_uncertain(frames, min_prob)
-        if confusion is not None:
-            log.warning(
-                "--correct with --min-prob: the confusion matrix was measured on all test "
-                "frames, not on the confident ones kept here; the corrected ratios are biased"
-            )
-    if "time_utc" in frames.columns:
-        frames = add_mlt(frames, st, method)
-    else:
-        if by:
-            raise InputError(f"{pred}: grouping by {by} needs a 'time_utc' column")
-        method = "stored"
-    # Intervals treat the frames of one UT day as one cluster: they need counts per day.
-    by_day = ci and "time_utc" in frames.columns
-    try:
-        if hasattr(frames, "npartitions") and frames.npartitions > 1:
-            from tqdm.dask import TqdmCallback
-
-            with TqdmCallback(desc="occurrence", unit="task"):
-                counts = count_bins(frames, spec, by, by_day=by_day)
-        else:
-            counts = count_bins(frames, spec, by, by_day=by_day)
-    except UnknownLabelError as exc:
-        raise InputError(f"{_unknown_labels_source(pred)}: {exc}") from None
+    frames, method, n_uncertain = _read_frames(pred, st, method, by, min_prob, confusion)
+    counts = _count(pred, frames, spec, by, ci)
     table = occurrence_from_counts(counts, spec, by, ci, confusion)
     if table.attrs["n_binned"] == 0:
         raise InputError(
@@ -533,9 +436,7 @@ def run_occurrence(
             f"time or label, {n_uncertain:,} uncertain); check --station, --mlt-range, --min-prob"
         )
     overall = occurrence_from_counts(counts, spec, None, ci, confusion) if by else table
-    hourly = hourly_summary(overall)
-
-    info: dict[str, Any] = {
+    settings: dict[str, Any] = {
         "source": str(pred),
         "station": st.code,
         "mlt_method": method,
@@ -547,75 +448,132 @@ def run_occurrence(
         "correct": None if correct is None else str(correct),
         "min_frames": min_frames,
         "min_prob": min_prob,
+        "command_line": command,
+    }
+    results = {
         "n_uncertain": n_uncertain,
         "n_unclassified": n_unclassified,
-        "command": command,
         "n_binned": table.attrs["n_binned"],
         "n_dropped": table.attrs["n_dropped"],
         "n_missing": table.attrs["n_missing"],
         "outputs": [str(out / n) for n in OUTPUT_NAMES],
     }
-    table.attrs.update(station=st.code, mlt_method=method, source=str(pred))
-    history = f"{pd.Timestamp.now(tz='UTC'):%Y-%m-%dT%H:%M:%SZ}: {command}"  # CF 2.6.2
-    ds = to_dataset(table, station=st.name, method=method, source=str(pred), history=history)
-    title = f"{st.code.upper()}: {info['n_binned']:,} frames, {spec.label} bins, MLT: {method}"
-    fig = plot_occurrence(overall, regions_config, min_frames=min_frames, title=title)
-    schema = occurrence_schema(by, ci, confusion is not None)
-    docs = occurrence_column_docs(schema.names, CI_DESCRIPTIONS.get(table.attrs.get("ci_method")))
-    run = read_run(pred) if Path(pred).is_dir() else None
-    metadata = contract_metadata(
-        "occurrence",
-        docs,
-        station=st.code,
-        model_id=(run or {}).get("model_id"),
-        mlt_method=method,
-        bins=spec.label,
-        mlt_range=list(spec.mlt_range),
-        by=by,
-        ci_method=table.attrs.get("ci_method"),
-        corrected=confusion is not None,
-        source=str(pred),
-        command=command,
-    )
-    write_outputs(
-        out,
-        {
-            "occurrence.parquet": lambda path: write_table(table, path, schema, metadata),
-            "occurrence.nc": lambda path: ds.to_netcdf(path, engine="netcdf4"),
-            "occurrence.png": lambda path: save_figure(fig, path, dpi=300),
-            "occurrence.pdf": lambda path: save_figure(fig, path),
-            "occurrence.md": lambda path: path.write_text(summary_markdown(hourly, info, command)),
-            RUN_RECORD: lambda path: path.write_text(json.dumps(info, indent=2) + "\n"),
-        },
-    )
+    info = {**settings, **results}
+    writers = _output_writers(table, overall, info, st, regions_config)
+    with OutputFolder(out, COMMAND, settings) as folder:
+        for name, write in writers.items():
+            write(folder.staging / name)
+        folder.install(list(writers), **results)
     return info
 
 
-def write_outputs(out: Path, writers: dict[str, Callable[[Path], Any]]) -> None:
-    """Write each output with its writer, then move them all into ``out``, RUN_RECORD last.
+def _check_options(min_prob: float, min_frames: int, mlt_method: str | None) -> None:
+    if not 0.0 <= min_prob < 1.0:
+        raise InputError(f"--min-prob must be within 0..1 (e.g. 0.6), got {min_prob:g}")
+    if min_frames < 0:
+        raise InputError(f"--min-frames must be 0 or more, got {min_frames}")
+    if mlt_method is not None and mlt_method not in METHODS:
+        raise InputError(f"--mlt-method {mlt_method!r}: allowed {', '.join(METHODS)}")
 
-    The writers write into a hidden staging folder inside ``out`` (same file system): a failure
-    there leaves ``out`` as it was. Then the old run record is removed, the other outputs are
-    renamed over the old ones, and the run record is renamed last: a folder with the run record
-    holds one run's outputs only, and one without it (a crash during the renames) holds no
-    finished result.
-    """
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".occurrence-", suffix=".part", dir=out))
+
+def _warn_unclassified(pred: str | os.PathLike) -> int:
+    """The frames classify-archive's last run into PRED left unclassified, with a warning."""
+    n_unclassified, n_considered, since = unclassified_frames(pred)
+    if n_unclassified:
+        after = f" after --since {since}" if since else ""
+        log.warning(
+            "%s: %s of the %s manifest frames%s that classify-archive was to classify are neither "
+            "predicted nor in _errors.parquet (it was interrupted, or is still running), so they are "
+            "not binned; rerun classify-archive with the same arguments to finish, then occurrence",
+            pred, f"{n_unclassified:,}", f"{n_considered:,}", after,
+        )  # fmt: skip
+    return n_unclassified
+
+
+def _read_frames(
+    pred: str | os.PathLike,
+    st: StationConfig,
+    method: str,
+    by: str | None,
+    min_prob: float,
+    confusion: np.ndarray | None,
+) -> tuple[Any, str, int]:
+    """PRED's frames with their MLT by ``method`` (or their stored MLT: method "stored"), less
+    the uncertain ones with ``min_prob``; and how many those were."""
+    frames = read_predictions(pred, st, probabilities=min_prob > 0)
+    n_uncertain = 0
+    if min_prob > 0:
+        frames, n_uncertain = screen_uncertain(frames, min_prob)
+        if confusion is not None:
+            log.warning(
+                "--correct with --min-prob: the confusion matrix was measured on all test "
+                "frames, not on the confident ones kept here; the corrected ratios are biased"
+            )
+    if "time_utc" in frames.columns:
+        return add_mlt(frames, st, method), method, n_uncertain
+    if by:
+        raise InputError(f"{pred}: grouping by {by} needs a 'time_utc' column")
+    return frames, "stored", n_uncertain
+
+
+def _count(pred: str | os.PathLike, frames: Any, spec: Any, by: str | None, ci: bool) -> Any:
+    """The per-bin class counts (per UT day too for intervals: a day's frames are one cluster)."""
+    by_day = ci and "time_utc" in frames.columns
     try:
-        for name, write in writers.items():
-            write(staging / name)
-        umask = os.umask(0)
-        os.umask(umask)
-        names = sorted(writers, key=lambda n: n == RUN_RECORD)  # the run record last
-        for name in names:
-            os.chmod(staging / name, 0o666 & ~umask)
-        install_outputs(staging, out, names, RUN_RECORD)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        if created and not any(out.iterdir()):
-            out.rmdir()  # a failed run into a new folder leaves no folder behind
+        if hasattr(frames, "npartitions") and frames.npartitions > 1:
+            with TqdmCallback(desc="occurrence", unit="task"):
+                return count_bins(frames, spec, by, by_day=by_day)
+        return count_bins(frames, spec, by, by_day=by_day)
+    except UnknownLabelError as exc:
+        raise InputError(f"{_unknown_labels_source(pred)}: {exc}") from None
+
+
+def _output_writers(
+    table: pd.DataFrame,
+    overall: pd.DataFrame,
+    info: dict[str, Any],
+    st: StationConfig,
+    regions_config: Any,
+) -> dict[str, Callable[[Path], Any]]:
+    """Each output but the run record, with the function that writes it to a path."""
+    source, method, command = info["source"], info["mlt_method"], info["command_line"]
+    table.attrs.update(station=st.code, mlt_method=method, source=source)
+    history = f"{pd.Timestamp.now(tz='UTC'):%Y-%m-%dT%H:%M:%SZ}: {command}"  # CF 2.6.2
+    ds = to_dataset(table, station=st.name, method=method, source=source, history=history)
+    title = f"{st.code.upper()}: {info['n_binned']:,} frames, {info['bins']} bins, MLT: {method}"
+    fig = plots.plot_occurrence(overall, regions_config, min_frames=info["min_frames"], title=title)
+    schema = occurrence_schema(info["by"], info["ci"], info["correct"] is not None)
+    metadata = _contract(table, schema.names, info)
+    hourly = hourly_summary(overall)
+    return {
+        "occurrence.parquet": lambda path: write_table(table, path, schema, metadata),
+        "occurrence.nc": lambda path: ds.to_netcdf(path, engine="netcdf4"),
+        "occurrence.png": lambda path: plots.save_figure(fig, path, dpi=300),
+        "occurrence.pdf": lambda path: plots.save_figure(fig, path),
+        "occurrence.md": lambda path: path.write_text(summary_markdown(hourly, info, command)),
+    }
+
+
+def _contract(table: pd.DataFrame, columns: list[str], info: dict[str, Any]) -> dict[str, str]:
+    """The key-value metadata of occurrence.parquet: what it holds and how it was made."""
+    ci_method = table.attrs.get("ci_method")
+    docs = occurrence_column_docs(columns, CI_DESCRIPTIONS.get(ci_method))
+    source = info["source"]
+    run = read_run(source) if Path(source).is_dir() else None
+    return contract_metadata(
+        "occurrence",
+        docs,
+        station=info["station"],
+        model_id=(run or {}).get("model_id"),
+        mlt_method=info["mlt_method"],
+        bins=info["bins"],
+        mlt_range=info["mlt_range"],
+        by=info["by"],
+        ci_method=ci_method,
+        corrected=info["correct"] is not None,
+        source=source,
+        command=info["command_line"],
+    )
 
 
 def format_summary(info: dict[str, Any]) -> str:

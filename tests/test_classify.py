@@ -22,16 +22,11 @@ from pipeline.archive import load_manifest, write_manifest
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.classes import CLASSES, PROB_COLUMNS
 from pipeline.classify import (
-    SHARD_FAILED,
     classify_archive,
     manifest_hash,
     parse_since,
     plan_shards,
-    read_errors,
-    read_predictions,
-    read_run,
     remaining_frames,
-    shard_files,
 )
 from pipeline.cli import main
 from pipeline.config import load_station
@@ -39,6 +34,13 @@ from pipeline.errors import FrameReadError, InputError
 from pipeline.imageio import read_frame, write_frame
 from pipeline.mlt import ut_to_mlt
 from pipeline.models import build_model, to_model_input
+from pipeline.predictions import (
+    SHARD_FAILED,
+    read_errors,
+    read_predictions,
+    read_run,
+    shard_files,
+)
 from pipeline.preprocess import calibration_from_station, dark_for_time, find_dark_dir, preprocess
 from pipeline.storage import PREDICTIONS_SCHEMA, read_contract
 
@@ -318,6 +320,7 @@ def test_cli_scheduler_then_rerun_does_no_new_work(
     assert f"classified {N_GOOD} frames, 2 in errors" in capsys.readouterr().err
     _assert_exactly_once(out, archive, station)
     run = read_run(out)
+    assert run["command"] == "classify-archive" and run["finished"] is True
     assert run["shard_size"] == 8 and len(run["shards"]) == 5
     assert run["manifest_hash"] == manifest_hash(load_manifest(archive, station))
     before = {p: p.stat().st_mtime_ns for p in out.iterdir()}
@@ -394,37 +397,6 @@ def test_the_predictions_folder_is_a_parquet_dataset_any_client_opens(
     assert set(contract["long_names"]) == set(PREDICTIONS_SCHEMA.names)
     kv = dict(duckdb.sql(f"SELECT key, value FROM parquet_kv_metadata('{shard}')").fetchall())
     assert kv[b"aurora:model_id"] == model_id.encode()
-
-
-def test_a_folder_of_the_old_layout_is_read_then_moved_by_the_next_run(
-    archive, station, ckpt, cluster, tmp_path
-):
-    """Shards, errors.parquet and features/ at the top: read as they are; classify-archive moves
-    them (renames: nothing is classified again) before it writes into the folder."""
-    from pipeline.retrieval_stage import read_feature_shards
-
-    out = tmp_path / "pred"
-    kw = dict(station=station, scheduler=cluster[0].scheduler_address, shard_size=12)
-    classify_archive(archive, ckpt, out, features=True, **kw)
-    pred, err = read_predictions(out), read_errors(out)
-    for p in (out / "shards").iterdir():
-        p.rename(out / p.name)
-    (out / "shards").rmdir()
-    (out / "_errors.parquet").rename(out / "errors.parquet")
-    (out / "_features").rename(out / "features")
-
-    pd.testing.assert_frame_equal(read_predictions(out), pred)
-    pd.testing.assert_frame_equal(read_errors(out), err)
-    assert len(read_feature_shards(out)[1]) == 3
-    again = classify_archive(archive, ckpt, out, features=True, **kw)
-    assert again.frames_planned == 0 and again.already_done == N_GOOD + 2
-    assert {p.name for p in out.iterdir()} == {
-        "shards", "_features", "_errors.parquet", "_run.json", ".classify.lock"
-    }  # fmt: skip
-    assert len(list((out / "_features").glob("*.npy"))) == 3
-    pd.testing.assert_frame_equal(read_predictions(out), pred)
-    pd.testing.assert_frame_equal(read_errors(out), err)
-    pd.testing.assert_frame_equal(_comparable(pd.read_parquet(out)), _comparable(pred))
 
 
 def test_other_checkpoint_refused_unless_overwrite(
@@ -784,11 +756,66 @@ def test_shards_finished_before_an_interrupt_count_as_done(
     kw = dict(station=station, scheduler=lc.scheduler_address, shard_size=8, device="cpu")
     with pytest.raises(KeyboardInterrupt):
         classify_archive(archive, ckpt, out, **kw)
-    assert len(json.loads((out / "_run.json").read_text())["shards"]) == 2
+    run = json.loads((out / "_run.json").read_text())
+    assert len(run["shards"]) == 2 and run["finished"] is False
+    assert "finished" not in run["runs"][-1]
     monkeypatch.setattr(cluster_mod, "run_windowed", real)
     again = classify_archive(archive, ckpt, out, **kw)
     assert again.already_done == 16
+    assert read_run(out)["finished"] is True
     _assert_exactly_once(out, archive, station)
+
+
+def test_an_interrupted_rerun_unmarks_the_finished_run(
+    archive, station, ckpt, cluster, tmp_path, monkeypatch
+):
+    """A rerun with new frames marks the folder unfinished before it writes a shard: Ctrl-C
+    then leaves finished: false (not the earlier run's true), and the next run finishes it."""
+    import pipeline.cluster as cluster_mod
+
+    lc, _ = cluster
+    out = tmp_path / "pred"
+    manifest = load_manifest(archive, station)
+    first = tmp_path / "first.parquet"
+    write_manifest(manifest.iloc[:20], first, root=archive)
+    kw = dict(station=station, scheduler=lc.scheduler_address, shard_size=8, device="cpu")
+    classify_archive(first, ckpt, out, **kw)
+    assert read_run(out)["finished"] is True
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    real = cluster_mod.run_windowed
+    monkeypatch.setattr(cluster_mod, "run_windowed", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        classify_archive(archive, ckpt, out, **kw)
+    run = read_run(out)
+    assert run["finished"] is False and len(run["runs"]) == 2
+    monkeypatch.setattr(cluster_mod, "run_windowed", real)
+    again = classify_archive(archive, ckpt, out, **kw)
+    assert again.already_done == 20 and read_run(out)["finished"] is True
+    _assert_exactly_once(out, archive, station)
+
+
+@pytest.mark.parametrize(
+    "plant, named",
+    [
+        (lambda d: (d / "_run.json").write_text(json.dumps({"command": "train"})), "checkpoint"),
+        (lambda d: (d / "model.safetensors").write_bytes(b"x"), "a checkpoint"),
+        (lambda d: (d / "_run.json").write_text(json.dumps({"command": "occurrence"})), "occ"),
+    ],
+)
+def test_an_out_holding_another_stages_output_is_refused_as_it_was(
+    archive, ckpt, tmp_path, plant, named
+):
+    out = tmp_path / "other"
+    out.mkdir()
+    plant(out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(InputError, match=str(out)) as err:
+        classify_archive(archive, ckpt, out, workers=1)
+    assert named in str(err.value) and "`classify-archive`" in str(err.value)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no lock file either
 
 
 # ------------------------------------------------------------------------------ the bad-frame zoo

@@ -12,12 +12,13 @@ import pytest
 import xarray as xr
 
 from pipeline.classes import CLASSES, LABEL_CODES
-from pipeline.classify import shard_path
 from pipeline.cli import main
 from pipeline.config import load_station
 from pipeline.errors import InputError
 from pipeline.occurrence import occurrence_schema, wilson_interval
 from pipeline.occurrence_stage import read_confusion, read_label_file, run_occurrence
+from pipeline.output_folder import RUN_RECORD
+from pipeline.predictions import shard_path
 from pipeline.storage import PREDICTIONS_SCHEMA, read_contract, write_table
 
 
@@ -67,14 +68,15 @@ def test_cli_on_a_predictions_directory_writes_every_output(tmp_path, pred_dir, 
     with xr.open_dataset(out / "occurrence.nc", engine="netcdf4") as ds:
         assert ds["ratio"].dims == ("mlt_bin", "class", "winter")
         assert int(ds["n_frames"].sum()) == 300
-    info = json.loads((out / "occurrence_run.json").read_text())
+    info = json.loads((out / RUN_RECORD).read_text())
+    assert info["command"] == "occurrence" and info["finished"] is True
     assert info["mlt_method"] == "offset" and info["n_dropped"] == 0
     assert "--by winter" in (out / "occurrence.md").read_text()
 
 
 def test_out_into_the_predictions_folder_is_refused(tmp_path, pred_dir, capsys):
     d, _ = pred_dir
-    (d / "_run.json").write_text("{}")
+    (d / "_run.json").write_text(json.dumps({"command": "classify-archive"}))
     with pytest.raises(SystemExit) as ex:
         main(["occurrence", str(d), "--bins", "1h", "--out", str(d)])
     assert ex.value.code == 1 and "holds classify-archive predictions" in capsys.readouterr().err
@@ -97,7 +99,7 @@ def test_min_prob_leaves_out_uncertain_frames(tmp_path, capsys):
     assert tab["n_frames"].sum() == 150
     for c in CLASSES:
         assert tab[f"n_{c}"].sum() == (df.loc[sure, "label"] == c).sum()
-    info = json.loads((out / "occurrence_run.json").read_text())
+    info = json.loads((out / RUN_RECORD).read_text())
     assert info["n_uncertain"] == 50 and info["min_prob"] == 0.6
     md = (out / "occurrence.md").read_text()
     assert "--min-prob 0.6" in md and "left out as uncertain" in md
@@ -313,7 +315,7 @@ def test_table_with_stored_mlt_and_no_times_is_binned_on_its_mlt(tmp_path):
 
 
 def test_a_crashed_runs_stray_shard_is_not_counted(tmp_path, pred_dir, capsys):
-    """Only the shards _run.json lists as done are predictions (DESIGN.md section 3)."""
+    """Only the shards _run.json lists as done are predictions (pipeline.predictions)."""
     import json
 
     d, df = pred_dir
@@ -399,15 +401,15 @@ def test_outputs_are_replaced_together_with_the_run_record_last(tmp_path, pred_d
 
     def replace(src, dst):
         if os.path.dirname(os.fspath(dst)) == os.fspath(out):
-            moved.append((os.path.basename(dst), (out / "occurrence_run.json").exists()))
+            moved.append((os.path.basename(dst), (out / RUN_RECORD).exists()))
         return real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", replace)
     run_occurrence(d, out, bins="30min")
     monkeypatch.undo()
-    assert [name for name, _ in moved][-1] == "occurrence_run.json" and len(moved) == 6
+    assert [name for name, _ in moved][-1] == RUN_RECORD and len(moved) == 6
     assert not any(record for _, record in moved)  # no old run record beside new outputs
-    assert json.loads((out / "occurrence_run.json").read_text())["bins"] == "30min"
+    assert json.loads((out / RUN_RECORD).read_text())["bins"] == "30min"
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
 
 
@@ -415,6 +417,7 @@ def _run_json(
     d, done: int, planned: int, finished: bool = False, frames_failed: int | None = None
 ) -> None:
     run = {
+        "command": "classify-archive",
         "station": "yrs",
         "shards": {f"{s:06d}": {"frames": 100, "predicted": 100, "errors": 0} for s in range(done)},
         "manifest_frames": planned,
@@ -437,8 +440,6 @@ def _run_json(
 
 def test_an_unfinished_classify_archive_run_is_warned_about(tmp_path, pred_dir, caplog, capsys):
     """Ctrl-C of classify-archive: occurrence says how many frames are missing and the fix."""
-    from pipeline.storage import ERRORS_SCHEMA, error_rows
-
     d, _ = pred_dir
     _run_json(d, done=3, planned=500)  # shards 3 and 4 never ran
     main(["occurrence", str(d), "--bins", "1h", "--out", str(tmp_path / "o")])
@@ -447,22 +448,16 @@ def test_an_unfinished_classify_archive_run_is_warned_about(tmp_path, pred_dir, 
     assert "200 of the 500 manifest frames" in warning[0]
     assert "rerun classify-archive with the same arguments" in warning[0]
     assert "200 frames not classified yet" in capsys.readouterr().out
-    info = json.loads((tmp_path / "o" / "occurrence_run.json").read_text())
+    info = json.loads((tmp_path / "o" / RUN_RECORD).read_text())
     assert info["n_unclassified"] == 200
     assert "incomplete predictions" in (tmp_path / "o" / "occurrence.md").read_text()
-    # shard 3 failed (its frames are in _errors.parquet): only shard 4's frames are missing
-    rows = error_rows([(f"g{i}.png", 0) for i in range(100)], "classify", "x", "ShardFailed")
-    rows["message"] = "shard 000003: RuntimeError: boom"
-    write_table(rows, d / "_errors.parquet", ERRORS_SCHEMA)
+    # shard 3 failed (its 100 frames are in _errors.parquet): only shard 4's frames are missing
+    _run_json(d, done=3, planned=500, frames_failed=100)
     caplog.clear()
     assert run_occurrence(d, tmp_path / "o2", bins="1h")["n_unclassified"] == 100
     assert "100 of the 500" in caplog.text
-    # The run's own count wins: those rows may be an earlier run's failure of shard 3, whose
-    # number this run reused (classify-archive records frames_failed per run).
     _run_json(d, done=3, planned=500, frames_failed=0)
     assert run_occurrence(d, tmp_path / "o2b", bins="1h")["n_unclassified"] == 200
-    _run_json(d, done=3, planned=500, frames_failed=100)
-    assert run_occurrence(d, tmp_path / "o2c", bins="1h")["n_unclassified"] == 100
     # a finished run: no warning
     _run_json(d, done=3, planned=300, finished=True)
     caplog.clear()
@@ -470,23 +465,10 @@ def test_an_unfinished_classify_archive_run_is_warned_about(tmp_path, pred_dir, 
     assert "WARNING" not in [r.levelname for r in caplog.records]
 
 
-def test_a_predictions_folder_of_the_old_layout_is_read(tmp_path, pred_dir):
-    """Shards, errors.parquet and features/ at the top, as classify-archive wrote them before
-    the folder became a Parquet dataset; and the shards/ folder alone is a predictions folder."""
-    from pipeline.storage import ERRORS_SCHEMA, error_rows
-
+def test_the_shards_folder_alone_is_a_predictions_folder(tmp_path, pred_dir):
+    """A folder of shard files without _run.json (shards/ itself, or made elsewhere)."""
     d, _ = pred_dir
-    old = tmp_path / "old"
-    (d / "shards").rename(old)
-    _run_json(old, done=3, planned=500)  # shards 3 and 4 never ran; 3 failed (errors.parquet)
-    rows = error_rows([(f"g{i}.png", 0) for i in range(100)], "classify", "x", "ShardFailed")
-    rows["message"] = "shard 000003: RuntimeError: boom"
-    write_table(rows, old / "errors.parquet", ERRORS_SCHEMA)
-    info = run_occurrence(old, tmp_path / "o", bins="1h")
-    assert info["n_binned"] == 300 and info["n_unclassified"] == 100
-    (old / "_run.json").unlink()
-    (old / "errors.parquet").unlink()
-    assert run_occurrence(old, tmp_path / "o2", bins="1h")["n_binned"] == 300
+    assert run_occurrence(d / "shards", tmp_path / "o", bins="1h")["n_binned"] == 300
 
 
 def test_unknown_labels_name_their_file(tmp_path, pred_dir):
@@ -530,4 +512,51 @@ def test_a_range_across_midnight_runs_end_to_end(tmp_path, capsys):
     tab = pd.read_parquet(out / "occurrence.parquet")
     assert tab["mlt_start"].tolist() == [22, 23, 0, 1] and tab["n_frames"].tolist() == [5, 6, 6, 6]
     assert "| 00.00-01.00 | 6 |" in (out / "occurrence.md").read_text()
-    assert "--mlt-range 22 26" in json.loads((out / "occurrence_run.json").read_text())["command"]
+    assert "--mlt-range 22 26" in json.loads((out / RUN_RECORD).read_text())["command_line"]
+
+
+# ----------------------------------------------------------------------------- the output folder
+
+
+@pytest.mark.parametrize(
+    "plant, named",
+    [
+        (lambda d: (d / RUN_RECORD).write_text(json.dumps({"command": "train"})), "a checkpoint"),
+        (lambda d: (d / "model.safetensors").write_bytes(b"x"), "a checkpoint"),
+    ],
+)
+def test_an_out_holding_another_stages_output_is_refused_as_it_was(
+    tmp_path, pred_dir, plant, named
+):
+    d, _ = pred_dir
+    out = tmp_path / "other"
+    out.mkdir()
+    plant(out)
+    before = _snapshot(out)
+    with pytest.raises(InputError, match=str(out)) as err:
+        run_occurrence(d, out, bins="1h")
+    assert named in str(err.value) and "`occurrence`" in str(err.value)
+    assert _snapshot(out) == before
+
+
+def test_an_interrupted_run_leaves_no_finished_record(tmp_path, pred_dir, monkeypatch):
+    """Ctrl-C while the outputs are written: a new folder is not left behind, and an earlier
+    run's folder keeps that run's outputs and record."""
+    import pipeline.plots
+
+    d, _ = pred_dir
+
+    def interrupted(fig, path, dpi=300):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "occ"
+    run_occurrence(d, out, bins="1h")
+    before = _snapshot(out)
+    monkeypatch.setattr(pipeline.plots, "save_figure", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_occurrence(d, tmp_path / "new", bins="30min")
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(KeyboardInterrupt):
+        run_occurrence(d, out, bins="30min")
+    assert _snapshot(out) == before
+    assert json.loads((out / RUN_RECORD).read_text())["bins"] == "1h"
