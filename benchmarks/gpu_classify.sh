@@ -142,7 +142,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.classify import read_errors, read_predictions, read_run
+from pipeline.predictions import read_errors, read_predictions, read_run
 
 pred_dir, smi_csv, dest = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
 t0, t1 = float(sys.argv[4]), float(sys.argv[5])

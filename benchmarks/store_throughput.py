@@ -49,15 +49,11 @@ from pipeline import framestore  # noqa: E402
 from pipeline.archive import load_manifest  # noqa: E402
 from pipeline.checkpoint import save_checkpoint  # noqa: E402
 from pipeline.classes import CLASSES, PROB_COLUMNS  # noqa: E402
-from pipeline.classify import (  # noqa: E402
-    ShardSettings,
-    classify_archive,
-    decode_frame,
-    read_predictions,
-)
+from pipeline.classify import ShardSettings, classify_archive, decode_frame  # noqa: E402
 from pipeline.cluster import dask_client, default_workers  # noqa: E402
 from pipeline.config import load_station  # noqa: E402
 from pipeline.models import build_model, resize_frames  # noqa: E402
+from pipeline.predictions import read_predictions  # noqa: E402
 from pipeline.preprocess_stage import run_preprocess  # noqa: E402
 from pipeline.synth import make_archive  # noqa: E402
 

@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.classify import FEATURES_DIR, features_path, read_run, shard_files
 from pipeline.config import to_dict
 from pipeline.errors import CheckpointError, InputError
+from pipeline.predictions import FEATURES_DIR, features_path, read_run, shard_files
 from pipeline.retrieval_images import ImageSet
 
 #: One shard: its rows (path, frame) and its features' .npy.

@@ -13,8 +13,8 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from pipeline.classes import PROB_COLUMNS
-from pipeline.classify import read_predictions
 from pipeline.imageio import read_frame
+from pipeline.predictions import read_predictions
 
 
 def main() -> None:

@@ -20,13 +20,13 @@ import pipeline.retrieval_query as rq
 from pipeline.archive import load_manifest, write_manifest
 from pipeline.checkpoint import read_meta, save_checkpoint
 from pipeline.classes import CLASSES
-from pipeline.classify import FEATURES_DIR, RUN_FILE, features_name, shard_name, shard_path
 from pipeline.cli import main
 from pipeline.config import dump_yaml, load_station, to_dict
 from pipeline.errors import CheckpointError, FrameGeometryError, InputError
 from pipeline.imageio import write_frame
 from pipeline.models import build_model, to_model_input
 from pipeline.output_folder import read_run_record
+from pipeline.predictions import FEATURES_DIR, RUN_FILE, features_name, shard_name, shard_path
 from pipeline.retrieval import knn
 from pipeline.retrieval_eval import evaluate_retrieval
 from pipeline.retrieval_features import embed

@@ -36,8 +36,9 @@ from test_classify import (
 
 from pipeline import synth
 from pipeline.classes import PROB_COLUMNS
-from pipeline.classify import classify_archive, read_predictions, read_run, shard_files
+from pipeline.classify import classify_archive
 from pipeline.config import load_station
+from pipeline.predictions import read_predictions, read_run, shard_files
 
 REPO = Path(__file__).resolve().parents[1]
 LOCAL_SLURM = REPO / "scripts" / "slurm-local.sh"

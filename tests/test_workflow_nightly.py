@@ -8,9 +8,9 @@ import torch
 
 from pipeline import synth
 from pipeline.checkpoint import save_checkpoint
-from pipeline.classify import read_predictions, read_run
 from pipeline.cli import cli
 from pipeline.models import build_model
+from pipeline.predictions import read_predictions, read_run
 from pipeline.workflow import run_workflow
 
 
