@@ -12,7 +12,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.archive import ROOT_KEY, load_manifest, parse_time, parse_times, scan, write_manifest
+from pipeline import archive as archive_mod
+from pipeline.archive import (
+    ROOT_KEY,
+    load_manifest,
+    parse_time,
+    parse_times,
+    scan,
+    scan_to_files,
+    write_manifest,
+)
 from pipeline.config import load_station
 from pipeline.errors import ConfigError, InputError
 from pipeline.imageio import read_frame, write_frame
@@ -352,3 +361,58 @@ def test_scan_records_an_unreadable_file(archive, yrs):
     assert dict(zip(errors["path"], errors["error"]))[p.relative_to(archive).as_posix()] == (
         "PermissionError"
     )
+
+
+# ----------------------------------------------------------------------------- the output file
+
+
+@pytest.mark.parametrize(
+    "plant, named",
+    [
+        (
+            lambda d: (d / "_run.json").write_text('{"command": "train", "finished": true}'),
+            "_run.json",
+        ),
+        (lambda d: (d / "model.safetensors").write_bytes(b"weights"), "model.safetensors"),
+        (lambda d: (d / "manifest.parquet").mkdir(), "is a folder"),
+    ],
+)
+def test_scan_refuses_an_out_in_another_stages_folder(archive, yrs, tmp_path, capsys, plant, named):
+    from pipeline.cli import main
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    plant(folder)
+    before = sorted(p.relative_to(folder) for p in folder.rglob("*"))
+    out = folder / "manifest.parquet"
+    with pytest.raises(InputError, match=named) as err:
+        scan_to_files(archive, yrs, out)
+    assert str(folder) in str(err.value)
+    assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == before
+    with pytest.raises(SystemExit) as exc:  # one line on the command line, no traceback
+        main(["scan", str(archive), "-o", str(out)])
+    assert exc.value.code == 1
+    msg = capsys.readouterr().err.strip()
+    assert len(msg.splitlines()) == 1 and named in msg
+
+
+def test_scan_into_a_workflow_folder_is_fine(archive, yrs, tmp_path):
+    (tmp_path / "_run.json").write_text('{"command": "run", "finished": false}')
+    scan_to_files(archive, yrs, tmp_path / "manifest.parquet")
+    assert len(pd.read_parquet(tmp_path / "manifest.parquet")) == 5
+
+
+def test_an_interrupted_scan_writes_no_manifest(archive, yrs, tmp_path, monkeypatch):
+    """The manifest goes last: an interruption before it leaves none (and no partial file)."""
+    out = tmp_path / "res" / "manifest.parquet"
+    written = []
+
+    def interrupted(df, path, root=None):
+        written.append((tmp_path / "res" / "errors.parquet").is_file())  # the errors came first
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(archive_mod, "write_manifest", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        scan_to_files(archive, yrs, out)
+    assert written == [True]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["errors.parquet"]
