@@ -3,11 +3,13 @@ evaluate and index in place of the frames, with the same predictions (issue 16).
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -95,7 +97,9 @@ def test_store_holds_what_classify_computes_from_the_frames(tiny_archive, store,
         want = resize_frames(torch.from_numpy(crop)[None, None], SIZE)[0, 0].numpy()
         np.testing.assert_array_equal(framestore.read_frames(store, i, i + 1)[0], want)
 
-    ds = xr.open_zarr(store, consolidated=False)  # what the field opens it with
+    with warnings.catch_warnings():  # zarr names the run record an object it does not know
+        warnings.filterwarnings("ignore", message=r"Object at _run\.json", category=UserWarning)
+        ds = xr.open_zarr(store, consolidated=False)  # what the field opens it with
     assert ds["frames"].dims == ("item", "y", "x") and ds["frames"].shape == (60, SIZE, SIZE)
     assert ds["frames"].encoding["chunks"][0] == framestore.FRAMES_PER_CHUNK
     assert list(ds["path"].values) == manifest["path"].tolist()
@@ -174,9 +178,13 @@ def test_a_write_killed_between_append_and_commit_resumes_exactly(tiny_archive, 
     assert zarr.open_array(str(out / "frames"), mode="r").shape[0] == 32  # uncommitted data
     assert framestore.open_info(out).committed == 16
     assert len(framestore.read_items(out)) == 16  # readable up to its last commit
+    assert json.loads((out / "_run.json").read_text())["finished"] is False
 
     s = run_preprocess(tiny_archive, out, fmt="zarr", input_size=SIZE, scheduler=cluster[0])
     assert (s.written, s.up_to_date, s.failed) == (44, 16, 0)
+    record = json.loads((out / "_run.json").read_text())
+    assert record["command"] == "preprocess" and record["format"] == "zarr"
+    assert record["finished"] is True
     clean = tmp_path / "clean.zarr"
     run_preprocess(tiny_archive, clean, fmt="zarr", input_size=SIZE, scheduler=cluster[0])
     a, b = framestore.read_items(out), framestore.read_items(clean)
@@ -260,3 +268,23 @@ def test_evaluate_and_index_read_a_labelled_store(tiny_labelled, ckpt, tmp_path,
     assert ia.items["path"].to_numpy()[oa].tolist() == ib.items["path"].to_numpy()[ob].tolist()
     assert ib.labelled and ib.meta["source_kind"] == "store"
     np.testing.assert_array_equal(ia.features[oa], ib.features[ob])
+
+
+def test_an_interrupted_store_write_never_claims_to_have_finished(
+    tiny_archive, store, tmp_path, cluster, monkeypatch
+):
+    """A rerun over a finished store that is interrupted leaves its record unfinished."""
+    from pipeline import store_writer
+
+    out = tmp_path / "store"
+    shutil.copytree(store, out)
+    assert json.loads((out / "_run.json").read_text())["finished"] is True
+    framestore._commit(out, framestore.open_info(out).committed - 1)  # one frame to do again
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(store_writer, "run_chunks", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_preprocess(tiny_archive, out, fmt="zarr", input_size=SIZE, scheduler=cluster[0])
+    assert json.loads((out / "_run.json").read_text())["finished"] is False

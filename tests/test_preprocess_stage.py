@@ -116,7 +116,8 @@ def test_one_output_per_frame_with_darks_by_date(archive, tmp_path, scheduler):
         img = got[p.relative_to(root).as_posix()]
         assert img.dtype == np.uint8 and img.shape == (TINY.crop_size, TINY.crop_size)
         np.testing.assert_array_equal(img, expected(p, root))
-    params = json.loads((out / "_preprocess.json").read_text())
+    params = json.loads((out / "_run.json").read_text())
+    assert params["command"] == "preprocess" and params["finished"] is True
     assert params["settings"]["dark"] == {"mode": "dir", "path": str((root / "calib").resolve())}
     assert params["settings"]["calibration"]["crop_size"] == TINY.crop_size
     assert params["station"]["raw_size"] == 64  # taken from ARCHIVE/calib/station.yaml
@@ -222,7 +223,7 @@ def test_explicit_dark_and_bias_fallback(archive, tmp_path, scheduler):
     (root / "calib" / "dark_20041201.png").unlink()
     s = run_preprocess(root, tmp_path / "bias", scheduler=scheduler)
     assert "bias from the unlit corners" in s.line()
-    params = json.loads((tmp_path / "bias" / "_preprocess.json").read_text())
+    params = json.loads((tmp_path / "bias" / "_run.json").read_text())
     assert params["settings"]["dark"]["mode"] == "none"
 
 
@@ -237,8 +238,14 @@ def test_user_mistakes_are_clear_errors(archive, tmp_path):
         run_preprocess(root, tmp_path / "o", station="yrs", dark=dark)
     # other settings into a folder that holds outputs of different ones
     (tmp_path / "o2").mkdir()
-    (tmp_path / "o2" / "_preprocess.json").write_text(
-        json.dumps({"settings": {"calibration": {"crop_size": 1}, "dark": {}, "format": "png"}})
+    (tmp_path / "o2" / "_run.json").write_text(
+        json.dumps(
+            {
+                "command": "preprocess",
+                "settings": {"calibration": {"crop_size": 1}, "dark": {}, "format": "png"},
+                "finished": True,
+            }
+        )
     )
     with pytest.raises(InputError, match="other settings"):
         run_preprocess(root, tmp_path / "o2")
@@ -410,3 +417,56 @@ def test_multi_frame_pgm_stacks_get_one_output_per_frame(shared_data, tmp_path, 
     calib = calibration_from_station(load_station("themis_gill"), dtype="uint8")
     (f7,) = out.rglob("*_f007.png")
     np.testing.assert_array_equal(read_frame(f7), preprocess(stack[7], calib))
+
+
+@pytest.mark.parametrize(
+    "plant",
+    [
+        lambda d: (d / "_run.json").write_text(json.dumps({"command": "train", "finished": True})),
+        lambda d: (d / "model.safetensors").write_bytes(b"weights"),
+    ],
+)
+@pytest.mark.parametrize("fmt", ["png", "zarr"])
+def test_preprocess_refuses_an_out_of_another_stage(archive, tmp_path, plant, fmt):
+    """`preprocess X --out CKPT_DIR` would write frames among a checkpoint's files: refused."""
+    root, _ = archive
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    plant(out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(InputError, match=str(out)):
+        run_preprocess(root, out, fmt=fmt, scheduler="tcp://127.0.0.1:1")  # never contacted
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def _interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+def test_an_interrupted_preprocess_never_claims_to_have_finished(
+    archive, tmp_path, scheduler, monkeypatch
+):
+    from pipeline import preprocess_stage
+
+    root, _ = archive
+    out = tmp_path / "out"
+    run_preprocess(root, out, scheduler=scheduler)
+    assert json.loads((out / "_run.json").read_text())["finished"] is True
+    newer = root / "2003" / "20031221" / "N20031221G030000.png"
+    os.utime(newer, ns=(2**62, 2**62))  # newer than its output: redone
+    with monkeypatch.context() as m:
+        m.setattr(preprocess_stage, "run_chunks", _interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            run_preprocess(root, out, scheduler=scheduler)
+    assert json.loads((out / "_run.json").read_text())["finished"] is False
+    s = run_preprocess(root, out, scheduler=scheduler)  # the rerun finishes it
+    assert s.written == 1 and json.loads((out / "_run.json").read_text())["finished"] is True
+    fresh = tmp_path / "fresh"
+    with monkeypatch.context() as m:
+        m.setattr(preprocess_stage, "_clean_partials", _interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            run_preprocess(root, fresh, scheduler=scheduler)
+    assert (
+        not (fresh / "_run.json").exists()
+        or not json.loads((fresh / "_run.json").read_text())["finished"]
+    )
