@@ -168,7 +168,7 @@ def _ints(struct: pa.StructArray, valid: pa.Array, name: str, pad: int = 0) -> n
 def parse_times(names: Iterable[str], pattern: str) -> pd.DatetimeIndex:
     """Vectorised :func:`parse_time`: a UTC DatetimeIndex (ns), NaT where a name holds no time."""
     body = _regex_body(pattern)
-    # One RE2 pass in Arrow instead of a Python match object per name (GC pressure at 100k+ names):
+    # One RE2 pass in Arrow instead of a Python match object per name (less GC pressure):
     # the pattern must start the file name and not run into more digits, as in parse_time.
     rx = r"(?:^|[/\\])" + body + r"(?:[^0-9/\\][^/\\]*)?$"
     arr = pa.array(names if isinstance(names, (list, tuple)) else list(names), pa.string())

@@ -22,6 +22,7 @@ from pipeline.archive import (
     scan_to_files,
     write_manifest,
 )
+from pipeline.cli import main
 from pipeline.config import load_station
 from pipeline.errors import ConfigError, InputError
 from pipeline.imageio import read_frame, write_frame
@@ -280,8 +281,6 @@ def test_load_manifest_rejects_other_inputs(tmp_path, yrs, archive):
 
 
 def test_cli_scan_writes_manifest_and_errors(archive, tmp_path, capsys):
-    from pipeline.cli import main
-
     out = tmp_path / "res" / "manifest.parquet"
     (out.parent).mkdir()
     # an errors table of another stage is kept; stale scan rows are replaced
@@ -303,8 +302,6 @@ def test_cli_scan_writes_manifest_and_errors(archive, tmp_path, capsys):
 
 
 def test_cli_scan_without_errors_writes_no_errors_table(shared_data, tmp_path, capsys):
-    from pipeline.cli import main
-
     out = tmp_path / "manifest.parquet"
     main(["scan", str(shared_data / "themis"), "--station", "themis_gill", "-o", str(out)])
     assert "scanned 40 frame(s) in 2 file(s)" in capsys.readouterr().out
@@ -325,8 +322,6 @@ def test_scan_synthetic_archive_matches_its_truth(tiny_archive, tiny_station_pat
 
 
 def test_two_manifests_in_one_folder_keep_their_own_scan_errors(archive, tmp_path, capsys):
-    from pipeline.cli import main
-
     main(["scan", str(archive), "-o", str(tmp_path / "a.parquet")])
     main(["scan", str(archive), "-o", str(tmp_path / "b.parquet")])
     capsys.readouterr()
@@ -378,8 +373,6 @@ def test_scan_records_an_unreadable_file(archive, yrs):
     ],
 )
 def test_scan_refuses_an_out_in_another_stages_folder(archive, yrs, tmp_path, capsys, plant, named):
-    from pipeline.cli import main
-
     folder = tmp_path / "ckpt"
     folder.mkdir()
     plant(folder)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -15,10 +16,15 @@ import bounds
 import numpy as np
 import pandas as pd
 import pytest
+from distributed import LocalCluster
 
+from pipeline import preprocess_stage
+from pipeline.archive import load_manifest, scan, write_manifest
+from pipeline.cli import main
 from pipeline.config import dump_yaml, load_station
 from pipeline.errors import ConfigError, InputError
-from pipeline.imageio import read_frame, write_frame
+from pipeline.imageio import read_frame, read_pgm_stack, write_frame
+from pipeline.labelled import open_labelled
 from pipeline.preprocess import calibration_from_station, preprocess
 from pipeline.preprocess_stage import DarkSource, run_preprocess
 
@@ -87,8 +93,6 @@ def mtimes(out: Path) -> dict[str, int]:
 @pytest.fixture(scope="module")
 def scheduler():
     """One small cluster for the module: tests connect to it instead of starting their own."""
-    from distributed import LocalCluster
-
     with LocalCluster(
         n_workers=1,
         threads_per_worker=1,
@@ -196,8 +200,6 @@ def test_a_newer_input_is_redone(archive, tmp_path, scheduler):
 
 
 def test_manifest_input_and_npy_format(archive, tmp_path, scheduler):
-    from pipeline.archive import scan, write_manifest
-
     root, frames = archive
     manifest, _ = scan(root, TINY)
     write_manifest(manifest, tmp_path / "manifest.parquet")
@@ -250,7 +252,6 @@ def test_user_mistakes_are_clear_errors(archive, tmp_path):
     with pytest.raises(InputError, match="other settings"):
         run_preprocess(root, tmp_path / "o2")
     # two runs into one folder at once: the second refuses instead of racing the first
-    import fcntl
 
     (tmp_path / "o3").mkdir()
     with open(tmp_path / "o3" / ".preprocess.lock", "w") as held:
@@ -294,7 +295,6 @@ def test_labelled_set_is_carried_over(tmp_path, scheduler):
     assert (out / "calib" / "station.yaml").is_file()
     assert not list((out / "calib").glob("dark_*"))
     # The output is a labelled set the training code reads; its frames pass through unchanged.
-    from pipeline.labelled import open_labelled
 
     ds = open_labelled(out)
     img, target = ds[1]
@@ -368,8 +368,6 @@ def test_killed_run_resumes_to_the_full_correct_set(tmp_path, scheduler):
 
 
 def test_cli_runs_the_stage(archive, tmp_path, scheduler, capsys):
-    from pipeline.cli import main
-
     root, _ = archive
     main(["preprocess", str(root), "--out", str(tmp_path / "cli"), "--scheduler", scheduler])
     line = capsys.readouterr().out.strip().splitlines()[-1]
@@ -381,9 +379,6 @@ def test_cli_runs_the_stage(archive, tmp_path, scheduler, capsys):
 
 
 def test_synthetic_archive_and_labelled_set(tiny_archive, tiny_labelled, tmp_path, scheduler):
-    from pipeline.archive import load_manifest
-    from pipeline.labelled import open_labelled
-
     station = load_station(tiny_archive / "calib" / "station.yaml")
     manifest = load_manifest(tiny_archive, station)
     s = run_preprocess(tiny_archive, tmp_path / "a", scheduler=scheduler)
@@ -404,8 +399,6 @@ def test_synthetic_archive_and_labelled_set(tiny_archive, tiny_labelled, tmp_pat
 
 
 def test_multi_frame_pgm_stacks_get_one_output_per_frame(shared_data, tmp_path, scheduler):
-    from pipeline.imageio import read_pgm_stack
-
     src = shared_data / "themis" / "20140310_0605_gill_themis19_full.pgm"
     pd.DataFrame({"path": [str(src)]}).to_csv(tmp_path / "list.csv", index=False)
     out = tmp_path / "out"
@@ -446,8 +439,6 @@ def _interrupt(*args, **kwargs):
 def test_an_interrupted_preprocess_never_claims_to_have_finished(
     archive, tmp_path, scheduler, monkeypatch
 ):
-    from pipeline import preprocess_stage
-
     root, _ = archive
     out = tmp_path / "out"
     run_preprocess(root, out, scheduler=scheduler)

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -466,12 +471,6 @@ def test_size_out_of_range_is_a_clear_error(tmp_path, size):
 
 def test_ctrl_c_stops_a_parallel_synth_promptly(tmp_path):
     """Ctrl-C drops the queued chunks: no waiting for thousands of frames, no worker tracebacks."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
     out = tmp_path / "arch"
     cmd = [sys.executable, "-m", "pipeline", "synth", "archive", str(out), "--n", "20000",
            "--size", "64", "--workers", "2"]  # fmt: skip
