@@ -28,6 +28,7 @@ from tqdm import tqdm
 from pipeline.config import StationConfig
 from pipeline.errors import ConfigError, FrameReadError, InputError
 from pipeline.imageio import PGM_SUFFIXES, pgm_times
+from pipeline.output_folder import COMMAND_OUTPUTS, RUN_RECORD, read_run_record
 from pipeline.storage import (
     ERRORS_SCHEMA,
     MANIFEST_SCHEMA,
@@ -45,6 +46,8 @@ ROOT_KEY = b"aurora.root"
 DEFAULT_EXCLUDE = ("calib/*", "*/calib/*")
 _COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst")
 _LIST_SUFFIXES = (".csv", ".parquet")
+#: Files that make a folder a checkpoint: no manifest is written into one.
+CHECKPOINT_FILES = ("model.safetensors", "last.pt")
 
 # ----------------------------------------------------------------------------- time from names
 
@@ -165,7 +168,7 @@ def _ints(struct: pa.StructArray, valid: pa.Array, name: str, pad: int = 0) -> n
 def parse_times(names: Iterable[str], pattern: str) -> pd.DatetimeIndex:
     """Vectorised :func:`parse_time`: a UTC DatetimeIndex (ns), NaT where a name holds no time."""
     body = _regex_body(pattern)
-    # One RE2 pass in Arrow instead of a Python match object per name (GC pressure at 100k+ names):
+    # One RE2 pass in Arrow instead of a Python match object per name (less GC pressure):
     # the pattern must start the file name and not run into more digits, as in parse_time.
     rx = r"(?:^|[/\\])" + body + r"(?:[^0-9/\\][^/\\]*)?$"
     arr = pa.array(names if isinstance(names, (list, tuple)) else list(names), pa.string())
@@ -397,104 +400,123 @@ def _manifest_frame(
     return df
 
 
+#: What a scan gives: the manifest and the errors table.
+ScanTables = tuple[pd.DataFrame, pd.DataFrame]
+
+
+@dataclass
+class _Listing:
+    """The files of a source that may be frames: paths relative to ``base``, sizes, mtimes,
+    and (path, error, message) of the entries named like frames that cannot be read."""
+
+    base: str
+    rels: list[str]
+    sizes: list[int]
+    mtimes: list[int]
+    bad: list[tuple[str, str, str]]
+
+
+def _list_source(src: Path, exts: tuple[str, ...], exclude: tuple[str, ...]) -> _Listing:
+    """List an archive folder (walk) or a CSV/Parquet list of paths (stat)."""
+    if src.is_dir():
+        base = os.path.abspath(src)
+        return _Listing(base, *_walk(base, exts, exclude))
+    if src.is_file() and src.suffix.lower() in _LIST_SUFFIXES:
+        base = os.path.abspath(src.parent)
+        excl = _exclude_regex(exclude)
+        return _Listing(base, *_stat_list(_read_list(src), base, exts, excl))
+    if src.exists():
+        raise InputError(
+            f"{src}: not an archive folder nor a CSV/Parquet list of paths (.csv, .parquet)"
+        )
+    raise InputError(f"{src}: archive not found")
+
+
+def _name_times(
+    listing: _Listing, files: list[int], pattern: str, err_rows: list[tuple[str, int, str, str]]
+) -> tuple[list[int], np.ndarray]:
+    """The files whose names hold a time (one vectorised parse), and those times (ns, naive UTC);
+    the others become NoTimestamp rows of ``err_rows``."""
+    times = parse_times((listing.rels[i] for i in files), pattern)
+    keep = ~np.asarray(times.isna())
+    for i, ok in zip(files, keep):
+        if not ok:
+            msg = f"file name does not hold a time in the station pattern {pattern!r}"
+            err_rows.append((listing.rels[i], 0, "NoTimestamp", msg))
+    timed = [i for i, ok in zip(files, keep) if ok]
+    return timed, times[keep].tz_localize(None).as_unit("ns").to_numpy()
+
+
+def _stack_times(
+    listing: _Listing, files: list[int], err_rows: list[tuple[str, int, str, str]]
+) -> tuple[list[tuple[int, int]], np.ndarray]:
+    """(file, frame) of every PGM-stack frame whose header holds a time, and those times (ns,
+    naive UTC); header bytes only, never the pixel arrays. Failures become ``err_rows``."""
+    # gzip inflation releases the GIL: a few threads read headers of many stacks in parallel
+    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1, len(files)))) as pool:
+        results = pool.map(
+            _header_times, (os.path.join(listing.base, listing.rels[i]) for i in files)
+        )
+        bar = tqdm(
+            results,
+            total=len(files),
+            desc="PGM headers",
+            unit=" files",
+            disable=None if len(files) >= 20 else True,
+        )
+        header_results = list(bar)
+    rows: list[tuple[int, int]] = []
+    times: list[pd.Timestamp] = []
+    for i, found in zip(files, header_results):
+        if isinstance(found, FrameReadError):
+            err_rows.append((listing.rels[i], 0, "FrameReadError", found.reason))
+            continue
+        for k, t in enumerate(found):
+            if pd.isna(t):
+                msg = "frame header has no 'Image request start' time"
+                err_rows.append((listing.rels[i], k, "NoTimestamp", msg))
+                continue
+            rows.append((i, k))
+            times.append(t)
+    if not times:
+        return rows, np.empty(0, dtype="datetime64[ns]")
+    return rows, pd.DatetimeIndex(times).tz_convert("UTC").tz_localize(None).as_unit(
+        "ns"
+    ).to_numpy()
+
+
 def scan(
     root: str | os.PathLike,
     station: StationConfig,
     exclude: Sequence[str] = DEFAULT_EXCLUDE,
-) -> tuple[pd.DataFrame, pd.DataFrame]:
+) -> ScanTables:
     """Manifest (one row per frame, sorted by time) and errors (files without a time) of an archive.
 
     ``root`` is an archive folder, or a CSV/Parquet list of paths (column ``path``, relative to the
     list's folder or absolute). Pixels are never decoded. ``manifest.attrs["root"]`` is the folder
     that the manifest's relative paths start from.
     """
-    src = Path(root)
     exts = tuple(e.lower() for e in station.extensions)
     _compile(station.filename_pattern)  # a bad pattern fails before the walk
-    bad: list[tuple[str, str, str]] = []
-    if src.is_dir():
-        base = os.path.abspath(src)
-        rels, sizes, mtimes, bad = _walk(base, exts, tuple(exclude))
-    elif src.is_file() and src.suffix.lower() in _LIST_SUFFIXES:
-        base = os.path.abspath(src.parent)
-        excl = _exclude_regex(tuple(exclude))
-        rels, sizes, mtimes, bad = _stat_list(_read_list(src), base, exts, excl)
-    elif src.exists():
-        raise InputError(
-            f"{src}: not an archive folder nor a CSV/Parquet list of paths (.csv, .parquet)"
-        )
-    else:
-        raise InputError(f"{src}: archive not found")
-
-    err_rows: list[tuple[str, int, str, str]] = [(p, 0, e, m) for p, e, m in bad]
+    listing = _list_source(Path(root), exts, tuple(exclude))
+    err_rows: list[tuple[str, int, str, str]] = [(p, 0, e, m) for p, e, m in listing.bad]
     use_headers = station.time_source == "pgm_header"
-    is_pgm = [use_headers and r.lower().endswith(PGM_SUFFIXES) for r in rels]
-
-    # names: one vectorised parse
+    is_pgm = [use_headers and r.lower().endswith(PGM_SUFFIXES) for r in listing.rels]
     by_name = [i for i, h in enumerate(is_pgm) if not h]
-    name_times = parse_times((rels[i] for i in by_name), station.filename_pattern)
-    keep = ~np.asarray(name_times.isna())
-    for i, ok in zip(by_name, keep):
-        if not ok:
-            err_rows.append(
-                (
-                    rels[i],
-                    0,
-                    "NoTimestamp",
-                    f"file name does not hold a time in the station pattern "
-                    f"{station.filename_pattern!r}",
-                )
-            )
-    idx = [i for i, ok in zip(by_name, keep) if ok]
-    out_paths = [rels[i] for i in idx]
-    out_frames: list[int] = [0] * len(idx)
-    out_sizes = [sizes[i] for i in idx]
-    out_mtimes = [mtimes[i] for i in idx]
-    name_ns = name_times[keep].tz_localize(None).as_unit("ns").to_numpy()
-
-    # PGM stacks: per-frame times from the headers (header bytes only, no pixel arrays)
-    header_times: list[pd.Timestamp] = []
     by_header = [i for i, h in enumerate(is_pgm) if h]
-    # gzip inflation releases the GIL: a few threads read headers of many stacks in parallel
-    with ThreadPoolExecutor(
-        max_workers=max(1, min(8, os.cpu_count() or 1, len(by_header)))
-    ) as pool:
-        results = pool.map(_header_times, (os.path.join(base, rels[i]) for i in by_header))
-        results = tqdm(
-            results,
-            total=len(by_header),
-            desc="PGM headers",
-            unit=" files",
-            disable=None if len(by_header) >= 20 else True,
-        )
-        header_results = list(results)
-    for i, times in zip(by_header, header_results):
-        if isinstance(times, FrameReadError):
-            err_rows.append((rels[i], 0, "FrameReadError", times.reason))
-            continue
-        for k, t in enumerate(times):
-            if pd.isna(t):
-                err_rows.append(
-                    (rels[i], k, "NoTimestamp", "frame header has no 'Image request start' time")
-                )
-                continue
-            out_paths.append(rels[i])
-            out_frames.append(k)
-            out_sizes.append(sizes[i])
-            out_mtimes.append(mtimes[i])
-            header_times.append(t)
-    header_ns = (
-        pd.DatetimeIndex(header_times).tz_convert("UTC").tz_localize(None).as_unit("ns").to_numpy()
-        if header_times
-        else np.empty(0, dtype="datetime64[ns]")
-    )
-    times_index = pd.DatetimeIndex(np.concatenate([name_ns, header_ns])).tz_localize("UTC")
+    named, name_ns = _name_times(listing, by_name, station.filename_pattern, err_rows)
+    stacked, header_ns = _stack_times(listing, by_header, err_rows)
+    rows = [(i, 0) for i in named] + stacked
     manifest = _manifest_frame(
-        out_paths, out_frames, times_index, station.code, out_sizes, out_mtimes
+        [listing.rels[i] for i, _ in rows],
+        [k for _, k in rows],
+        pd.DatetimeIndex(np.concatenate([name_ns, header_ns])).tz_localize("UTC"),
+        station.code,
+        [listing.sizes[i] for i, _ in rows],
+        [listing.mtimes[i] for i, _ in rows],
     )
-    manifest.attrs["root"] = base
-    errors = _errors_frame(sorted(err_rows))
-    return manifest, errors
+    manifest.attrs["root"] = listing.base
+    return manifest, _errors_frame(sorted(err_rows))
 
 
 # ----------------------------------------------------------------------------- manifest files
@@ -568,7 +590,7 @@ def load_manifest_and_errors(
     source: str | os.PathLike,
     station: StationConfig,
     exclude: Sequence[str] = DEFAULT_EXCLUDE,
-) -> tuple[pd.DataFrame, pd.DataFrame]:
+) -> ScanTables:
     """:func:`load_manifest` and the scan's error rows (stage ``scan``) of the same source.
 
     For a folder or a path list they come from the scan itself; for a manifest from the errors
@@ -652,6 +674,31 @@ def default_errors_path(manifest: str | os.PathLike) -> Path:
     return m.parent / f"{m.stem}.errors.parquet"
 
 
+def _refuse_manifest_out(out: Path) -> None:
+    """InputError when OUT is a folder or lies in another stage's output folder.
+
+    A workflow's folder (run record of ``run``) holds its stages' outputs, a manifest among them.
+    """
+    if out.is_dir():
+        raise InputError(
+            f"--out {out} is a folder; give `scan` the manifest's file name, "
+            f"e.g. {out / 'manifest.parquet'}"
+        )
+    folder = out.parent
+    record = read_run_record(folder)
+    other = None if record is None else record.get("command")
+    if record is not None and other != "run":
+        what = COMMAND_OUTPUTS.get(str(other), f"the output of `{other}`")
+        raise InputError(
+            f"--out {out}: {folder} holds {what} ({RUN_RECORD}); write the manifest elsewhere"
+        )
+    for name in CHECKPOINT_FILES:
+        if (folder / name).exists():
+            raise InputError(
+                f"--out {out}: {folder} holds a checkpoint ({name}); write the manifest elsewhere"
+            )
+
+
 def scan_to_files(
     archive: str | os.PathLike,
     station: StationConfig,
@@ -659,19 +706,23 @@ def scan_to_files(
     exclude: Sequence[str] = DEFAULT_EXCLUDE,
     errors_out: str | os.PathLike | None = None,
 ) -> ScanResult:
-    """Scan ``archive``, write the manifest to ``out`` and the scan's errors (if any) beside it."""
+    """Scan ``archive``, write the scan's errors (if any) and then the manifest to ``out``.
+
+    The manifest is written last and atomically: once it is there, so is its errors table.
+    """
+    out = Path(out)
+    _refuse_manifest_out(out)
     manifest, errors = scan(archive, station, exclude)
     if not len(manifest):
         exts = ", ".join(station.extensions)
+        others = f"; {len(errors)} other files" if len(errors) else ""
         raise InputError(
             f"{archive}: no frames of station {station.code} found (files {exts} named like "
-            f"{station.filename_pattern}{'; ' + str(len(errors)) + ' other files' if len(errors) else ''}"
-            "); pass the archive's --station"
+            f"{station.filename_pattern}{others}); pass the archive's --station"
         )
-    out = Path(out)
-    write_manifest(manifest, out, manifest.attrs["root"])
     errors_path = Path(errors_out) if errors_out is not None else default_errors_path(out)
     written = len(replace_stage_errors(errors_path, errors, "scan")) > 0
+    write_manifest(manifest, out, manifest.attrs["root"])
     times = manifest["time_utc"]
     return ScanResult(
         manifest_path=out,

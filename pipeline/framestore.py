@@ -8,8 +8,8 @@ this module is its layout, the one place both the writer and the readers take it
 - ``frames`` (item, y, x) float32 in [0, 1]: each frame preprocessed as classify-archive does
   (:func:`pipeline.preprocess.preprocess`, float32) and resized to ``input_size`` by
   :func:`pipeline.models.resize_frames`, the resize of ``to_model_input``. Chunks of
-  FRAMES_PER_CHUNK frames, Blosc LZ4 with byte shuffle (1.6x smaller; decompression stays far
-  faster than the PNG decode it replaces).
+  FRAMES_PER_CHUNK frames, Blosc LZ4 with byte shuffle (smaller, and far faster to decompress
+  than the PNG decode it replaces).
 - coordinates along ``item``: ``time_utc`` (UTC; NaT where unknown), ``path`` (relative to the
   archive root, as in the manifest and in the predictions), ``frame`` (index in a multi-frame
   file), and for a labelled set ``label`` (and ``episode`` where the set has one).
@@ -17,14 +17,15 @@ this module is its layout, the one place both the writer and the readers take it
   items are complete), ``station``, ``settings`` (the preprocessing), ``root``, ``source``,
   ``kind`` (archive, manifest or labelled).
 - ``_aurora/``: a Zarr group holding the writer's side files (``errors.parquet``, its lock), so
-  the root holds nothing zarr does not know.
+  the root holds nothing zarr does not know but the run record ``_run.json`` of the output-folder
+  protocol (docs/design.md, "Output folders"). Zarr skips it with a warning ("Object at
+  _run.json is not recognized") when it walks the group; the writer here silences that.
 
 Why float32 at the input size, not uint8: predictions from the store must equal those from the
 PNG frames to 1e-5. Resized float32 frames do, exactly (``to_model_input`` then only
 normalises: the same arithmetic on the same numbers). Quantising to uint8, at the input size or
-at the crop size, moved the probabilities of a trained checkpoint by up to 6e-4 on 64 synthetic
-frames, 60 times the tolerance; so the store pays four times the bytes of uint8 (1.6 times
-after compression) for predictions it need not qualify.
+at the crop size, moves the probabilities of a trained checkpoint far beyond that tolerance; so
+the store pays four times the bytes of uint8 for predictions it need not qualify.
 
 Appends and kills: each append (xarray ``to_zarr(append_dim="item")``) is followed by an update
 of ``committed``. Readers here read only the first ``committed`` items, and the next writer cuts
@@ -36,16 +37,21 @@ its last complete append, and a rerun adds exactly the frames that are missing.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import threading
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
 import pandas as pd
+import xarray as xr
+import zarr
+from zarr.codecs import BloscCodec
 
 from pipeline.errors import InputError
 
@@ -64,6 +70,24 @@ TIME_UNITS = "microseconds since 1970-01-01T00:00:00Z"
 SIDE_GROUP = "_aurora"
 ERRORS_NAME = "errors.parquet"
 LOCK_NAME = ".preprocess.lock"
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _quiet_about_run_record(fn: Callable[P, R]) -> Callable[P, R]:
+    """Run ``fn`` without zarr's warning about the store root's ``_run.json`` (the run record of
+    the output-folder protocol), which zarr reports as an object it does not know when it walks
+    the group."""
+
+    @functools.wraps(fn)
+    def quiet(*args: P.args, **kwargs: P.kwargs) -> R:
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", message=r"Object at _run\.json is not recognized", category=UserWarning
+            )
+            return fn(*args, **kwargs)
+
+    return quiet
 
 
 def side_path(store: str | os.PathLike, name: str) -> Path:
@@ -92,19 +116,12 @@ class StoreInfo:
         return "label" in self.coords
 
 
-def _zarr() -> Any:
-    import zarr
-
-    return zarr
-
-
 def _open_group(store: str | os.PathLike, mode: str = "r") -> Any:
-    zarr = _zarr()
     return zarr.open_group(str(store), mode=mode, zarr_format=3)
 
 
 def _read_attrs(store: Path) -> dict[str, Any] | None:
-    """The root attributes when ``store`` is a frame store, else None (no zarr import)."""
+    """The root attributes when ``store`` is a frame store, else None (read from zarr.json)."""
     meta = store / "zarr.json"
     try:
         attrs = json.loads(meta.read_text()).get("attributes") or {}
@@ -193,8 +210,6 @@ def read_items(store: str | os.PathLike, info: StoreInfo | None = None) -> pd.Da
 
 def _decode_times(raw: np.ndarray, attrs: dict[str, Any], fill: Any) -> np.ndarray:
     """Times as xarray encoded them (CF units, its fill value for NaT), decoded by xarray."""
-    import xarray as xr
-
     attrs = {k: v for k, v in attrs.items() if k in ("units", "calendar")}
     if fill is not None:
         attrs["_FillValue"] = np.asarray(fill, dtype=raw.dtype).item()
@@ -217,7 +232,7 @@ def _frames_array(store: str | os.PathLike, need: int) -> Any:
     with _ARRAYS_LOCK:
         hit = _ARRAYS.get(path)
         if hit is None or hit[0] != stamp or hit[1].shape[0] < need:
-            arr = _zarr().open_array(f"{path}/{FRAMES}", mode="r", zarr_format=3)
+            arr = zarr.open_array(f"{path}/{FRAMES}", mode="r", zarr_format=3)
             hit = _ARRAYS[path] = (stamp, arr)
         return hit[1]
 
@@ -251,7 +266,6 @@ def read_rows(store: str | os.PathLike, rows: np.ndarray, out: np.ndarray) -> No
 
 def create(store: str | os.PathLike, attrs: dict[str, Any]) -> None:
     """A new, empty store: its root attributes (committed 0) and the ``_aurora`` side group."""
-    zarr = _zarr()
     root = zarr.create_group(
         str(store),
         zarr_format=3,
@@ -264,6 +278,7 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
 
 
+@_quiet_about_run_record
 def repair(store: str | os.PathLike) -> int:
     """Cut what a killed append left beyond ``committed`` (and zarr's partial files); returns
     ``committed``. The writer calls it before it appends; readers never need it."""
@@ -288,8 +303,6 @@ def repair(store: str | os.PathLike) -> int:
 
 
 def _dataset(frames: np.ndarray, items: pd.DataFrame, coords: tuple[str, ...]) -> Any:
-    import xarray as xr
-
     t = pd.to_datetime(items["time_utc"], utc=True)
     values: dict[str, Any] = {
         "time_utc": (DIM, t.dt.tz_convert("UTC").dt.tz_localize(None).to_numpy("datetime64[ns]")),
@@ -315,8 +328,6 @@ def _dataset(frames: np.ndarray, items: pd.DataFrame, coords: tuple[str, ...]) -
 
 
 def _encoding(coords: tuple[str, ...], size: int) -> dict[str, dict[str, Any]]:
-    from zarr.codecs import BloscCodec
-
     enc: dict[str, dict[str, Any]] = {
         FRAMES: {
             "chunks": (FRAMES_PER_CHUNK, size, size),
@@ -329,6 +340,7 @@ def _encoding(coords: tuple[str, ...], size: int) -> dict[str, dict[str, Any]]:
     return enc
 
 
+@_quiet_about_run_record
 def append(store: str | os.PathLike, frames: np.ndarray, items: pd.DataFrame) -> int:
     """Append ``frames`` (n, S, S) float32 with their ``items`` (time_utc, path, frame and the
     store's label columns), then commit them; returns the new ``committed``.

@@ -437,8 +437,8 @@ def write_frame(path: str | os.PathLike, array: np.ndarray, *, compress_level: i
         im = Image.fromarray(np.ascontiguousarray(arr, dtype="<u2"))
     else:
         raise InputError(f"{p}: frames are written as uint8 or uint16, got {arr.dtype}")
-    # Level 1: several times faster to write than Pillow's default 6 for noisy 16-bit sky, a few
-    # per cent larger, and as fast to read (inflate speed hardly depends on the level).
+    # Level 1: much faster to write than Pillow's default 6 for noisy 16-bit sky, hardly larger,
+    # and as fast to read (inflate speed hardly depends on the level).
     options: dict[str, Any] = {"compress_level": compress_level} if fmt == "PNG" else {}
     with atomic_path(p) as tmp:
         # the temporary name ends in .part: name the format explicitly

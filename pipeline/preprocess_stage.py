@@ -4,8 +4,10 @@ Tasks carry chunks of file paths, never pixels: each task reads its frames, appl
 :func:`pipeline.preprocess.preprocess` and writes each output by temporary name plus rename, then
 returns one status per frame. Outputs newer than their input are skipped, so a rerun after a
 crash finishes the job and a rerun of a finished job does nothing. Frames that fail go to
-OUT/errors.parquet and the run goes on. The resolved settings are written to OUT/_preprocess.json.
-``--format zarr`` writes a frame store instead (:mod:`pipeline.store_writer`).
+OUT/errors.parquet and the run goes on. OUT follows the output-folder protocol (docs/design.md,
+"Output folders"): its run record ``_run.json`` holds the resolved settings and says ``finished``
+only once a run has been through every frame. ``--format zarr`` writes a frame store instead
+(:mod:`pipeline.store_writer`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import functools
 import itertools
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Sequence
@@ -23,24 +24,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
 from pipeline import __version__, framestore
+from pipeline.archive import load_manifest_and_errors
 from pipeline.config import StationConfig, resolve_station, to_dict
-from pipeline.errors import ConfigError, FrameReadError, InputError
-from pipeline.preprocess import (
-    Calibration,
-    calibration_from_station,
-    dark_coverage_note,
-    dark_for_time,
-    dark_frames,
-    find_dark_dir,
-    is_preprocessed_shape,
-    preprocess,
+from pipeline.errors import InputError
+from pipeline.imageio import write_frame
+from pipeline.output_folder import RUN_RECORD, OutputFolder, is_finished
+from pipeline.preprocess import calibration_from_station, is_preprocessed_shape, preprocess
+from pipeline.preprocess_tasks import (
+    Chunking,
+    DarkSource,
+    calibration_for,
+    mtime_ns,
+    read_group,
+    resolve_darks,
+    run_chunks,
 )
 from pipeline.storage import (
     ERRORS_SCHEMA,
@@ -53,11 +56,13 @@ from pipeline.storage import (
     replace_stage_errors,
     write_table,
 )
+from pipeline.store_writer import write_store
+
+__all__ = ["DarkSource", "PreprocessSummary", "process_chunk", "run_preprocess"]
 
 log = logging.getLogger(__name__)
 
 STAGE = "preprocess"
-PARAMS_NAME = "_preprocess.json"
 ERRORS_NAME = "errors.parquet"
 LOCK_NAME = ".preprocess.lock"
 LABELS_NAME = "labels.parquet"
@@ -67,80 +72,6 @@ _PGM = (".pgm.gz", ".pgm")
 FORMATS = ("png", "npy", "zarr")
 #: a store's frame size when --input-size is not given: the paper's AlexNet input.
 DEFAULT_INPUT_SIZE = 227
-
-
-# ------------------------------------------------------------------------------ darks
-
-
-@dataclass(frozen=True)
-class DarkSource:
-    """Where dark frames come from: one ``file`` for all, a ``dir`` chosen by date, or ``none``."""
-
-    mode: str = "none"
-    path: str | None = None
-
-    def path_for(self, time: Any) -> str | None:
-        """The dark frame for a frame taken at ``time`` (None: estimate the bias instead)."""
-        if self.mode == "file":
-            return self.path
-        if self.mode == "dir" and self.path is not None:
-            p = dark_for_time(self.path, time)
-            return None if p is None else str(p)
-        return None
-
-
-def load_dark(path: str | os.PathLike) -> np.ndarray:
-    """Read a dark frame once per process (16-bit PNG); later calls return the cached array."""
-    p = os.fspath(path)
-    return _load_dark(p, _mtime_ns(p))  # a replaced file (new mtime) is read again
-
-
-@functools.lru_cache(maxsize=8)
-def _load_dark(path: str, _mtime_ns: int | None) -> np.ndarray:
-    from pipeline.imageio import read_frame
-
-    arr = read_frame(path)
-    arr.setflags(write=False)
-    return arr
-
-
-@functools.lru_cache(maxsize=16)
-def _calibration(
-    station: StationConfig, dark_path: str | None, _mtime_ns: int | None, dtype: str
-) -> Calibration:
-    dark = None if dark_path is None else load_dark(dark_path)
-    return calibration_from_station(station, dark=dark, dtype=dtype)  # type: ignore[arg-type]
-
-
-def calibration_for(
-    station: StationConfig, time: Any, darks: DarkSource, dtype: str = "float32"
-) -> Calibration:
-    """The (cached) Calibration for a frame of ``station`` taken at ``time``."""
-    dark_path = darks.path_for(time) if station.preprocess.dark_subtract else None
-    mtime = None if dark_path is None else _mtime_ns(dark_path)
-    return _calibration(station, dark_path, mtime, dtype)
-
-
-def _check_darks(station: StationConfig, darks: DarkSource) -> None:
-    """Refuse dark frames of another camera before any work starts (one clear message)."""
-    if darks.mode == "none":
-        return
-    paths = (
-        [Path(darks.path)]  # type: ignore[arg-type]
-        if darks.mode == "file"
-        else [p for _, p in dark_frames(darks.path)]  # type: ignore[arg-type]
-    )
-    raw = station.raw_size
-    for p in paths:
-        try:
-            arr = load_dark(str(p))
-        except FrameReadError as exc:
-            raise ConfigError(f"{p}: cannot read the dark frame ({exc.reason})") from None
-        if arr.shape != (raw, raw):
-            raise ConfigError(
-                f"{p}: dark frame is {arr.shape[0]}x{arr.shape[1]} but {station.code} raw frames "
-                f"are {raw}x{raw}; use this camera's dark frames or the matching --station"
-            )
 
 
 # ------------------------------------------------------------------------------ inputs
@@ -183,8 +114,6 @@ def _load_frames(
     if source.is_dir() and (source / LABELS_NAME).is_file():
         st = _resolve_station(station, source)
         return "labelled", source, st, _load_labelled(source), empty_frame(ERRORS_SCHEMA)
-    from pipeline.archive import load_manifest_and_errors
-
     if source.is_dir():
         st = _resolve_station(station, source)
         df, errors = load_manifest_and_errors(source, st)
@@ -218,31 +147,6 @@ def _out_relpath(rel: str, frame: int, fmt: str) -> Path:
 # ------------------------------------------------------------------------------ the worker task
 
 
-def _read_group(path: str, frames: list[int]) -> list[np.ndarray | BaseException]:
-    """Read frames of one file; a PGM stack is decoded once for all its frames in the chunk."""
-    from pipeline.imageio import read_frame, read_pgm_stack
-
-    if len(frames) > 1 and path.lower().endswith(_PGM):
-        try:
-            stack, _ = read_pgm_stack(path)
-        except Exception as exc:  # noqa: BLE001 - recorded per frame by the caller
-            return [exc] * len(frames)
-        out: list[np.ndarray | BaseException] = []
-        for f in frames:
-            if 0 <= f < len(stack):
-                out.append(stack[f])
-            else:
-                out.append(FrameReadError(path, f"frame {f} out of range ({len(stack)} frames)"))
-        return out
-    res: list[np.ndarray | BaseException] = []
-    for f in frames:
-        try:
-            res.append(read_frame(path, f))
-        except Exception as exc:  # noqa: BLE001
-            res.append(exc)
-    return res
-
-
 def process_chunk(
     items: Sequence[tuple[int, str, int, Any, str]],
     station: StationConfig,
@@ -254,12 +158,10 @@ def process_chunk(
     Returns (index, status, error class, message) per frame; status is ``written``,
     ``passed`` (already at the output geometry) or ``error``. Never raises for a bad frame.
     """
-    from pipeline.imageio import write_frame
-
     results: list[tuple[int, str, str, str]] = []
     for path, group in itertools.groupby(items, key=lambda it: it[1]):
         group = list(group)
-        arrays = _read_group(path, [it[2] for it in group])
+        arrays = read_group(path, [it[2] for it in group])
         for (idx, _, _, t, out_path), arr in zip(group, arrays):
             try:
                 if isinstance(arr, BaseException):
@@ -333,24 +235,10 @@ def _settings(station: StationConfig, darks: DarkSource, fmt: str, dtype: str) -
     }
 
 
-def _write_json_if_changed(path: Path, data: dict[str, Any]) -> None:
-    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
-    if path.is_file() and path.read_text() == text:
-        return  # a rerun leaves the file (and its mtime) alone
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-
-
-def _check_settings(out: Path, settings: dict[str, Any]) -> None:
+def _check_settings(folder: OutputFolder) -> None:
     """Refuse to mix outputs of different settings in one folder (up-to-date checks would lie)."""
-    p = out / PARAMS_NAME
-    if not p.is_file():
-        return
-    try:
-        old = json.loads(p.read_text()).get("settings")
-    except (json.JSONDecodeError, AttributeError):
-        return
-    new = json.loads(json.dumps(settings))  # tuples become lists, as in the file
+    old = (folder.previous() or {}).get("settings")
+    new = json.loads(json.dumps(folder.record["settings"]))  # tuples become lists, as in the file
     if not isinstance(old, dict) or old == new:
         return
     diff = [
@@ -361,7 +249,7 @@ def _check_settings(out: Path, settings: dict[str, Any]) -> None:
         if not isinstance(old.get(k), dict) or old[k].get(kk) != v[kk]
     ] + [k for k, v in new.items() if not isinstance(v, dict) and old.get(k) != v]
     raise InputError(
-        f"{p}: {out} holds frames preprocessed with other settings"
+        f"{folder.path / RUN_RECORD}: {folder.path} holds frames preprocessed with other settings"
         + (f" ({diff[0]} differs)" if diff else "")
         + "; use another --out or delete it"
     )
@@ -388,11 +276,40 @@ def _clean_partials(out: Path) -> int:
     return n
 
 
-def _mtime_ns(path: str) -> int | None:
-    try:
-        return os.stat(path).st_mtime_ns
-    except OSError:
-        return None
+def _check_arguments(
+    source: Path,
+    out_dir: Path,
+    fmt: str,
+    dark: str | os.PathLike | None,
+    dark_dir: str | os.PathLike | None,
+    input_size: int | None,
+) -> None:
+    if fmt not in FORMATS:
+        raise InputError(f"--format {fmt!r}: allowed values: {', '.join(FORMATS)}")
+    if input_size is not None and fmt != "zarr":
+        raise InputError(f"--input-size sizes the frames of a store (--format zarr), not {fmt}")
+    if dark is not None and dark_dir is not None:
+        raise InputError("give either --dark (one frame for all) or --dark-dir, not both")
+    if not source.exists():
+        raise InputError(f"{source}: input not found")
+    if out_dir == source or (source.is_dir() and source in out_dir.parents):
+        raise InputError(
+            f"{out_dir}: the output folder must not be the input or lie inside it "
+            "(a later scan would pick the outputs up as frames); choose another --out"
+        )
+
+
+@dataclass(frozen=True)
+class _Input:
+    """What a run preprocesses: INPUT's frames, where they come from, how they are calibrated."""
+
+    source: Path
+    kind: str
+    root: Path
+    station: StationConfig
+    frames: pd.DataFrame
+    scan_errors: pd.DataFrame
+    darks: DarkSource
 
 
 def run_preprocess(
@@ -415,58 +332,14 @@ def run_preprocess(
     t0 = time.perf_counter()
     source = Path(input).resolve()
     out_dir = Path(out).resolve()
-    if fmt not in FORMATS:
-        raise InputError(f"--format {fmt!r}: allowed values: {', '.join(FORMATS)}")
-    if input_size is not None and fmt != "zarr":
-        raise InputError(f"--input-size sizes the frames of a store (--format zarr), not {fmt}")
-    if dark is not None and dark_dir is not None:
-        raise InputError("give either --dark (one frame for all) or --dark-dir, not both")
-    if not source.exists():
-        raise InputError(f"{source}: input not found")
-    if out_dir == source or (source.is_dir() and source in out_dir.parents):
-        raise InputError(
-            f"{out_dir}: the output folder must not be the input or lie inside it "
-            "(a later scan would pick the outputs up as frames); choose another --out"
-        )
+    _check_arguments(source, out_dir, fmt, dark, dark_dir, input_size)
     kind, root, st, df, scan_errors = _load_frames(source, station)
-    # float32 for a store: what classify-archive computes from the frames, before its resize.
-    dtype = "uint8" if fmt == "png" else "float32"
-
-    if dark is not None or dark_dir is not None:
-        if not st.preprocess.dark_subtract:
-            raise ConfigError(
-                f"station {st.code}: preprocess.dark_subtract is false; remove --dark/--dark-dir "
-                "or switch dark_subtract on in the station YAML"
-            )
-        if dark is not None:
-            darks = DarkSource("file", str(Path(dark).resolve()))
-        else:
-            d = Path(dark_dir).resolve()  # type: ignore[arg-type]
-            if not dark_frames(d):
-                raise InputError(f"{d}: no dark frames (dark_<YYYYMMDD>.png) in --dark-dir")
-            darks = DarkSource("dir", str(d))
-    else:
-        found = find_dark_dir(root) if st.preprocess.dark_subtract else None
-        darks = DarkSource("dir", str(found)) if found is not None else DarkSource()
-    _check_darks(st, darks)
-    if darks.mode == "dir" and "time_utc" in df.columns and len(df):
-        note = dark_coverage_note(darks.path, df["time_utc"].min())  # type: ignore[arg-type]
-        if note:
-            log.warning(note)
-    if darks.mode == "file":
-        dark_note = f"dark frame {Path(darks.path).name}"  # type: ignore[arg-type]
-    elif darks.mode == "dir":
-        dark_note = f"dark frames by date from {darks.path}"
-    elif st.preprocess.bias_from_corners:
-        dark_note = "no dark frame: bias from the unlit corners"
-    else:
-        dark_note = "no dark frame, no bias subtraction"
-
-    settings = _settings(st, darks, fmt, dtype)
+    darks = resolve_darks(st, root, df, dark, dark_dir)
+    job = _Input(source, kind, root, st, df, scan_errors, darks)
+    summary = PreprocessSummary(out=out_dir, total=len(df), dark=darks.describe(st))
     if fmt == "zarr":
-        from pipeline.store_writer import write_store
-
-        summary = PreprocessSummary(out=out_dir, total=len(df), dark=dark_note)
+        # float32: what classify-archive computes from the frames, before its resize.
+        settings = _settings(st, darks, fmt, "float32")
         summary.errors_file = f"{framestore.SIDE_GROUP}/{framestore.ERRORS_NAME}"
         if input_size is not None:
             size = int(input_size)
@@ -477,159 +350,180 @@ def run_preprocess(
             source, out_dir, kind, root, st, df, scan_errors, darks, settings, size, summary,
             workers, scheduler, chunk_size,
         )  # fmt: skip
-        summary.seconds = time.perf_counter() - t0
-        return summary
+    else:
+        _write_frames(job, out_dir, fmt, summary, Chunking(8, 64, chunk_size), workers, scheduler)
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _write_frames(
+    job: _Input,
+    out_dir: Path,
+    fmt: str,
+    summary: PreprocessSummary,
+    chunking: Chunking,
+    workers: int | None,
+    scheduler: str | None,
+) -> None:
+    """Preprocess the frames of ``job`` missing from OUT into OUT (resumable, in place)."""
     if framestore.is_store(out_dir):
         raise InputError(
             f"{out_dir}: is a frame store; add to it with --format zarr, or choose another --out"
         )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with _out_lock(out_dir):
-        _check_settings(out_dir, settings)
-        _write_json_if_changed(
-            out_dir / PARAMS_NAME,
-            {
-                "stage": STAGE,
-                "pipeline_version": __version__,
-                "input": str(source),
-                "input_kind": kind,
-                "station": to_dict(st),
-                "settings": settings,
-            },
-        )
+    dtype = "uint8" if fmt == "png" else "float32"
+    record = {
+        "pipeline_version": __version__,
+        "input": str(job.source),
+        "input_kind": job.kind,
+        "station": to_dict(job.station),
+        "settings": _settings(job.station, job.darks, fmt, dtype),
+    }
+    with OutputFolder(out_dir, STAGE, record, owns=(LABELS_NAME,)) as folder, _out_lock(out_dir):
+        _check_settings(folder)
         _clean_partials(out_dir)
+        df = job.frames
+        plan = _FramePlan.of(df, out_dir, fmt)
+        errors_path = out_dir / ERRORS_NAME
+        old_errors = read_errors(errors_path) if errors_path.is_file() else None
+        todo, new_errors = plan.todo(old_errors, mtime_ns(str(errors_path)), summary)
+        # A rerun with nothing to do leaves OUT (and its record's mtime) alone.
+        settled = not todo and folder.same_settings() and is_finished(out_dir, STAGE)
+        if not settled:
+            folder.begin()
+        done: set[tuple[str, int]] = set()
+        if todo:
+            collector = _FrameCollector(plan, summary, new_errors, done)
+            args = functools.partial(
+                plan.task_args, station=job.station, darks=job.darks, dtype=dtype
+            )
+            run_chunks(todo, process_chunk, args, collector, chunking, workers, scheduler)
+            collector.close()
+        _update_errors(errors_path, old_errors, new_errors, done)
+        replace_stage_errors(errors_path, job.scan_errors, "scan", keep_empty=True)
+        summary.scan_errors = len(job.scan_errors)
+        if job.kind == "labelled":
+            _carry_labels(out_dir, df, plan.outs)
+        _write_station(job.station, out_dir)
+        if not settled:
+            folder.finish()
 
-        summary = PreprocessSummary(out=out_dir, total=len(df), dark=dark_note)
+
+@dataclass
+class _FramePlan:
+    """Per input frame: relative path, frame index, time, absolute path, output path."""
+
+    rels: list[str]
+    frames: list[int]
+    times: list[Any]
+    abspaths: list[str]
+    outs: list[Path]
+
+    @classmethod
+    def of(cls, df: pd.DataFrame, out_dir: Path, fmt: str) -> _FramePlan:
         rels = [str(p) for p in df["path"]]
         frames = [int(f) for f in df["frame"]] if "frame" in df.columns else [0] * len(df)
         times = list(df["time_utc"]) if "time_utc" in df.columns else [None] * len(df)
         abspaths = [str(p) for p in df["abspath"]]
         outs = [out_dir / _out_relpath(r, f, fmt) for r, f in zip(rels, frames)]
+        return cls(rels, frames, times, abspaths, outs)
 
-        errors_path = out_dir / ERRORS_NAME
-        old_errors = read_errors(errors_path) if errors_path.is_file() else None
-        errors_mtime = _mtime_ns(str(errors_path)) if old_errors is not None else None
-        known: set[tuple[str, int]] = set()
-        if old_errors is not None and len(old_errors):
-            faults = old_errors[
-                (old_errors["stage"] == STAGE) & old_errors["error"].isin(_FRAME_FAULTS)
-            ]
-            known = {(str(p), int(f)) for p, f in zip(faults["path"], faults["frame"])}
+    def key(self, i: int) -> tuple[str, int]:
+        return self.rels[i], self.frames[i]
 
+    def todo(
+        self, old_errors: pd.DataFrame | None, errors_mtime: int | None, summary: PreprocessSummary
+    ) -> tuple[list[int], list[pd.DataFrame]]:
+        """The frames to (re)do, and error rows of output-name collisions.
+
+        Skipped: outputs newer than their input, and frames that failed before from a file that
+        has not changed since (``errors_mtime``: the errors table's).
+        """
+        known = _known_faults(old_errors)
         todo: list[int] = []
-        new_errors: list[pd.DataFrame] = []
+        collisions: list[pd.DataFrame] = []
         seen: dict[Path, int] = {}
-        for i, (ap, o) in enumerate(zip(abspaths, outs)):
+        for i, (ap, o) in enumerate(zip(self.abspaths, self.outs)):
             if o in seen:
-                new_errors.append(
+                first = self.rels[seen[o]]
+                collisions.append(
                     error_rows(
-                        [(rels[i], frames[i])],
+                        [self.key(i)],
                         STAGE,
-                        f"output {o} would also be written from {rels[seen[o]]}; rename one input",
+                        f"output {o} would also be written from {first}; rename one input",
                         error="InputError",
                     )
                 )
                 summary.failed += 1
-                summary.note_error(f"output name collision: {rels[i]} and {rels[seen[o]]}")
+                summary.note_error(f"output name collision: {self.rels[i]} and {first}")
                 continue
             seen[o] = i
-            t_in = _mtime_ns(ap)
-            t_out = _mtime_ns(str(o))
+            t_in, t_out = mtime_ns(ap), mtime_ns(str(o))
             if t_in is not None and t_out is not None and t_out >= t_in:
                 summary.up_to_date += 1
             elif (
                 t_in is not None
                 and errors_mtime is not None
                 and t_in <= errors_mtime
-                and (rels[i], frames[i]) in known
+                and self.key(i) in known
             ):
                 summary.known_errors += 1  # the same unchanged file failed before: not retried
             else:
                 todo.append(i)
+        return todo, collisions
 
-        done: set[tuple[str, int]] = set()
-        if todo:
-            _run_chunks(
-                todo, rels, frames, times, abspaths, outs, st, darks, dtype,
-                workers, scheduler, chunk_size, summary, new_errors, done,
-            )  # fmt: skip
-
-        _update_errors(errors_path, old_errors, new_errors, done)
-        replace_stage_errors(errors_path, scan_errors, "scan", keep_empty=True)
-        summary.scan_errors = len(scan_errors)
-        if kind == "labelled":
-            _carry_labels(out_dir, df, outs)
-        _write_station(st, out_dir)
-        summary.seconds = time.perf_counter() - t0
-        return summary
+    def task_args(
+        self, chunk: list[int], station: StationConfig, darks: DarkSource, dtype: str
+    ) -> tuple:
+        items = [
+            (i, self.abspaths[i], self.frames[i], self.times[i], str(self.outs[i])) for i in chunk
+        ]
+        return items, station, darks, dtype
 
 
-def _run_chunks(
-    todo: list[int],
-    rels: list[str],
-    frames: list[int],
-    times: list[Any],
-    abspaths: list[str],
-    outs: list[Path],
-    station: StationConfig,
-    darks: DarkSource,
-    dtype: str,
-    workers: int | None,
-    scheduler: str | None,
-    chunk_size: int | None,
-    summary: PreprocessSummary,
-    new_errors: list[pd.DataFrame],
-    done: set[tuple[str, int]],
-) -> None:
-    """Submit the frames still to do in chunks, windowed, and collect their statuses."""
-    from pipeline.cluster import dask_client, run_windowed
+def _known_faults(errors: pd.DataFrame | None) -> set[tuple[str, int]]:
+    """(path, frame) of the frames whose own file failed before (retried only once it changes)."""
+    if errors is None or not len(errors):
+        return set()
+    faults = errors[(errors["stage"] == STAGE) & errors["error"].isin(_FRAME_FAULTS)]
+    return {(str(p), int(f)) for p, f in zip(faults["path"], faults["frame"])}
 
-    with dask_client(workers=workers, threads_per_worker=1, scheduler=scheduler) as client:
-        n_workers = max(1, len(client.scheduler_info().get("workers", {})) or (workers or 1))
-        # Several chunks per worker keep every worker busy to the end and the bar moving; 64
-        # frames (~0.5 s of work at 512 px) keep the scheduler overhead per frame negligible.
-        size = chunk_size or min(64, max(1, math.ceil(len(todo) / (n_workers * 8))))
-        chunks = [todo[k : k + size] for k in range(0, len(todo), size)]
 
-        def tasks():
-            for key, chunk in enumerate(chunks):
-                items = [(i, abspaths[i], frames[i], times[i], str(outs[i])) for i in chunk]
-                yield key, (items, station, darks, dtype), len(chunk)
+class _FrameCollector:
+    """Counts the chunks' statuses into the summary and collects the failures' error rows."""
 
-        def on_result(key: Any, results: list[tuple[int, str, str, str]]) -> None:
-            for i, status, err, msg in results:
-                if status == "error":
-                    summary.failed += 1
-                    summary.note_error(msg)
-                    frame_errors.append((rels[i], frames[i], STAGE, err, msg))
-                else:
-                    done.add((rels[i], frames[i]))
-                    if status == "passed":
-                        summary.passed_through += 1
-                    else:
-                        summary.written += 1
-
-        def on_error(key: Any, exc: BaseException) -> None:
-            # The whole chunk failed (a worker died): every frame of it is recorded.
-            chunk = chunks[key]
-            summary.failed += len(chunk)
-            summary.note_error(f"{type(exc).__name__}: {exc}")
-            new_errors.append(error_rows([(rels[i], frames[i]) for i in chunk], STAGE, exc))
-
+    def __init__(
+        self,
+        plan: _FramePlan,
+        summary: PreprocessSummary,
+        new_errors: list[pd.DataFrame],
+        done: set[tuple[str, int]],
+    ) -> None:
+        self.plan, self.summary, self.new_errors, self.done = plan, summary, new_errors, done
         # One row tuple per failed frame, made into one table at the end (not one per frame).
-        frame_errors: list[tuple[str, int, str, str, str]] = []
-        run_windowed(
-            client,
-            process_chunk,
-            tasks(),
-            on_result=on_result,
-            on_error=on_error,
-            window=2 * n_workers + 2,
-            total=len(todo),
-            desc="preprocess",
-        )
-        if frame_errors:
-            new_errors.append(pd.DataFrame(frame_errors, columns=ERRORS_SCHEMA.names))
+        self.frame_errors: list[tuple[str, int, str, str, str]] = []
+
+    def result(self, key: int, chunk: list[int], results: list[tuple[int, str, str, str]]) -> None:
+        for i, status, err, msg in results:
+            if status == "error":
+                self.summary.failed += 1
+                self.summary.note_error(msg)
+                self.frame_errors.append((*self.plan.key(i), STAGE, err, msg))
+            else:
+                self.done.add(self.plan.key(i))
+                if status == "passed":
+                    self.summary.passed_through += 1
+                else:
+                    self.summary.written += 1
+
+    def error(self, key: int, chunk: list[int], exc: BaseException) -> None:
+        # The whole chunk failed (a worker died): every frame of it is recorded.
+        self.summary.failed += len(chunk)
+        self.summary.note_error(f"{type(exc).__name__}: {exc}")
+        self.new_errors.append(error_rows([self.plan.key(i) for i in chunk], STAGE, exc))
+
+    def close(self) -> None:
+        if self.frame_errors:
+            self.new_errors.append(pd.DataFrame(self.frame_errors, columns=ERRORS_SCHEMA.names))
 
 
 def _update_errors(

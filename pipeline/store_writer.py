@@ -15,7 +15,6 @@ appends the new frames, a killed run finishes, and a finished one does nothing.
 from __future__ import annotations
 
 import itertools
-import math
 import os
 import time
 from collections.abc import Sequence
@@ -28,18 +27,20 @@ import pandas as pd
 from pipeline import __version__, framestore
 from pipeline.config import StationConfig, to_dict
 from pipeline.errors import InputError
+from pipeline.output_folder import RUN_RECORD, OutputFolder, is_finished
+from pipeline.preprocess import preprocess
+from pipeline.preprocess_tasks import Chunking, DarkSource, calibration_for, read_group, run_chunks
 from pipeline.storage import (
     ERRORS_SCHEMA,
     error_rows,
     exclusive_lock,
     read_errors,
-    refuse_foreign_out,
     replace_stage_errors,
     write_table,
 )
 
 STAGE = "preprocess"
-#: frames per append (and commit): four chunks; an append costs ~0.1 s whatever its size.
+#: frames per append (and commit): four chunks (an append's cost hardly depends on its size).
 APPEND_FRAMES = 4 * framestore.FRAMES_PER_CHUNK
 _FRAME_FAULTS = ("FrameReadError", "FrameGeometryError")
 
@@ -50,7 +51,7 @@ _FRAME_FAULTS = ("FrameReadError", "FrameGeometryError")
 def store_chunk(
     items: Sequence[tuple[int, str, int, Any]],
     station: StationConfig,
-    darks: Any,
+    darks: DarkSource,
     input_size: int,
 ) -> tuple[list[int], np.ndarray, list[tuple[int, str, str]]]:
     """Read, preprocess and resize each (index, input path, frame, time) of a chunk.
@@ -58,11 +59,9 @@ def store_chunk(
     Returns (indices of the frames that worked, their frames (k, S, S) float32 in that order,
     (index, error class, message) of the others). Never raises for a bad frame.
     """
-    import torch
+    import torch  # noqa: PLC0415 - torch only in the worker task
 
-    from pipeline.models import resize_frames
-    from pipeline.preprocess import preprocess
-    from pipeline.preprocess_stage import _read_group, calibration_for
+    from pipeline.models import resize_frames  # noqa: PLC0415 - imports torch
 
     torch.set_num_threads(1)  # one Dask thread per worker: the resize must not take the cores
     ok: list[int] = []
@@ -70,7 +69,7 @@ def store_chunk(
     errors: list[tuple[int, str, str]] = []
     for path, group in itertools.groupby(items, key=lambda it: it[1]):
         group = list(group)
-        for (idx, _, _, t), arr in zip(group, _read_group(path, [it[2] for it in group])):
+        for (idx, _, _, t), arr in zip(group, read_group(path, [it[2] for it in group])):
             try:
                 if isinstance(arr, BaseException):
                     raise arr
@@ -146,6 +145,16 @@ def _known_failures(errors: pd.DataFrame) -> set[tuple[str, int]]:
     return {(str(p), int(f)) for p, f in zip(mine["path"], mine["frame"])}
 
 
+def _refuse_other_folder(out: Path) -> None:
+    """A store goes into a new folder or an existing store, never among other files."""
+    if framestore.is_store(out):
+        return
+    if any(p.name != RUN_RECORD for p in out.iterdir()):
+        raise InputError(
+            f"{out}: exists and is not a frame store; give `preprocess --format zarr` a new folder"
+        )
+
+
 def write_store(
     source: Path,
     out: Path,
@@ -154,7 +163,7 @@ def write_store(
     station: StationConfig,
     df: pd.DataFrame,
     scan_errors: pd.DataFrame,
-    darks: Any,
+    darks: DarkSource,
     settings: dict[str, Any],
     input_size: int,
     summary: Any,
@@ -163,57 +172,88 @@ def write_store(
     chunk_size: int | None = None,
 ) -> Any:
     """Append the frames of ``df`` missing from the store OUT (created when absent); fills in
-    and returns ``summary`` (a PreprocessSummary)."""
-    from pipeline.models import MIN_INPUT_SIZE
+    and returns ``summary`` (a PreprocessSummary).
+
+    OUT's run record (``_run.json``, docs/design.md "Output folders") says ``finished: false``
+    while frames are appended and true once every frame is in the store or in its errors table.
+    """
+    from pipeline.models import MIN_INPUT_SIZE  # noqa: PLC0415 - torch, for the driver only here
 
     t0 = time.perf_counter()
     if input_size < MIN_INPUT_SIZE:
         raise InputError(f"--input-size must be >= {MIN_INPUT_SIZE} px, got {input_size}")
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: is a file; --out takes the folder of the frame store")
-    if out.is_dir() and not framestore.is_store(out) and any(out.iterdir()):
-        raise InputError(
-            f"{out}: exists and is not a frame store; give `preprocess --format zarr` a new folder"
-        )
-    refuse_foreign_out(out, ("zarr.json",), "preprocess --format zarr")
     coords = framestore.COORDS + tuple(c for c in framestore.LABEL_COORDS if c in df.columns)
     attrs = _attrs(source, kind, root, station, settings, input_size, coords)
-    out.mkdir(parents=True, exist_ok=True)
-    what = f"{out}: another preprocess run is writing this store"
-    with exclusive_lock(framestore.side_path(out, framestore.LOCK_NAME), what):
-        if framestore.is_store(out):
-            _check_store(framestore.open_info(out), attrs)
-            framestore.repair(out)
-        else:
-            framestore.create(out, attrs)
-        have = framestore.read_items(out)
-        in_store = set(zip(have["path"].astype(str), have["frame"].astype(int)))
-        errors_path = framestore.side_path(out, framestore.ERRORS_NAME)
-        old_errors = read_errors(errors_path)
-        known = _known_failures(old_errors)
-        errors_mtime = os.stat(errors_path).st_mtime_ns if errors_path.is_file() else None
-
-        rels = [str(p) for p in df["path"]]
-        frames = [int(f) for f in df["frame"]]
-        abspaths = [str(p) for p in df["abspath"]]
-        todo: list[int] = []
-        for i, key in enumerate(zip(rels, frames)):
-            if key in in_store:
-                summary.up_to_date += 1
-            elif key in known and _unchanged(abspaths[i], errors_mtime):
-                summary.known_errors += 1
+    record = {k: attrs[k] for k in ("input_size", "settings", "root", "source", "kind")}
+    with OutputFolder(out, STAGE, {"format": "zarr", **record}, owns=("zarr.json",)) as folder:
+        _refuse_other_folder(out)
+        what = f"{out}: another preprocess run is writing this store"
+        with exclusive_lock(framestore.side_path(out, framestore.LOCK_NAME), what):
+            if framestore.is_store(out):
+                _check_store(framestore.open_info(out), attrs)
+                framestore.repair(out)
             else:
-                todo.append(i)
-        failed: list[pd.DataFrame] = []
-        done: set[tuple[str, int]] = set()
-        if todo:
-            _run(out, df, todo, station, darks, input_size, workers, scheduler, chunk_size,
-                 summary, failed, done)  # fmt: skip
-        _update_errors(errors_path, old_errors, failed, done)
-        replace_stage_errors(errors_path, scan_errors, "scan", keep_empty=True)
-        summary.scan_errors = len(scan_errors)
+                framestore.create(out, attrs)
+            _append_missing(folder, df, scan_errors, station, darks, input_size, summary,
+                            Chunking(4, framestore.FRAMES_PER_CHUNK, chunk_size), workers, scheduler)  # fmt: skip
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _append_missing(
+    folder: OutputFolder,
+    df: pd.DataFrame,
+    scan_errors: pd.DataFrame,
+    station: StationConfig,
+    darks: DarkSource,
+    input_size: int,
+    summary: Any,
+    chunking: Chunking,
+    workers: int | None,
+    scheduler: str | None,
+) -> None:
+    """Append the frames not in the store yet and not known to fail; update the errors table.
+
+    The run record says ``finished: false`` meanwhile; a rerun with nothing to do leaves it.
+    """
+    out = folder.path
+    have = framestore.read_items(out)
+    in_store = set(zip(have["path"].astype(str), have["frame"].astype(int)))
+    errors_path = framestore.side_path(out, framestore.ERRORS_NAME)
+    old_errors = read_errors(errors_path)
+    known = _known_failures(old_errors)
+    errors_mtime = os.stat(errors_path).st_mtime_ns if errors_path.is_file() else None
+    keys = list(zip(df["path"].astype(str), df["frame"].astype(int)))
+    abspaths = [str(p) for p in df["abspath"]]
+    todo: list[int] = []
+    for i, key in enumerate(keys):
+        if key in in_store:
+            summary.up_to_date += 1
+        elif key in known and _unchanged(abspaths[i], errors_mtime):
+            summary.known_errors += 1
+        else:
+            todo.append(i)
+    settled = not todo and folder.same_settings() and is_finished(out, STAGE)
+    if not settled:
+        folder.begin()
+    appender = _Appender(out, df, input_size, summary)
+    if todo:
+        times = list(df["time_utc"]) if "time_utc" in df.columns else [None] * len(df)
+
+        def args_of(chunk: list[int]) -> tuple:
+            items = [(i, abspaths[i], keys[i][1], times[i]) for i in chunk]
+            return items, station, darks, input_size
+
+        try:
+            run_chunks(todo, store_chunk, args_of, appender, chunking, workers, scheduler)
+        finally:
+            # Ctrl-C too: what arrived in order is kept (and committed) for the rerun.
+            appender.flush()
+    _update_errors(errors_path, old_errors, appender.failed, appender.done)
+    replace_stage_errors(errors_path, scan_errors, "scan", keep_empty=True)
+    summary.scan_errors = len(scan_errors)
+    if not settled:
+        folder.finish()
 
 
 def _unchanged(path: str, errors_mtime: int | None) -> bool:
@@ -224,99 +264,64 @@ def _unchanged(path: str, errors_mtime: int | None) -> bool:
         return False
 
 
-def _run(
-    out: Path,
-    df: pd.DataFrame,
-    todo: list[int],
-    station: StationConfig,
-    darks: Any,
-    input_size: int,
-    workers: int | None,
-    scheduler: str | None,
-    chunk_size: int | None,
-    summary: Any,
-    failed: list[pd.DataFrame],
-    done: set[tuple[str, int]],
-) -> None:
-    """Submit the chunks, append their frames in planned order, commit after every append."""
-    from pipeline.cluster import dask_client, run_windowed
+class _Appender:
+    """Receives the chunks' frames in completion order and appends them to the store in the
+    planned (time) order, APPEND_FRAMES at a time, committing each append."""
 
-    rels = df["path"].astype(str).tolist()
-    frames = df["frame"].astype(int).tolist()
-    abspaths = df["abspath"].astype(str).tolist()
-    times = list(df["time_utc"]) if "time_utc" in df.columns else [None] * len(df)
-    extra = [c for c in framestore.LABEL_COORDS if c in df.columns]
-    with dask_client(workers=workers, threads_per_worker=1, scheduler=scheduler) as client:
-        n_workers = max(1, len(client.scheduler_info().get("workers", {})) or (workers or 1))
-        size = chunk_size or min(
-            framestore.FRAMES_PER_CHUNK, max(1, math.ceil(len(todo) / (n_workers * 4)))
-        )
-        chunks = [todo[k : k + size] for k in range(0, len(todo), size)]
-        ready: dict[int, tuple[list[int], np.ndarray]] = {}
-        pending: list[tuple[list[int], np.ndarray]] = []
-        nxt = [0]
+    def __init__(self, out: Path, df: pd.DataFrame, input_size: int, summary: Any) -> None:
+        self.out, self.df, self.input_size, self.summary = out, df, input_size, summary
+        self.rels = df["path"].astype(str).tolist()
+        self.frames = df["frame"].astype(int).tolist()
+        self.extra = [c for c in framestore.LABEL_COORDS if c in df.columns]
+        self.ready: dict[int, tuple[list[int], np.ndarray]] = {}
+        self.pending: list[tuple[list[int], np.ndarray]] = []
+        self.next_key = 0
+        self.failed: list[pd.DataFrame] = []
+        self.done: set[tuple[str, int]] = set()
 
-        def tasks():
-            for key, chunk in enumerate(chunks):
-                items = [(i, abspaths[i], frames[i], times[i]) for i in chunk]
-                yield key, (items, station, darks, input_size), len(chunk)
+    def result(self, key: int, chunk: list[int], res: tuple[list[int], np.ndarray, list]) -> None:
+        ok, arr, errs = res
+        for i, err, msg in errs:
+            self.summary.failed += 1
+            self.summary.note_error(msg)
+            self.failed.append(error_rows([(self.rels[i], self.frames[i])], STAGE, msg, error=err))
+        self._advance(key, (ok, arr))
 
-        def flush() -> None:
-            idx = [i for ok, _ in pending for i in ok]
-            if idx:
-                arr = np.concatenate([a for _, a in pending])
-                rows = df.iloc[idx]
-                items = pd.DataFrame(
-                    {
-                        "time_utc": pd.to_datetime(rows["time_utc"], utc=True).to_numpy(),
-                        "path": [rels[i] for i in idx],
-                        "frame": [frames[i] for i in idx],
-                        **{c: rows[c].to_numpy() for c in extra},
-                    }
-                )
-                framestore.append(out, arr, items)
-                summary.written += len(idx)
-                done.update((rels[i], frames[i]) for i in idx)
-            pending.clear()
+    def error(self, key: int, chunk: list[int], exc: BaseException) -> None:
+        self.summary.failed += len(chunk)
+        self.summary.note_error(f"{type(exc).__name__}: {exc}")
+        rows = [(self.rels[i], self.frames[i]) for i in chunk]
+        self.failed.append(error_rows(rows, STAGE, exc))
+        empty = np.zeros((0, self.input_size, self.input_size), np.float32)
+        self._advance(key, ([], empty))
 
-        def advance(key: int, result: tuple[list[int], np.ndarray]) -> None:
-            # Append in the planned order: the store stays in time order, run after run.
-            ready[key] = result
-            while nxt[0] in ready:
-                pending.append(ready.pop(nxt[0]))
-                nxt[0] += 1
-                if sum(len(ok) for ok, _ in pending) >= APPEND_FRAMES:
-                    flush()
+    def _advance(self, key: int, result: tuple[list[int], np.ndarray]) -> None:
+        # Append in the planned order: the store stays in time order, run after run.
+        self.ready[key] = result
+        while self.next_key in self.ready:
+            self.pending.append(self.ready.pop(self.next_key))
+            self.next_key += 1
+            if sum(len(ok) for ok, _ in self.pending) >= APPEND_FRAMES:
+                self.flush()
 
-        def on_result(key: int, res: tuple[list[int], np.ndarray, list]) -> None:
-            ok, arr, errs = res
-            for i, err, msg in errs:
-                summary.failed += 1
-                summary.note_error(msg)
-                failed.append(error_rows([(rels[i], frames[i])], STAGE, msg, error=err))
-            advance(key, (ok, arr))
-
-        def on_error(key: int, exc: BaseException) -> None:
-            chunk = chunks[key]
-            summary.failed += len(chunk)
-            summary.note_error(f"{type(exc).__name__}: {exc}")
-            failed.append(error_rows([(rels[i], frames[i]) for i in chunk], STAGE, exc))
-            advance(key, ([], np.zeros((0, input_size, input_size), np.float32)))
-
-        try:
-            run_windowed(
-                client,
-                store_chunk,
-                tasks(),
-                on_result=on_result,
-                on_error=on_error,
-                window=2 * n_workers + 2,
-                total=len(todo),
-                desc="preprocess",
+    def flush(self) -> None:
+        """Append and commit the frames that arrived in order."""
+        idx = [i for ok, _ in self.pending for i in ok]
+        if idx:
+            arr = np.concatenate([a for _, a in self.pending])
+            rows = self.df.iloc[idx]
+            items = pd.DataFrame(
+                {
+                    "time_utc": pd.to_datetime(rows["time_utc"], utc=True).to_numpy(),
+                    "path": [self.rels[i] for i in idx],
+                    "frame": [self.frames[i] for i in idx],
+                    **{c: rows[c].to_numpy() for c in self.extra},
+                }
             )
-        finally:
-            # Ctrl-C too: what arrived in order is kept (and committed) for the rerun.
-            flush()
+            framestore.append(self.out, arr, items)
+            self.summary.written += len(idx)
+            self.done.update((self.rels[i], self.frames[i]) for i in idx)
+        self.pending.clear()
 
 
 def _update_errors(

@@ -12,7 +12,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.archive import ROOT_KEY, load_manifest, parse_time, parse_times, scan, write_manifest
+from pipeline import archive as archive_mod
+from pipeline.archive import (
+    ROOT_KEY,
+    load_manifest,
+    parse_time,
+    parse_times,
+    scan,
+    scan_to_files,
+    write_manifest,
+)
+from pipeline.cli import main
 from pipeline.config import load_station
 from pipeline.errors import ConfigError, InputError
 from pipeline.imageio import read_frame, write_frame
@@ -271,8 +281,6 @@ def test_load_manifest_rejects_other_inputs(tmp_path, yrs, archive):
 
 
 def test_cli_scan_writes_manifest_and_errors(archive, tmp_path, capsys):
-    from pipeline.cli import main
-
     out = tmp_path / "res" / "manifest.parquet"
     (out.parent).mkdir()
     # an errors table of another stage is kept; stale scan rows are replaced
@@ -294,8 +302,6 @@ def test_cli_scan_writes_manifest_and_errors(archive, tmp_path, capsys):
 
 
 def test_cli_scan_without_errors_writes_no_errors_table(shared_data, tmp_path, capsys):
-    from pipeline.cli import main
-
     out = tmp_path / "manifest.parquet"
     main(["scan", str(shared_data / "themis"), "--station", "themis_gill", "-o", str(out)])
     assert "scanned 40 frame(s) in 2 file(s)" in capsys.readouterr().out
@@ -316,8 +322,6 @@ def test_scan_synthetic_archive_matches_its_truth(tiny_archive, tiny_station_pat
 
 
 def test_two_manifests_in_one_folder_keep_their_own_scan_errors(archive, tmp_path, capsys):
-    from pipeline.cli import main
-
     main(["scan", str(archive), "-o", str(tmp_path / "a.parquet")])
     main(["scan", str(archive), "-o", str(tmp_path / "b.parquet")])
     capsys.readouterr()
@@ -352,3 +356,56 @@ def test_scan_records_an_unreadable_file(archive, yrs):
     assert dict(zip(errors["path"], errors["error"]))[p.relative_to(archive).as_posix()] == (
         "PermissionError"
     )
+
+
+# ----------------------------------------------------------------------------- the output file
+
+
+@pytest.mark.parametrize(
+    "plant, named",
+    [
+        (
+            lambda d: (d / "_run.json").write_text('{"command": "train", "finished": true}'),
+            "_run.json",
+        ),
+        (lambda d: (d / "model.safetensors").write_bytes(b"weights"), "model.safetensors"),
+        (lambda d: (d / "manifest.parquet").mkdir(), "is a folder"),
+    ],
+)
+def test_scan_refuses_an_out_in_another_stages_folder(archive, yrs, tmp_path, capsys, plant, named):
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    plant(folder)
+    before = sorted(p.relative_to(folder) for p in folder.rglob("*"))
+    out = folder / "manifest.parquet"
+    with pytest.raises(InputError, match=named) as err:
+        scan_to_files(archive, yrs, out)
+    assert str(folder) in str(err.value)
+    assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == before
+    with pytest.raises(SystemExit) as exc:  # one line on the command line, no traceback
+        main(["scan", str(archive), "-o", str(out)])
+    assert exc.value.code == 1
+    msg = capsys.readouterr().err.strip()
+    assert len(msg.splitlines()) == 1 and named in msg
+
+
+def test_scan_into_a_workflow_folder_is_fine(archive, yrs, tmp_path):
+    (tmp_path / "_run.json").write_text('{"command": "run", "finished": false}')
+    scan_to_files(archive, yrs, tmp_path / "manifest.parquet")
+    assert len(pd.read_parquet(tmp_path / "manifest.parquet")) == 5
+
+
+def test_an_interrupted_scan_writes_no_manifest(archive, yrs, tmp_path, monkeypatch):
+    """The manifest goes last: an interruption before it leaves none (and no partial file)."""
+    out = tmp_path / "res" / "manifest.parquet"
+    written = []
+
+    def interrupted(df, path, root=None):
+        written.append((tmp_path / "res" / "errors.parquet").is_file())  # the errors came first
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(archive_mod, "write_manifest", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        scan_to_files(archive, yrs, out)
+    assert written == [True]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["errors.parquet"]

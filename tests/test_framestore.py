@@ -3,27 +3,36 @@ evaluate and index in place of the frames, with the same predictions (issue 16).
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+import xarray as xr
+import zarr
+from distributed import Client, LocalCluster
+from test_classify import _assert_probabilities, _exact
 
-from pipeline import framestore
+from pipeline import framestore, store_writer
 from pipeline.archive import load_manifest, write_manifest
-from pipeline.checkpoint import save_checkpoint
+from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.classes import CLASSES, PROB_COLUMNS
 from pipeline.classify import ShardSettings, classify_archive, decode_frame, read_predictions
+from pipeline.cli import main
 from pipeline.config import load_station
 from pipeline.errors import InputError
-from pipeline.models import build_model, resize_frames
+from pipeline.evaluate import evaluate_checkpoint
+from pipeline.models import build_model, resize_frames, to_model_input
 from pipeline.preprocess_stage import run_preprocess
+from pipeline.retrieval_stage import build_index, load_index
 
 SIZE = 64
 REPO = Path(__file__).resolve().parents[1]
@@ -32,8 +41,6 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def cluster():
     """One 1-worker cluster for the module: preprocess connects by address, classify by client."""
-    from distributed import Client, LocalCluster
-
     with (
         LocalCluster(
             n_workers=1,
@@ -77,8 +84,6 @@ def _small_archive(tiny_archive: Path, dst: Path, n: int) -> Path:
 
 
 def test_store_holds_what_classify_computes_from_the_frames(tiny_archive, store, cluster):
-    import xarray as xr
-
     station = load_station(tiny_archive / "calib" / "station.yaml")
     manifest = load_manifest(tiny_archive, station)
     info = framestore.open_info(store)
@@ -95,7 +100,9 @@ def test_store_holds_what_classify_computes_from_the_frames(tiny_archive, store,
         want = resize_frames(torch.from_numpy(crop)[None, None], SIZE)[0, 0].numpy()
         np.testing.assert_array_equal(framestore.read_frames(store, i, i + 1)[0], want)
 
-    ds = xr.open_zarr(store, consolidated=False)  # what the field opens it with
+    with warnings.catch_warnings():  # zarr names the run record an object it does not know
+        warnings.filterwarnings("ignore", message=r"Object at _run\.json", category=UserWarning)
+        ds = xr.open_zarr(store, consolidated=False)  # what the field opens it with
     assert ds["frames"].dims == ("item", "y", "x") and ds["frames"].shape == (60, SIZE, SIZE)
     assert ds["frames"].encoding["chunks"][0] == framestore.FRAMES_PER_CHUNK
     assert list(ds["path"].values) == manifest["path"].tolist()
@@ -107,8 +114,6 @@ def test_store_holds_what_classify_computes_from_the_frames(tiny_archive, store,
 def test_the_nightly_run_appends_only_new_frames_and_bad_ones_are_recorded(
     tiny_archive, tmp_path, cluster, capsys
 ):
-    from pipeline.cli import main
-
     root = _small_archive(tiny_archive, tmp_path / "arch", 20)
     station = load_station(root / "calib" / "station.yaml")
     manifest = load_manifest(root, station)
@@ -169,14 +174,17 @@ def test_a_write_killed_between_append_and_commit_resumes_exactly(tiny_archive, 
         [sys.executable, "-c", script], cwd=REPO, capture_output=True, timeout=120
     )
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
-    import zarr
 
     assert zarr.open_array(str(out / "frames"), mode="r").shape[0] == 32  # uncommitted data
     assert framestore.open_info(out).committed == 16
     assert len(framestore.read_items(out)) == 16  # readable up to its last commit
+    assert json.loads((out / "_run.json").read_text())["finished"] is False
 
     s = run_preprocess(tiny_archive, out, fmt="zarr", input_size=SIZE, scheduler=cluster[0])
     assert (s.written, s.up_to_date, s.failed) == (44, 16, 0)
+    record = json.loads((out / "_run.json").read_text())
+    assert record["command"] == "preprocess" and record["format"] == "zarr"
+    assert record["finished"] is True
     clean = tmp_path / "clean.zarr"
     run_preprocess(tiny_archive, clean, fmt="zarr", input_size=SIZE, scheduler=cluster[0])
     a, b = framestore.read_items(out), framestore.read_items(clean)
@@ -200,10 +208,6 @@ def test_predictions_from_the_store_equal_those_from_the_frames(
     # Two float32 runs: each against the float64 model on the store's frames (the same model
     # inputs as the PNG path's, up to the resize's rounding that _exact allows) within the
     # derived bounds; labels equal where the float64 top-2 margin exceeds the bound.
-    from test_classify import _assert_probabilities, _exact
-
-    from pipeline.checkpoint import load_checkpoint
-    from pipeline.models import to_model_input
 
     model, meta = load_checkpoint(ckpt)
     items = framestore.read_items(store)
@@ -223,8 +227,6 @@ def test_predictions_from_the_store_equal_those_from_the_frames(
 
 
 def test_a_model_of_another_input_size_is_refused(store, tmp_path, cluster):
-    from pipeline.retrieval_stage import build_index
-
     ckpt96 = _checkpoint(tmp_path / "ckpt96", input_size=96)
     with pytest.raises(InputError, match=r"takes 96 px frames but the frame store .* holds 64 px"):
         classify_archive(store, ckpt96, tmp_path / "pred", client=cluster[1], device="cpu")
@@ -234,9 +236,6 @@ def test_a_model_of_another_input_size_is_refused(store, tmp_path, cluster):
 
 
 def test_evaluate_and_index_read_a_labelled_store(tiny_labelled, ckpt, tmp_path, cluster):
-    from pipeline.evaluate import evaluate_checkpoint
-    from pipeline.retrieval_stage import build_index, load_index
-
     out = tmp_path / "labelled.zarr"
     s = run_preprocess(tiny_labelled, out, fmt="zarr", input_size=SIZE, scheduler=cluster[0])
     assert s.written == 80 and framestore.open_info(out).labelled
@@ -260,3 +259,21 @@ def test_evaluate_and_index_read_a_labelled_store(tiny_labelled, ckpt, tmp_path,
     assert ia.items["path"].to_numpy()[oa].tolist() == ib.items["path"].to_numpy()[ob].tolist()
     assert ib.labelled and ib.meta["source_kind"] == "store"
     np.testing.assert_array_equal(ia.features[oa], ib.features[ob])
+
+
+def test_an_interrupted_store_write_never_claims_to_have_finished(
+    tiny_archive, store, tmp_path, cluster, monkeypatch
+):
+    """A rerun over a finished store that is interrupted leaves its record unfinished."""
+    out = tmp_path / "store"
+    shutil.copytree(store, out)
+    assert json.loads((out / "_run.json").read_text())["finished"] is True
+    framestore._commit(out, framestore.open_info(out).committed - 1)  # one frame to do again
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(store_writer, "run_chunks", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_preprocess(tiny_archive, out, fmt="zarr", input_size=SIZE, scheduler=cluster[0])
+    assert json.loads((out / "_run.json").read_text())["finished"] is False

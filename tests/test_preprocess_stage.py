@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -15,10 +16,15 @@ import bounds
 import numpy as np
 import pandas as pd
 import pytest
+from distributed import LocalCluster
 
+from pipeline import preprocess_stage
+from pipeline.archive import load_manifest, scan, write_manifest
+from pipeline.cli import main
 from pipeline.config import dump_yaml, load_station
 from pipeline.errors import ConfigError, InputError
-from pipeline.imageio import read_frame, write_frame
+from pipeline.imageio import read_frame, read_pgm_stack, write_frame
+from pipeline.labelled import open_labelled
 from pipeline.preprocess import calibration_from_station, preprocess
 from pipeline.preprocess_stage import DarkSource, run_preprocess
 
@@ -87,8 +93,6 @@ def mtimes(out: Path) -> dict[str, int]:
 @pytest.fixture(scope="module")
 def scheduler():
     """One small cluster for the module: tests connect to it instead of starting their own."""
-    from distributed import LocalCluster
-
     with LocalCluster(
         n_workers=1,
         threads_per_worker=1,
@@ -116,7 +120,8 @@ def test_one_output_per_frame_with_darks_by_date(archive, tmp_path, scheduler):
         img = got[p.relative_to(root).as_posix()]
         assert img.dtype == np.uint8 and img.shape == (TINY.crop_size, TINY.crop_size)
         np.testing.assert_array_equal(img, expected(p, root))
-    params = json.loads((out / "_preprocess.json").read_text())
+    params = json.loads((out / "_run.json").read_text())
+    assert params["command"] == "preprocess" and params["finished"] is True
     assert params["settings"]["dark"] == {"mode": "dir", "path": str((root / "calib").resolve())}
     assert params["settings"]["calibration"]["crop_size"] == TINY.crop_size
     assert params["station"]["raw_size"] == 64  # taken from ARCHIVE/calib/station.yaml
@@ -195,8 +200,6 @@ def test_a_newer_input_is_redone(archive, tmp_path, scheduler):
 
 
 def test_manifest_input_and_npy_format(archive, tmp_path, scheduler):
-    from pipeline.archive import scan, write_manifest
-
     root, frames = archive
     manifest, _ = scan(root, TINY)
     write_manifest(manifest, tmp_path / "manifest.parquet")
@@ -222,7 +225,7 @@ def test_explicit_dark_and_bias_fallback(archive, tmp_path, scheduler):
     (root / "calib" / "dark_20041201.png").unlink()
     s = run_preprocess(root, tmp_path / "bias", scheduler=scheduler)
     assert "bias from the unlit corners" in s.line()
-    params = json.loads((tmp_path / "bias" / "_preprocess.json").read_text())
+    params = json.loads((tmp_path / "bias" / "_run.json").read_text())
     assert params["settings"]["dark"]["mode"] == "none"
 
 
@@ -237,13 +240,18 @@ def test_user_mistakes_are_clear_errors(archive, tmp_path):
         run_preprocess(root, tmp_path / "o", station="yrs", dark=dark)
     # other settings into a folder that holds outputs of different ones
     (tmp_path / "o2").mkdir()
-    (tmp_path / "o2" / "_preprocess.json").write_text(
-        json.dumps({"settings": {"calibration": {"crop_size": 1}, "dark": {}, "format": "png"}})
+    (tmp_path / "o2" / "_run.json").write_text(
+        json.dumps(
+            {
+                "command": "preprocess",
+                "settings": {"calibration": {"crop_size": 1}, "dark": {}, "format": "png"},
+                "finished": True,
+            }
+        )
     )
     with pytest.raises(InputError, match="other settings"):
         run_preprocess(root, tmp_path / "o2")
     # two runs into one folder at once: the second refuses instead of racing the first
-    import fcntl
 
     (tmp_path / "o3").mkdir()
     with open(tmp_path / "o3" / ".preprocess.lock", "w") as held:
@@ -287,7 +295,6 @@ def test_labelled_set_is_carried_over(tmp_path, scheduler):
     assert (out / "calib" / "station.yaml").is_file()
     assert not list((out / "calib").glob("dark_*"))
     # The output is a labelled set the training code reads; its frames pass through unchanged.
-    from pipeline.labelled import open_labelled
 
     ds = open_labelled(out)
     img, target = ds[1]
@@ -361,8 +368,6 @@ def test_killed_run_resumes_to_the_full_correct_set(tmp_path, scheduler):
 
 
 def test_cli_runs_the_stage(archive, tmp_path, scheduler, capsys):
-    from pipeline.cli import main
-
     root, _ = archive
     main(["preprocess", str(root), "--out", str(tmp_path / "cli"), "--scheduler", scheduler])
     line = capsys.readouterr().out.strip().splitlines()[-1]
@@ -374,9 +379,6 @@ def test_cli_runs_the_stage(archive, tmp_path, scheduler, capsys):
 
 
 def test_synthetic_archive_and_labelled_set(tiny_archive, tiny_labelled, tmp_path, scheduler):
-    from pipeline.archive import load_manifest
-    from pipeline.labelled import open_labelled
-
     station = load_station(tiny_archive / "calib" / "station.yaml")
     manifest = load_manifest(tiny_archive, station)
     s = run_preprocess(tiny_archive, tmp_path / "a", scheduler=scheduler)
@@ -397,8 +399,6 @@ def test_synthetic_archive_and_labelled_set(tiny_archive, tiny_labelled, tmp_pat
 
 
 def test_multi_frame_pgm_stacks_get_one_output_per_frame(shared_data, tmp_path, scheduler):
-    from pipeline.imageio import read_pgm_stack
-
     src = shared_data / "themis" / "20140310_0605_gill_themis19_full.pgm"
     pd.DataFrame({"path": [str(src)]}).to_csv(tmp_path / "list.csv", index=False)
     out = tmp_path / "out"
@@ -410,3 +410,54 @@ def test_multi_frame_pgm_stacks_get_one_output_per_frame(shared_data, tmp_path, 
     calib = calibration_from_station(load_station("themis_gill"), dtype="uint8")
     (f7,) = out.rglob("*_f007.png")
     np.testing.assert_array_equal(read_frame(f7), preprocess(stack[7], calib))
+
+
+@pytest.mark.parametrize(
+    "plant",
+    [
+        lambda d: (d / "_run.json").write_text(json.dumps({"command": "train", "finished": True})),
+        lambda d: (d / "model.safetensors").write_bytes(b"weights"),
+    ],
+)
+@pytest.mark.parametrize("fmt", ["png", "zarr"])
+def test_preprocess_refuses_an_out_of_another_stage(archive, tmp_path, plant, fmt):
+    """`preprocess X --out CKPT_DIR` would write frames among a checkpoint's files: refused."""
+    root, _ = archive
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    plant(out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(InputError, match=str(out)):
+        run_preprocess(root, out, fmt=fmt, scheduler="tcp://127.0.0.1:1")  # never contacted
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def _interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+def test_an_interrupted_preprocess_never_claims_to_have_finished(
+    archive, tmp_path, scheduler, monkeypatch
+):
+    root, _ = archive
+    out = tmp_path / "out"
+    run_preprocess(root, out, scheduler=scheduler)
+    assert json.loads((out / "_run.json").read_text())["finished"] is True
+    newer = root / "2003" / "20031221" / "N20031221G030000.png"
+    os.utime(newer, ns=(2**62, 2**62))  # newer than its output: redone
+    with monkeypatch.context() as m:
+        m.setattr(preprocess_stage, "run_chunks", _interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            run_preprocess(root, out, scheduler=scheduler)
+    assert json.loads((out / "_run.json").read_text())["finished"] is False
+    s = run_preprocess(root, out, scheduler=scheduler)  # the rerun finishes it
+    assert s.written == 1 and json.loads((out / "_run.json").read_text())["finished"] is True
+    fresh = tmp_path / "fresh"
+    with monkeypatch.context() as m:
+        m.setattr(preprocess_stage, "_clean_partials", _interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            run_preprocess(root, fresh, scheduler=scheduler)
+    assert (
+        not (fresh / "_run.json").exists()
+        or not json.loads((fresh / "_run.json").read_text())["finished"]
+    )

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -17,6 +22,7 @@ from pipeline.classes import ASI8K_COUNTS, CLASSES
 from pipeline.cli import main
 from pipeline.config import load_station
 from pipeline.errors import InputError
+from pipeline.synth import geometry, render, timeline, writer
 
 SIZE = 64
 
@@ -81,8 +87,8 @@ def test_outside_fov_is_dark_and_dark_frame_subtracts_to_zero(labelled):
 
 
 def test_ring_features_stay_outside_the_crop():
-    g = synth._geometry(SIZE)
-    ring = synth._ring(g, np.random.default_rng(0), synth.season_for(2004))
+    g = geometry._geometry(SIZE)
+    ring = render._ring(g, np.random.default_rng(0), synth.season_for(2004))
     assert np.all(ring[g.ring_rho < g.crop_rho + 0.01] == 0)
     assert ring.max() > 100
 
@@ -214,7 +220,7 @@ def test_too_many_frames_for_the_timeline_is_a_clear_error():
 
 def test_same_second_frames_get_unique_names():
     t = pd.Series(pd.to_datetime(["2004-01-01 03:00:01"] * 3 + ["2004-01-01 03:00:02"], utc=True))
-    out = synth._dedupe_seconds(t)
+    out = timeline._dedupe_seconds(t)
     assert out.is_unique
     assert (out - t).max() <= pd.Timedelta(seconds=3)
 
@@ -233,7 +239,7 @@ def test_frames_at_class_changes_know_the_neighbouring_class():
         )
     )
     lab = pd.Series(["arc", "arc", "drapery", "radial", "radial"])
-    assert synth._transitions(t, lab).tolist() == ["", "drapery", "arc", "", ""]
+    assert timeline._transitions(t, lab).tolist() == ["", "drapery", "arc", "", ""]
 
 
 def test_bad_timeline_names_the_line(tmp_path):
@@ -292,7 +298,7 @@ def test_brightness_alone_does_not_separate_the_classes():
     """Nearest class mean on [mean, std] inside the crop stays far from perfect; the same
     classifier on four crude brightness-free shape features does clearly better."""
     season = synth.season_for(2003)
-    g = synth._geometry(SIZE)
+    g = geometry._geometry(SIZE)
     dark = synth.dark_frame(2003, SIZE).astype(np.float32)
     yy, xx = np.mgrid[:SIZE, :SIZE]
     dy, dx = yy - g.centre[0], xx - g.centre[1]
@@ -316,7 +322,7 @@ def test_brightness_alone_does_not_separate_the_classes():
 def test_signal_levels_suit_the_4000_count_stretch():
     season = synth.season_for(2003)
     dark = synth.dark_frame(2003, SIZE).astype(np.float32)
-    g = synth._geometry(SIZE)
+    g = geometry._geometry(SIZE)
     yy, xx = np.mgrid[:SIZE, :SIZE]
     crop = np.hypot(yy - g.centre[0], xx - g.centre[1]) < g.radius * g.crop_rho
     p99 = []
@@ -361,9 +367,9 @@ def test_synth_refuses_a_folder_of_another_synth_run(tmp_path, capsys):
 
 def test_synth_refuses_a_folder_of_other_files(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(InputError, match=r"is not empty \(1 entry: notes\.txt; no synth\.json\)"):
+    with pytest.raises(InputError, match=r"is not empty \(1 entry: notes\.txt; no _run\.json\)"):
         synth.make_archive(tmp_path, n=2, size=32)
-    with pytest.raises(InputError, match="no synth.json"):  # --overwrite never deletes these
+    with pytest.raises(InputError, match="no _run.json"):  # --overwrite never deletes these
         synth.make_archive(tmp_path, n=2, size=32, overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 
@@ -377,30 +383,83 @@ def test_identical_rerun_keeps_the_set_and_an_interrupted_one_is_finished(tmp_pa
     pd.testing.assert_frame_equal(again, first)
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == stamp
 
-    # Killed while rendering: synth.json already says what the folder is, and "not complete".
+    # Killed while rendering: _run.json already says what the folder is, and "not finished".
     arch = tmp_path / "arch"
 
     def killed(out_, plan, *a, **k):
         first = (0, plan["label"][0], plan["path"][0], plan["time_utc"][0].value, "")
-        synth._render_chunk(str(out_), 32, 4, [first])  # one frame written, then Ctrl-C
+        writer._render_chunk(str(out_), 32, 4, [first])  # one frame written, then Ctrl-C
         raise KeyboardInterrupt
 
     with monkeypatch.context() as m:
-        m.setattr(synth, "_render_all", killed)
+        m.setattr(writer, "_render_all", killed)
         with pytest.raises(KeyboardInterrupt):
             synth.make_archive(arch, n=5, seed=4, size=32)
-    assert json.loads((arch / "synth.json").read_text())["complete"] is False
+    assert json.loads((arch / "_run.json").read_text())["finished"] is False
     assert not (arch / "truth.parquet").exists()
     (kept,) = _frames(arch)
     kept_stamp = kept.stat().st_mtime_ns
     truth = synth.make_archive(arch, n=5, seed=4, size=32)
     assert len(_frames(arch)) == 5 and len(truth) == 5
     assert kept.stat().st_mtime_ns == kept_stamp, "the frame already rendered was rendered again"
-    assert json.loads((arch / "synth.json").read_text())["complete"] is True
+    assert json.loads((arch / "_run.json").read_text())["finished"] is True
     fresh = tmp_path / "fresh"
     synth.make_archive(fresh, n=5, seed=4, size=32)
     for rel in truth["path"]:
         assert (arch / rel).read_bytes() == (fresh / rel).read_bytes()
+
+
+@pytest.mark.parametrize(
+    "plant",
+    [
+        lambda d: (d / "_run.json").write_text(json.dumps({"command": "train", "finished": True})),
+        lambda d: (d / "model.safetensors").write_bytes(b"weights"),
+    ],
+)
+def test_synth_refuses_a_folder_of_another_stage(tmp_path, plant):
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    plant(out)
+    before = {p: p.read_bytes() for p in out.iterdir()}
+    for overwrite in (False, True):  # --overwrite never deletes another stage's output
+        with pytest.raises(InputError, match=re.escape(str(out))):
+            synth.make_archive(out, n=2, size=32, overwrite=overwrite)
+        with pytest.raises(InputError, match=re.escape(str(out))):
+            synth.make_labelled(out, n=2, size=32, overwrite=overwrite)
+    assert {p: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_the_run_record_says_what_made_the_folder(labelled):
+    record = json.loads((labelled / "_run.json").read_text())
+    assert record["command"] == "synth" and record["finished"] is True
+    assert (record["kind"], record["n"], record["seed"], record["winter"]) == (
+        "labelled",
+        24,
+        3,
+        2003,
+    )
+    assert record["seasons"]["2003"]["gain"] == synth.season_for(2003).gain
+    assert not (labelled / "synth.json").exists()
+
+
+def test_an_interrupted_synth_never_claims_to_have_finished(tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    fresh = tmp_path / "fresh"
+    with monkeypatch.context() as m:
+        m.setattr(writer, "_write_calib", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            synth.make_archive(fresh, n=3, seed=1, size=32)
+    assert not fresh.exists()  # nothing written: the folder it created is gone
+    done = tmp_path / "done"
+    synth.make_archive(done, n=3, seed=1, size=32)
+    with monkeypatch.context() as m:
+        m.setattr(writer, "_render_all", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            synth.make_archive(done, n=4, seed=1, size=32, overwrite=True)
+    assert json.loads((done / "_run.json").read_text())["finished"] is False
+    assert not (done / "truth.parquet").exists()
 
 
 @pytest.mark.parametrize("size", [100000, 8192, 16])
@@ -412,12 +471,6 @@ def test_size_out_of_range_is_a_clear_error(tmp_path, size):
 
 def test_ctrl_c_stops_a_parallel_synth_promptly(tmp_path):
     """Ctrl-C drops the queued chunks: no waiting for thousands of frames, no worker tracebacks."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
     out = tmp_path / "arch"
     cmd = [sys.executable, "-m", "pipeline", "synth", "archive", str(out), "--n", "20000",
            "--size", "64", "--workers", "2"]  # fmt: skip
