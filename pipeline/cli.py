@@ -164,7 +164,7 @@ def synth_archive(
     "--out",
     type=PathArg,
     required=True,
-    help="Output folder: INPUT's layout, errors.parquet, _preprocess.json.",
+    help="Output folder: INPUT's layout, errors.parquet, _run.json (the run record).",
 )
 @click.option(
     "--station",

@@ -25,14 +25,15 @@ from pipeline import framestore, store_writer
 from pipeline.archive import load_manifest, write_manifest
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.classes import CLASSES, PROB_COLUMNS
-from pipeline.classify import ShardSettings, classify_archive, decode_frame, read_predictions
+from pipeline.classify import ShardSettings, classify_archive, decode_frame
 from pipeline.cli import main
 from pipeline.config import load_station
 from pipeline.errors import InputError
 from pipeline.evaluate import evaluate_checkpoint
 from pipeline.models import build_model, resize_frames, to_model_input
 from pipeline.preprocess_stage import run_preprocess
-from pipeline.retrieval_stage import build_index, load_index
+from pipeline.predictions import read_predictions
+from pipeline.retrieval_index import build_index, load_index
 
 SIZE = 64
 REPO = Path(__file__).resolve().parents[1]
