@@ -70,14 +70,11 @@ from pipeline.predictions import (
     SHARD_FAILED,
     STAGE,
     done_shards,
-    features_name,
     features_path,
     read_errors,
-    read_predictions,
     read_run,
     remove_strays,
     shard_files,
-    shard_name,
     shard_path,
 )
 from pipeline.preprocess import (
@@ -104,29 +101,18 @@ log = logging.getLogger(__name__)
 #: The public names. Those of the predictions folder (FEATURES_DIR, RUN_FILE, SHARD_FAILED,
 #: features_*, read_*, shard_*) belong to pipeline.predictions: import them from there.
 __all__ = [
-    "FEATURES_DIR",
-    "RUN_FILE",
-    "SHARD_FAILED",
     "ClassifySummary",
     "ShardResult",
     "ShardSettings",
     "classify_archive",
     "classify_shard",
     "decode_frame",
-    "features_name",
-    "features_path",
     "manifest_hash",
     "parse_since",
     "plan_shards",
     "predict_batch",
     "print_summary",
-    "read_errors",
-    "read_predictions",
-    "read_run",
     "remaining_frames",
-    "shard_files",
-    "shard_name",
-    "shard_path",
 ]
 
 SCAN_STAGE = "scan"
