@@ -10,7 +10,8 @@ by a pixel, does not count:
 - the radial profile: the mean brightness in rings of ``PROFILE_BIN`` pixels of zenith distance;
 - the power-spectrum slope: the log-log slope of the radially averaged power spectrum of the
   central ``SPECTRUM_BOX`` square (Hann-windowed, mean removed) over ``SPECTRUM_BAND``
-  (cycles per box; 4..64 is wavelengths from 64 px down to 4 px);
+  (cycles per box; 4..64 is wavelengths from 64 px down to 4 px), and over its coarse and fine
+  parts (``SLOPE_BANDS``);
 - texture: rotation-invariant uniform LBP histograms (8 neighbours at radius 1, 10 codes) at the
   full resolution and after 2x2 binning;
 - dark or featureless frames: a mean or a standard deviation below thresholds taken as a
@@ -47,6 +48,9 @@ PROFILE_BIN = 5.0
 SPECTRUM_BOX = 256
 #: Frequency band (cycles per SPECTRUM_BOX) of the spectral-slope fit.
 SPECTRUM_BAND = (4.0, 64.0)
+#: The per-frame slopes: the whole band, and its coarse (wavelengths 128..16 px) and fine
+#: (16..4 px) parts, which tell smooth structure from pixel-scale noise.
+SLOPE_BANDS = {"slope": SPECTRUM_BAND, "slope_coarse": (2.0, 16.0), "slope_fine": (16.0, 64.0)}
 #: Rotation-invariant uniform LBP with 8 neighbours: codes 0..8 (the number of neighbours at
 #: least as bright as the centre, for patterns with at most two 0/1 transitions) and 9 (others).
 LBP_CODES = 10
@@ -54,10 +58,17 @@ LBP_CODES = 10
 LBP_SCALES = (1, 2)
 #: Coarse radial-profile bins (px edges) for the domain classifier's profile-shape features.
 SHAPE_EDGES = (0.0, 36.0, 72.0, 108.0, 144.0, 180.0, ANALYSIS_RADIUS)
+#: Families of the domain classifier's features, by column-name prefix.
+FEATURE_FAMILIES = {
+    "brightness": ("mean", "std", "p1", "p50", "p99"),
+    "radial profile": ("limb_ratio", "profile_"),
+    "spectrum": ("slope",),
+    "texture (LBP)": ("lbp",),
+}
 #: Neighbours of a pixel in circular order (row, column offsets).
 _NEIGHBOURS = ((-1, -1), (-1, 0), (-1, 1), (0, 1), (1, 1), (1, 0), (1, -1), (0, -1))
 #: Per-frame scalar statistics, in the order of ``Description.scalars``.
-SCALARS = ("mean", "std", "p1", "p50", "p99", "limb_ratio", "slope")
+SCALARS = ("mean", "std", "p1", "p50", "p99", "limb_ratio", *SLOPE_BANDS)
 
 
 def circle_mask(size: int, radius: float = ANALYSIS_RADIUS) -> np.ndarray:
@@ -158,7 +169,9 @@ def lbp_codes(frame: np.ndarray) -> np.ndarray:
     f = np.asarray(frame, dtype=np.float64)
     h, w = f.shape
     centre = f[1:-1, 1:-1]
-    bits = np.stack([f[1 + dy : h - 1 + dy, 1 + dx : w - 1 + dx] >= centre for dy, dx in _NEIGHBOURS])
+    bits = np.stack(
+        [f[1 + dy : h - 1 + dy, 1 + dx : w - 1 + dx] >= centre for dy, dx in _NEIGHBOURS]
+    )
     ones = bits.sum(axis=0)
     transitions = (bits != np.roll(bits, 1, axis=0)).sum(axis=0)
     return np.where(transitions <= 2, ones, LBP_CODES - 1)
@@ -232,7 +245,8 @@ def describe(frames: Sequence[np.ndarray], mask: np.ndarray | None = None) -> De
         radii, prof = radial_profile(frame)
         k, power = radial_spectrum(frame)
         row["limb_ratio"] = _limb_ratio(radii, prof)
-        row["slope"] = spectral_slope(k, power)
+        for name, band in SLOPE_BANDS.items():
+            row[name] = spectral_slope(k, power, band)
         rows.append(row)
         profiles.append(prof)
         spectra.append(power)
@@ -258,6 +272,12 @@ def feature_matrix(desc: Description) -> pd.DataFrame:
         for c in range(LBP_CODES):
             feats[f"lbp{scale}_{c}"] = desc.lbp[:, s, c]
     return feats
+
+
+def family_columns(columns: Sequence[str], family: str) -> list[str]:
+    """The feature columns of one of ``FEATURE_FAMILIES``."""
+    prefixes = FEATURE_FAMILIES[family]
+    return [c for c in columns if any(c == p or c.startswith(p) for p in prefixes)]
 
 
 def featureless_thresholds(scalars: pd.DataFrame, quantile: float = 0.10) -> dict[str, float]:

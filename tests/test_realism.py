@@ -78,7 +78,9 @@ def test_set_stretch_maps_the_limits_and_clips() -> None:
     (out,) = realism.set_stretch([frame], source=(100.0, 200.0), target=(20.0, 220.0))
     np.testing.assert_array_equal(out, [[0, 20, 220, 255]])
     assert out.dtype == np.uint8
-    lo, hi = realism.pooled_percentiles([np.arange(100.0).reshape(10, 10)], np.ones((10, 10), bool), (0, 100), step=1)
+    lo, hi = realism.pooled_percentiles(
+        [np.arange(100.0).reshape(10, 10)], np.ones((10, 10), bool), (0, 100), step=1
+    )
     assert (lo, hi) == (0.0, 99.0)
 
 
@@ -91,6 +93,9 @@ def test_describe_and_features_on_small_frames() -> None:
     assert len(feats) == 3 and feats.notna().all().all()
     np.testing.assert_allclose(desc.lbp.sum(axis=2), 1.0)
     assert desc.take(np.array([0, 2])).profiles.shape[0] == 2
+    # Every feature belongs to exactly one family.
+    families = [realism.family_columns(feats.columns, f) for f in realism.FEATURE_FAMILIES]
+    assert sorted(sum(families, [])) == sorted(feats.columns)
 
 
 def test_featureless_thresholds_and_flags() -> None:
