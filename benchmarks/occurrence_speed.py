@@ -114,7 +114,8 @@ def main() -> None:
         "note": "stage = read shards + MLT + counts + table + parquet/NetCDF/PNG/PDF; shared CPU",
     }
     print(
-        f"{n:,} predictions: pandas in memory {pandas_s:.2f} s (MLT {t_mlt:.2f} + bins {t_bin:.2f}); "
+        f"{n:,} predictions: pandas in memory {pandas_s:.2f} s "
+        f"(MLT {t_mlt:.2f} + bins {t_bin:.2f}); "
         f"whole stage on {shards} shards {stage_s:.2f} s (x{stage_s / pandas_s:.2f} of pandas; "
         f"target < 15 s)\n"
         f"{n_aacgm:,} timestamps: aacgm {aacgm_s:.2f} s vs offset {offset_s:.3f} s "

@@ -13,7 +13,8 @@ frames, built once into bench-data/ and reused):
 * stage: ``run_preprocess`` with 1 and 2 worker processes, wall time including the Dask
   LocalCluster start, and net of that start (measured separately).
 
-Prints "preprocessing adds X% to decoding" (target <= 50 %) and writes results/bench/preprocess.json.
+Prints "preprocessing adds X% to decoding" (target <= 50 %) and writes
+results/bench/preprocess.json.
 """
 
 from __future__ import annotations
@@ -167,14 +168,16 @@ def main(argv: list[str] | None = None) -> dict:
         "meets_target": adds <= TARGET_PERCENT,
     }
     print(
-        f"{n} frames of 512x512 16-bit PNG ({os.cpu_count()} cpus, load {result['machine']['load_avg_1min']:.1f})"
+        f"{n} frames of 512x512 16-bit PNG ({os.cpu_count()} cpus, "
+        f"load {result['machine']['load_avg_1min']:.1f})"
     )
     for k, v in fps.items():
         print(f"  {k:<36} {v:8.1f} frames/s  {1000 / v:7.2f} ms/frame")
     for w, v in stage.items():
         print(
             f"  stage, {w} worker(s){'':<19} {v['frames_per_s']:8.1f} frames/s  "
-            f"({v['frames_per_s_net_of_start']:.1f} net of a {v['cluster_start_s']:.1f} s cluster start)"
+            f"({v['frames_per_s_net_of_start']:.1f} net of a "
+            f"{v['cluster_start_s']:.1f} s cluster start)"
         )
     verdict = "meets" if adds <= TARGET_PERCENT else "MISSES"
     print(

@@ -197,7 +197,8 @@ def write_store(arch: Path, store: Path, size: int, n: int) -> dict:
         "compression": round(n * size * size * 4 / nbytes, 2),
     }
     print(f"store {size} px written: {res['frames_per_s']:.1f} frames/s (cluster start "
-          f"included), {res['bytes_per_frame'] / 1e3:.0f} kB/frame ({res['compression']:.2f}x)")  # fmt: skip
+          f"included), {res['bytes_per_frame'] / 1e3:.0f} kB/frame "
+          f"({res['compression']:.2f}x)")  # fmt: skip
     return res
 
 
@@ -245,7 +246,8 @@ def main(argv: list[str] | None = None) -> dict:
             diffs.append(d)
             print(f"(b) {tag} ({variant} {size} px): classify-archive STORE "
                   f"{runs[tag]['store_frames_per_s']:.1f} frames/s vs ARCHIVE "
-                  f"{runs[tag]['png_frames_per_s']:.1f}: {runs[tag]['classify_store_vs_png']:.2f}x")  # fmt: skip
+                  f"{runs[tag]['png_frames_per_s']:.1f}: "
+                  f"{runs[tag]['classify_store_vs_png']:.2f}x")  # fmt: skip
     diff = max(diffs)
     print(f"(c) max |p_store - p_png| = {diff:.3g}")
 

@@ -140,7 +140,8 @@ class ShardSettings:
     features: bool = False
     #: torch intra-op threads per worker; None = the worker's cores / workers on its host.
     torch_threads: int | None = None
-    #: decoding threads per worker; None = as many as torch threads (CPU) or its share of the cores (GPU).
+    #: decoding threads per worker; None = as many as torch threads (CPU) or its share of the
+    #: cores (GPU).
     decode_threads: int | None = None
     #: worker processes per host, so a worker can share its host's cores fairly.
     workers_per_host: dict[str, int] = field(default_factory=dict)
@@ -304,7 +305,7 @@ def _calibration(settings: ShardSettings, time_utc: pd.Timestamp) -> Any:
 def decode_frame(
     abspath: str, frame: int, time_utc: pd.Timestamp, settings: ShardSettings
 ) -> np.ndarray:
-    """Read one frame and preprocess it like the preprocess stage: float32 (crop, crop) in [0, 1]."""
+    """Read a frame and preprocess it like the preprocess stage: float32 (crop, crop) in [0, 1]."""
     arr = read_frame(abspath, frame)
     st = settings.station
     if settings.preprocessed and arr.shape != (st.crop_size, st.crop_size):

@@ -70,7 +70,7 @@ def cli(verbose: int) -> None:
 def scan(
     archive: Path, station: str, out: Path, exclude: tuple[str, ...], errors_out: Path | None
 ) -> None:
-    """Find the frames of ARCHIVE (a folder, or a CSV/Parquet list of paths) and write the manifest."""
+    """Find the frames of ARCHIVE (a folder, or a CSV/Parquet list of paths); write the manifest."""
     from pipeline.archive import scan_to_files
     from pipeline.config import load_station
 
@@ -218,7 +218,10 @@ def preprocess(
     input_size: int | None,
     chunk_size: int | None,
 ) -> None:
-    """Subtract system noise, crop and mask every frame of INPUT (archive, manifest or labelled set)."""
+    """Subtract system noise, crop and mask every frame of INPUT.
+
+    INPUT is an archive, a manifest or a labelled set.
+    """
     from pipeline.preprocess_stage import run_preprocess
 
     summary = run_preprocess(

@@ -72,7 +72,7 @@ def dask_client(
     resources: dict[str, float] | None = None,
     processes: bool = True,
 ) -> Iterator[Any]:
-    """A ``distributed.Client``: on the running cluster at ``scheduler``, or on a new LocalCluster."""
+    """A ``distributed.Client`` on the running cluster at ``scheduler`` or on a new LocalCluster."""
     logging.getLogger("tornado.application").addFilter(_SYNC_CANCEL_FILTER)  # once: a set
 
     if scheduler:

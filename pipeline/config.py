@@ -1,4 +1,4 @@
-"""Typed configurations loaded from YAML, validated with errors that name the file, key and allowed values."""
+"""Typed YAML configurations, validated with errors that name the file, key and allowed values."""
 
 from __future__ import annotations
 
@@ -203,7 +203,8 @@ class PreprocessConfig:
     def validate(self) -> None:
         if self.stretch_high <= self.stretch_low:
             raise ValueError(
-                f"preprocess.stretch_high ({self.stretch_high}) must be above stretch_low ({self.stretch_low})"
+                f"preprocess.stretch_high ({self.stretch_high}) must be above "
+                f"stretch_low ({self.stretch_low})"
             )
 
 

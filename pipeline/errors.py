@@ -1,14 +1,14 @@
-"""The project's error hierarchy: user mistakes become one clear line in the CLI, never a traceback."""
+"""The project's error hierarchy: user mistakes become one clear CLI line, never a traceback."""
 
 from __future__ import annotations
 
 
 class AuroraError(Exception):
-    """Base class for errors that are the user's input, not a bug; the CLI prints them as one line."""
+    """Base class for errors in the user's input, not a bug; the CLI prints them as one line."""
 
 
 class ConfigError(AuroraError):
-    """A configuration file or option is invalid (names the file, the key and the allowed values)."""
+    """A configuration file or option is invalid (names the file, key and allowed values)."""
 
 
 class FrameReadError(AuroraError):

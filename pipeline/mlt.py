@@ -25,7 +25,7 @@ _NAT = np.iinfo(np.int64).min
 
 
 def to_utc_ns(times: Iterable | pd.Series | pd.DatetimeIndex | np.ndarray) -> np.ndarray:
-    """Timestamps as int64 nanoseconds since 1970 UTC (naive times are taken as UTC; NaT stays NaT)."""
+    """Timestamps as int64 nanoseconds since 1970 UTC (naive times taken as UTC; NaT stays NaT)."""
     if isinstance(times, pd.Series):
         times = times.array
     idx = pd.DatetimeIndex(times)
@@ -36,7 +36,10 @@ def to_utc_ns(times: Iterable | pd.Series | pd.DatetimeIndex | np.ndarray) -> np
 
 
 def ut_to_mlt(times, station: StationConfig, method: str | None = None) -> np.ndarray:
-    """MLT in float hours [0, 24) for UTC ``times`` at ``station`` (``offset`` or ``aacgm``; NaT -> NaN)."""
+    """MLT in float hours [0, 24) for UTC ``times`` at ``station`` (NaT -> NaN).
+
+    ``method``: ``offset`` or ``aacgm`` (default: the station's ``mlt.method``).
+    """
     method = method or station.mlt.method
     if method not in METHODS:
         raise ConfigError(f"unknown MLT method {method!r}; allowed: {', '.join(METHODS)}")
@@ -58,7 +61,10 @@ def offset_mlt(ns: np.ndarray, offset_hours: float) -> np.ndarray:
 
 
 def _magnetic_longitudes(days: np.ndarray, lat: float, lon: float, alt_km: float) -> np.ndarray:
-    """AACGM-v2 magnetic longitude of the station, one per UT day (it drifts only with the IGRF epoch)."""
+    """AACGM-v2 magnetic longitude of the station, one per UT day.
+
+    One a day is enough: it drifts only with the IGRF epoch.
+    """
     out = np.empty(len(days))
     for i, d in enumerate(days):
         t = dt.datetime(1970, 1, 1) + dt.timedelta(days=int(d), hours=12)

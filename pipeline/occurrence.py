@@ -1,8 +1,9 @@
 """Occurrence of the auroral classes per MLT bin: counts, ratios, intervals, confusion correction.
 
 Pure functions: a pandas or dask DataFrame of frames in (``mlt`` in hours, ``label``, and
-``time_utc`` when grouping), the docs/design.md section 4 table or an xarray Dataset out. Bin indices
-are computed in integer nanoseconds of MLT, so 06:03:00 falls in bin 1 of 3-minute bins exactly.
+``time_utc`` when grouping), the docs/design.md section 4 table or an xarray Dataset out. Bin
+indices are computed in integer nanoseconds of MLT, so 06:03:00 falls in bin 1 of 3-minute bins
+exactly.
 
 A range may cross midnight: ``(22, 26)`` bins 22-24 then 00-02 MLT (the end is written past 24).
 Its table rows follow the range (22, ..., 23.5, 0, ..., 1.5 for 0.5 h bins) and each row's
@@ -71,13 +72,16 @@ class BinSpec:
 
     @property
     def bin_starts(self) -> np.ndarray:
-        """MLT (hours, [0, 24)) at which each bin starts, in range order (22, 23, 0, 1 for 22-26)."""
+        """MLT (hours, [0, 24)) at which the bins start, in range order (22, 23, 0, 1 for 22-26)."""
         ns = self.start_ns + np.arange(self.nbins, dtype=np.int64) * self.width_ns
         return (ns % NS_PER_DAY) / NS_PER_HOUR
 
     @property
     def bin_ends(self) -> np.ndarray:
-        """MLT (hours, (0, 24]) at which each bin ends (exclusive): a bin ending at midnight ends at 24."""
+        """MLT (hours, (0, 24]) at which each bin ends (exclusive).
+
+        A bin ending at midnight ends at 24.
+        """
         ns = self.start_ns + np.arange(self.nbins, dtype=np.int64) * self.width_ns
         return (ns % NS_PER_DAY + self.width_ns) / NS_PER_HOUR
 
@@ -104,7 +108,8 @@ def make_bins(bins: str | pd.Timedelta = "3min", mlt_range=(6.0, 18.0)) -> BinSp
             width = pd.tseries.frequencies.to_offset(bins).nanos
         except (ValueError, TypeError):
             raise InputError(
-                f"bin width {bins!r} is not a duration; use a pandas offset such as 3min, 5min, 0.5h"
+                f"bin width {bins!r} is not a duration; "
+                "use a pandas offset such as 3min, 5min, 0.5h"
             ) from None
     start, end = (float(v) for v in mlt_range)
     if not (0.0 <= start < 24.0 and start < end <= start + 24.0):
@@ -215,7 +220,7 @@ def _partition_counts(
     time_col: str,
     by_day: bool = False,
 ) -> pd.DataFrame:
-    """Long counts (group, bin, cls, n) of one partition; run as is on pandas, per partition on dask.
+    """Long counts (group, bin, cls, n) of a partition; run as is on pandas, per partition on dask.
 
     ``by_day`` adds a ``day`` column (UT days since 1970; -1 without a time): the clusters of the
     day-level intervals.
@@ -455,7 +460,7 @@ OCCURRENCE_COLUMNS: dict[str, tuple[str | None, str]] = {
 
 
 def column_doc(pattern: str, cls: str | None = None, ci_kind: str | None = None) -> dict[str, str]:
-    """``long_name`` and ``units`` of an OCCURRENCE_COLUMNS entry, for class ``cls`` or each class."""
+    """``long_name``/``units`` of an OCCURRENCE_COLUMNS entry, for class ``cls`` or each class."""
     units, text = OCCURRENCE_COLUMNS[pattern]
     kind = ci_kind or "Wilson 95% interval"
     doc = {"long_name": text.format(f"class {cls}" if cls else "each class", ci=kind)}
@@ -492,7 +497,7 @@ def occurrence_from_counts(
     ci: bool = False,
     confusion=None,
 ) -> pd.DataFrame:
-    """The occurrence table (one row per bin, per group when grouped) from count_bins' long counts."""
+    """The occurrence table (a row per bin, per group when grouped) from count_bins' long counts."""
     k = len(CLASSES)
     if by is None and len(counts) and (counts["group"] != 0).any():
         counts = counts.assign(group=0)  # collapse a grouped count table over its groups

@@ -1,8 +1,9 @@
-"""The ``occurrence`` stage: read predictions or expert labels, bin by MLT, write table/NetCDF/figure.
+"""The ``occurrence`` stage: read predicted or expert labels, bin by MLT, write table/NetCDF/figure.
 
 Inputs (PRED):
-- a predictions directory (Parquet dataset of ``shards/shard-*.parquet``, :mod:`pipeline.predictions`), read
-  with dask.dataframe so archives of any size stream through partition by partition;
+- a predictions directory (Parquet dataset of ``shards/shard-*.parquet``,
+  :mod:`pipeline.predictions`), read with dask.dataframe so archives of any size stream through
+  partition by partition;
 - one Parquet file with ``time_utc`` and ``label`` columns (class names);
 - a label text file like ``Alllabel2003_38044.txt``: lines ``N20031221G030001  1`` (the frame
   name in the station's filename pattern, then the numeric code 1..4 of pipeline.classes, or a
@@ -483,8 +484,9 @@ def _warn_unclassified(pred: str | os.PathLike) -> int:
         after = f" after --since {since}" if since else ""
         log.warning(
             "%s: %s of the %s manifest frames%s that classify-archive was to classify are neither "
-            "predicted nor in _errors.parquet (it was interrupted, or is still running), so they are "
-            "not binned; rerun classify-archive with the same arguments to finish, then occurrence",
+            "predicted nor in _errors.parquet (it was interrupted, or is still running), so they "
+            "are not binned; rerun classify-archive with the same arguments to finish, then "
+            "occurrence",
             pred, f"{n_unclassified:,}", f"{n_considered:,}", after,
         )  # fmt: skip
     return n_unclassified

@@ -1,4 +1,6 @@
-"""The one protocol every stage follows to write its ``--out`` folder (docs/design.md, "Output folders").
+"""The one protocol every stage follows to write its ``--out`` folder.
+
+See docs/design.md, "Output folders".
 
 A stage's folder holds its outputs and one run record, ``_run.json``: a flat JSON object with
 the ``command`` that wrote the folder, the run's settings, and ``finished`` (true only once every

@@ -1,4 +1,6 @@
-"""The predictions folder classify-archive writes and other stages read (docs/design.md, "Predictions").
+"""The predictions folder classify-archive writes and other stages read.
+
+See docs/design.md, "Predictions".
 
 A predictions folder (PRED_DIR) is a Parquet dataset: ``PRED_DIR/shards`` holds nothing but the
 shards, so any client (pandas, pyarrow, Dask, DuckDB, polars) opens it as the predictions table,

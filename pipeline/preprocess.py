@@ -1,4 +1,4 @@
-"""System-noise subtraction, crop, mask and rotation of all-sky frames (pure: arrays in, arrays out).
+"""System-noise subtraction, crop, mask and rotation of all-sky frames (pure: array in, array out).
 
 One ``Calibration`` value holds everything a frame needs; ``preprocess`` applies it to one frame
 and ``preprocess_batch`` to a stack (the same arithmetic, so both agree bit for bit). The
@@ -112,7 +112,7 @@ class Calibration:
 def calibration_from_station(
     station: StationConfig, dark: np.ndarray | None = None, dtype: OutputDtype = "float32"
 ) -> Calibration:
-    """The Calibration of a station config (its preprocess switches), with an optional dark frame."""
+    """The Calibration of a station config (its preprocess switches) with an optional dark frame."""
     p = station.preprocess
     return Calibration(
         dark=dark if p.dark_subtract else None,

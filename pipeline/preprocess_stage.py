@@ -256,7 +256,7 @@ def _check_settings(folder: OutputFolder) -> None:
 
 
 def _out_lock(out: Path) -> contextlib.AbstractContextManager[None]:
-    """Hold OUT/.preprocess.lock: two runs writing one folder would delete each other's temp files."""
+    """Hold OUT/.preprocess.lock: two runs writing a folder would delete each other's temp files."""
     return exclusive_lock(out / LOCK_NAME, f"{out}: another preprocess run is writing this folder")
 
 

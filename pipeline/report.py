@@ -1,4 +1,4 @@
-"""A workflow's run report: one self-contained HTML page with its figures, tables, metrics and timings."""
+"""A workflow's run report: one self-contained HTML page of figures, tables, metrics and timings."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ if TYPE_CHECKING:
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1100px;margin:2em auto;
 padding:0 1em;color:#222}
-h1{font-size:1.6em}h2{font-size:1.2em;border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
+h1{font-size:1.6em}
+h2{font-size:1.2em;border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
 table{border-collapse:collapse;margin:.5em 0;font-size:.9em}
 td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}th{background:#f3f3f3}
 td:first-child,th:first-child{text-align:left}
@@ -27,7 +28,10 @@ figcaption{font-size:.85em;color:#555}.missing{color:#a33}pre{background:#f6f6f6
 
 
 def markdown_to_html(text: str) -> str:
-    """Pipe tables, headings and paragraphs of a small Markdown file as HTML (enough for our tables)."""
+    """Pipe tables, headings and paragraphs of a small Markdown file as HTML.
+
+    Enough for the tables this project writes.
+    """
     out: list[str] = []
     lines = text.splitlines()
     i = 0
@@ -90,7 +94,10 @@ def _metrics(path: Path) -> str:
         f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(_fmt(v))}</td></tr>"
         for k, v in _flatten(data).items()
     )
-    return f"<h3>{html.escape(str(path))}</h3><table><tr><th>metric</th><th>value</th></tr>{rows}</table>"
+    return (
+        f"<h3>{html.escape(str(path))}</h3>"
+        f"<table><tr><th>metric</th><th>value</th></tr>{rows}</table>"
+    )
 
 
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -133,7 +140,8 @@ def render_report(wf: Workflow, state: dict[str, Any]) -> str:
         rec = state.get("stages", {}).get(st.name, {})
         parts.append(
             f"<tr><td>{html.escape(st.name)}</td><td>{html.escape(st.command)}</td>"
-            f"<td>{rec.get('seconds', '')}</td><td>{html.escape(str(rec.get('finished_utc', '')))}</td></tr>"
+            f"<td>{rec.get('seconds', '')}</td>"
+            f"<td>{html.escape(str(rec.get('finished_utc', '')))}</td></tr>"
         )
     parts.append("</table>")
     if spec.figures:

@@ -224,9 +224,10 @@ def relevance(neighbour_labels: np.ndarray, query_labels: Sequence[object]) -> n
 def precision_at_k(
     neighbour_labels: np.ndarray, query_labels: Sequence[object], ks: Sequence[int]
 ) -> np.ndarray:
-    """Per-query precision at each k of ``ks``: (Q, len(ks)), share of the top k with the query's label.
+    """Per-query precision at each k of ``ks``: (Q, len(ks)).
 
-    A k beyond the number of neighbours K is an error (the list was cut too short).
+    Precision at k is the share of the top k with the query's label. A k beyond the number of
+    neighbours K is an error (the list was cut too short).
     """
     rel = relevance(neighbour_labels, query_labels)
     big = [k for k in ks if k < 1 or k > rel.shape[1]]

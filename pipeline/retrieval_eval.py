@@ -64,7 +64,8 @@ def evaluate_retrieval(
     idx, ranks = open_for_queries(index_dir, out, k, ranks, metric)
     if not idx.labelled:
         raise InputError(
-            f"{idx.path}: the index has frames without labels (built from {idx.meta.get('source')}); "
+            f"{idx.path}: the index has frames without labels "
+            f"(built from {idx.meta.get('source')}); "
             "--evaluate needs an index of a labelled set (labels.parquet or truth.parquet)"
         )
     q = QuerySet.open(Path(query_set), idx, checkpoint, station, batch_size, device)

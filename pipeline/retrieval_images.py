@@ -1,4 +1,4 @@
-"""The frames a retrieval index or query is made of: image sets and the loader that preprocesses them.
+"""The frames a retrieval index or query is made of: image sets and the loader preprocessing them.
 
 An image set is a labelled set (labels.parquet), a manifest (.parquet/.csv), an archive (a
 folder whose file names carry times), a plain folder of images, a single image or a frame store
@@ -51,7 +51,7 @@ def open_image_set(
     station_fallback: Any = None,
     dark_dir: str | os.PathLike | None = None,
 ) -> ImageSet:
-    """A labelled set (labels.parquet), a manifest (.parquet/.csv), an archive or a folder of images.
+    """A labelled set (labels.parquet), a manifest (.parquet/.csv), an archive or an image folder.
 
     ``station``: the frames' station when given, else the set's calib/station.yaml, else
     ``station_fallback`` (the station an index or checkpoint records), else yrs. ``dark_dir``:
@@ -108,8 +108,8 @@ def _folder_set(src: Path, st: StationConfig, dark: Path | None) -> ImageSet:
     files = _image_files(src, st)
     if not files:
         raise InputError(
-            f"{src}: no images ({', '.join(st.extensions)}) found; give a labelled set, an archive, "
-            "a manifest or a folder of images"
+            f"{src}: no images ({', '.join(st.extensions)}) found; "
+            "give a labelled set, an archive, a manifest or a folder of images"
         )
     items = _items_frame([str(p) for p in files])
     return ImageSet(_attach_truth(items, src), st, dd, "folder", str(src))

@@ -1,4 +1,7 @@
-"""Tables on disk: explicit Arrow schemas, atomic writes (temporary name, then rename), the errors table."""
+"""Tables on disk: explicit Arrow schemas, atomic writes, the errors table.
+
+A write goes to a temporary name, then is renamed into place.
+"""
 
 from __future__ import annotations
 
@@ -127,7 +130,7 @@ def read_contract(path: str | os.PathLike) -> dict[str, object]:
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    """Yield a temporary path beside ``path``, renamed onto ``path`` only if the block succeeds."""
     final = Path(path)
     if final.is_dir():
         from pipeline.errors import InputError
@@ -201,7 +204,7 @@ def empty_frame(schema: pa.Schema) -> pd.DataFrame:
 def error_rows(
     items: Sequence[tuple[str, int]], stage: str, exc: BaseException | str, error: str | None = None
 ) -> pd.DataFrame:
-    """Rows of the errors table for frames ``items`` ((path, frame) pairs) that failed with ``exc``."""
+    """Rows of the errors table for ``items`` ((path, frame) pairs) that failed with ``exc``."""
     name = error or (type(exc).__name__ if isinstance(exc, BaseException) else "Error")
     msg = str(exc)
     return pd.DataFrame(

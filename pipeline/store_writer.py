@@ -195,7 +195,8 @@ def write_store(
             else:
                 framestore.create(out, attrs)
             _append_missing(folder, df, scan_errors, station, darks, input_size, summary,
-                            Chunking(4, framestore.FRAMES_PER_CHUNK, chunk_size), workers, scheduler)  # fmt: skip
+                            Chunking(4, framestore.FRAMES_PER_CHUNK, chunk_size),
+                            workers, scheduler)  # fmt: skip
     summary.seconds = time.perf_counter() - t0
     return summary
 

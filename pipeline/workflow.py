@@ -1,4 +1,4 @@
-"""The ``run`` command's stage runner: ordered stages, skipped when up to date, resumable, locked."""
+"""The ``run`` command's stage runner: ordered stages, skipped if up to date, resumable, locked."""
 
 from __future__ import annotations
 

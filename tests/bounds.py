@@ -132,7 +132,8 @@ def assert_knn_valid(
     bad = np.abs(exact - want) > tol
     assert not bad.any(), (
         f"neighbours outside the rounding bound at {np.argwhere(bad)[:5].tolist()}: "
-        f"exact {exact[bad][:5]} vs sorted {want[bad][:5]} (tol {np.broadcast_to(tol, bad.shape)[bad][:5]})"
+        f"exact {exact[bad][:5]} vs sorted {want[bad][:5]} "
+        f"(tol {np.broadcast_to(tol, bad.shape)[bad][:5]})"
     )
     err = np.abs(np.asarray(got_d, np.float64) - exact)
     limit = np.take_along_axis(dist_err, got_i, axis=1)
@@ -198,7 +199,8 @@ def _local_error(mod: nn.Module, inp: torch.Tensor, out: torch.Tensor, u: float,
         if _is_residual_block(mod):
             return 1, out.detach().abs()  # relu(branch + identity): the addition rounds once
         if isinstance(mod, nn.AdaptiveAvgPool2d):
-            # a mean of at most n = (ceil(H/h)+1)(ceil(W/w)+1) values: n + 1 roundings of <= mean|x|.
+            # a mean of at most n = (ceil(H/h)+1)(ceil(W/w)+1) values:
+            # n + 1 roundings of <= mean|x|.
             size = mod.output_size
             oh, ow = size if isinstance(size, tuple) else (size, size)
             oh, ow = oh or a.shape[-2], ow or a.shape[-1]

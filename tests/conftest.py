@@ -1,4 +1,4 @@
-"""Test hygiene in one place: Agg backend, closed figures, the real-data fixture, tiny synthetic data."""
+"""Shared test hygiene: Agg backend, closed figures, the real-data fixture, tiny synthetic data."""
 
 from __future__ import annotations
 

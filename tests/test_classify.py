@@ -1,4 +1,4 @@
-"""classify-archive on a 2-worker CPU LocalCluster with tiny 64-px frames and a random-weight AlexNet."""
+"""classify-archive on a 2-worker CPU LocalCluster with 64-px frames and a random-weight AlexNet."""
 
 from __future__ import annotations
 
@@ -410,7 +410,8 @@ def test_other_checkpoint_refused_unless_overwrite(
         classify_archive(archive, ckpt_b, out, **kw)
     with pytest.raises(SystemExit) as exc:
         main(["classify-archive", str(archive), "--checkpoint", str(ckpt_b), "--out", str(out),
-              "--station", str(tiny_station_path), "--scheduler", lc.scheduler_address])  # fmt: skip
+              "--station", str(tiny_station_path),
+              "--scheduler", lc.scheduler_address])  # fmt: skip
     assert exc.value.code == 1
     err = capsys.readouterr().err
     assert "--overwrite" in err and "Traceback" not in err
@@ -551,7 +552,8 @@ def test_preprocessed_frames_pass_through(archive, station, ckpt, cluster, tmp_p
 @pytest.mark.gpu
 def test_cuda_workers_agree_with_the_plain_cpu_loop(archive, station, ckpt, tmp_path):
     """The GPU path (pinned float32 buffers, resize on the GPU, bf16 autocast, several worker
-    processes sharing the device) gives the CPU loop's classes and probabilities to bf16 precision."""
+    processes sharing the device) gives the CPU loop's classes and probabilities to bf16
+    precision."""
     out = tmp_path / "pred"
     summary = classify_archive(
         archive, ckpt, out, station=station, workers=2, shard_size=6, batch_size=4, device="cuda"
@@ -822,7 +824,7 @@ def test_an_out_holding_another_stages_output_is_refused_as_it_was(
 
 
 def _plant_zoo(root: Path) -> dict[str, str]:
-    """Copy the good archive and plant every kind of bad file a station's copy holds; their names."""
+    """Copy the good archive, plant every kind of bad file a station's copy holds; their names."""
     import shutil
 
     day = root / "2004" / "20041202"

@@ -81,7 +81,8 @@ def test_cron_script_never_overlaps(tmp_path):
     """A second nightly run while the first holds the lock exits at once with code 75."""
     fake = tmp_path / ".venv" / "bin" / "aurora-pipeline"
     fake.parent.mkdir(parents=True)
-    # The first run holds the lock until the test releases it: no sleep to outlast, whatever the load.
+    # The first run holds the lock until the test releases it:
+    # no sleep to outlast, whatever the load.
     fake.write_text(
         '#!/bin/bash\necho ran >> "$AURORA_REPO/ran.txt"\n'
         'while [ ! -e "$AURORA_REPO/release" ]; do sleep 0.05; done\n'

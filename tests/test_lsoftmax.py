@@ -1,4 +1,4 @@
-"""L-Softmax: equals softmax cross-entropy at m = 1, psi(theta) against acos, the lambda schedule."""
+"""L-Softmax: equals softmax cross-entropy at m = 1, psi(theta) vs acos, the lambda schedule."""
 
 from __future__ import annotations
 

@@ -489,7 +489,7 @@ def test_evaluate_json_is_strict_when_a_class_has_no_queries(
 
 
 def test_lone_query_uses_the_index_dark_frames(tiny_labelled: Path, ckpt: Path, tmp_path: Path):
-    """A query copied out of its set (no calib/ beside it) is preprocessed with the index's darks."""
+    """A query copied from its set (no calib/ beside it) is preprocessed with the index's darks."""
 
     info = build_index(tiny_labelled, ckpt, tmp_path / "idx")
     assert info["dark_dir"] is not None and info["source_kind"] == "labelled"

@@ -2,10 +2,11 @@
 
 The target-class logit ``||W|| ||x|| cos(theta)`` is replaced during training by
 ``||W|| ||x|| psi(theta)`` with ``psi(theta) = (-1)^k cos(m theta) - 2k`` on
-``[k pi/m, (k+1) pi/m]``, blended with the plain logit as ``(lambda * plain + margin) / (1 + lambda)``
-(paper eq. 10).  ``cos(m theta)`` comes from the Chebyshev expansion in ``cos(theta)``, so the
-forward pass needs no ``acos`` (whose gradient is unbounded at +-1); ``k`` comes from comparing
-``cos(theta)`` with the thresholds ``cos(j pi / m)``.
+``[k pi/m, (k+1) pi/m]``, blended with the plain logit as
+``(lambda * plain + margin) / (1 + lambda)`` (paper eq. 10).  ``cos(m theta)`` comes from the
+Chebyshev expansion in ``cos(theta)``, so the forward pass needs no ``acos`` (whose gradient is
+unbounded at +-1); ``k`` comes from comparing ``cos(theta)`` with the thresholds
+``cos(j pi / m)``.
 """
 
 from __future__ import annotations

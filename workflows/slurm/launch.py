@@ -64,7 +64,10 @@ def cluster_kwargs(
 
 
 def make_cluster(**kwargs: Any) -> Any:
-    """A dask_jobqueue.SLURMCluster with GPU workers (needs `pip install aurora-pipeline[cluster]`)."""
+    """A dask_jobqueue.SLURMCluster with GPU workers.
+
+    Needs `pip install aurora-pipeline[cluster]`.
+    """
     from dask_jobqueue import SLURMCluster
 
     return SLURMCluster(**cluster_kwargs(**kwargs))
