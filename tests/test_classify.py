@@ -17,9 +17,10 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
+from builders import local_cluster, random_checkpoint
 
 from pipeline.archive import load_manifest, write_manifest
-from pipeline.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.checkpoint import load_checkpoint
 from pipeline.classes import CLASSES, PROB_COLUMNS
 from pipeline.classify import (
     classify_archive,
@@ -33,7 +34,7 @@ from pipeline.config import load_station
 from pipeline.errors import FrameReadError, InputError
 from pipeline.imageio import read_frame, write_frame
 from pipeline.mlt import ut_to_mlt
-from pipeline.models import build_model, to_model_input
+from pipeline.models import to_model_input
 from pipeline.predictions import (
     SHARD_FAILED,
     read_errors,
@@ -90,34 +91,20 @@ def archive(tmp_path_factory) -> Path:
     return root
 
 
-def _checkpoint(out: Path, seed: int) -> Path:
-    torch.manual_seed(seed)
-    model = build_model("alexnet", input_size=SIZE)
-    save_checkpoint(out, model, {"classes": list(CLASSES)})
-    return out
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
-    return _checkpoint(tmp_path_factory.mktemp("ckpt_a"), seed=0)
+    return random_checkpoint(tmp_path_factory.mktemp("ckpt_a"), seed=0, input_size=SIZE)
 
 
 @pytest.fixture(scope="module")
 def ckpt_b(tmp_path_factory) -> Path:
-    return _checkpoint(tmp_path_factory.mktemp("ckpt_b"), seed=1)
+    return random_checkpoint(tmp_path_factory.mktemp("ckpt_b"), seed=1, input_size=SIZE)
 
 
 @pytest.fixture(scope="module")
 def cluster():
     """A running 2-worker cluster, used through --scheduler like a SLURM or Kubernetes one."""
-    from distributed import Client, LocalCluster
-
-    with (
-        LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
-        ) as lc,
-        Client(lc) as client,
-    ):
+    with local_cluster(n_workers=2) as (lc, client):
         yield lc, client
 
 

@@ -4,7 +4,6 @@ evaluate and index in place of the frames, with the same predictions (issue 16).
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 import subprocess
 import sys
@@ -18,21 +17,21 @@ import pytest
 import torch
 import xarray as xr
 import zarr
-from distributed import Client, LocalCluster
+from builders import local_cluster, random_checkpoint
 from test_classify import _assert_probabilities, _exact
 
 from pipeline import framestore, store_writer
 from pipeline.archive import load_manifest, write_manifest
-from pipeline.checkpoint import load_checkpoint, save_checkpoint
-from pipeline.classes import CLASSES, PROB_COLUMNS
+from pipeline.checkpoint import load_checkpoint
+from pipeline.classes import PROB_COLUMNS
 from pipeline.classify import ShardSettings, classify_archive, decode_frame
 from pipeline.cli import main
 from pipeline.config import load_station
 from pipeline.errors import InputError
 from pipeline.evaluate import evaluate_checkpoint
-from pipeline.models import build_model, resize_frames, to_model_input
-from pipeline.preprocess_stage import run_preprocess
+from pipeline.models import resize_frames, to_model_input
 from pipeline.predictions import read_predictions
+from pipeline.preprocess_stage import run_preprocess
 from pipeline.retrieval_index import build_index, load_index
 
 SIZE = 64
@@ -42,23 +41,12 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def cluster():
     """One 1-worker cluster for the module: preprocess connects by address, classify by client."""
-    with (
-        LocalCluster(
-            n_workers=1,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=":0",
-            silence_logs=logging.ERROR,
-        ) as lc,
-        Client(lc) as client,
-    ):
+    with local_cluster(n_workers=1) as (lc, client):
         yield lc.scheduler_address, client
 
 
 def _checkpoint(out: Path, input_size: int = SIZE) -> Path:
-    torch.manual_seed(0)
-    save_checkpoint(out, build_model("alexnet", input_size=input_size), {"classes": list(CLASSES)})
-    return out
+    return random_checkpoint(out, input_size=input_size)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import logging
 import os
 import signal
 import subprocess
@@ -16,7 +15,7 @@ import bounds
 import numpy as np
 import pandas as pd
 import pytest
-from distributed import LocalCluster
+from builders import local_cluster
 
 from pipeline import preprocess_stage
 from pipeline.archive import load_manifest, scan, write_manifest
@@ -93,13 +92,7 @@ def mtimes(out: Path) -> dict[str, int]:
 @pytest.fixture(scope="module")
 def scheduler():
     """One small cluster for the module: tests connect to it instead of starting their own."""
-    with LocalCluster(
-        n_workers=1,
-        threads_per_worker=1,
-        processes=True,
-        dashboard_address=":0",
-        silence_logs=logging.ERROR,
-    ) as cluster:
+    with local_cluster(n_workers=1) as (cluster, _):
         yield cluster.scheduler_address
 
 

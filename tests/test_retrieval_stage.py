@@ -13,18 +13,19 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from builders import random_checkpoint
 
 import pipeline.retrieval_eval as reval
 import pipeline.retrieval_index as ri
 import pipeline.retrieval_query as rq
 from pipeline.archive import load_manifest, write_manifest
-from pipeline.checkpoint import read_meta, save_checkpoint
+from pipeline.checkpoint import read_meta
 from pipeline.classes import CLASSES
 from pipeline.cli import main
 from pipeline.config import dump_yaml, load_station, to_dict
 from pipeline.errors import CheckpointError, FrameGeometryError, InputError
 from pipeline.imageio import write_frame
-from pipeline.models import build_model, to_model_input
+from pipeline.models import to_model_input
 from pipeline.output_folder import read_run_record
 from pipeline.predictions import FEATURES_DIR, RUN_FILE, features_name, shard_name, shard_path
 from pipeline.retrieval import knn
@@ -88,10 +89,7 @@ def sets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _checkpoint(out: Path, seed: int) -> Path:
-    torch.manual_seed(seed)
-    model = build_model("alexnet", input_size=SIZE)
-    save_checkpoint(out, model, {"classes": list(CLASSES)})
-    return out
+    return random_checkpoint(out, seed=seed, input_size=SIZE)
 
 
 #: Fixed random directions to compare 4096-d FC7 features along (a bound per projection costs

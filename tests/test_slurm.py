@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from builders import random_checkpoint
 from conftest import TINY
 from test_classify import (
     _assert_exactly_once,
     _assert_probabilities,
-    _checkpoint,
     _exact,
     _reference,
 )
@@ -164,7 +164,7 @@ def slurm() -> Iterator[Slurm]:
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
-    return _checkpoint(tmp_path_factory.mktemp("slurm_ckpt"), seed=0)
+    return random_checkpoint(tmp_path_factory.mktemp("slurm_ckpt"), input_size=64)
 
 
 @pytest.fixture(scope="module")

@@ -4,22 +4,17 @@ import shutil
 
 import pandas as pd
 import pytest
-import torch
+from builders import random_checkpoint
 
 from pipeline import synth
-from pipeline.checkpoint import save_checkpoint
 from pipeline.cli import cli
-from pipeline.models import build_model
 from pipeline.predictions import read_predictions, read_run
 from pipeline.workflow import run_workflow
 
 
 @pytest.fixture
 def checkpoint(tmp_path):
-    torch.manual_seed(0)
-    model = build_model("alexnet", input_size=64)
-    save_checkpoint(tmp_path / "ckpt", model, {"input_size": 64})
-    return tmp_path / "ckpt"
+    return random_checkpoint(tmp_path / "ckpt", input_size=64)
 
 
 def test_nightly_classifies_only_new_frames(tmp_path, checkpoint):
