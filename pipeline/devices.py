@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import torch
 
 from pipeline.errors import InputError
-
-if TYPE_CHECKING:
-    import torch
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """``auto``/None -> CUDA where visible, else CPU; a CUDA device that is absent is an InputError."""
-    import torch
-
     if device is None or (isinstance(device, str) and device == "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
