@@ -149,7 +149,7 @@ class TrainConfig:
     #: the labels.parquet column that names each frame's group for ``split_by: episode``.
     group_column: str = "episode"
     #: "sampler": draw training frames with probability 1 / (frames of their class), so that
-    #: a rare class (7 hotspot episodes in the real set) is seen as often as a common one.
+    #: a rare class is seen as often as a common one.
     balance: Literal["none", "sampler"] = "none"
     #: the validation metric that picks the kept epoch; on an imbalanced set the overall
     #: accuracy rewards ignoring a rare class, the mean of the per-class accuracies does not.
@@ -168,8 +168,8 @@ class TrainConfig:
     station: str | None = None
     #: weights when training without --init-weights: the backbone's own ("default") or He
     #: (Kaiming) normal for every conv/FC of trunk and neck ("kaiming"; the STN and head keep
-    #: theirs). From scratch, torchvision AlexNet's default init shrinks the signal ~6x per layer
-    #: and learns only after many steps; He init keeps it at scale (use a short lr warm-up).
+    #: theirs). He init keeps the signal at scale through a deep plain network trained from
+    #: scratch, where the default init lets it shrink layer by layer (use a short lr warm-up).
     scratch_init: Literal["default", "kaiming"] = "default"
     #: side of the down-sampled copy the STN's localisation net looks at (output keeps full size).
     stn_loc_size: int = 64
