@@ -1163,7 +1163,9 @@ def train(
         if saved is not None:
             trainer.restore(saved)
         elif (out / LAST_STATE).exists():
-            log.warning("%s holds an earlier run; starting afresh (use --resume to continue)", out)
+            log.warning(
+                "%s holds an earlier run; starting afresh (use --resume to continue it)", out
+            )
         _write_run_files(out, cfg, frames)
         result = _fit_run(trainer, frames, resume, fingerprint)
         result["device"] = str(dev)
