@@ -1,4 +1,4 @@
-"""Checkpoints (DESIGN.md section 3): ``model.safetensors`` + ``meta.json`` in one directory.
+"""Checkpoints (docs/design.md, "Checkpoints"): ``model.safetensors`` + ``meta.json`` in one directory.
 
 Weights are written with safetensors (no pickle) and a legacy ``.pt`` state dict is read only with
 ``torch.load(weights_only=True)``.  ``meta.json`` carries what is needed to rebuild the model
@@ -11,20 +11,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from pipeline.classes import CLASSES
 from pipeline.errors import CheckpointError
 from pipeline.models.build import VARIANTS, build_model, model_input_params
+from pipeline.models.weights import read_state_dict
 from pipeline.storage import atomic_path
+
+log = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
 LEGACY_WEIGHTS_NAME = "model.pt"
@@ -152,44 +155,6 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def weights_refusal(path: str | os.PathLike, exc: BaseException) -> str:
-    """Why ``torch.load(weights_only=True)`` refused ``path``, in one line.
-
-    torch's own message advises loading with ``weights_only=False``, i.e. unpickling a file
-    someone handed over: that advice must not reach the user.
-    """
-    if "Unsupported global" in str(exc):
-        return (
-            f"{path}: refused: it holds pickled Python objects besides tensors, which are never "
-            "unpickled here; save a plain state dict (torch.save(model.state_dict(), ...)) or "
-            "use safetensors"
-        )
-    return (
-        f"{path}: not a (complete) PyTorch weights file; give a .pt/.pth state dict saved "
-        "with torch.save, or a .safetensors file"
-    )
-
-
-def _read_weights(weights: Path) -> dict[str, torch.Tensor]:
-    if weights.suffix == ".safetensors":
-        try:
-            return load_file(str(weights), device="cpu")
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise CheckpointError(f"{weights}: unreadable safetensors file ({exc})") from None
-    try:
-        # weights_only: tensors and plain containers only, never arbitrary pickled objects.
-        state = torch.load(str(weights), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - whatever torch raises, the file is refused
-        raise CheckpointError(weights_refusal(weights, exc)) from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
-    ):
-        raise CheckpointError(f"{weights}: expected a state dict mapping names to tensors")
-    return state
-
-
 def _mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> str | None:
     ours = model.state_dict()
     missing = [k for k in ours if k not in state]
@@ -246,7 +211,7 @@ def load_checkpoint(
         model = build_model(meta["variant"], **build)
     except TypeError as exc:
         raise CheckpointError(f"{path}: meta.json build arguments are invalid ({exc})") from None
-    state = _read_weights(weights)
+    state = read_state_dict(weights)
     problem = _mismatch(model, state)
     if problem:
         raise CheckpointError(f"{path}: weights do not fit variant {meta['variant']!r}: {problem}")
@@ -285,11 +250,9 @@ def unfinished_note(meta: dict[str, Any], path: str | os.PathLike) -> str | None
 
 def warn_if_unfinished(meta: dict[str, Any], path: str | os.PathLike) -> bool:
     """Log one warning if the checkpoint ``meta`` belongs to an unfinished training run."""
-    import logging
-
     note = unfinished_note(meta, path)
     if note is not None:
-        logging.getLogger(__name__).warning(note)
+        log.warning(note)
     return note is not None
 
 
@@ -313,7 +276,7 @@ def init_from_checkpoint(model: nn.Module, path: str | os.PathLike) -> list[str]
             f"{path}: a {meta['variant']} checkpoint ({theirs} backbone) cannot initialise "
             f"{getattr(model, 'variant', '?')} ({ours} backbone); give a {ours} checkpoint"
         )
-    state = _read_weights(weights)
+    state = read_state_dict(weights)
     own = model.state_dict()
     bad = [
         k

@@ -335,7 +335,7 @@ def evaluate(
 ) -> None:
     """Per-class accuracy, confusion matrix and time per image of a checkpoint on a labelled set
     (or on a frame store of one, `preprocess LABELLED --format zarr`)."""
-    from pipeline.evaluate import evaluate_checkpoint
+    from pipeline.evaluate import evaluate_checkpoint, summary_line
 
     res = evaluate_checkpoint(
         checkpoint,
@@ -346,8 +346,6 @@ def evaluate(
         station=station,
         timing=not no_timing,
     )
-    from pipeline.evaluate import summary_line
-
     click.echo(f"{res['variant']}: {summary_line(res)}; metrics in {out}")
 
 

@@ -2,8 +2,9 @@
 
 OUT/<variant>/fold-<k>/ holds the fold's training and test lists (labels.parquet with absolute
 paths into DATA), the training run (ckpt/) and the evaluation (eval/); a fold whose eval/
-metrics.json exists is finished and never retrained. OUT/cv.parquet (one row per variant and
-fold), OUT/cv.md, OUT/cv.png and OUT/confusion_pooled.parquet summarise them.
+``_run.json`` says finished is never retrained. OUT/cv.parquet (one row per variant and fold),
+OUT/cv.md, OUT/cv.png and OUT/confusion_pooled.parquet summarise them. OUT is written in place
+and resumable: its ``_run.json`` holds the plan, unfinished until the summary is written.
 """
 
 from __future__ import annotations
@@ -21,21 +22,22 @@ import pandas as pd
 
 from pipeline.classes import CLASSES
 from pipeline.config import to_dict
-from pipeline.evaluate import confusion_markdown, confusion_table, read_confusion
+from pipeline.errors import InputError
+from pipeline.evaluate import (
+    confusion_markdown,
+    confusion_table,
+    evaluate_checkpoint,
+    read_confusion,
+)
 from pipeline.folds import DEFAULT_GROUP, fold_warnings, group_folds, groups_of
 from pipeline.labelled import load_labelled, station_for_set
-from pipeline.storage import (
-    atomic_path,
-    claim_run_record,
-    finish_run_record,
-    refuse_foreign_out,
-    write_table,
-)
-from pipeline.train import TrainConfig, train
+from pipeline.output_folder import OutputFolder, is_finished
+from pipeline.plots import cv_figure
+from pipeline.storage import atomic_path, write_table
+from pipeline.train import LAST_STATE, TrainConfig, train
 
 log = logging.getLogger(__name__)
 
-RUN_FILE = "cv_run.json"
 TABLE = "cv.parquet"
 
 
@@ -79,15 +81,13 @@ def run_fold(
     keep_checkpoint: bool,
 ) -> dict[str, Any]:
     """Train and evaluate one fold in ``folder`` (resumed when interrupted); its metrics."""
-    from pipeline.evaluate import evaluate_checkpoint
-
     done = folder / "eval" / "metrics.json"
-    if done.is_file():
+    if is_finished(folder / "eval", "evaluate"):
         return json.loads(done.read_text())
     _write_set(train_set, folder / "train")
     _write_set(test_set, folder / "test")
     ckpt = folder / "ckpt"
-    resume = (ckpt / "last.pt").is_file()
+    resume = (ckpt / LAST_STATE).is_file()
     train(
         cfg,
         folder / "train",
@@ -103,7 +103,7 @@ def run_fold(
         ckpt, folder / "test", folder / "eval", device=device, station=station, timing=False
     )
     if not keep_checkpoint:
-        for name in ("model.safetensors", "last.pt"):
+        for name in ("model.safetensors", LAST_STATE):
             (ckpt / name).unlink(missing_ok=True)
     return json.loads(done.read_text())
 
@@ -122,8 +122,7 @@ def cross_validate(
     classes: Sequence[str] = CLASSES,
 ) -> pd.DataFrame:
     """``folds``-fold cross-validation of each variant on DATA by ``group``; the per-fold table."""
-    data, out = Path(data).resolve(), Path(out)
-    refuse_foreign_out(out, (RUN_FILE,), "cv")
+    data = Path(data).resolve()
     df = load_labelled(data, classes=classes)
     groups = groups_of(df, group, f"{data}/labels.parquet")
     fold = group_folds(df["label"].to_numpy(), groups, folds, cfg.seed)
@@ -138,27 +137,31 @@ def cross_validate(
         "config": to_dict(cfg),
         "fold_of": dict(zip(map(str, groups), map(int, fold))),
     }
-    claim_run_record(
-        out, RUN_FILE, plan,
-        "a cross-validation of another config, data, folds, group, seed or "
-        "--init-from (finished folds are reused only for the same)",
-    )  # fmt: skip
-    stn = station_for_set(data, station, cfg.station)
-    rows = []
-    for variant in variants or [cfg.variant]:
-        vcfg = dataclasses.replace(cfg, variant=variant)
-        vcfg.validate()
-        for k in range(folds):
-            train_set, test_set = fold_sets(df, fold, k, data)
-            log.info("cv: %s fold %d/%d (%d train, %d test frames)", variant, k + 1, folds,
-                     len(train_set), len(test_set))  # fmt: skip
-            m = run_fold(
-                vcfg, train_set, test_set, out / variant / f"fold-{k}", stn, init_from, device,
-                keep_checkpoints,
-            )  # fmt: skip
-            rows.append(_fold_row(variant, k, m, classes))
-    table = pd.DataFrame(rows)
-    write_summary(table, out, classes, plan)
+    with OutputFolder(out, "cv", plan) as cv_out:
+        if cv_out.previous() is not None and not cv_out.same_settings():
+            raise InputError(
+                f"{cv_out.path}: holds a cross-validation of another config, data, folds, group, "
+                "seed or --init-from (finished folds are reused only for the same); choose "
+                "another --out"
+            )
+        cv_out.begin()
+        stn = station_for_set(data, station, cfg.station)
+        rows = []
+        for variant in variants or [cfg.variant]:
+            vcfg = dataclasses.replace(cfg, variant=variant)
+            vcfg.validate()
+            for k in range(folds):
+                train_set, test_set = fold_sets(df, fold, k, data)
+                log.info("cv: %s fold %d/%d (%d train, %d test frames)", variant, k + 1, folds,
+                         len(train_set), len(test_set))  # fmt: skip
+                m = run_fold(
+                    vcfg, train_set, test_set, cv_out.path / variant / f"fold-{k}", stn,
+                    init_from, device, keep_checkpoints,
+                )  # fmt: skip
+                rows.append(_fold_row(variant, k, m, classes))
+        table = pd.DataFrame(rows)
+        write_summary(table, cv_out.path, classes, plan)
+        cv_out.finish()
     return table
 
 
@@ -201,9 +204,7 @@ def pooled_confusion(out: Path, variant: str, folds: int) -> pd.DataFrame:
 def write_summary(
     table: pd.DataFrame, out: Path, classes: Sequence[str], plan: dict[str, Any]
 ) -> None:
-    """cv.parquet, cv.md, cv.png and confusion_pooled.parquet; cv_run.json says finished last."""
-    from pipeline.plots import cv_figure
-
+    """cv.parquet, cv.md, cv.png and confusion_pooled.parquet."""
     write_table(table, out / TABLE)
     md = [
         f"# {plan['folds']}-fold cross-validation by {plan['group']}",
@@ -229,4 +230,3 @@ def write_summary(
     fig = cv_figure(table, classes)
     with atomic_path(out / "cv.png") as tmp:
         fig.savefig(tmp, dpi=120, format="png")
-    finish_run_record(out, RUN_FILE, plan)

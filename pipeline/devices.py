@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import platform
+from pathlib import Path
+
+import torch
 
 from pipeline.errors import InputError
-
-if TYPE_CHECKING:
-    import torch
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """``auto``/None -> CUDA where visible, else CPU; a CUDA device that is absent is an InputError."""
-    import torch
-
     if device is None or (isinstance(device, str) and device == "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -32,3 +30,19 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
             f"numbered from 0; use cuda:0..cuda:{torch.cuda.device_count() - 1} or cuda"
         )
     return dev
+
+
+def device_name(device: str | torch.device) -> str:
+    """A human name of a device (for the timings taken on it)."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(dev)}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu: {cpu}, {torch.get_num_threads()} torch threads"

@@ -6,7 +6,7 @@ import json
 import logging
 import math
 import os
-import platform
+import shutil
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -14,10 +14,29 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
+from matplotlib.figure import Figure
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
+from pipeline import framestore
+from pipeline.checkpoint import load_checkpoint, warn_if_unfinished
 from pipeline.classes import CLASS_LONG_NAMES, CLASSES
+from pipeline.devices import device_name, resolve_device
 from pipeline.errors import InputError
-from pipeline.storage import atomic_path, write_table
+from pipeline.folds import DEFAULT_GROUP, bootstrap_intervals, groups_of
+from pipeline.labelled import (
+    CheckedCollate,
+    CheckedFrames,
+    StoreBatches,
+    ToModelInput,
+    load_labelled,
+    load_labelled_store,
+    open_labelled,
+    unreadable_rows,
+)
+from pipeline.output_folder import OutputFolder
+from pipeline.storage import atomic_path, replace_stage_errors, write_table
 
 log = logging.getLogger(__name__)
 
@@ -184,13 +203,12 @@ def confusion_figure(
     confusion: pd.DataFrame, title: str | None = None, normalise: bool = True
 ) -> Any:
     """A confusion-matrix figure (rows = true class): colour = row share, text = count (share)."""
-    import matplotlib.pyplot as plt
-
     counts = confusion.to_numpy()
     row = counts.sum(axis=1, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
         share = np.where(row > 0, counts / np.maximum(row, 1), np.nan)
-    fig, ax = plt.subplots(figsize=(4.8, 4.2), constrained_layout=True)
+    fig = Figure(figsize=(4.8, 4.2), layout="constrained")
+    ax = fig.subplots()
     im = ax.imshow(
         share if normalise else counts, cmap="Blues", vmin=0, vmax=1 if normalise else None
     )
@@ -216,38 +234,10 @@ def confusion_figure(
 # --------------------------------------------------------------------------- model side
 
 
-def resolve_device(device: str) -> Any:
-    """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is a clear error."""
-    from pipeline.devices import resolve_device as resolve
-
-    return resolve(device)
-
-
-def device_name(device: Any) -> str:
-    """A human name of the device timings were taken on."""
-    import torch
-
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        return f"cuda: {torch.cuda.get_device_name(dev)}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"cpu: {cpu}, {torch.get_num_threads()} torch threads"
-
-
 def predict(
     model: Any, loader: Any, device: Any, desc: str = "evaluate"
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Run ``model`` over a DataLoader of (x, y): returns (y_true, y_pred, probabilities)."""
-    import torch
-    from tqdm.auto import tqdm
-
     model.eval()
     ys, ps, probs = [], [], []
     with torch.inference_mode():
@@ -272,8 +262,6 @@ def time_per_image(
     max_repeats: int = 50,
 ) -> float:
     """Milliseconds per image of the model's forward pass at ``batch_size`` (after a warm-up)."""
-    import torch
-
     model.eval()
     x = torch.rand(batch_size, in_chans, input_size, input_size, device=device)
     dev = torch.device(device)
@@ -295,6 +283,18 @@ def time_per_image(
     return float(np.median(times)) * 1000.0 / batch_size
 
 
+#: What ``evaluate`` writes into OUT besides its run record (``errors.parquet`` only when
+#: frames could not be read).
+EVALUATION_FILES = (
+    "metrics.json",
+    "confusion.parquet",
+    "metrics.md",
+    "confusion.png",
+    "predictions.parquet",
+    "errors.parquet",
+)
+
+
 def evaluate_checkpoint(
     checkpoint: str | os.PathLike,
     data: str | os.PathLike,
@@ -305,29 +305,51 @@ def evaluate_checkpoint(
     num_workers: int = 0,
     timing: bool = True,
 ) -> dict[str, Any]:
-    """Evaluate a checkpoint on a labelled set; write metrics.json, confusion.parquet, metrics.md, confusion.png.
+    """Evaluate a checkpoint on a labelled set into OUT: metrics.json, confusion.parquet,
+    metrics.md, confusion.png, predictions.parquet (and errors.parquet), then ``_run.json``.
 
     ``data``: a labelled set, or a frame store of one (``preprocess --format zarr``) at the
-    checkpoint's input size.
+    checkpoint's input size. The outputs are staged and moved in together, the run record last.
     """
-    import torch
-    from torch.utils.data import DataLoader
+    record = {
+        "checkpoint": str(Path(checkpoint).resolve()),
+        "data": str(Path(data).resolve()),
+        "batch_size": batch_size,
+        "station": None if station is None else str(station),
+        "timing": timing,
+    }
+    with OutputFolder(out, "evaluate", record) as folder:
+        dev = resolve_device(device)
+        model, meta = _load_for_evaluation(checkpoint, data, dev)
+        classes = tuple(meta.get("classes", CLASSES))
+        df, loader = _evaluation_loader(data, meta, checkpoint, batch_size, station, num_workers)
+        y_true, y_pred, probs, kept, bad = predict_checked(model, loader, dev)
+        errors = unreadable_rows(df, bad, "evaluate")
+        df = _readable_part(df, kept, errors, data, folder.path)
+        result: dict[str, Any] = {
+            "checkpoint": record["checkpoint"],
+            "model_id": meta.get("model_id"),
+            "variant": meta.get("variant"),
+            "data": record["data"],
+            **metrics_from_predictions(y_true, y_pred, classes),
+            **episode_intervals(df, y_true, y_pred, len(classes)),
+        }
+        if timing:
+            result["timing"] = _timing(model, meta, batch_size, dev)
+        result["n_unreadable"] = len(errors)
+        write_evaluation(
+            result, folder.staging, predictions=_predictions_frame(df, y_pred, probs, classes)
+        )
+        _stage_errors(folder, errors)
+        folder.install(EVALUATION_FILES, model_id=meta.get("model_id"), n=result["n"])
+    return result
 
-    from pipeline.checkpoint import load_checkpoint, warn_if_unfinished
-    from pipeline.labelled import (
-        CheckedCollate,
-        CheckedFrames,
-        StoreBatches,
-        ToModelInput,
-        load_labelled,
-        load_labelled_store,
-        open_labelled,
-        unreadable_rows,
-    )
-    from pipeline.storage import refuse_foreign_out, replace_stage_errors
 
-    refuse_foreign_out(Path(out), ("metrics.json",), "evaluate")
-    dev = resolve_device(device)
+def _load_for_evaluation(
+    checkpoint: str | os.PathLike, data: str | os.PathLike, dev: torch.device
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The checkpoint's model on ``dev`` in eval mode and its meta; warns when the checkpoint
+    is unfinished or was trained on ``data`` itself."""
     model, meta = load_checkpoint(checkpoint, map_location="cpu")
     warn_if_unfinished(meta, checkpoint)
     if meta.get("data") and Path(str(meta["data"])).resolve() == Path(data).resolve():
@@ -337,29 +359,41 @@ def evaluate_checkpoint(
             data,
             checkpoint,
         )
-    model = model.to(dev).eval()
+    return model.to(dev).eval(), meta
+
+
+def _evaluation_loader(
+    data: str | os.PathLike,
+    meta: Mapping[str, Any],
+    checkpoint: str | os.PathLike,
+    batch_size: int,
+    station: str | os.PathLike | None,
+    num_workers: int,
+) -> tuple[pd.DataFrame, Any]:
+    """The frames of DATA and batches of (x, y, indices, errors) of them for predict_checked."""
     classes = tuple(meta.get("classes", CLASSES))
     input_size = int(meta["input_size"])
-    in_chans = int(meta.get("in_chans", 1))
-    from pipeline import framestore
-
     if framestore.is_store(data):  # preprocessed once: read, not decoded
         framestore.check_input_size(framestore.open_info(data), input_size, checkpoint)
         df = load_labelled_store(data, classes=classes)
-        loader: Any = StoreBatches(data, df, input_size, batch_size, classes)
-    else:
-        df = load_labelled(data, classes=classes)
-        ds = open_labelled(data, station=station, df=df)
-        loader = DataLoader(
-            CheckedFrames(ds),
-            batch_size=batch_size,
-            shuffle=False,
-            num_workers=num_workers,
-            collate_fn=CheckedCollate(ToModelInput(input_size)),
-        )
-    y_true, y_pred, probs, kept, bad = predict_checked(model, loader, dev)
-    out = Path(out)
-    errors = unreadable_rows(df, bad, "evaluate")
+        return df, StoreBatches(data, df, input_size, batch_size, classes)
+    df = load_labelled(data, classes=classes)
+    ds = open_labelled(data, station=station, df=df)
+    loader = DataLoader(
+        CheckedFrames(ds),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=CheckedCollate(ToModelInput(input_size)),
+    )
+    return df, loader
+
+
+def _readable_part(
+    df: pd.DataFrame, kept: list[int], errors: pd.DataFrame, data: Any, out: Path
+) -> pd.DataFrame:
+    """The rows of ``df`` that were evaluated; warns about the unreadable ones, and none
+    readable is an InputError."""
     if len(errors):
         log.warning(
             "%d of %d frames could not be read and are left out of the metrics (%s); "
@@ -374,30 +408,32 @@ def evaluate_checkpoint(
             f"{data}: none of its {len(df)} frames could be read (first: "
             f"{errors['message'].iloc[0] if len(errors) else '?'}); check --station and the files"
         )
-    df = df.iloc[kept].reset_index(drop=True)
-    metrics = metrics_from_predictions(y_true, y_pred, classes)
-    result: dict[str, Any] = {
-        "checkpoint": str(Path(checkpoint).resolve()),
-        "model_id": meta.get("model_id"),
-        "variant": meta.get("variant"),
-        "data": str(Path(data).resolve()),
-        **metrics,
-        **episode_intervals(df, y_true, y_pred, len(classes)),
+    return df.iloc[kept].reset_index(drop=True)
+
+
+def _timing(
+    model: torch.nn.Module, meta: Mapping[str, Any], batch_size: int, dev: torch.device
+) -> dict[str, Any]:
+    """The forward-pass time per image at batch 1 and at ``batch_size`` on ``dev``."""
+    input_size = int(meta["input_size"])
+    in_chans = int(meta.get("in_chans", 1))
+    return {
+        "device": device_name(dev),
+        "what": "model forward pass only (no file reading or preprocessing), median",
+        "input_size": input_size,
+        "batch_size": batch_size,
+        "ms_per_image_batch1": time_per_image(model, input_size, in_chans, 1, dev),
+        "ms_per_image_batch": time_per_image(model, input_size, in_chans, batch_size, dev),
     }
-    if timing:
-        with torch.no_grad():
-            result["timing"] = {
-                "device": device_name(dev),
-                "what": "model forward pass only (no file reading or preprocessing), median",
-                "input_size": input_size,
-                "batch_size": batch_size,
-                "ms_per_image_batch1": time_per_image(model, input_size, in_chans, 1, dev),
-                "ms_per_image_batch": time_per_image(model, input_size, in_chans, batch_size, dev),
-            }
-    result["n_unreadable"] = len(errors)
-    write_evaluation(result, out, predictions=_predictions_frame(df, y_pred, probs, classes))
-    replace_stage_errors(out / "errors.parquet", errors, "evaluate")
-    return result
+
+
+def _stage_errors(folder: OutputFolder, errors: pd.DataFrame) -> None:
+    """OUT's errors.parquet with this run's rows for ``evaluate``, staged for install (a copy
+    keeps the file's time when its rows are unchanged; no rows at all: no file)."""
+    old, staged = folder.path / "errors.parquet", folder.staging / "errors.parquet"
+    if old.is_file():
+        shutil.copy2(old, staged)
+    replace_stage_errors(staged, errors, "evaluate")
 
 
 def episode_intervals(
@@ -405,8 +441,6 @@ def episode_intervals(
 ) -> dict[str, Any]:
     """95 % bootstrap intervals over episodes (else UT days) of a set's accuracies, if it has
     groups; frames 10 s apart are near-copies, so frames are not independent samples."""
-    from pipeline.folds import DEFAULT_GROUP, bootstrap_intervals, groups_of
-
     if DEFAULT_GROUP in df.columns and df[DEFAULT_GROUP].notna().all():
         column = DEFAULT_GROUP
     elif "time_utc" in df.columns and df["time_utc"].notna().all():
@@ -447,9 +481,6 @@ def predict_checked(
     model: Any, loader: Any, device: Any, desc: str = "evaluate"
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int], list[tuple[int, str]]]:
     """``predict`` over CheckedFrames: also the indices evaluated and the (index, error) skipped."""
-    import torch
-    from tqdm.auto import tqdm
-
     model.eval()
     ys, ps, probs, kept, bad = [], [], [], [], []
     with torch.inference_mode():
@@ -487,8 +518,6 @@ def write_evaluation(
     result: Mapping[str, Any], out: str | os.PathLike, predictions: pd.DataFrame | None = None
 ) -> Path:
     """Write metrics.json, confusion.parquet, metrics.md, confusion.png (and predictions.parquet)."""
-    import matplotlib.pyplot as plt
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "metrics.json") as tmp:
@@ -529,5 +558,4 @@ def write_evaluation(
     )
     with atomic_path(out / "confusion.png") as tmp:
         fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
     return out

@@ -4,10 +4,11 @@ independent samples of a labelled set are its episodes, never its frames."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold
 
 from pipeline.errors import InputError
 
@@ -47,8 +48,6 @@ def group_folds(
     balances the class shares of the folds; a class with fewer groups than folds is absent
     from some folds (said by :func:`fold_warnings`).
     """
-    from sklearn.model_selection import StratifiedGroupKFold
-
     labels, groups = np.asarray(labels), np.asarray(groups)
     n_groups = len(np.unique(groups))
     if k < 2 or k > n_groups:
@@ -65,11 +64,65 @@ def group_split(
     groups: Sequence[Any] | np.ndarray,
     val_fraction: float,
     seed: int,
+    balance: Literal["folds", "shares"] = "folds",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (train, val): one fold of ``round(1 / val_fraction)`` group folds for val."""
-    k = min(max(2, round(1 / val_fraction)), len(np.unique(np.asarray(groups))))
-    fold = group_folds(labels, groups, k, seed)
-    return np.flatnonzero(fold != 0), np.flatnonzero(fold == 0)
+    """Indices (train, val) with whole groups on one side, seeded.
+
+    ``folds``: val is one of ``round(1 / val_fraction)`` stratified group folds
+    (:func:`group_folds`). ``shares``: whole groups are chosen so that every class has near
+    ``val_fraction`` of its frames in val (:func:`_share_search`; for UT days, where a class's
+    frames gather on a few days).
+    """
+    labels, groups = np.asarray(labels), np.asarray(groups)
+    if balance == "folds":
+        k = min(max(2, round(1 / val_fraction)), len(np.unique(groups)))
+        fold = group_folds(labels, groups, k, seed)
+        return np.flatnonzero(fold != 0), np.flatnonzero(fold == 0)
+    _, group_of = np.unique(groups, return_inverse=True)
+    _, class_of = np.unique(labels, return_inverse=True)
+    per_group = np.zeros((group_of.max() + 1, class_of.max() + 1), dtype=np.float64)
+    np.add.at(per_group, (group_of, class_of), 1)
+    per_group /= per_group.sum(axis=0)  # each group's share of each class's frames
+    is_val = _share_search(per_group, val_fraction, seed)[group_of]
+    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+
+
+def _share_search(per_group: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
+    """Which groups go to val, given each group's share of each class (rows: groups).
+
+    A local search from a seeded random order of groups: a group moves to the other side, or a
+    val group and a train group swap, when that brings the classes' shares in val, summed over
+    classes, closer to ``val_fraction``.
+    """
+    in_val = np.zeros(len(per_group), dtype=bool)
+    have = np.zeros(per_group.shape[1])
+    order = np.random.default_rng(seed).permutation(len(per_group))
+    for _ in range(100):  # settles in a few passes
+        moved = False
+        for d in order:
+            step = -per_group[d] if in_val[d] else per_group[d]
+            if np.abs(have + step - val_fraction).sum() < np.abs(have - val_fraction).sum() - 1e-12:
+                in_val[d] = not in_val[d]
+                have = have + step
+                moved = True
+        # Then the best exchange of a val group with a train group, where one move cannot help.
+        v, t = np.flatnonzero(in_val), np.flatnonzero(~in_val)
+        best = (np.abs(have - val_fraction).sum() - 1e-12, -1, -1)
+        rows = max(1, 4_000_000 // max(1, len(t) * per_group.shape[1]))  # bounded memory
+        for s in range(0, len(v), rows):
+            vs = v[s : s + rows]
+            cand = have + per_group[t][None, :, :] - per_group[vs][:, None, :]
+            cost = np.abs(cand - val_fraction).sum(axis=2)
+            i, j = np.unravel_index(np.argmin(cost), cost.shape)
+            if cost[i, j] < best[0]:
+                best = (cost[i, j], vs[i], t[j])
+        if best[1] >= 0:
+            in_val[best[1]], in_val[best[2]] = False, True
+            have = have - per_group[best[1]] + per_group[best[2]]
+            moved = True
+        if not moved:
+            break
+    return in_val
 
 
 def fold_warnings(labels: np.ndarray, fold: np.ndarray) -> list[str]:

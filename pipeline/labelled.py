@@ -12,24 +12,30 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
+from pipeline import framestore
+from pipeline import preprocess as pp
 from pipeline.classes import CLASSES
-from pipeline.config import StationConfig, resolve_station
-from pipeline.errors import FrameReadError, InputError
+from pipeline.config import StationConfig, resolve_station, to_dict
+from pipeline.errors import ConfigError, FrameReadError, InputError
+from pipeline.imageio import read_frame
+from pipeline.models import to_model_input
+from pipeline.storage import ERRORS_SCHEMA
+from pipeline.winter import winter_of
 
 #: Columns of the DataFrame returned by load_labelled.
 LABELLED_COLUMNS: tuple[str, ...] = ("path", "label", "time_utc", "winter", "frame")
 
 
-def _winter_of(times: pd.Series) -> pd.Series:
-    """The winter a time belongs to, named by its December's year (Jan-Jun count to the year before)."""
-    t = pd.to_datetime(times, utc=True)
-    return (t.dt.year - (t.dt.month < 7).astype(int)).astype("Int64")
+#: The labels table of a labelled set, inside its folder.
+LABELS_NAME = "labels.parquet"
 
 
-def load_labelled(root: str | os.PathLike, classes: Sequence[str] = CLASSES) -> pd.DataFrame:
-    """Read ROOT/labels.parquet: absolute ``path``, ``label``, ``time_utc``, ``winter``, ``frame``."""
-    root = Path(root).resolve()
-    table = root / "labels.parquet"
+def read_labels_table(root: str | os.PathLike, required: Sequence[str] = ("path",)) -> pd.DataFrame:
+    """ROOT/labels.parquet as it is on disk (index reset): the one reader of that file.
+
+    A missing or undecodable table, or one without a ``required`` column, is an InputError.
+    """
+    table = Path(root) / LABELS_NAME
     if not table.is_file():
         raise InputError(
             f"{table}: labels.parquet not found; a labelled set is a folder written by "
@@ -39,15 +45,22 @@ def load_labelled(root: str | os.PathLike, classes: Sequence[str] = CLASSES) -> 
         df = pd.read_parquet(table)
     except Exception as exc:  # noqa: BLE001 - any decode failure is the user's file
         raise InputError(f"{table}: cannot read as Parquet ({exc})") from None
-    missing = [c for c in ("path", "label") if c not in df.columns]
+    missing = [c for c in required if c not in df.columns]
     if missing:
         raise InputError(
             f"{table}: missing column {missing[0]!r}; labels.parquet needs path and label "
             "(time_utc and winter optional)"
         )
+    return df.reset_index(drop=True)
+
+
+def load_labelled(root: str | os.PathLike, classes: Sequence[str] = CLASSES) -> pd.DataFrame:
+    """Read ROOT/labels.parquet: absolute ``path``, ``label``, ``time_utc``, ``winter``, ``frame``."""
+    root = Path(root).resolve()
+    table = root / LABELS_NAME
+    df = read_labels_table(root, required=("path", "label"))
     if len(df) == 0:
         raise InputError(f"{table}: no labelled frames")
-    df = df.reset_index(drop=True)
     labels = df["label"].astype(str)
     unknown = sorted(set(labels) - set(classes))
     if unknown:
@@ -63,6 +76,15 @@ def load_labelled(root: str | os.PathLike, classes: Sequence[str] = CLASSES) -> 
             f"{table}: {len(absent)} listed frames do not exist, first {absent[0]}; "
             "paths are relative to the folder holding labels.parquet"
         )
+    out = _labelled_frame(df, paths, labels)
+    _refuse_repeated_frames(out, table, root)
+    out.attrs["root"] = str(root)
+    return out
+
+
+def _labelled_frame(df: pd.DataFrame, paths: list[Path], labels: pd.Series) -> pd.DataFrame:
+    """The LABELLED_COLUMNS of a labels table (time and winter filled where missing), then the
+    table's other columns (an episode or another group, provenance), which travel with the frames."""
     if "time_utc" in df.columns:
         time_utc = pd.to_datetime(df["time_utc"], utc=True)
     else:
@@ -70,7 +92,7 @@ def load_labelled(root: str | os.PathLike, classes: Sequence[str] = CLASSES) -> 
     if "winter" in df.columns:
         winter = df["winter"].astype("Int64")
     elif time_utc.notna().all():
-        winter = _winter_of(time_utc)
+        winter = winter_of(time_utc)
     else:
         winter = pd.Series(pd.NA, index=df.index, dtype="Int64")
     frame = df["frame"].astype("int64") if "frame" in df.columns else 0
@@ -84,26 +106,28 @@ def load_labelled(root: str | os.PathLike, classes: Sequence[str] = CLASSES) -> 
         }
     )
     out["time_utc"] = pd.to_datetime(out["time_utc"], utc=True)
-    # Other columns (an episode or another group, provenance) travel with the frames.
     for c in df.columns:
         if c not in out.columns:
             out[c] = df[c].to_numpy()
-    # A frame listed twice would be counted twice in the metrics and could sit on both sides
-    # of a train/val split; with two labels it is a contradiction only the user can settle.
-    repeated = out.duplicated(["path", "frame"], keep=False)
-    if repeated.any():
-        rep = out[repeated]
-        first = rep["path"].iloc[0]
-        n_labels = rep.groupby(["path", "frame"])["label"].nunique()
-        clash = int((n_labels > 1).sum())
-        what = f", {clash} of them with different labels" if clash else ""
-        raise InputError(
-            f"{table}: {int(n_labels.size)} frames are listed more than once{what} (first "
-            f"{Path(first).relative_to(root) if Path(first).is_relative_to(root) else first}); "
-            "list each frame once with its one label"
-        )
-    out.attrs["root"] = str(root)
     return out
+
+
+def _refuse_repeated_frames(out: pd.DataFrame, table: Path, root: Path) -> None:
+    """A frame listed twice would be counted twice in the metrics and could sit on both sides
+    of a train/val split; with two labels it is a contradiction only the user can settle."""
+    repeated = out.duplicated(["path", "frame"], keep=False)
+    if not repeated.any():
+        return
+    rep = out[repeated]
+    first = rep["path"].iloc[0]
+    n_labels = rep.groupby(["path", "frame"])["label"].nunique()
+    clash = int((n_labels > 1).sum())
+    what = f", {clash} of them with different labels" if clash else ""
+    raise InputError(
+        f"{table}: {int(n_labels.size)} frames are listed more than once{what} (first "
+        f"{Path(first).relative_to(root) if Path(first).is_relative_to(root) else first}); "
+        "list each frame once with its one label"
+    )
 
 
 def station_for_set(
@@ -120,8 +144,6 @@ class FramePreprocessor:
     """Raw frame -> preprocessed float32 [0, 1] (crop, crop) with the station and date-chosen darks."""
 
     def __init__(self, station: StationConfig, dark_dir: str | os.PathLike | None = None) -> None:
-        from pipeline import preprocess as pp
-
         self.station = station
         self.dark_dir = Path(dark_dir) if dark_dir is not None else None
         self._pp = pp
@@ -136,9 +158,6 @@ class FramePreprocessor:
             dark_path = self._pp.dark_for_time(self.dark_dir, time)
         key = None if dark_path is None else str(dark_path)
         if key not in self._calibs:
-            from pipeline.errors import ConfigError
-            from pipeline.imageio import read_frame
-
             dark = None if dark_path is None else read_frame(dark_path)
             try:
                 self._calibs[key] = self._pp.calibration_from_station(
@@ -154,8 +173,6 @@ class FramePreprocessor:
         return self._calibs[key]
 
     def __call__(self, path: str, frame: int = 0, time: pd.Timestamp | None = None) -> np.ndarray:
-        from pipeline.imageio import read_frame
-
         raw = read_frame(path, frame)
         out = self._pp.preprocess(raw, self.calibration(time), source=str(path))
         return np.asarray(out, dtype=np.float32)
@@ -163,8 +180,6 @@ class FramePreprocessor:
     @property
     def describe(self) -> dict[str, Any]:
         """Preprocessing parameters for checkpoint metadata."""
-        from pipeline.config import to_dict
-
         return {
             "calibration": self.calibration(None).params(),
             "dark_dir": None if self.dark_dir is None else str(self.dark_dir),
@@ -230,11 +245,9 @@ def open_labelled(
     df: pd.DataFrame | None = None,
 ) -> LabelledSet:
     """A LabelledSet for the folder ROOT, with its own station/dark frames where it has them."""
-    from pipeline.preprocess import find_dark_dir
-
     df = load_labelled(root) if df is None else df
     return LabelledSet(
-        df, station_for_set(root, station), dark_dir=find_dark_dir(Path(root)), cache=cache
+        df, station_for_set(root, station), dark_dir=pp.find_dark_dir(Path(root)), cache=cache
     )
 
 
@@ -245,8 +258,6 @@ class ToModelInput:
         self.input_size = input_size
 
     def __call__(self, batch: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        from pipeline.models import to_model_input
-
         frames = np.stack([b[0] for b in batch]).astype(np.float32, copy=False)
         labels = torch.as_tensor([b[1] for b in batch], dtype=torch.long)
         return to_model_input(frames, self.input_size), labels
@@ -285,8 +296,6 @@ class CheckedCollate:
 
 def unreadable_rows(df: pd.DataFrame, bad: list[tuple[int, str]], stage: str) -> pd.DataFrame:
     """errors.parquet rows for the frames of ``df`` at the (index, message) pairs ``bad``."""
-    from pipeline.storage import ERRORS_SCHEMA
-
     rows = [
         {
             "path": str(df["path"].iloc[i]),
@@ -307,8 +316,6 @@ def load_labelled_store(store: str | os.PathLike, classes: Sequence[str] = CLASS
     """The items of a frame store of a labelled set, as :func:`load_labelled` gives a set's:
     absolute ``path``, ``label``, ``time_utc``, ``winter``, ``frame`` (``episode`` where it has
     one), plus ``store_index``."""
-    from pipeline import framestore
-
     info = framestore.open_info(store)
     if not info.labelled:
         raise InputError(
@@ -326,7 +333,7 @@ def load_labelled_store(store: str | os.PathLike, classes: Sequence[str] = CLASS
     root = Path(info.root) if info.root else info.path
     df["path"] = [str(root / p) for p in df["path"]]
     t = df["time_utc"]
-    df["winter"] = _winter_of(t) if t.notna().all() else pd.array([pd.NA] * len(df), "Int64")
+    df["winter"] = winter_of(t) if t.notna().all() else pd.array([pd.NA] * len(df), "Int64")
     df.attrs["root"] = str(root)
     return df
 
@@ -353,14 +360,11 @@ class StoreBatches:
         return -(-len(self.rows) // self.batch_size)
 
     def __iter__(self):
-        from pipeline.framestore import read_rows
-        from pipeline.models import to_model_input
-
         bs = self.batch_size
         buf = np.empty((bs, self.input_size, self.input_size), np.float32)
         for s in range(0, len(self.rows), bs):
             r = self.rows[s : s + bs]
-            read_rows(self.store, r, buf)
+            framestore.read_rows(self.store, r, buf)
             x = to_model_input(buf[: len(r)], self.input_size)
             idx = list(range(s, s + len(r)))
             yield x, torch.as_tensor(self.targets[s : s + len(r)]), idx, []

@@ -23,23 +23,24 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
+from pipeline.archive import load_manifest
+from pipeline.checkpoint import save_checkpoint
 from pipeline.classes import CLASSES
-from pipeline.config import dump_yaml, load_config, to_dict
+from pipeline.config import dump_yaml, load_config, resolve_station, to_dict
+from pipeline.devices import resolve_device
 from pipeline.errors import ConfigError, FrameReadError, InputError
-from pipeline.storage import (
-    ERRORS_SCHEMA,
-    atomic_path,
-    claim_run_record,
-    finish_run_record,
-    refuse_foreign_out,
-    write_table,
-)
+from pipeline.labelled import LABELS_NAME, FramePreprocessor, load_labelled
+from pipeline.models import VARIANTS, build_model, to_model_input
+from pipeline.models.build import INPUT_MEAN, INPUT_STD
+from pipeline.output_folder import OutputFolder
+from pipeline.preprocess import find_dark_dir
+from pipeline.storage import ERRORS_SCHEMA, atomic_path, write_table
 from pipeline.train import AugmentConfig, augment_batch, kaiming_reinit, model_input_fill
 
 log = logging.getLogger(__name__)
 
-RUN_FILE = "pretrain.json"
 STATE_FILE = "pretrain_last.pt"
 
 
@@ -75,8 +76,6 @@ class PretrainConfig:
     )
 
     def validate(self) -> None:
-        from pipeline.models import VARIANTS
-
         if self.variant not in VARIANTS or "lsoftmax" in self.variant or "stn" in self.variant:
             plain = [v for v in VARIANTS if "lsoftmax" not in v and "stn" not in v]
             raise ValueError(
@@ -126,11 +125,7 @@ def projection_head(in_dim: int, out_dim: int) -> nn.Module:
 
 def _frames_of(source: Path, station: Any) -> tuple[pd.DataFrame, Any]:
     """(path, frame, time_utc) rows and a dark folder of a labelled set, archive or manifest."""
-    from pipeline.archive import load_manifest
-    from pipeline.labelled import load_labelled
-    from pipeline.preprocess import find_dark_dir
-
-    if source.is_dir() and (source / "labels.parquet").is_file():
+    if source.is_dir() and (source / LABELS_NAME).is_file():
         df = load_labelled(source)
         return df[["path", "frame", "time_utc"]], find_dark_dir(source)
     df = load_manifest(source, station)
@@ -143,11 +138,6 @@ def load_frames(
     sources: Sequence[str | os.PathLike], cfg: PretrainConfig, station: Any
 ) -> tuple[torch.Tensor, pd.DataFrame]:
     """Every readable frame of ``sources`` at the input size, uint8 (N, 1, S, S); errors rows."""
-    from tqdm.auto import tqdm
-
-    from pipeline.labelled import FramePreprocessor
-    from pipeline.models import to_model_input
-
     parts = []
     for src in sources:
         df, dark_dir = _frames_of(Path(src), station)
@@ -176,8 +166,6 @@ def load_frames(
 
 
 def _as_input(x8: torch.Tensor) -> torch.Tensor:
-    from pipeline.models.build import INPUT_MEAN, INPUT_STD
-
     return (x8.float() / 255 - INPUT_MEAN) / INPUT_STD
 
 
@@ -198,68 +186,92 @@ def pretrain(
     device: str = "auto",
     station: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """SimCLR on the frames of ``sources``; OUT becomes a checkpoint (resumed if interrupted)."""
-    from tqdm.auto import tqdm
+    """SimCLR on the frames of ``sources``; OUT becomes a checkpoint (resumed if interrupted).
 
-    from pipeline.checkpoint import save_checkpoint
-    from pipeline.config import resolve_station
-    from pipeline.devices import resolve_device
-    from pipeline.models import build_model
-
-    out = Path(out)
-    refuse_foreign_out(out, (RUN_FILE, "model.safetensors"), "pretrain")
+    OUT is written in place: its ``_run.json`` holds the config and the sources, unfinished
+    until the checkpoint is saved; an interrupted run of the same record resumes from
+    ``pretrain_last.pt``.
+    """
     record = {"config": to_dict(cfg), "sources": [str(Path(s).resolve()) for s in sources]}
-    claim_run_record(out, RUN_FILE, record, "a pre-training with another config or other frames")
-    dev = resolve_device(device)
-    st = resolve_station(station, Path(sources[0]), cfg.station)
-    x8, errors = load_frames(sources, cfg, st)
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.variant, input_size=cfg.input_size, stn_loc_size=cfg.stn_loc_size)
-    kaiming_reinit(model)
-    head = projection_head(model.feature_dim, cfg.proj_dim)
-    model.to(dev), head.to(dev)
-    params = list(model.parameters()) + list(head.parameters())
-    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    start = _resume(out / STATE_FILE, model, head, opt, gen)
-    fill = model_input_fill(cfg.input_size)
-    steps = max(1, len(x8) // cfg.batch_size)
-    history = []
-    for epoch in range(start, cfg.epochs):
-        model.train(), head.train()
-        order = torch.randperm(len(x8), generator=gen)
+    with OutputFolder(out, "pretrain", record, owns=("model.safetensors",)) as folder:
+        out = folder.path
+        if folder.previous() is not None and not folder.same_settings():
+            raise InputError(
+                f"{out}: holds a pre-training with another config or other frames; "
+                "choose another --out"
+            )
+        folder.begin()
+        dev = resolve_device(device)
+        st = resolve_station(station, Path(sources[0]), cfg.station)
+        x8, errors = load_frames(sources, cfg, st)
+        run = _Pretraining(cfg, dev)
+        start = _resume(out / STATE_FILE, run.model, run.head, run.opt, run.gen)
+        history = []
+        for epoch in range(start, cfg.epochs):
+            history.append(run.epoch(x8, epoch))
+            with atomic_path(out / STATE_FILE) as tmp:
+                torch.save(_state(run.model, run.head, run.opt, epoch + 1, run.gen), tmp)
+        meta = {
+            "classes": list(CLASSES),
+            "finished": True,
+            "pretrain": {
+                **record,
+                "frames": len(x8),
+                "unreadable": len(errors),
+                "method": "simclr",
+            },
+            "train_config": to_dict(cfg),
+        }
+        save_checkpoint(out, run.model.cpu(), meta)
+        dump_yaml(cfg, out / "config.yaml")
+        if len(errors):
+            write_table(errors, out / "errors.parquet", ERRORS_SCHEMA)
+        folder.finish(history=history)
+        (out / STATE_FILE).unlink(missing_ok=True)
+    return {"frames": len(x8), "unreadable": len(errors), "epochs": cfg.epochs, "out": str(out)}
+
+
+class _Pretraining:
+    """The backbone, its projection head, the optimiser and the random generator of a run."""
+
+    def __init__(self, cfg: PretrainConfig, dev: torch.device) -> None:
+        self.cfg, self.dev = cfg, dev
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(
+            cfg.variant, input_size=cfg.input_size, stn_loc_size=cfg.stn_loc_size
+        )
+        kaiming_reinit(self.model)
+        self.head = projection_head(self.model.feature_dim, cfg.proj_dim)
+        self.model.to(dev), self.head.to(dev)
+        params = list(self.model.parameters()) + list(self.head.parameters())
+        self.opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.fill = model_input_fill(cfg.input_size)
+
+    def epoch(self, x8: torch.Tensor, epoch: int) -> dict[str, float]:
+        """One epoch over the frames ``x8`` (cosine learning rate per step); its history row."""
+        cfg = self.cfg
+        steps = max(1, len(x8) // cfg.batch_size)
+        self.model.train(), self.head.train()
+        order = torch.randperm(len(x8), generator=self.gen)
         total, t0 = 0.0, time.perf_counter()
         for i in tqdm(range(steps), desc=f"pretrain {epoch + 1}/{cfg.epochs}", leave=False):
             lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * (epoch * steps + i) / (cfg.epochs * steps)))
-            for g in opt.param_groups:
+            for g in self.opt.param_groups:
                 g["lr"] = lr
             x = _as_input(x8[order[i * cfg.batch_size : (i + 1) * cfg.batch_size]])
-            v1 = augment_batch(x, cfg.augment, gen, fill).to(dev)
-            v2 = augment_batch(x, cfg.augment, gen, fill).to(dev)
-            loss = nt_xent(head(model.features(v1)), head(model.features(v2)), cfg.temperature)
-            opt.zero_grad(set_to_none=True)
+            v1 = augment_batch(x, cfg.augment, self.gen, self.fill).to(self.dev)
+            v2 = augment_batch(x, cfg.augment, self.gen, self.fill).to(self.dev)
+            z1, z2 = self.head(self.model.features(v1)), self.head(self.model.features(v2))
+            loss = nt_xent(z1, z2, cfg.temperature)
+            self.opt.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
+            self.opt.step()
             total += float(loss.detach())
         if not math.isfinite(total):
             raise ConfigError(f"pre-training diverged in epoch {epoch + 1}; lower lr ({cfg.lr})")
-        history.append({"epoch": epoch + 1, "loss": total / steps, "s": time.perf_counter() - t0})
         log.info("pretrain epoch %d/%d: loss %.3f", epoch + 1, cfg.epochs, total / steps)
-        with atomic_path(out / STATE_FILE) as tmp:
-            torch.save(_state(model, head, opt, epoch + 1, gen), tmp)
-    meta = {
-        "classes": list(CLASSES),
-        "finished": True,
-        "pretrain": {**record, "frames": len(x8), "unreadable": len(errors), "method": "simclr"},
-        "train_config": to_dict(cfg),
-    }
-    save_checkpoint(out, model.cpu(), meta)
-    dump_yaml(cfg, out / "config.yaml")
-    if len(errors):
-        write_table(errors, out / "errors.parquet", ERRORS_SCHEMA)
-    finish_run_record(out, RUN_FILE, record, history=history)
-    (out / STATE_FILE).unlink(missing_ok=True)
-    return {"frames": len(x8), "unreadable": len(errors), "epochs": cfg.epochs, "out": str(out)}
+        return {"epoch": epoch + 1, "loss": total / steps, "s": time.perf_counter() - t0}
 
 
 def _resume(path: Path, model: nn.Module, head: nn.Module, opt: Any, gen: Any) -> int:

@@ -16,19 +16,32 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Subset, WeightedRandomSampler
+from tqdm.auto import tqdm
 
+from pipeline.checkpoint import init_from_checkpoint, save_checkpoint
 from pipeline.classes import CLASSES
-from pipeline.config import dump_yaml, load_config, to_dict
+from pipeline.config import dump_yaml, load_config, station_path, to_dict
+from pipeline.devices import resolve_device
 from pipeline.errors import CheckpointError, ConfigError, InputError
+from pipeline.evaluate import metrics_from_predictions, metrics_to_json, predict
+from pipeline.folds import group_split, groups_of
 from pipeline.labelled import (  # noqa: F401  (re-exported: the contract names train.load_labelled)
+    CheckedFrames,
     LabelledSet,
     ToModelInput,
     load_labelled,
     open_labelled,
+    station_for_set,
+    unreadable_rows,
 )
+from pipeline.models import VARIANTS, build_model, load_init_weights
+from pipeline.models.build import INPUT_BLACK, INPUT_MEAN, INPUT_STD
+from pipeline.output_folder import RUN_RECORD, OutputFolder
+from pipeline.preprocess import find_dark_dir
 from pipeline.storage import ERRORS_SCHEMA, atomic_path, write_table
 
 log = logging.getLogger(__name__)
@@ -136,7 +149,7 @@ class TrainConfig:
     #: the labels.parquet column that names each frame's group for ``split_by: episode``.
     group_column: str = "episode"
     #: "sampler": draw training frames with probability 1 / (frames of their class), so that
-    #: a rare class (7 hotspot episodes in the real set) is seen as often as a common one.
+    #: a rare class is seen as often as a common one.
     balance: Literal["none", "sampler"] = "none"
     #: the validation metric that picks the kept epoch; on an imbalanced set the overall
     #: accuracy rewards ignoring a rare class, the mean of the per-class accuracies does not.
@@ -155,8 +168,8 @@ class TrainConfig:
     station: str | None = None
     #: weights when training without --init-weights: the backbone's own ("default") or He
     #: (Kaiming) normal for every conv/FC of trunk and neck ("kaiming"; the STN and head keep
-    #: theirs). From scratch, torchvision AlexNet's default init shrinks the signal ~6x per layer
-    #: and learns only after many steps; He init keeps it at scale (use a short lr warm-up).
+    #: theirs). He init keeps the signal at scale through a deep plain network trained from
+    #: scratch, where the default init lets it shrink layer by layer (use a short lr warm-up).
     scratch_init: Literal["default", "kaiming"] = "default"
     #: side of the down-sampled copy the STN's localisation net looks at (output keeps full size).
     stn_loc_size: int = 64
@@ -165,11 +178,7 @@ class TrainConfig:
     input_norm: Literal["fixed", "frame"] = "fixed"
 
     def validate(self) -> None:
-        try:
-            from pipeline.models import VARIANTS
-        except ImportError:  # pragma: no cover - models not installed yet
-            VARIANTS = ()
-        if VARIANTS and self.variant not in VARIANTS:
+        if self.variant not in VARIANTS:
             raise ValueError(
                 f"variant {self.variant!r} is not allowed; allowed values: {', '.join(VARIANTS)}"
             )
@@ -196,8 +205,6 @@ class TrainConfig:
             if not ok:
                 raise ValueError(msg)
         if self.station is not None:  # checked here, even if a set's own station wins later
-            from pipeline.config import station_path
-
             try:
                 station_path(self.station)
             except ConfigError as exc:
@@ -237,56 +244,6 @@ def stratified_split(
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
 
 
-def day_stratified_split(
-    labels: Sequence[str] | np.ndarray,
-    days: Sequence[Any] | np.ndarray,
-    val_fraction: float,
-    seed: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (train, val) with whole days on one side, near ``val_fraction`` of every class in val.
-
-    A local search from a seeded random order of days: a day moves to the other side, or a val
-    day and a train day swap, when that brings the classes' shares of frames in val, summed over
-    classes, closer to ``val_fraction``.
-    """
-    labels = np.asarray(labels)
-    _, day_of = np.unique(np.asarray(days), return_inverse=True)
-    _, class_of = np.unique(labels, return_inverse=True)
-    per_day = np.zeros((day_of.max() + 1, class_of.max() + 1), dtype=np.float64)
-    np.add.at(per_day, (day_of, class_of), 1)
-    per_day /= per_day.sum(axis=0)  # each day's share of each class's frames
-    in_val = np.zeros(len(per_day), dtype=bool)
-    have = np.zeros(per_day.shape[1])
-    order = np.random.default_rng(seed).permutation(len(per_day))
-    for _ in range(100):  # settles in a few passes
-        moved = False
-        for d in order:
-            step = -per_day[d] if in_val[d] else per_day[d]
-            if np.abs(have + step - val_fraction).sum() < np.abs(have - val_fraction).sum() - 1e-12:
-                in_val[d] = not in_val[d]
-                have = have + step
-                moved = True
-        # Then the best exchange of a val day with a train day, where one move alone cannot help.
-        v, t = np.flatnonzero(in_val), np.flatnonzero(~in_val)
-        best = (np.abs(have - val_fraction).sum() - 1e-12, -1, -1)
-        rows = max(1, 4_000_000 // max(1, len(t) * per_day.shape[1]))  # bounded memory
-        for s in range(0, len(v), rows):
-            vs = v[s : s + rows]
-            cand = have + per_day[t][None, :, :] - per_day[vs][:, None, :]
-            cost = np.abs(cand - val_fraction).sum(axis=2)
-            i, j = np.unravel_index(np.argmin(cost), cost.shape)
-            if cost[i, j] < best[0]:
-                best = (cost[i, j], vs[i], t[j])
-        if best[1] >= 0:
-            in_val[best[1]], in_val[best[2]] = False, True
-            have = have - per_day[best[1]] + per_day[best[2]]
-            moved = True
-        if not moved:
-            break
-    is_val = in_val[day_of]
-    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
-
-
 def lr_at(cfg: TrainConfig, epoch: float) -> float:
     """Learning rate at (fractional) epoch ``epoch``: linear warm-up, then constant or cosine.
 
@@ -319,8 +276,6 @@ def photometric_batch(
     Applied to the [0, 1] frame inside the sky circle (pixels at ``fill``, the masked black,
     stay black), then normalised back; random draws come from ``generator`` (on the CPU).
     """
-    from pipeline.models.build import INPUT_MEAN, INPUT_STD
-
     if not aug.photometric:
         return x
     b = x.shape[0]
@@ -384,8 +339,6 @@ def augment_batch(
 
 def model_input_fill(input_size: int) -> float:
     """The model-input value of a black (masked) pixel, for padding after augmentation."""
-    from pipeline.models.build import INPUT_BLACK
-
     return INPUT_BLACK
 
 
@@ -394,8 +347,6 @@ def model_input_fill(input_size: int) -> float:
 
 def build_for_config(cfg: TrainConfig, classes: Sequence[str] = CLASSES) -> torch.nn.Module:
     """The model of ``cfg`` (L-Softmax margin and lambda schedule passed where the variant has it)."""
-    from pipeline.models import build_model
-
     return build_model(
         cfg.variant,
         num_classes=len(classes),
@@ -458,11 +409,9 @@ def split_for_config(
     if cfg.val_fraction == 0:
         return np.arange(len(labels)), np.empty(0, dtype=np.int64)
     if cfg.split_by == "episode":
-        from pipeline.folds import group_split
-
         return group_split(labels, groups, cfg.val_fraction, cfg.seed)
     if cfg.split_by == "day":
-        return day_stratified_split(labels, groups, cfg.val_fraction, cfg.seed)
+        return group_split(labels, groups, cfg.val_fraction, cfg.seed, balance="shares")
     return stratified_split(labels, cfg.val_fraction, cfg.seed)
 
 
@@ -471,8 +420,6 @@ def _split_groups(cfg: TrainConfig, df: pd.DataFrame, data: Path) -> np.ndarray 
     if cfg.split_by == "day":
         return _ut_days(df, data)
     if cfg.split_by == "episode" and cfg.val_fraction > 0:
-        from pipeline.folds import groups_of
-
         return groups_of(df, cfg.group_column, f"{data}/labels.parquet")
     return None
 
@@ -481,8 +428,6 @@ def balanced_sampler(labels: np.ndarray, generator: torch.Generator, balance: st
     """A sampler drawing each class equally often (with replacement), or None."""
     if balance != "sampler":
         return None
-    from torch.utils.data import WeightedRandomSampler
-
     _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
     weights = torch.as_tensor(1.0 / counts[inverse], dtype=torch.double)
     return WeightedRandomSampler(weights, len(labels), replacement=True, generator=generator)
@@ -495,37 +440,6 @@ def _config_fingerprint(cfg: TrainConfig) -> str:
     if d.get("split_by") == "frame":  # runs recorded before split_by existed split by frame
         d.pop("split_by")
     return json.dumps(d, sort_keys=True)
-
-
-def _save_last(
-    path: Path,
-    cfg: TrainConfig,
-    model: torch.nn.Module,
-    opt: torch.optim.Optimizer,
-    st: _RunState,
-    loader_gen: torch.Generator,
-    aug_gen: torch.Generator,
-    data_fingerprint: str,
-) -> None:
-    """Tensors, numbers and strings only, so the file loads with torch.load(weights_only=True)."""
-    state = {
-        "format": "aurora-train-state-1",
-        "config": _config_fingerprint(cfg),
-        "data": data_fingerprint,
-        "model": model.state_dict(),
-        "optimizer": opt.state_dict(),
-        "epoch": st.epoch,
-        "best_acc": st.best_acc,
-        "best_epoch": st.best_epoch,
-        "bad_epochs": st.bad_epochs,
-        "stopped": st.stopped,
-        "history": json.dumps(st.history),
-        "torch_rng": torch.get_rng_state(),
-        "loader_rng": loader_gen.get_state(),
-        "aug_rng": aug_gen.get_state(),
-    }
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
 
 
 def _load_last(path: Path) -> dict[str, Any]:
@@ -568,10 +482,6 @@ def _readable_frames(
     frames that can be read. With ``num_workers`` the frames are read without the in-memory
     cache (each loader worker would fill, then drop, a copy of it).
     """
-    from tqdm.auto import tqdm
-
-    from pipeline.labelled import CheckedFrames, unreadable_rows
-
     probe = ds.subset(range(len(ds)), cache=False) if num_workers and ds.cache else ds
     loader = DataLoader(
         CheckedFrames(probe),
@@ -615,7 +525,8 @@ def _data_fingerprint(df: pd.DataFrame, root: Path) -> str:
     return json.dumps(sorted(zip(rel, df["label"].tolist())))
 
 
-#: What ``train`` writes into OUT (besides the temporary ``.<name>.*.part`` of atomic writes).
+#: What ``train`` writes into OUT besides its run record (atomic writes' ``.*.part`` files are
+#: cleared by OutputFolder).
 _RUN_FILES = frozenset(
     {
         "config.yaml",
@@ -628,10 +539,8 @@ _RUN_FILES = frozenset(
     }
 )
 
-
-def _is_partial_write(name: str) -> bool:
-    """A temporary file of :func:`pipeline.storage.atomic_path` (left by a killed process)."""
-    return name.startswith(".") and name.endswith(".part")
+#: Marker files of output_folder.FOLDER_MARKERS that a training run writes itself.
+TRAIN_OWNS = ("model.safetensors", LAST_STATE)
 
 
 def _recorded_run(out: Path) -> tuple[str, str] | None:
@@ -641,8 +550,6 @@ def _recorded_run(out: Path) -> tuple[str, str] | None:
     run even if it stopped before its first epoch; ``last.pt`` (what --resume reads) is the
     fallback when they are missing or unreadable.
     """
-    import pyarrow.parquet as pq
-
     try:
         cfg = load_train_config(out / "config.yaml")
         split = pq.read_table(out / "split.parquet", columns=["path", "label"]).to_pandas()
@@ -664,17 +571,13 @@ def _check_out_folder(
 ) -> None:
     """Refuse (InputError) an OUT that holds anything but an earlier run of this same training.
 
-    Allowed without --resume: a missing or empty folder, or one holding only the files of a run
-    with the same config (up to the settings --resume may change, see _RESUMABLE_CHANGES) on the
-    same labelled set; that run, finished or not, is then trained afresh. Anything else (another
-    variant or config, another data set, a raw archive, evaluation outputs) would be overwritten
-    or mixed with model files.
+    Allowed without --resume: an empty folder, or one holding only the files of a run with the
+    same config (up to the settings --resume may change, see _RESUMABLE_CHANGES) on the same
+    labelled set; that run, finished or not, is then trained afresh. Anything else (another
+    variant or config, another data set, a raw archive) would be overwritten or mixed with
+    model files. Another stage's output was refused before, by OutputFolder.
     """
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out}: is a file; give a folder for the checkpoint")
-    if not out.is_dir():
-        return
-    names = [p.name for p in out.iterdir() if not _is_partial_write(p.name)]
+    names = [p.name for p in out.iterdir() if p.name != RUN_RECORD]
     if not names:
         return
     foreign = sorted(n for n in names if n not in _RUN_FILES)
@@ -726,8 +629,6 @@ def _train_one_epoch(
     epoch: int,
     desc: str,
 ) -> dict[str, float]:
-    from tqdm.auto import tqdm
-
     model.train()
     layer = _lsoftmax_layer(model)
     n = 0
@@ -783,8 +684,6 @@ def _train_one_epoch(
 def _validate(
     model: torch.nn.Module, loader: DataLoader, device: torch.device, classes: Sequence[str]
 ) -> tuple[float, dict[str, Any]]:
-    from pipeline.evaluate import metrics_from_predictions, predict
-
     y_true, y_pred, probs = predict(model, loader, device, desc="validate")
     eps = 1e-12
     loss = float(-np.log(probs[np.arange(len(y_true)), y_true] + eps).mean()) if len(y_true) else 0
@@ -804,6 +703,413 @@ def _amp_settings(cfg: TrainConfig, device: torch.device) -> dict[str, Any] | No
     return None
 
 
+# --------------------------------------------------------------------------- data and split
+
+
+@dataclass
+class _Frames:
+    """The labelled set of a run: every labelled frame, the readable ones and their split."""
+
+    root: Path
+    labelled: pd.DataFrame  # every frame of labels.parquet
+    ds: LabelledSet  # the readable frames
+    readable: np.ndarray  # their rows in ``labelled``
+    unreadable: pd.DataFrame  # errors.parquet rows of the others
+    train_idx: np.ndarray  # rows of ``ds``
+    val_idx: np.ndarray
+
+    def split_table(self) -> pd.DataFrame:
+        """split.parquet: every labelled frame (the unreadable ones too) and its role."""
+        role = np.full(len(self.labelled), "unreadable", dtype=object)
+        role[self.readable[self.train_idx]] = "train"
+        role[self.readable[self.val_idx]] = "val"
+        return pd.DataFrame(
+            {
+                "path": [os.path.relpath(p, self.root) for p in self.labelled["path"]],
+                "frame": self.labelled["frame"].to_numpy(dtype=np.int64),
+                "label": self.labelled["label"].to_numpy(),
+                "split": role,
+            }
+        )
+
+
+def _load_training_set(data: Path, classes: Sequence[str]) -> pd.DataFrame:
+    """DATA's labelled frames; fewer than two classes is an InputError."""
+    df = load_labelled(data, classes=classes)
+    present = set(df["label"])
+    if len(present) < 2:
+        raise InputError(
+            f"{data}/labels.parquet: training needs at least two classes, got {present}"
+        )
+    return df
+
+
+def _check_run(
+    out: Path,
+    cfg: TrainConfig,
+    df: pd.DataFrame,
+    data: Path,
+    fingerprint: str,
+    resume: bool,
+    overwrite: bool,
+) -> tuple[dict[str, Any] | None, np.ndarray | None]:
+    """(saved training state, recorded split roles) for --resume, else (None, None) once OUT
+    is found to hold nothing but this same run. Checked before the frames are read: a wrong
+    --out fails in seconds, not minutes."""
+    if not resume:
+        _check_out_folder(out, cfg, fingerprint, overwrite)
+        return None, None
+    last_path = out / LAST_STATE
+    if not last_path.is_file():
+        raise InputError(f"{last_path}: nothing to resume; train without --resume first")
+    saved = _load_last(last_path)
+    if saved["config"] != _config_fingerprint(cfg):
+        raise ConfigError(
+            f"{last_path}: was written with another training config; resume with the "
+            f"config in {out / 'config.yaml'} or train into another --out"
+        )
+    if saved["data"] != fingerprint:
+        raise InputError(f"{last_path}: was trained on another labelled set than {data}")
+    # The run's own split: drawn again, it would move frames between train and val
+    # whenever a file has become readable or unreadable since.
+    return saved, _recorded_roles(out, df, data)
+
+
+def _readable_set(
+    cfg: TrainConfig, data: Path, ds: LabelledSet, classes: Sequence[str], out: Path
+) -> tuple[LabelledSet, np.ndarray, pd.DataFrame]:
+    """(the set of readable frames, their rows, errors rows of the others), with warnings."""
+    readable, unreadable = _readable_frames(ds, cfg.num_workers, cfg.val_batch_size)
+    if len(readable) == 0:
+        raise InputError(
+            f"{data}: none of its {len(ds)} frames could be read (first: "
+            f"{unreadable['message'].iloc[0]}); check --station and the files"
+        )
+    n_labelled = len(ds)
+    if len(unreadable):
+        ds = ds.subset(readable)
+    present = set(ds.df["label"])
+    if len(present) < 2:
+        raise InputError(
+            f"{data}: training needs at least two classes among its readable frames, got {present}"
+        )
+    if len(unreadable):
+        log.warning(
+            "%d of %d frames could not be read and are left out of training (%s); "
+            "they are listed in %s",
+            len(unreadable),
+            n_labelled,
+            unreadable["message"].iloc[0],
+            out / "errors.parquet",
+        )
+    absent = [c for c in classes if c not in present]
+    if absent:
+        log.warning(
+            "%s: no readable frame of class(es) %s: the model will learn nothing of them and "
+            "never predict them",
+            data,
+            ", ".join(absent),
+        )
+    return ds, readable, unreadable
+
+
+def _split_indices(
+    cfg: TrainConfig,
+    data: Path,
+    labels: np.ndarray,
+    groups: np.ndarray | None,
+    recorded: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) rows of the readable frames: the recorded split of a resumed run (whose
+    ``recorded`` roles are those of the readable frames), else one drawn by the config."""
+    if recorded is not None:
+        back = int((recorded == "unreadable").sum())
+        if back:
+            log.warning(
+                "%d frames that were unreadable when this run started can be read now; they "
+                "stay out of it (train afresh to use them)",
+                back,
+            )
+        train_idx, val_idx = np.flatnonzero(recorded == "train"), np.flatnonzero(recorded == "val")
+    else:
+        train_idx, val_idx = split_for_config(cfg, labels, groups)
+    if (len(val_idx) == 0 and cfg.val_fraction > 0) or len(train_idx) == 0:
+        raise InputError(
+            f"{data}: too few frames{'' if cfg.split_by == 'frame' else ' or groups'} for a "
+            f"validation split of {cfg.val_fraction}"
+        )
+    one_sided = sorted(set(labels) - (set(labels[val_idx]) & set(labels[train_idx])))
+    if one_sided and len(val_idx):
+        log.warning(
+            "%s: class(es) %s only on one side of the train/val split (%d train, %d val "
+            "frames); the validation accuracy says nothing about them",
+            data,
+            ", ".join(one_sided),
+            len(train_idx),
+            len(val_idx),
+        )
+    return train_idx, val_idx
+
+
+def _frames_of_run(
+    cfg: TrainConfig,
+    data: Path,
+    df: pd.DataFrame,
+    station: str | os.PathLike | None,
+    recorded: np.ndarray | None,
+    classes: Sequence[str],
+    out: Path,
+) -> _Frames:
+    """Read DATA's frames once and split the readable ones (as recorded, when resuming)."""
+    groups = _split_groups(cfg, df, data)
+    # Station: --station, else the set's own calib/station.yaml, else the config's, else yrs.
+    stn = station_for_set(data, station, cfg.station)
+    ds = LabelledSet(df, stn, dark_dir=find_dark_dir(data), cache=cfg.cache_frames)
+    ds, readable, unreadable = _readable_set(cfg, data, ds, classes, out)
+    train_idx, val_idx = _split_indices(
+        cfg,
+        data,
+        ds.df["label"].to_numpy(),
+        None if groups is None else groups[readable],
+        None if recorded is None else recorded[readable],
+    )
+    return _Frames(data, df, ds, readable, unreadable, train_idx, val_idx)
+
+
+def _clear_run(out: Path) -> None:
+    """Remove the files of the training run in OUT (--overwrite, once the new run can start)."""
+    for name in _RUN_FILES:
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+
+
+def _write_run_files(out: Path, cfg: TrainConfig, frames: _Frames) -> None:
+    """config.yaml, split.parquet and errors.parquet (train's own: rewritten whole)."""
+    dump_yaml(cfg, out / "config.yaml")
+    write_table(frames.split_table(), out / "split.parquet")
+    if len(frames.unreadable):
+        write_table(frames.unreadable, out / "errors.parquet", ERRORS_SCHEMA)
+    else:
+        (out / "errors.parquet").unlink(missing_ok=True)
+
+
+def _loaders(
+    cfg: TrainConfig, frames: _Frames, dev: torch.device, generator: torch.Generator
+) -> tuple[DataLoader, DataLoader]:
+    """(training loader, validation loader) of the split."""
+    collate = ToModelInput(cfg.input_size)
+    train_ds = Subset(frames.ds, frames.train_idx.tolist())
+    val_ds = Subset(frames.ds, frames.val_idx.tolist())
+    labels = frames.ds.df["label"].to_numpy()[frames.train_idx]
+    sampler = balanced_sampler(labels, generator, cfg.balance)
+    train_loader = DataLoader(
+        train_ds,
+        batch_size=cfg.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        generator=generator,
+        num_workers=cfg.num_workers,
+        collate_fn=collate,
+        # BatchNorm cannot train on a last batch of one frame.
+        drop_last=len(train_ds) % cfg.batch_size == 1,
+        pin_memory=dev.type == "cuda",
+        persistent_workers=cfg.num_workers > 0,
+    )
+    val_loader = DataLoader(
+        val_ds,
+        batch_size=cfg.val_batch_size,
+        shuffle=False,
+        num_workers=cfg.num_workers,
+        collate_fn=collate,
+    )
+    return train_loader, val_loader
+
+
+# --------------------------------------------------------------------------- state and fit
+
+
+def _initial_model(
+    cfg: TrainConfig,
+    classes: Sequence[str],
+    init_from: str | os.PathLike | None,
+    init_weights: str | os.PathLike | None,
+    resuming: bool,
+    out: Path,
+) -> torch.nn.Module:
+    """The model of ``cfg``, seeded, started from ``init_from``/``init_weights`` or as from
+    scratch (a resumed run's weights are loaded later over it)."""
+    torch.manual_seed(cfg.seed)
+    model = build_for_config(cfg, classes)
+    if init_from is not None and not resuming:
+        if cfg.scratch_init == "kaiming":
+            kaiming_reinit(model)  # parts the checkpoint lacks (a new head) start as from scratch
+        parts = init_from_checkpoint(model, init_from)
+        log.info("%s: initialised %s from %s", out, ", ".join(parts), init_from)
+    elif init_weights is not None:
+        load_init_weights(model, init_weights)
+    elif cfg.scratch_init == "kaiming":
+        kaiming_reinit(model)
+    return model
+
+
+class _Trainer:
+    """Model, optimiser, random generators and progress of one run; fits and saves it."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        model: torch.nn.Module,
+        dev: torch.device,
+        out: Path,
+        classes: Sequence[str],
+        provenance: dict[str, Any],
+    ) -> None:
+        self.cfg, self.dev, self.out, self.classes = cfg, dev, out, tuple(classes)
+        self.provenance = provenance  # the checkpoint meta.json's part that every epoch shares
+        self.model = model.to(dev)
+        self.opt = torch.optim.SGD(
+            model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+        self.loader_gen = torch.Generator().manual_seed(cfg.seed)
+        self.aug_gen = torch.Generator().manual_seed(cfg.seed + 1)
+        self.st = _RunState()
+        self.step_model: torch.nn.Module = model
+        if cfg.compile:
+            if dev.type == "cuda":
+                self.step_model = torch.compile(model)  # type: ignore[assignment]
+            else:
+                log.warning("compile: torch.compile is a GPU option here; running eagerly on CPU")
+        self.amp = _amp_settings(cfg, dev)
+        self.fill = model_input_fill(cfg.input_size)
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        """Continue from the training state of last.pt."""
+        self.model.load_state_dict(saved["model"])
+        self.opt.load_state_dict(saved["optimizer"])
+        self.st = _RunState(
+            epoch=int(saved["epoch"]),
+            best_acc=float(saved["best_acc"]),
+            best_epoch=int(saved["best_epoch"]),
+            bad_epochs=int(saved["bad_epochs"]),
+            stopped=bool(saved["stopped"]),
+            history=json.loads(saved["history"]),
+        )
+        torch.set_rng_state(saved["torch_rng"])
+        self.loader_gen.set_state(saved["loader_rng"])
+        self.aug_gen.set_state(saved["aug_rng"])
+        log.info("resuming %s after epoch %d", self.out, self.st.epoch)
+
+    @property
+    def done(self) -> bool:
+        """Whether the run has stopped early or run every planned epoch."""
+        return self.st.stopped or self.st.epoch >= self.cfg.epochs
+
+    def fit(self, train_loader: DataLoader, val_loader: DataLoader, fingerprint: str) -> None:
+        """Run the remaining epochs: the best checkpoint, last.pt and history.json after each."""
+        cfg, st = self.cfg, self.st
+        with_val = len(val_loader.dataset) > 0  # type: ignore[arg-type]
+        for epoch in range(st.epoch, cfg.epochs):
+            if st.stopped:
+                break
+            row, val = self._epoch(epoch, train_loader, val_loader)
+            st.history.append(row)
+            st.epoch = epoch + 1
+            # Without validation frames every epoch is the best so far: the last one is kept.
+            score = val[cfg.select_on] if with_val else float(st.epoch)
+            if score > st.best_acc:
+                st.best_acc, st.best_epoch, st.bad_epochs = score, st.epoch, 0
+                self._save_best(val, row["val_loss"])
+            else:
+                st.bad_epochs += 1
+                if cfg.patience and st.bad_epochs >= cfg.patience:
+                    st.stopped = True
+                    log.info("early stop after epoch %d (best %d)", st.epoch, st.best_epoch)
+            self._save_last(fingerprint)
+            _record_progress(self.out, st.epoch, cfg.epochs, self.done)
+            with atomic_path(self.out / "history.json") as tmp:
+                tmp.write_text(json.dumps(st.history, indent=1) + "\n")
+
+    def _epoch(
+        self, epoch: int, train_loader: DataLoader, val_loader: DataLoader
+    ) -> tuple[dict[str, float], dict[str, Any]]:
+        """Train one epoch and validate: the history row and the validation metrics."""
+        cfg = self.cfg
+        row: dict[str, float] = {"epoch": epoch + 1}
+        t_epoch = time.perf_counter()
+        row.update(
+            _train_one_epoch(
+                self.model,
+                self.step_model,
+                train_loader,
+                self.opt,
+                cfg,
+                self.dev,
+                self.aug_gen,
+                self.fill,
+                self.amp,
+                epoch,
+                desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            )
+        )
+        val_loss, val = _validate(self.model, val_loader, self.dev, self.classes)
+        row.update({"val_loss": val_loss, "val_acc": val["average_accuracy"]})
+        row["val_mean_class_acc"] = val["mean_class_accuracy"]
+        row["epoch_s"] = time.perf_counter() - t_epoch
+        lam = _current_lambda(self.model)
+        if lam is not None:
+            row["lambda"] = lam
+        msg = (
+            f"epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.3f} "
+            f"train acc {row['train_acc']:.3f} val acc {row['val_acc']:.3f} "
+            f"(mean per-class {row['val_mean_class_acc']:.3f})"
+        )
+        log.info(msg + (f" lambda {lam:.1f}" if lam is not None else ""))
+        return row, val
+
+    def _save_best(self, val: dict[str, Any], val_loss: float) -> None:
+        """The checkpoint of this epoch (model.safetensors + meta.json)."""
+        metrics = {k: v for k, v in metrics_to_json(val).items() if k != "confusion_normalised"}
+        metrics.update({"epoch": self.st.epoch, "val_loss": val_loss, "split": "val"})
+        meta = {
+            **self.provenance,
+            "metrics": metrics,
+            # How far training got (evaluate and classify-archive warn if unfinished);
+            # updated after every epoch by _record_progress.
+            "epochs_done": self.st.epoch,
+            "epochs_planned": self.cfg.epochs,
+            "finished": self.st.epoch >= self.cfg.epochs,
+        }
+        save_checkpoint(self.out, self.model, meta)
+
+    def _save_last(self, data_fingerprint: str) -> None:
+        """last.pt: tensors, numbers and strings only, so it loads with weights_only=True."""
+        st = self.st
+        state = {
+            "format": "aurora-train-state-1",
+            "config": _config_fingerprint(self.cfg),
+            "data": data_fingerprint,
+            "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "epoch": st.epoch,
+            "best_acc": st.best_acc,
+            "best_epoch": st.best_epoch,
+            "bad_epochs": st.bad_epochs,
+            "stopped": st.stopped,
+            "history": json.dumps(st.history),
+            "torch_rng": torch.get_rng_state(),
+            "loader_rng": self.loader_gen.get_state(),
+            "aug_rng": self.aug_gen.get_state(),
+        }
+        with atomic_path(self.out / LAST_STATE) as tmp:
+            torch.save(state, tmp)
+
+
+# --------------------------------------------------------------------------- train
+
+
 def train(
     cfg: TrainConfig,
     data: str | os.PathLike,
@@ -819,308 +1125,82 @@ def train(
 ) -> dict[str, Any]:
     """Train ``cfg`` on the labelled set DATA; best checkpoint + config.yaml + last.pt in OUT.
 
-    ``overwrite``: replace another training run in OUT (other files there are still refused).
-    ``init_from``: start from the weights of another checkpoint of this project (a pretrain
-    or a model trained on other frames); ``init_weights``: from a torchvision ImageNet file.
+    OUT is written in place and resumable: its ``_run.json`` says unfinished from the start of
+    the run and finished after the last epoch. ``overwrite``: replace another training run in
+    OUT (other files there are still refused). ``init_from``: start from the weights of
+    another checkpoint of this project (a pretrain or a model trained on other frames);
+    ``init_weights``: from a torchvision ImageNet file.
     """
-    from pipeline.checkpoint import save_checkpoint
-    from pipeline.evaluate import metrics_to_json, resolve_device
-    from pipeline.labelled import station_for_set
-    from pipeline.preprocess import find_dark_dir
-
     data = Path(data).resolve()
-    out = Path(out)
-    dev = resolve_device(device)
-    df = load_labelled(data, classes=classes)
-    present = set(df["label"])
-    if len(present) < 2:
-        raise InputError(
-            f"{data}/labels.parquet: training needs at least two classes, got {present}"
-        )
-    groups = _split_groups(cfg, df, data)
-    stn = station_for_set(data, station, cfg.station)
-    # Station: --station, else the set's own calib/station.yaml, else the config's, else yrs.
-    ds = LabelledSet(df, stn, dark_dir=find_dark_dir(data), cache=cfg.cache_frames)
-    fingerprint = _data_fingerprint(df, data)
-    last_path = out / LAST_STATE
-    saved: dict[str, Any] | None = None
-    if resume:
-        # Checked before the frames are read: a wrong --out fails in seconds, not minutes.
-        if not last_path.is_file():
-            raise InputError(f"{last_path}: nothing to resume; train without --resume first")
-        saved = _load_last(last_path)
-        if saved["config"] != _config_fingerprint(cfg):
-            raise ConfigError(
-                f"{last_path}: was written with another training config; resume with the "
-                f"config in {out / 'config.yaml'} or train into another --out"
-            )
-        if saved["data"] != fingerprint:
-            raise InputError(f"{last_path}: was trained on another labelled set than {data}")
-        # The run's own split: drawn again, it would move frames between train and val
-        # whenever a file has become readable or unreadable since.
-        recorded = _recorded_roles(out, df, data)
-    else:
-        _check_out_folder(out, cfg, fingerprint, overwrite)
-        recorded = None
-
-    readable, unreadable = _readable_frames(ds, cfg.num_workers, cfg.val_batch_size)
-    if len(readable) == 0:
-        raise InputError(
-            f"{data}: none of its {len(df)} frames could be read (first: "
-            f"{unreadable['message'].iloc[0]}); check --station and the files"
-        )
-    if len(unreadable):
-        ds = ds.subset(readable)
-    labelled, df = df, ds.df
-    present = set(df["label"])
-    if len(present) < 2:
-        raise InputError(
-            f"{data}: training needs at least two classes among its readable frames, got {present}"
-        )
-    if len(unreadable):
-        log.warning(
-            "%d of %d frames could not be read and are left out of training (%s); "
-            "they are listed in %s",
-            len(unreadable),
-            len(labelled),
-            unreadable["message"].iloc[0],
-            out / "errors.parquet",
-        )
-    absent = [c for c in classes if c not in present]
-    if absent:
-        log.warning(
-            "%s: no readable frame of class(es) %s: the model will learn nothing of them and "
-            "never predict them",
-            data,
-            ", ".join(absent),
-        )
-    if recorded is not None:
-        train_idx = np.flatnonzero(recorded[readable] == "train")
-        val_idx = np.flatnonzero(recorded[readable] == "val")
-        back = int((recorded[readable] == "unreadable").sum())
-        if back:
-            log.warning(
-                "%d frames that were unreadable when this run started can be read now; they "
-                "stay out of it (train afresh to use them)",
-                back,
-            )
-    else:
-        train_idx, val_idx = split_for_config(
-            cfg, df["label"].to_numpy(), None if groups is None else groups[readable]
-        )
-    if (len(val_idx) == 0 and cfg.val_fraction > 0) or len(train_idx) == 0:
-        raise InputError(
-            f"{data}: too few frames{'' if cfg.split_by == 'frame' else ' or groups'} for a "
-            f"validation split of {cfg.val_fraction}"
-        )
-    one_sided = sorted(
-        set(df["label"]) - (set(df["label"].iloc[val_idx]) & set(df["label"].iloc[train_idx]))
-    )
-    if one_sided and len(val_idx):
-        log.warning(
-            "%s: class(es) %s only on one side of the train/val split (%d train, %d val "
-            "frames); the validation accuracy says nothing about them",
-            data,
-            ", ".join(one_sided),
-            len(train_idx),
-            len(val_idx),
-        )
-    if overwrite and not resume:
-        # Only now that the new run can start: the replaced run's files must not outlive it.
-        for name in _RUN_FILES:
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    model = build_for_config(cfg, classes)
-    if init_from is not None and saved is None:
-        from pipeline.checkpoint import init_from_checkpoint
-
-        if cfg.scratch_init == "kaiming":
-            kaiming_reinit(model)  # parts the checkpoint lacks (a new head) start as from scratch
-        parts = init_from_checkpoint(model, init_from)
-        log.info("%s: initialised %s from %s", out, ", ".join(parts), init_from)
-    elif init_weights is not None:
-        from pipeline.models import load_init_weights
-
-        load_init_weights(model, init_weights)
-    elif cfg.scratch_init == "kaiming":
-        kaiming_reinit(model)
-    model.to(dev)
-    opt = torch.optim.SGD(
-        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-    )
-    loader_gen = torch.Generator().manual_seed(cfg.seed)
-    aug_gen = torch.Generator().manual_seed(cfg.seed + 1)
-    st = _RunState()
-    if saved is not None:
-        model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["optimizer"])
-        st = _RunState(
-            epoch=int(saved["epoch"]),
-            best_acc=float(saved["best_acc"]),
-            best_epoch=int(saved["best_epoch"]),
-            bad_epochs=int(saved["bad_epochs"]),
-            stopped=bool(saved["stopped"]),
-            history=json.loads(saved["history"]),
-        )
-        torch.set_rng_state(saved["torch_rng"])
-        loader_gen.set_state(saved["loader_rng"])
-        aug_gen.set_state(saved["aug_rng"])
-        log.info("resuming %s after epoch %d", out, st.epoch)
-    elif last_path.exists():
-        log.warning("%s holds an earlier run; starting afresh (use --resume to continue it)", out)
-
-    dump_yaml(cfg, out / "config.yaml")
-    # Every labelled frame, the unreadable ones too: the file names the data set trained on.
-    role = np.full(len(labelled), "unreadable", dtype=object)
-    role[readable[train_idx]] = "train"
-    role[readable[val_idx]] = "val"
-    split = pd.DataFrame(
-        {
-            "path": [os.path.relpath(p, data) for p in labelled["path"]],
-            "frame": labelled["frame"].to_numpy(dtype=np.int64),
-            "label": labelled["label"].to_numpy(),
-            "split": role,
+    init = {
+        "init_weights": None if init_weights is None else str(init_weights),
+        "init_from": None if init_from is None else str(Path(init_from).resolve()),
+    }
+    record = {"variant": cfg.variant, "data": str(data), "config": config_source, **init}
+    with OutputFolder(out, "train", record, owns=TRAIN_OWNS) as folder:
+        out = folder.path
+        dev = resolve_device(device)
+        df = _load_training_set(data, classes)
+        fingerprint = _data_fingerprint(df, data)
+        saved, recorded = _check_run(out, cfg, df, data, fingerprint, resume, overwrite)
+        frames = _frames_of_run(cfg, data, df, station, recorded, classes, out)
+        if overwrite and not resume:
+            _clear_run(out)  # only now that the new run can start
+        folder.begin(epochs=cfg.epochs)
+        model = _initial_model(cfg, classes, init_from, init_weights, saved is not None, out)
+        provenance = {
+            "variant": cfg.variant,
+            "classes": list(classes),
+            "input_size": cfg.input_size,
+            "in_chans": 1,
+            "preprocess": frames.ds.pre.describe,
+            "train_config": to_dict(cfg),
+            "train_config_source": config_source,
+            **init,
+            "data": str(data),
         }
-    )
-    write_table(split, out / "split.parquet")
-    # OUT/errors.parquet is train's own: rewritten whole (a damaged one is no obstacle).
-    if len(unreadable):
-        write_table(unreadable, out / "errors.parquet", ERRORS_SCHEMA)
-    else:
-        (out / "errors.parquet").unlink(missing_ok=True)
+        trainer = _Trainer(cfg, model, dev, out, classes, provenance)
+        if saved is not None:
+            trainer.restore(saved)
+        elif (out / LAST_STATE).exists():
+            log.warning(
+                "%s holds an earlier run; starting afresh (use --resume to continue it)", out
+            )
+        _write_run_files(out, cfg, frames)
+        result = _fit_run(trainer, frames, resume, fingerprint)
+        result["device"] = str(dev)
+        folder.finish(epochs=cfg.epochs, **_record_of(result))
+    return result
 
-    collate = ToModelInput(cfg.input_size)
-    train_ds, val_ds = Subset(ds, train_idx.tolist()), Subset(ds, val_idx.tolist())
-    sampler = balanced_sampler(df["label"].to_numpy()[train_idx], loader_gen, cfg.balance)
-    train_loader = DataLoader(
-        train_ds,
-        batch_size=cfg.batch_size,
-        shuffle=sampler is None,
-        sampler=sampler,
-        generator=loader_gen,
-        num_workers=cfg.num_workers,
-        collate_fn=collate,
-        # BatchNorm cannot train on a last batch of one frame.
-        drop_last=len(train_ds) % cfg.batch_size == 1,
-        pin_memory=dev.type == "cuda",
-        persistent_workers=cfg.num_workers > 0,
-    )
-    val_loader = DataLoader(
-        val_ds,
-        batch_size=cfg.val_batch_size,
-        shuffle=False,
-        num_workers=cfg.num_workers,
-        collate_fn=collate,
-    )
-    amp = _amp_settings(cfg, dev)
-    step_model: torch.nn.Module = model
-    if cfg.compile:
-        if dev.type == "cuda":
-            step_model = torch.compile(model)  # type: ignore[assignment]
-        else:
-            log.warning("compile: torch.compile is a GPU option here; running eagerly on CPU")
-    fill = model_input_fill(cfg.input_size)
-    preprocess_meta = ds.pre.describe
-    result: dict[str, Any] = {"out": str(out), "resumed_at_epoch": st.epoch if resume else None}
 
-    if st.stopped or st.epoch >= cfg.epochs:
+def _fit_run(trainer: _Trainer, frames: _Frames, resume: bool, fingerprint: str) -> dict[str, Any]:
+    """Fit the remaining epochs of the run; the summary ``train`` returns."""
+    cfg, st, out = trainer.cfg, trainer.st, trainer.out
+    resumed_at = st.epoch if resume else None
+    if trainer.done:
         log.info("%s: training already finished (epoch %d); nothing to do", out, st.epoch)
         if resume:
             _record_progress(out, st.epoch, cfg.epochs, finished=True)
     elif resume:
         # More epochs than before: the checkpoint is unfinished again until they are run.
         _record_progress(out, st.epoch, cfg.epochs, finished=False)
-    for epoch in range(st.epoch, cfg.epochs):
-        if st.stopped:
-            break
-        row: dict[str, float] = {"epoch": epoch + 1}
-        t_epoch = time.perf_counter()
-        row.update(
-            _train_one_epoch(
-                model,
-                step_model,
-                train_loader,
-                opt,
-                cfg,
-                dev,
-                aug_gen,
-                fill,
-                amp,
-                epoch,
-                desc=f"epoch {epoch + 1}/{cfg.epochs}",
-            )
-        )
-        val_loss, val = _validate(model, val_loader, dev, classes)
-        row.update({"val_loss": val_loss, "val_acc": val["average_accuracy"]})
-        row["val_mean_class_acc"] = val["mean_class_accuracy"]
-        row["epoch_s"] = time.perf_counter() - t_epoch
-        lam = _current_lambda(model)
-        if lam is not None:
-            row["lambda"] = lam
-        st.history.append(row)
-        st.epoch = epoch + 1
-        msg = (
-            f"epoch {st.epoch}/{cfg.epochs}: loss {row['train_loss']:.3f} "
-            f"train acc {row['train_acc']:.3f} val acc {row['val_acc']:.3f} "
-            f"(mean per-class {row['val_mean_class_acc']:.3f})"
-        )
-        log.info(msg + (f" lambda {lam:.1f}" if lam is not None else ""))
-        # Without validation frames every epoch is the best so far: the last one is kept.
-        score = val[cfg.select_on] if len(val_idx) else float(st.epoch)
-        if score > st.best_acc:
-            st.best_acc = score
-            st.best_epoch = st.epoch
-            st.bad_epochs = 0
-            metrics = {k: v for k, v in metrics_to_json(val).items() if k != "confusion_normalised"}
-            metrics.update({"epoch": st.epoch, "val_loss": val_loss, "split": "val"})
-            save_checkpoint(
-                out,
-                model,
-                {
-                    "variant": cfg.variant,
-                    "classes": list(classes),
-                    "input_size": cfg.input_size,
-                    "in_chans": 1,
-                    "preprocess": preprocess_meta,
-                    "train_config": to_dict(cfg),
-                    "train_config_source": config_source,
-                    "metrics": metrics,
-                    "init_weights": None if init_weights is None else str(init_weights),
-                    "init_from": None if init_from is None else str(Path(init_from).resolve()),
-                    "data": str(data),
-                    # How far training got (evaluate and classify-archive warn if unfinished);
-                    # updated after every epoch by _record_progress.
-                    "epochs_done": st.epoch,
-                    "epochs_planned": cfg.epochs,
-                    "finished": st.epoch >= cfg.epochs,
-                },
-            )
-        else:
-            st.bad_epochs += 1
-            if cfg.patience and st.bad_epochs >= cfg.patience:
-                st.stopped = True
-                log.info("early stop after epoch %d (best %d)", st.epoch, st.best_epoch)
-        _save_last(last_path, cfg, model, opt, st, loader_gen, aug_gen, fingerprint)
-        _record_progress(out, st.epoch, cfg.epochs, st.stopped or st.epoch >= cfg.epochs)
-        with atomic_path(out / "history.json") as tmp:
-            tmp.write_text(json.dumps(st.history, indent=1) + "\n")
+    trainer.fit(*_loaders(cfg, frames, trainer.dev, trainer.loader_gen), fingerprint)
+    with_val = len(frames.val_idx) > 0
+    return {
+        "out": str(out),
+        "resumed_at_epoch": resumed_at,
+        "epochs_run": st.epoch,
+        "best_epoch": st.best_epoch,
+        "best_val_accuracy": st.best_acc if with_val else math.nan,
+        "selected_on": cfg.select_on if with_val else "last epoch (no validation)",
+        "early_stopped": st.stopped,
+        "history": st.history,
+        "n_train": int(len(frames.train_idx)),
+        "n_val": int(len(frames.val_idx)),
+    }
 
-    result.update(
-        {
-            "epochs_run": st.epoch,
-            "best_epoch": st.best_epoch,
-            "best_val_accuracy": st.best_acc if len(val_idx) else math.nan,
-            "selected_on": cfg.select_on if len(val_idx) else "last epoch (no validation)",
-            "early_stopped": st.stopped,
-            "history": st.history,
-            "device": str(dev),
-            "n_train": int(len(train_idx)),
-            "n_val": int(len(val_idx)),
-        }
-    )
-    return result
+
+def _record_of(result: dict[str, Any]) -> dict[str, Any]:
+    """The summary numbers of a run for its _run.json (no history; NaN as null)."""
+    keys = ("epochs_run", "best_epoch", "best_val_accuracy", "early_stopped", "n_train", "n_val")
+    return {k: None if result[k] != result[k] else result[k] for k in keys}

@@ -272,3 +272,39 @@ def test_stn_padding_is_recorded_and_older_checkpoints_keep_theirs(tmp_path):
     (old / "meta.json").write_text(json.dumps(m))
     loaded, _ = load_checkpoint(old)
     assert loaded.stn.fill == 0.0
+
+
+def test_checkpoint_and_models_build_do_not_import_each_other():
+    """Both read weights through pipeline.models.weights: no import cycle between them."""
+    import ast
+    from pathlib import Path
+
+    import pipeline
+
+    root = Path(pipeline.__file__).parent
+
+    def imported(rel: str) -> set[str]:
+        tree = ast.parse((root / rel).read_text())
+        names = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        for n in ast.walk(tree):
+            if isinstance(n, ast.Import):
+                names |= {a.name for a in n.names}
+        return names
+
+    assert "pipeline.checkpoint" not in imported("models/build.py")
+    assert "pipeline.checkpoint" not in imported("models/weights.py")
+    assert "pipeline.models.weights" in imported("checkpoint.py")
+
+
+def test_read_state_dict_refuses_pickled_objects_and_reads_safetensors(tmp_path):
+    from safetensors.torch import save_file
+
+    from pipeline.models.weights import read_state_dict
+
+    save_file({"w": torch.ones(2)}, str(tmp_path / "w.safetensors"))
+    assert torch.equal(read_state_dict(tmp_path / "w.safetensors")["w"], torch.ones(2))
+    torch.save({"w": torch.ones(2), "note": copy.copy}, tmp_path / "obj.pt")
+    with pytest.raises(CheckpointError, match="never unpickled here"):
+        read_state_dict(tmp_path / "obj.pt")
+    with pytest.raises(CheckpointError, match="init weights file not found"):
+        read_state_dict(tmp_path / "none.pt", what="init weights")

@@ -9,11 +9,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from pipeline import cv
 from pipeline.cli import main
 from pipeline.cv import cross_validate, cv_markdown, fold_sets
 from pipeline.errors import InputError
 from pipeline.folds import group_folds
 from pipeline.labelled import load_labelled
+from pipeline.output_folder import is_finished, read_run_record
 from pipeline.train import TrainConfig
 
 CFG = TrainConfig(
@@ -59,8 +61,9 @@ def test_cv_runs_resumes_and_summarises(episodes_set, tmp_path):
     table = cross_validate(CFG, episodes_set, out, folds=3)
     assert list(table["fold"]) == [0, 1, 2] and table["n"].sum() == 80
     assert {"mean_class_accuracy", "acc_hotspot"} <= set(table.columns)
-    for name in ("cv.parquet", "cv.md", "cv.png", "confusion_pooled.parquet", "cv_run.json"):
+    for name in ("cv.parquet", "cv.md", "cv.png", "confusion_pooled.parquet", "_run.json"):
         assert (out / name).is_file(), name
+    assert is_finished(out, "cv") and read_run_record(out)["folds"] == 3
     pooled = pd.read_parquet(out / "confusion_pooled.parquet")
     assert int(pooled[["arc", "drapery", "radial", "hotspot"]].to_numpy().sum()) == 80
     assert "Mean per-class accuracy" in (out / "cv.md").read_text()
@@ -71,6 +74,43 @@ def test_cv_runs_resumes_and_summarises(episodes_set, tmp_path):
     again = cross_validate(CFG, episodes_set, out, folds=3)
     assert marker.stat().st_mtime_ns == before
     pd.testing.assert_frame_equal(again, table)
+    # Interrupted while rewriting the summary: the record no longer claims a finished run.
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(cv, "write_summary", _interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            cross_validate(CFG, episodes_set, out, folds=3)
+    assert read_run_record(out)["finished"] is False
+    cross_validate(CFG, episodes_set, out, folds=3)
+    assert is_finished(out, "cv")
+
+
+def _interrupted(*a, **k):
+    raise KeyboardInterrupt
+
+
+def test_an_interrupted_cv_in_a_new_folder_leaves_no_record(episodes_set, tmp_path, monkeypatch):
+    monkeypatch.setattr(cv, "run_fold", _interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cross_validate(CFG, episodes_set, tmp_path / "cv", folds=2)
+    assert not (tmp_path / "cv").exists()
+
+
+@pytest.mark.parametrize(
+    "plant, named",
+    [
+        (lambda d: (d / "_run.json").write_text('{"command": "train"}'), "a checkpoint"),
+        (lambda d: (d / "model.safetensors").write_bytes(b"x"), "a checkpoint"),
+    ],
+)
+def test_cv_refuses_another_stages_out_and_leaves_it(episodes_set, tmp_path, plant, named):
+    out = tmp_path / "other"
+    out.mkdir()
+    plant(out)
+    before = sorted((p.name, p.read_bytes()) for p in out.iterdir())
+    with pytest.raises(InputError, match=named) as err:
+        cross_validate(CFG, episodes_set, out, folds=2)
+    assert str(out) in str(err.value)
+    assert sorted((p.name, p.read_bytes()) for p in out.iterdir()) == before
 
 
 def test_cv_refuses_another_split_in_the_same_folder(episodes_set, tmp_path):

@@ -21,13 +21,16 @@ def test_bad_devices_are_one_line_errors():
 
 
 def test_every_stage_uses_it():
-    from pipeline import classify, evaluate, retrieval
+    from pipeline import devices, evaluate, pretrain, train
 
-    if not torch.cuda.is_available():
-        for fn in (classify.resolve_device, evaluate.resolve_device, retrieval.resolve_device):
-            with pytest.raises(InputError):
-                fn("cuda")
-    assert classify.resolve_device("cpu") == "cpu"
+    for mod in (evaluate, pretrain, train):
+        assert mod.resolve_device is devices.resolve_device
+
+
+def test_device_name_says_what_ran():
+    from pipeline.devices import device_name
+
+    assert device_name("cpu").startswith("cpu: ") and "torch threads" in device_name("cpu")
 
 
 def test_a_cuda_index_beyond_the_machine_is_one_error(monkeypatch):

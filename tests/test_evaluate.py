@@ -182,3 +182,66 @@ def test_unreadable_frames_are_recorded_and_left_out(tmp_path, tiny_labelled, ca
     pred = pd.read_parquet(tmp_path / "ev" / "predictions.parquet")
     assert len(pred) == 78 and not set(pred["path"]) & set(errors["path"])
     assert "2 unreadable frames left out" in (tmp_path / "ev" / "metrics.md").read_text()
+
+
+# ----------------------------------------------------------------------------- --out folder
+
+
+def _tiny_checkpoint(path):
+    import torch
+
+    from pipeline.checkpoint import save_checkpoint
+    from pipeline.models import build_model
+
+    torch.manual_seed(0)
+    save_checkpoint(path, build_model("alexnet", input_size=64), {})
+    return path
+
+
+@pytest.mark.parametrize(
+    "plant",
+    [
+        lambda d: (d / "_run.json").write_text(json.dumps({"command": "train"})),
+        lambda d: (d / "model.safetensors").write_bytes(b"x"),
+    ],
+)
+def test_evaluate_refuses_another_stages_out_and_leaves_it(tmp_path, tiny_labelled, plant):
+    from pipeline.evaluate import evaluate_checkpoint
+
+    ckpt = _tiny_checkpoint(tmp_path / "ckpt")
+    out = tmp_path / "other"
+    out.mkdir()
+    plant(out)
+    before = sorted((p.name, p.read_bytes()) for p in out.iterdir())
+    with pytest.raises(InputError, match=str(out)):
+        evaluate_checkpoint(ckpt, tiny_labelled, out, device="cpu", timing=False)
+    assert sorted((p.name, p.read_bytes()) for p in out.iterdir()) == before
+
+
+def test_an_interrupted_evaluate_leaves_no_finished_record(tmp_path, tiny_labelled, monkeypatch):
+    """Ctrl-C before the outputs are in: no folder at all when it was new; over an earlier
+    run, that run's outputs and record as they were (never a record without its results)."""
+    import pipeline.evaluate as ev
+    from pipeline.output_folder import is_finished, read_run_record
+
+    ckpt = _tiny_checkpoint(tmp_path / "ckpt")
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "ev"
+    with monkeypatch.context() as m:
+        m.setattr(ev, "write_evaluation", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            ev.evaluate_checkpoint(ckpt, tiny_labelled, out, device="cpu", timing=False)
+    assert not out.exists()
+    ev.evaluate_checkpoint(ckpt, tiny_labelled, out, device="cpu", timing=False)
+    record = read_run_record(out)
+    assert is_finished(out, "evaluate") and record["n"] == 80
+    assert record["checkpoint"] == str(ckpt.resolve())
+    before = sorted((p.name, p.read_bytes()) for p in out.iterdir())
+    with monkeypatch.context() as m:
+        m.setattr(ev, "metrics_from_predictions", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            ev.evaluate_checkpoint(ckpt, tiny_labelled, out, device="cpu", timing=False)
+    assert sorted((p.name, p.read_bytes()) for p in out.iterdir()) == before

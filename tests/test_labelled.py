@@ -169,3 +169,27 @@ def test_station_of_a_set_given_then_its_own_then_the_fallback(
     assert station_for_set(tmp_path, None).raw_size == 512  # default: yrs
     assert station_for_set(tmp_path, None, tiny_station_path).raw_size == 64  # config's station
     assert station_for_set(tmp_path, tiny_station_path).raw_size == 64  # --station as a path
+
+
+def test_read_labels_table_is_the_raw_table(tmp_path):
+    from pipeline.labelled import read_labels_table
+
+    table = pd.DataFrame({"path": ["b.png", "a.png"], "extra": [1, 2]}, index=[5, 9])
+    table.to_parquet(tmp_path / "labels.parquet")
+    got = read_labels_table(tmp_path)
+    assert list(got.index) == [0, 1] and list(got["path"]) == ["b.png", "a.png"]
+    with pytest.raises(InputError, match="missing column 'label'"):
+        read_labels_table(tmp_path, required=("path", "label"))
+    (tmp_path / "labels.parquet").write_bytes(b"not parquet")
+    with pytest.raises(InputError, match="cannot read as Parquet"):
+        read_labels_table(tmp_path)
+
+
+def test_winter_of_a_time_and_of_a_series():
+    from pipeline.winter import winter_of
+
+    assert winter_of("2003-12-21T06:00") == 2003 and winter_of("2004-01-05") == 2003
+    assert winter_of(pd.Timestamp("2004-07-01", tz="UTC")) == 2004
+    times = pd.Series(pd.to_datetime(["2003-12-21", "2004-02-01", "2004-09-01"], utc=True))
+    got = winter_of(times)
+    assert str(got.dtype) == "Int64" and got.tolist() == [2003, 2003, 2004]

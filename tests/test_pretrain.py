@@ -68,6 +68,40 @@ def test_pretrain_refuses_another_config_in_the_same_folder(tiny_labelled, tmp_p
         pretrain(dataclasses.replace(TINY, seed=3), [tiny_labelled], out)
 
 
+def test_pretrain_refuses_another_stages_out_and_leaves_it(tiny_labelled, tmp_path):
+    out = tmp_path / "ck"
+    out.mkdir()
+    (out / "_run.json").write_text('{"command": "train", "finished": true}')
+    (out / "model.safetensors").write_bytes(b"weights")
+    before = sorted((p.name, p.read_bytes()) for p in out.iterdir())
+    with pytest.raises(InputError, match="a checkpoint") as err:
+        pretrain(TINY, [tiny_labelled], out)
+    assert str(out) in str(err.value)
+    assert sorted((p.name, p.read_bytes()) for p in out.iterdir()) == before
+
+
+def test_an_interrupted_pretrain_leaves_no_finished_record(tiny_labelled, tmp_path, monkeypatch):
+    import pipeline.pretrain as pre
+    from pipeline.output_folder import is_finished, read_run_record
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "pre"
+    with monkeypatch.context() as m:
+        m.setattr(pre, "load_frames", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            pretrain(TINY, [tiny_labelled], out)
+    assert not out.exists()
+    pretrain(TINY, [tiny_labelled], out)
+    assert is_finished(out, "pretrain") and len(read_run_record(out)["history"]) == 1
+    with monkeypatch.context() as m:
+        m.setattr(pre, "save_checkpoint", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            pretrain(TINY, [tiny_labelled], out)
+    assert read_run_record(out)["finished"] is False
+
+
 def test_pretrain_config_refuses_a_head_variant():
     with pytest.raises(ValueError, match="plain backbone"):
         PretrainConfig(variant="stn-lsoftmax-alexnet").validate()

@@ -17,12 +17,13 @@ from pipeline.classes import CLASSES
 from pipeline.cli import main
 from pipeline.config import CONFIG_DIR
 from pipeline.errors import ConfigError
+from pipeline.folds import group_split
+from pipeline.output_folder import is_finished, read_run_record
 from pipeline.train import (
     AugmentConfig,
     TrainConfig,
     augment_batch,
     balanced_sampler,
-    day_stratified_split,
     load_train_config,
     lr_at,
     split_for_config,
@@ -123,7 +124,7 @@ def test_stratified_split_is_4_to_1_per_class_and_seeded():
 
 
 def _check_day_split(labels, days, frac=0.2, seed=0, tol=0.05):
-    train, val = day_stratified_split(labels, days, frac, seed)
+    train, val = group_split(labels, days, frac, seed, balance="shares")
     labels, days = np.asarray(labels), np.asarray(days)
     assert len(np.intersect1d(train, val)) == 0 and len(train) + len(val) == len(labels)
     assert not set(days[train]) & set(days[val]), "a day on both sides"
@@ -143,8 +144,8 @@ def test_day_split_keeps_days_whole_and_classes_near_the_fraction():
         labels += rng.choice(CLASSES, size=n, p=mix).tolist()
         days += [f"2003-12-{d:02d}"] * n
     train, val = _check_day_split(labels, days)
-    again, _ = day_stratified_split(labels, days, 0.2, 0)
-    other, _ = day_stratified_split(labels, days, 0.2, 1)
+    again, _ = group_split(labels, days, 0.2, 0, balance="shares")
+    other, _ = group_split(labels, days, 0.2, 1, balance="shares")
     assert np.array_equal(train, again) and not np.array_equal(train, other)
 
 
@@ -401,9 +402,11 @@ def test_train_reruns_into_its_own_unfinished_or_finished_run(tmp_path, mini_set
         m.setattr(train_mod, "_train_one_epoch", interrupted)
         with pytest.raises(SystemExit):  # the CLI's "aborted", exit 130
             _train(cfg, mini_set, out)
-    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "split.parquet"]
+    assert sorted(p.name for p in out.iterdir()) == ["_run.json", "config.yaml", "split.parquet"]
+    assert read_run_record(out)["finished"] is False
     _train(cfg, mini_set, out)  # the same run, started again
     assert json.loads((out / "meta.json").read_text())["finished"] is True
+    assert is_finished(out, "train")
     # epochs is a setting --resume may change: still the same run, trained afresh
     _train(write_cfg(tmp_path / "c1.yaml", variant="alexnet", epochs=1), mini_set, out)
     assert len(json.loads((out / "history.json").read_text())) == 1
@@ -423,6 +426,56 @@ def test_train_out_refusal_is_an_input_error_before_anything_is_written(tmp_path
     afile.write_text("x")
     with pytest.raises(InputError, match="is a file"):
         train(load_train_config(write_cfg(tmp_path / "c.yaml")), mini_set, afile, device="cpu")
+
+
+@pytest.mark.parametrize(
+    "plant, named",
+    [
+        (lambda d: (d / "_run.json").write_text(json.dumps({"command": "evaluate"})), "evaluate"),
+        (lambda d: (d / "labels.parquet").write_bytes(b"x"), "a labelled set"),
+    ],
+)
+def test_train_refuses_another_stages_out_and_leaves_it(tmp_path, mini_set, plant, named):
+    from pipeline.errors import InputError
+    from pipeline.train import train
+
+    out = tmp_path / "other"
+    out.mkdir()
+    plant(out)
+    before = sorted((p.name, p.read_bytes()) for p in out.iterdir())
+    cfg = load_train_config(write_cfg(tmp_path / "c.yaml", variant="alexnet"))
+    for overwrite in (False, True):
+        with pytest.raises(InputError, match=named) as err:
+            train(cfg, mini_set, out, device="cpu", overwrite=overwrite)
+        assert str(out) in str(err.value)
+    assert sorted((p.name, p.read_bytes()) for p in out.iterdir()) == before
+
+
+def test_an_interrupted_train_leaves_no_finished_record(tmp_path, mini_set, monkeypatch):
+    """Ctrl-C before the first epoch of a new folder: no record claims a run; over a finished
+    run, its record says unfinished until a run ends again."""
+    import pipeline.train as train_mod
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    cfg = load_train_config(write_cfg(tmp_path / "c.yaml", variant="alexnet"))
+    out = tmp_path / "ck"
+    with monkeypatch.context() as m:
+        m.setattr(train_mod, "_readable_frames", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            train_mod.train(cfg, mini_set, out, device="cpu")
+    assert not out.exists()
+    train_mod.train(cfg, mini_set, out, device="cpu")
+    record = read_run_record(out)
+    assert (
+        is_finished(out, "train") and record["epochs_run"] == 1 and record["variant"] == "alexnet"
+    )
+    with monkeypatch.context() as m:
+        m.setattr(train_mod, "_train_one_epoch", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            train_mod.train(cfg, mini_set, out, device="cpu")
+    assert read_run_record(out)["finished"] is False
 
 
 # ----------------------------------------------------------------------------- progress in meta

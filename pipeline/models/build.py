@@ -20,6 +20,7 @@ from pipeline.errors import CheckpointError, ConfigError, InputError
 from pipeline.models.backbones import BACKBONES, Backbone
 from pipeline.models.lsoftmax import DEFAULT_SCHEDULE, LambdaSchedule, LSoftmaxLinear
 from pipeline.models.stn import SpatialTransformer
+from pipeline.models.weights import read_state_dict
 
 #: variant -> (backbone, with STN, with L-Softmax): the paper's ablation and its baselines.
 _REGISTRY: dict[str, tuple[str, bool, bool]] = {
@@ -253,18 +254,7 @@ def load_init_weights(model: AuroraNet, path: str | os.PathLike) -> list[str]:
     RGB kernels of the first convolution are summed over their input channels, so a grey image
     gives the response the RGB network gives to that image replicated on three channels.
     """
-    try:
-        state = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: init weights file not found") from None
-    except Exception as exc:  # noqa: BLE001 - weights_only refuses pickled objects: never unpickle
-        from pipeline.checkpoint import weights_refusal
-
-        raise CheckpointError(weights_refusal(path, exc)) from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path}: expected a state dict of tensors (torchvision weights)")
+    state = read_state_dict(path, what="init weights")
     ours = model.state_dict()
     mapped: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
