@@ -197,11 +197,6 @@ def _worker_identity() -> tuple[str | None, Any]:
     return host, w.name
 
 
-def resolve_device(device: str) -> str:
-    """``auto`` becomes ``cuda`` where CUDA is visible, else ``cpu``; a missing GPU is an error."""
-    return str(devices.resolve_device(device))
-
-
 def _torch_threads(settings: ShardSettings) -> int:
     if settings.torch_threads:
         return settings.torch_threads
@@ -233,7 +228,7 @@ def worker_model(settings: ShardSettings) -> tuple[Any, dict, Any, int]:
 
 def _load_model(settings: ShardSettings) -> tuple[Any, dict, torch.device]:
     """The checkpoint's model on this worker's device (its own GPU of several), in eval mode."""
-    device = resolve_device(settings.device)
+    device = str(devices.resolve_device(settings.device))
     if device == "cuda" and torch.cuda.device_count() > 1:
         _, name = _worker_identity()
         device = f"cuda:{cluster.worker_gpu_index(name, torch.cuda.device_count())}"
@@ -1265,7 +1260,9 @@ def classify_archive(
         # that a corrected rerun would trip over.
         darks = _resolve_darks(dark_dir, src, preprocessed)
         _warn_preprocess_mismatch(meta, src.station, ckpt)
-        local = resolve_device(device) if client is None and scheduler is None else device
+        local = (
+            str(devices.resolve_device(device)) if client is None and scheduler is None else device
+        )
         options = dict(batch_size=batch_size, preprocessed=preprocessed, features=features)
         entry = _run_entry(src, settings, plan, device=device, **options)
         recorder.start(plan.shards, entry, retries)

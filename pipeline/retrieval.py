@@ -20,6 +20,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from pipeline.devices import resolve_device
+
 METRICS: tuple[str, ...] = ("euclidean", "cosine")
 
 #: Rows of float32 a chunk may hold (64 Mi values = 256 MB); the chunk size follows from the dim.
@@ -29,13 +31,6 @@ _CHUNK_VALUES = 1 << 26
 def default_chunk_size(dim: int) -> int:
     """Index rows per chunk so that one float32 chunk stays near 256 MB."""
     return max(1, _CHUNK_VALUES // max(1, int(dim)))
-
-
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``"auto"``/None -> CUDA when present, else CPU; an absent CUDA device is an InputError."""
-    from pipeline.devices import resolve_device as resolve
-
-    return resolve(device)
 
 
 def _as_float32(block: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -11,10 +11,10 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from pipeline.devices import resolve_device
 from pipeline.errors import AuroraError, CheckpointError
 from pipeline.framestore import read_rows
 from pipeline.models import to_model_input
-from pipeline.retrieval import resolve_device
 from pipeline.retrieval_images import FrameLoader
 from pipeline.storage import ERRORS_SCHEMA, empty_frame, error_rows
 

@@ -9,9 +9,7 @@ import contextlib
 import fcntl
 import json
 import os
-import signal
 import tempfile
-import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.classes import CLASSES, PROB_COLUMNS
+from pipeline.errors import InputError
 
 _TS = pa.timestamp("ns", tz="UTC")
 
@@ -133,8 +132,6 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``, renamed onto ``path`` only if the block succeeds."""
     final = Path(path)
     if final.is_dir():
-        from pipeline.errors import InputError
-
         raise InputError(f"{final}: is a folder; give the name of a file to write")
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent)
@@ -161,8 +158,6 @@ def exclusive_lock(path: str | os.PathLike, what: str) -> Iterator[None]:
     lock. Nothing is written into the file: its mtime must not change, since workflows compare
     the mtimes of the folders that hold it.
     """
-    from pipeline.errors import InputError
-
     lock = Path(path)
     lock.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
@@ -221,8 +216,6 @@ def error_rows(
 
 def read_errors(path: str | os.PathLike) -> pd.DataFrame:
     """An errors table (empty when the file is absent); an unreadable one is an InputError."""
-    from pipeline.errors import InputError
-
     p = Path(path)
     if not p.exists():
         return empty_frame(ERRORS_SCHEMA)
@@ -273,105 +266,3 @@ def replace_stage_errors(
 
 def _rows(df: pd.DataFrame, columns: list[str]) -> list[list[str]]:
     return df[columns].astype(str).values.tolist() if len(df) else []
-
-
-#: Files that say what a folder is, so a stage can refuse to write into another stage's folder.
-FOLDER_MARKERS: dict[str, str] = {
-    "model.safetensors": "a checkpoint",
-    "last.pt": "a training run",
-    "labels.parquet": "a labelled set",
-    "manifest.parquet": "an archive scan",
-    "synth.json": "a synthetic archive or set",
-    "_run.json": "classify-archive predictions",
-    "_index.json": "a retrieval index",
-    "index.json": "a retrieval index",  # of the earlier layout
-    "metrics.json": "evaluate results",
-    "occurrence_run.json": "occurrence results",
-    "zarr.json": "a Zarr store (a frame store of `preprocess --format zarr`?)",
-}
-
-
-def refuse_foreign_out(out: Path, own: Sequence[str], command: str) -> None:
-    """InputError when ``out`` holds another stage's output (a checkpoint, a data set, ...).
-
-    ``own``: the markers this stage writes itself (its own earlier output may be replaced).
-    """
-    from pipeline.errors import InputError
-
-    if not out.is_dir():
-        return
-    for name, what in FOLDER_MARKERS.items():
-        if name not in own and (out / name).exists():
-            raise InputError(
-                f"--out {out} holds {what} ({name}); give `{command}` a folder of its own"
-            )
-
-
-@contextlib.contextmanager
-def interrupts_deferred() -> Iterator[None]:
-    """Hold back SIGINT (Ctrl-C) for the block and raise KeyboardInterrupt after it, if one came."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[int] = []
-    try:
-        previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
-    except (ValueError, TypeError):  # no signal handling here (embedded interpreter)
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
-        if caught and callable(previous):
-            previous(signal.SIGINT, None)  # Python's default handler raises KeyboardInterrupt
-        elif caught and previous != signal.SIG_IGN:
-            raise KeyboardInterrupt
-
-
-def install_outputs(staging: Path, out: Path, names: Sequence[str], record: str) -> None:
-    """Move a run's outputs ``names`` from ``staging`` into ``out`` (one file system).
-
-    The old ``record`` (the file saying a run finished) goes first and the new one comes last,
-    so a folder holding a record holds one run's outputs; a name missing from ``staging`` is a
-    stale output and is removed from ``out``. Ctrl-C is held back for these few renames.
-    """
-    with interrupts_deferred():
-        (out / record).unlink(missing_ok=True)
-        for name in names:
-            if name == record:
-                continue
-            if (staging / name).exists():
-                os.replace(staging / name, out / name)
-            else:
-                (out / name).unlink(missing_ok=True)
-        os.replace(staging / record, out / record)
-
-
-def claim_run_record(out: Path, name: str, record: dict, what: str) -> None:
-    """OUT/name holds the settings of one run: start it (finished: false), or accept an earlier
-    run of the same settings (resumed); another run's record is an InputError naming ``what``."""
-    import json
-
-    from pipeline.errors import InputError
-
-    path = out / name
-    if path.is_file():
-        try:
-            old = json.loads(path.read_text())
-        except (OSError, ValueError):
-            old = {}
-        if {k: old.get(k) for k in record} != record:
-            raise InputError(f"{out}: holds {what}; choose another --out")
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps({**record, "finished": False}, indent=1) + "\n")
-
-
-def finish_run_record(out: Path, name: str, record: dict, **extra: object) -> None:
-    """Mark the run of OUT/name finished (written last, after every output is in place)."""
-    import json
-
-    with atomic_path(out / name) as tmp:
-        tmp.write_text(json.dumps({**record, **extra, "finished": True}, indent=1) + "\n")

@@ -21,10 +21,15 @@ def test_bad_devices_are_one_line_errors():
 
 
 def test_every_stage_uses_it():
-    from pipeline import devices, evaluate, pretrain, train
+    from pipeline import devices, evaluate, pretrain, retrieval, retrieval_features, train
 
-    for mod in (evaluate, pretrain, train):
+    for mod in (evaluate, pretrain, train, retrieval, retrieval_features):
         assert mod.resolve_device is devices.resolve_device
+    # classify's workers name their device as text (it travels in the task settings)
+    import pipeline.classify as classify
+
+    assert not hasattr(classify, "resolve_device")
+    assert classify.devices.resolve_device is devices.resolve_device
 
 
 def test_device_name_says_what_ran():

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 
@@ -10,6 +12,7 @@ from pipeline.errors import InputError
 from pipeline.output_folder import (
     RUN_RECORD,
     OutputFolder,
+    interrupts_deferred,
     is_finished,
     read_run_record,
     refuse_foreign_out,
@@ -134,3 +137,41 @@ def test_same_settings_compares_what_json_gives_back(tmp_path):
         assert folder.same_settings()
     with OutputFolder(tmp_path / "o", "cv", {"folds": 3, "variants": ("a", "b")}) as folder:
         assert not folder.same_settings()
+
+
+def test_interrupts_are_deferred_during_the_swap():
+    import os
+    import signal
+
+    # Python's own handler (importing dask_jobqueue.runner, as another test does, replaces it)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        done = []
+        with pytest.raises(KeyboardInterrupt):
+            with interrupts_deferred():
+                os.kill(os.getpid(), signal.SIGINT)
+                done.append(True)
+        assert done == [True] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def test_a_failure_while_installing_leaves_no_record(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    with OutputFolder(out, "occurrence") as folder:
+        (folder.staging / "a.txt").write_text("1")
+        folder.install(["a.txt"])
+    real_replace = os.replace
+
+    def failing(src, dst):
+        if Path(dst).name == "b.txt":
+            raise OSError("disk full")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(OSError):
+        with OutputFolder(out, "occurrence") as folder:
+            (folder.staging / "a.txt").write_text("2")
+            (folder.staging / "b.txt").write_text("2")
+            folder.install(["a.txt", "b.txt"])
+    assert read_run_record(out) is None  # half installed: no record says finished

@@ -14,7 +14,6 @@ from pipeline.storage import (
     merge_errors,
     predictions_metadata,
     read_contract,
-    refuse_foreign_out,
     write_table,
 )
 
@@ -88,62 +87,6 @@ def test_writing_onto_a_folder_is_a_clear_error(tmp_path):
     with pytest.raises(InputError, match="is a folder; give the name of a file"):
         with atomic_path(tmp_path / "out"):
             pass
-
-
-def test_refuse_foreign_out_names_what_the_folder_holds(tmp_path):
-    from pipeline.errors import InputError
-
-    refuse_foreign_out(tmp_path / "new", (), "evaluate")  # a new folder: fine
-    (tmp_path / "model.safetensors").write_bytes(b"")
-    with pytest.raises(InputError, match=r"holds a checkpoint \(model.safetensors\); give `index`"):
-        refuse_foreign_out(tmp_path, ("index.json",), "index")
-    (tmp_path / "model.safetensors").unlink()
-    (tmp_path / "index.json").write_text("{}")
-    refuse_foreign_out(tmp_path, ("index.json",), "index")  # its own earlier output
-    with pytest.raises(InputError, match="holds a retrieval index"):
-        refuse_foreign_out(tmp_path, (), "retrieve")
-
-
-def test_interrupts_are_deferred_during_the_swap():
-    import os
-    import signal
-
-    from pipeline.storage import interrupts_deferred
-
-    # Python's own handler (importing dask_jobqueue.runner, as another test does, replaces it)
-    before = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        done = []
-        with pytest.raises(KeyboardInterrupt):
-            with interrupts_deferred():
-                os.kill(os.getpid(), signal.SIGINT)
-                done.append(True)
-        assert done == [True] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    finally:
-        signal.signal(signal.SIGINT, before)
-
-
-def test_install_outputs_puts_the_record_last_and_drops_stale_outputs(tmp_path):
-    from pipeline.storage import install_outputs
-
-    out, staging = tmp_path / "out", tmp_path / "out" / ".staging"
-    staging.mkdir(parents=True)
-    for name, text in (("a.txt", "old a"), ("stale.txt", "old"), ("run.json", "old run")):
-        (out / name).write_text(text)
-    (out / "mine.txt").write_text("not an output")
-    (staging / "a.txt").write_text("new a")
-    (staging / "run.json").write_text("new run")
-    install_outputs(staging, out, ("a.txt", "stale.txt", "run.json"), "run.json")
-    assert (out / "a.txt").read_text() == "new a" and (out / "run.json").read_text() == "new run"
-    assert not (out / "stale.txt").exists() and (out / "mine.txt").exists()
-    # A failure before the record moves leaves no record: the folder says "not finished".
-    (staging / "run.json").write_text("newer run")
-    (staging / "x").write_text("new x")
-    (out / "x").mkdir()  # cannot be replaced by a file
-    (out / "x" / "keep").write_text("")
-    with pytest.raises(OSError):
-        install_outputs(staging, out, ("x", "run.json"), "run.json")
-    assert not (out / "run.json").exists()
 
 
 def test_contract_metadata_travels_beside_pandas_own(tmp_path):
