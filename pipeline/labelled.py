@@ -18,40 +18,13 @@ from pipeline.classes import CLASSES
 from pipeline.config import StationConfig, resolve_station, to_dict
 from pipeline.errors import ConfigError, FrameReadError, InputError
 from pipeline.imageio import read_frame
+from pipeline.labels import LABELS_NAME, read_labels_table
 from pipeline.models import to_model_input
 from pipeline.storage import ERRORS_SCHEMA
 from pipeline.winter import winter_of
 
 #: Columns of the DataFrame returned by load_labelled.
 LABELLED_COLUMNS: tuple[str, ...] = ("path", "label", "time_utc", "winter", "frame")
-
-
-#: The labels table of a labelled set, inside its folder.
-LABELS_NAME = "labels.parquet"
-
-
-def read_labels_table(root: str | os.PathLike, required: Sequence[str] = ("path",)) -> pd.DataFrame:
-    """ROOT/labels.parquet as it is on disk (index reset): the one reader of that file.
-
-    A missing or undecodable table, or one without a ``required`` column, is an InputError.
-    """
-    table = Path(root) / LABELS_NAME
-    if not table.is_file():
-        raise InputError(
-            f"{table}: labels.parquet not found; a labelled set is a folder written by "
-            "`aurora-pipeline synth labelled` or `aurora-pipeline preprocess`"
-        )
-    try:
-        df = pd.read_parquet(table)
-    except Exception as exc:  # noqa: BLE001 - any decode failure is the user's file
-        raise InputError(f"{table}: cannot read as Parquet ({exc})") from None
-    missing = [c for c in required if c not in df.columns]
-    if missing:
-        raise InputError(
-            f"{table}: missing column {missing[0]!r}; labels.parquet needs path and label "
-            "(time_utc and winter optional)"
-        )
-    return df.reset_index(drop=True)
 
 
 def load_labelled(root: str | os.PathLike, classes: Sequence[str] = CLASSES) -> pd.DataFrame:

@@ -34,6 +34,7 @@ from pipeline.archive import load_manifest_and_errors
 from pipeline.config import StationConfig, resolve_station, to_dict
 from pipeline.errors import InputError
 from pipeline.imageio import write_frame
+from pipeline.labels import LABELS_NAME, read_labels_table
 from pipeline.output_folder import RUN_RECORD, OutputFolder, is_finished
 from pipeline.preprocess import calibration_from_station, is_preprocessed_shape, preprocess
 from pipeline.preprocess_tasks import (
@@ -65,7 +66,6 @@ log = logging.getLogger(__name__)
 STAGE = "preprocess"
 ERRORS_NAME = "errors.parquet"
 LOCK_NAME = ".preprocess.lock"
-LABELS_NAME = "labels.parquet"
 #: Failures that belong to the frame file itself: retried on a rerun only when the file changed.
 _FRAME_FAULTS = ("FrameReadError", "FrameGeometryError")
 _PGM = (".pgm.gz", ".pgm")
@@ -85,14 +85,7 @@ def _resolve_station(
 
 
 def _load_labelled(root: Path) -> pd.DataFrame:
-    table = root / LABELS_NAME
-    try:
-        df = pd.read_parquet(table)
-    except Exception as exc:  # noqa: BLE001 - any decode failure is the user's file
-        raise InputError(f"{table}: cannot read as Parquet ({exc})") from None
-    if "path" not in df.columns:
-        raise InputError(f"{table}: no 'path' column; labels.parquet needs path and label")
-    df = df.reset_index(drop=True)
+    df = read_labels_table(root, required=("path",))
     added = ["abspath"]  # columns the stage needs; dropped again from OUT/labels.parquet
     if "frame" not in df.columns:
         df["frame"] = 0

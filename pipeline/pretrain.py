@@ -31,7 +31,8 @@ from pipeline.classes import CLASSES
 from pipeline.config import dump_yaml, load_config, resolve_station, to_dict
 from pipeline.devices import resolve_device
 from pipeline.errors import ConfigError, FrameReadError, InputError
-from pipeline.labelled import LABELS_NAME, FramePreprocessor, load_labelled
+from pipeline.labelled import FramePreprocessor, load_labelled
+from pipeline.labels import LABELS_NAME
 from pipeline.models import VARIANTS, build_model, to_model_input
 from pipeline.models.build import INPUT_MEAN, INPUT_STD
 from pipeline.output_folder import OutputFolder
