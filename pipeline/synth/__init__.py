@@ -43,7 +43,7 @@ Public API (importable from ``pipeline.synth``): :func:`render_frame`, :func:`fr
 from pipeline.synth.geometry import FOV_RADIUS_512
 from pipeline.synth.montage import montage, quicklook
 from pipeline.synth.render import AMBIGUOUS_SHARE, TRANSITION_SHARE, frame_rng, render_frame
-from pipeline.synth.season import Season, dark_frame, season_for, winter_of
+from pipeline.synth.season import Season, dark_frame, season_for
 from pipeline.synth.timeline import (
     OCCURRENCE_MODEL,
     archive_plan,
@@ -56,6 +56,7 @@ from pipeline.synth.timeline import (
     write_occurrence_model,
 )
 from pipeline.synth.writer import MAX_SIZE, MIN_SIZE, make_archive, make_labelled, parse_winters
+from pipeline.winter import winter_of
 
 __all__ = [
     "AMBIGUOUS_SHARE",

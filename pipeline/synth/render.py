@@ -21,7 +21,8 @@ from pipeline.synth.geometry import (
     _upsample2,
 )
 from pipeline.synth.morphology import _BUILDERS, _mix_profiles, _project, _Sky
-from pipeline.synth.season import Season, _dark_f32, season_for, winter_of
+from pipeline.synth.season import Season, _dark_f32, season_for
+from pipeline.winter import winter_of
 
 #: Share of frames with a weaker second morphology mixed in (anywhere; at class changes).
 AMBIGUOUS_SHARE = 0.15

@@ -95,9 +95,3 @@ def _dark_f32(winter: int, size: int) -> np.ndarray:
 def dark_frame(winter: int, size: int = 512) -> np.ndarray:
     """The season's dark frame (bias, column/row pattern, amplifier glow, hot pixels), uint16."""
     return _dark(int(winter), int(size))
-
-
-def winter_of(time: pd.Timestamp | str) -> int:
-    """The winter (year of its December) a time belongs to: July..December -> that year."""
-    t = pd.Timestamp(time)
-    return int(t.year if t.month >= 7 else t.year - 1)

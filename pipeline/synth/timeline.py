@@ -14,7 +14,7 @@ from pipeline.classes import ASI8K_COUNTS, CLASSES, LABEL_CODES
 from pipeline.config import CONFIG_DIR
 from pipeline.errors import InputError
 from pipeline.storage import atomic_path
-from pipeline.synth.season import winter_of
+from pipeline.winter import winter_of
 
 #: Default occurrence model (frame counts and class shares per MLT hour of the real labels).
 OCCURRENCE_MODEL = CONFIG_DIR / "occurrence" / "occurrence_model.csv"
@@ -23,9 +23,8 @@ _PLAN_SALT = 0x5EED_0F_A11
 
 
 def _winters(times: pd.Series) -> np.ndarray:
-    """Vectorised :func:`winter_of`."""
-    t = pd.to_datetime(times, utc=True)
-    return np.where(t.dt.month >= 7, t.dt.year, t.dt.year - 1).astype(np.int64)
+    """The winter of each time, as int64."""
+    return winter_of(pd.Series(times)).to_numpy(np.int64)
 
 
 def frame_name(time: pd.Timestamp) -> str:
