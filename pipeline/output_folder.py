@@ -64,16 +64,29 @@ FOLDER_MARKERS: dict[str, str] = {
 }
 
 
-def read_run_record(folder: str | os.PathLike) -> dict[str, Any] | None:
-    """The run record of ``folder`` (an empty dict when unreadable), or None when it has none."""
+def read_run_record(folder: str | os.PathLike, strict: bool = False) -> dict[str, Any] | None:
+    """The run record of ``folder``, or None when it has none.
+
+    An unreadable record reads as an empty dict, or (``strict``) is an InputError naming it.
+    """
     path = Path(folder) / RUN_RECORD
     if not path.is_file():
         return None
     try:
         record = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError) as exc:
+        if strict:
+            raise InputError(
+                f"{path}: not valid JSON ({exc}); delete it or pass --overwrite"
+            ) from None
         return {}
-    return record if isinstance(record, dict) else {}
+    if not isinstance(record, dict):
+        if strict:
+            raise InputError(
+                f"{path}: not a run record (a JSON object); delete it or pass --overwrite"
+            )
+        return {}
+    return record
 
 
 def is_finished(folder: str | os.PathLike, command: str | None = None) -> bool:

@@ -29,7 +29,6 @@ consume predictions depend on the format, not on the inference code.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -41,8 +40,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.errors import InputError
-from pipeline.output_folder import RUN_RECORD
+from pipeline.output_folder import RUN_RECORD, read_run_record
 from pipeline.storage import PREDICTIONS_SCHEMA, empty_frame
 from pipeline.storage import read_errors as read_errors_table
 
@@ -94,16 +92,7 @@ def errors_path(out: str | os.PathLike) -> Path:
 
 def read_run(out: str | os.PathLike) -> dict[str, Any] | None:
     """The ``_run.json`` of a predictions folder, or None when there is none."""
-    p = Path(out) / RUN_FILE
-    if not p.exists():
-        return None
-    try:
-        run = json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{p}: not valid JSON ({exc}); delete it or pass --overwrite") from None
-    if not isinstance(run, dict):
-        raise InputError(f"{p}: not a run record (a JSON object); delete it or pass --overwrite")
-    return run
+    return read_run_record(out, strict=True)
 
 
 def done_shards(run: dict[str, Any] | None) -> set[int]:
