@@ -23,6 +23,7 @@ import click
 from pipeline.cluster import dask_client
 from pipeline.config import from_dict, load_yaml
 from pipeline.errors import AuroraError, ConfigError
+from pipeline.output_folder import OutputFolder, refuse_foreign_out
 from pipeline.report import write_report
 from pipeline.storage import atomic_path, exclusive_lock
 
@@ -564,7 +565,9 @@ def run_workflow(
         return _dry_run(plan, echo)
     outcome: dict[str, Any] = {}
     needs_cluster = any(reason and stage.scheduler for stage, reason in plan)
-    with run_lock(spath.with_suffix(".lock")):
+    if "out" in wf.vars:  # before the lock file appears in it
+        refuse_foreign_out(Path(str(wf.vars["out"])), "run", owns=RUN_OWNS)
+    with run_lock(spath.with_suffix(".lock")), _run_folder(wf) as folder:
         state = read_state(spath)  # what a run that held the lock before us recorded
         state.setdefault("stages", {})
         t_run = time.perf_counter()
@@ -580,6 +583,8 @@ def run_workflow(
         state["last_run_utc"] = dt.datetime.now(dt.timezone.utc).isoformat()
         state["last_run_seconds"] = round(time.perf_counter() - t_run, 2)
         write_state(spath, state)
+        if folder is not None:
+            folder.finish(stages=outcome)
     if wf.report is not None:
         report_path = Path(wf.report.path or f"results/{wf.name}/report.html")
         write_report(wf, state, report_path)
@@ -587,6 +592,25 @@ def run_workflow(
     if "out" in wf.vars:
         echo(f"outputs: {Path(str(wf.vars['out'])).resolve()}")
     return outcome
+
+
+#: What a workflow's ``out`` folder may hold besides its stages' folders: scan's manifest.
+RUN_OWNS = ("manifest.parquet",)
+
+
+@contextlib.contextmanager
+def _run_folder(wf: Workflow) -> Iterator[OutputFolder | None]:
+    """The workflow's ``out`` folder under the output-folder protocol (None without ``out``).
+
+    Its ``_run.json`` says ``finished: true`` only after every chosen stage ran or was skipped.
+    """
+    if "out" not in wf.vars:
+        yield None
+        return
+    out = Path(str(wf.vars["out"]))
+    with OutputFolder(out, "run", {"workflow": wf.name}, owns=RUN_OWNS) as folder:
+        folder.begin()
+        yield folder
 
 
 def _dry_run(plan: list[tuple[StageSpec, str | None]], echo: Any) -> dict[str, Any]:

@@ -1,3 +1,4 @@
+import json
 import os
 import time
 from pathlib import Path
@@ -432,3 +433,35 @@ def test_report_renders_in_headless_chromium(tmp_path, fake_cli):
     img = np.asarray(Image.open(shot).convert("RGB")).astype(int)
     red = (img[..., 0] > 150) & (img[..., 1] < 100) & (img[..., 2] < 100)
     assert red.sum() > 500, "the embedded figure did not render"
+
+
+def test_run_refuses_an_out_holding_another_stages_output(tmp_path, fake_cli):
+    wf = _chain(tmp_path)
+    (tmp_path / "_run.json").write_text('{"command": "train", "finished": true}')
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(InputError, match=r"holds a checkpoint \(_run.json\); give `run`"):
+        run_workflow(wf, cli, echo=lambda s: None)
+    assert fake_cli == [] and sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_an_interrupted_run_leaves_its_record_unfinished(tmp_path, monkeypatch):
+    wf = _chain(tmp_path)
+    calls = []
+
+    def fake(commands, argv):
+        calls.append(argv)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        out = Path(argv[argv.index("--out") + 1])
+        out.write_text(Path(argv[1]).read_text() + "+")
+
+    monkeypatch.setattr(wfmod, "_call_cli", fake)
+    with pytest.raises(KeyboardInterrupt):
+        run_workflow(wf, cli, echo=lambda s: None)
+    record = json.loads((tmp_path / "_run.json").read_text())
+    assert record["command"] == "run" and record["finished"] is False
+    monkeypatch.setattr(wfmod, "_call_cli", lambda commands, argv: fake(commands, argv))
+    calls.append("past the interruption")
+    run_workflow(wf, cli, echo=lambda s: None)
+    record = json.loads((tmp_path / "_run.json").read_text())
+    assert record["finished"] is True and record["stages"]["first"] == "skipped: up to date"
