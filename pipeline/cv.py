@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.classes import CLASSES
-from pipeline.config import to_dict
+from pipeline.config import resolve_station, to_dict
 from pipeline.errors import InputError
 from pipeline.evaluate import (
     confusion_markdown,
@@ -30,7 +30,7 @@ from pipeline.evaluate import (
     read_confusion,
 )
 from pipeline.folds import DEFAULT_GROUP, fold_warnings, group_folds, groups_of
-from pipeline.labelled import load_labelled, station_for_set
+from pipeline.labelled import load_labelled
 from pipeline.output_folder import OutputFolder, is_finished
 from pipeline.plots import cv_figure
 from pipeline.storage import atomic_path, write_table
@@ -145,7 +145,7 @@ def cross_validate(
                 "another --out"
             )
         cv_out.begin()
-        stn = station_for_set(data, station, cfg.station)
+        stn = resolve_station(station, data, cfg.station)
         rows = []
         for variant in variants or [cfg.variant]:
             vcfg = dataclasses.replace(cfg, variant=variant)

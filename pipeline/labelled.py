@@ -103,16 +103,6 @@ def _refuse_repeated_frames(out: pd.DataFrame, table: Path, root: Path) -> None:
     )
 
 
-def station_for_set(
-    root: str | os.PathLike,
-    station: str | os.PathLike | None,
-    fallback: str | os.PathLike | None = None,
-) -> StationConfig:
-    """The station of a labelled set: ``station`` if given, else ROOT/calib/station.yaml, else
-    ``fallback`` (the training config's), else yrs."""
-    return resolve_station(station, root, fallback)
-
-
 class FramePreprocessor:
     """Raw frame -> preprocessed float32 [0, 1] (crop, crop) with the station and date-chosen darks."""
 
@@ -220,7 +210,7 @@ def open_labelled(
     """A LabelledSet for the folder ROOT, with its own station/dark frames where it has them."""
     df = load_labelled(root) if df is None else df
     return LabelledSet(
-        df, station_for_set(root, station), dark_dir=pp.find_dark_dir(Path(root)), cache=cache
+        df, resolve_station(station, root), dark_dir=pp.find_dark_dir(Path(root)), cache=cache
     )
 
 

@@ -77,13 +77,6 @@ DEFAULT_INPUT_SIZE = 227
 # ------------------------------------------------------------------------------ inputs
 
 
-def _resolve_station(
-    station: StationConfig | str | os.PathLike | None, root: Path
-) -> StationConfig:
-    """The given station, else ROOT/calib/station.yaml (synthetic sets at other sizes), else yrs."""
-    return resolve_station(station, root)
-
-
 def _load_labelled(root: Path) -> pd.DataFrame:
     df = read_labels_table(root, required=("path",))
     added = ["abspath"]  # columns the stage needs; dropped again from OUT/labels.parquet
@@ -105,17 +98,17 @@ def _load_frames(
     """(kind, root, station, frames with path, frame, time_utc, abspath, scan errors) of any
     accepted INPUT."""
     if source.is_dir() and (source / LABELS_NAME).is_file():
-        st = _resolve_station(station, source)
+        st = resolve_station(station, source)
         return "labelled", source, st, _load_labelled(source), empty_frame(ERRORS_SCHEMA)
     if source.is_dir():
-        st = _resolve_station(station, source)
+        st = resolve_station(station, source)
         df, errors = load_manifest_and_errors(source, st)
         return "archive", Path(df.attrs.get("root", source)).resolve(), st, df, errors
     # A manifest (or list of paths): the station may sit beside the archive it points to.
-    first = _resolve_station(station if station is not None else "yrs", source.parent)
+    first = resolve_station(station if station is not None else "yrs", source.parent)
     df, errors = load_manifest_and_errors(source, first)
     root = Path(df.attrs.get("root", source.parent)).resolve()
-    st = first if station is not None else _resolve_station(None, root)
+    st = first if station is not None else resolve_station(None, root)
     return "manifest", root, st, df, errors
 
 

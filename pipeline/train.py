@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from pipeline.checkpoint import init_from_checkpoint, save_checkpoint
 from pipeline.classes import CLASSES
-from pipeline.config import dump_yaml, load_config, station_path, to_dict
+from pipeline.config import dump_yaml, load_config, resolve_station, station_path, to_dict
 from pipeline.devices import resolve_device
 from pipeline.errors import CheckpointError, ConfigError, InputError
 from pipeline.evaluate import metrics_from_predictions, metrics_to_json, predict
@@ -35,7 +35,6 @@ from pipeline.labelled import (  # noqa: F401  (re-exported: the contract names 
     ToModelInput,
     load_labelled,
     open_labelled,
-    station_for_set,
     unreadable_rows,
 )
 from pipeline.models import VARIANTS, build_model, load_init_weights
@@ -863,7 +862,7 @@ def _frames_of_run(
     """Read DATA's frames once and split the readable ones (as recorded, when resuming)."""
     groups = _split_groups(cfg, df, data)
     # Station: --station, else the set's own calib/station.yaml, else the config's, else yrs.
-    stn = station_for_set(data, station, cfg.station)
+    stn = resolve_station(station, data, cfg.station)
     ds = LabelledSet(df, stn, dark_dir=find_dark_dir(data), cache=cfg.cache_frames)
     ds, readable, unreadable = _readable_set(cfg, data, ds, classes, out)
     train_idx, val_idx = _split_indices(

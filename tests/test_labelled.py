@@ -162,13 +162,13 @@ def test_collate_gives_model_input(pattern_set):
 def test_station_of_a_set_given_then_its_own_then_the_fallback(
     tmp_path, pattern_set, tiny_station_path
 ):
-    from pipeline.labelled import station_for_set
+    from pipeline.config import resolve_station
 
-    assert station_for_set(pattern_set, None, "yrs").raw_size == SIZE  # calib/station.yaml
-    assert station_for_set(pattern_set, "yrs").raw_size == 512  # an explicit --station wins
-    assert station_for_set(tmp_path, None).raw_size == 512  # default: yrs
-    assert station_for_set(tmp_path, None, tiny_station_path).raw_size == 64  # config's station
-    assert station_for_set(tmp_path, tiny_station_path).raw_size == 64  # --station as a path
+    assert resolve_station(None, pattern_set, "yrs").raw_size == SIZE  # calib/station.yaml
+    assert resolve_station("yrs", pattern_set).raw_size == 512  # an explicit --station wins
+    assert resolve_station(None, tmp_path).raw_size == 512  # default: yrs
+    assert resolve_station(None, tmp_path, tiny_station_path).raw_size == 64  # config's station
+    assert resolve_station(tiny_station_path, tmp_path).raw_size == 64  # --station as a path
 
 
 def test_read_labels_table_is_the_raw_table(tmp_path):
