@@ -27,7 +27,7 @@ from pipeline.errors import CheckpointError, FrameGeometryError, InputError
 from pipeline.imageio import write_frame
 from pipeline.models import to_model_input
 from pipeline.output_folder import read_run_record
-from pipeline.predictions import FEATURES_DIR, RUN_FILE, features_name, shard_name, shard_path
+from pipeline.predictions import FEATURES_DIR, RUN_FILE, features_name, shard_path
 from pipeline.retrieval import knn
 from pipeline.retrieval_eval import evaluate_retrieval
 from pipeline.retrieval_features import embed
@@ -347,12 +347,9 @@ def _archive_and_features(
     ckpt: Path,
     base: Path,
     name: str = "archive",
-    legacy: bool = False,
 ) -> tuple[Path, Path, dict, np.ndarray]:
     """The index set as an archive (YRS layout, truth.parquet) and a classify-archive --features
-    output for it holding the first 10 frames in two shards, marked (+1) so reuse is visible.
-    ``legacy``: in the layout before the predictions folder was a Parquet dataset.
-    """
+    output for it holding the first 10 frames in two shards, marked (+1) so reuse is visible."""
 
     arch = base / name
     truth = []
@@ -368,7 +365,7 @@ def _archive_and_features(
     )
     pd.DataFrame(truth).to_parquet(arch / "truth.parquet")
     pred = base / f"pred-{name}"
-    features_dir = pred / ("features" if legacy else FEATURES_DIR)
+    features_dir = pred / FEATURES_DIR
     features_dir.mkdir(parents=True)
     marked = np.asarray(ref.features[:10], np.float32) + 1
     # What classify-archive records: the model, the archive root (resolved), the done shards.
@@ -392,20 +389,19 @@ def _archive_and_features(
             }
         )
         np.save(features_dir / features_name(s), marked[rows].astype(np.float16))
-        write_table(df, pred / shard_name(s) if legacy else shard_path(pred, s), PREDICTIONS_SCHEMA)
+        write_table(df, shard_path(pred, s), PREDICTIONS_SCHEMA)
         run["shards"][f"{s:06d}"] = {"n": len(rows)}
     (pred / RUN_FILE).write_text(json.dumps(run))
     return arch, pred, run, marked
 
 
-@pytest.mark.parametrize("legacy", [False, True], ids=["dataset-layout", "old-layout"])
 def test_index_of_archive_reuses_classify_feature_shards(
-    index_dir: Path, sets: dict[str, Path], ckpt: Path, tmp_path: Path, legacy: bool
+    index_dir: Path, sets: dict[str, Path], ckpt: Path, tmp_path: Path
 ):
     """An archive (YRS layout, truth.parquet) indexed with --features-dir copies shard features."""
 
     ref = load_index(index_dir)
-    arch, pred, run, marked = _archive_and_features(ref, sets, ckpt, tmp_path, legacy=legacy)
+    arch, pred, run, marked = _archive_and_features(ref, sets, ckpt, tmp_path)
     # The station classify-archive used, as it records it: the same settings pass.
     run["station"] = "yrs"
     run["station_config"] = to_dict(load_station(arch / "calib" / "station.yaml"))
