@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -22,9 +21,8 @@ from pipeline import synth
 from pipeline.classes import ASI8K_COUNTS, CLASSES
 from pipeline.cli import main
 from pipeline.config import load_station
-from pipeline.errors import ConfigError, InputError
+from pipeline.errors import InputError
 from pipeline.synth import geometry, render, timeline, writer
-from pipeline.synth.calibration import REALISM_CONFIG, load_realism, realism
 
 SIZE = 64
 
@@ -486,35 +484,3 @@ def test_ctrl_c_stops_a_parallel_synth_promptly(tmp_path):
     # Promptly = without draining the queue: the count of frames says so, not the (load-
     # dependent) clock; only the few chunks in flight (4 x 32 frames) finish after Ctrl-C.
     assert b"Traceback" not in err and len(list(out.rglob("N*.png"))) < 20000
-
-
-# ------------------------------------------------------------------ fitted appearance
-def test_the_fitted_realism_config_is_read_and_validated():
-    cfg = realism()
-    assert cfg == load_realism(REALISM_CONFIG)
-    assert all(cfg.levels.of(c).peak > 0 for c in CLASSES)
-    assert -6.0 <= cfg.spectrum_slope <= -1.0
-
-
-@pytest.mark.parametrize(
-    "old, new, key",
-    [
-        ("noise_scale: ", "noise_scale: -1 #", "noise_scale"),
-        ("arc_direction_deg: ", "arc_direction_deg: 200 #", "arc_direction_deg"),
-        ("  radial: {floor: ", "  radial: {floor: -3, x: ", "levels.radial"),
-    ],
-)
-def test_a_bad_fitted_value_is_one_line_naming_file_and_key(tmp_path, old, new, key):
-    bad = tmp_path / "realism.yaml"
-    bad.write_text(REALISM_CONFIG.read_text().replace(old, new, 1))
-    with pytest.raises(ConfigError) as exc:
-        load_realism(bad)
-    msg = str(exc.value)
-    assert "\n" not in msg and str(bad) in msg and key in msg, msg
-
-
-def test_a_calibration_can_be_passed_to_the_renderer():
-    dim = dataclasses.replace(realism(), cloud_share=1.0)
-    a = synth.render_frame("arc", synth.frame_rng(1, 2), SIZE, calibration=dim)
-    b = synth.render_frame("arc", synth.frame_rng(1, 2), SIZE)
-    assert a.shape == b.shape and not np.array_equal(a, b)

@@ -12,16 +12,11 @@ output means something:
   converge on the magnetic zenith, as they do.
 * **Camera** (:mod:`.geometry`, :mod:`.render`). An equidistant fisheye (zenith angle
   proportional to radius, horizon at ~250 px of 512) around the station's optical centre,
-  vignetting, patchy diffuse glow, twilight from the real solar elevation, stars from a fixed
-  catalogue that turn with sidereal time, station lights and glare in the outer ring only (the
-  440 crop removes them), partial cloud, the camera's blur, photon noise spread over
-  neighbouring pixels, white pixel noise, and a fixed-pattern dark frame per camera season
-  (bias, column/row pattern, amplifier glow, hot pixels) that is written out as
-  calib/dark_*.png.
-* **Calibration** (:mod:`.calibration`). The class brightness, the glow's radial profile, the
-  noise and blur, the texture's spectral slope and the arcs' direction are fitted on real YRS
-  frames by ``scripts/fit_synth.py`` into ``configs/synth/realism.yaml``; a power-law texture on
-  the emission, stretched along the field lines by the projection, gives folds and fine rays.
+  vignetting, airglow with the van Rhijn brightening, twilight from the real solar elevation,
+  stars from a fixed catalogue that turn with sidereal time, station lights and glare in the
+  outer ring only (the 440 crop removes them), photon (shot) noise, read noise, and a
+  fixed-pattern dark frame per camera season (bias, column/row pattern, amplifier glow, hot
+  pixels) that is written out as calib/dark_*.png.
 * **Drift** (:mod:`.season`). :class:`Season` (one per winter, derived from the year) changes
   gain, sensitivity, read noise, vignetting, dark frame and hot pixels, so
   train-on-2003/test-on-later is a real test.

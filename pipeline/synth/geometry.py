@@ -221,23 +221,13 @@ def _upsample2(a: np.ndarray) -> np.ndarray:
 
 
 def _blur(f2: np.ndarray, passes: int = 1) -> np.ndarray:
-    """Binomial [1 2 1]/4 blur, separable, ``passes`` times (zero beyond the edges)."""
+    """Binomial [1 2 1]/4 blur, separable, ``passes`` times (ray footprints)."""
     for _ in range(passes):
-        f2 = _blur_axis(_blur_axis(f2, 0), 1)
+        p = np.pad(f2, 1, mode="constant")
+        f2 = 0.25 * p[:-2, 1:-1] + 0.5 * p[1:-1, 1:-1] + 0.25 * p[2:, 1:-1]
+        p = np.pad(f2, 1, mode="constant")
+        f2 = 0.25 * p[1:-1, :-2] + 0.5 * p[1:-1, 1:-1] + 0.25 * p[1:-1, 2:]
     return f2
-
-
-def _blur_axis(a: np.ndarray, axis: int) -> np.ndarray:
-    """One [1 2 1]/4 pass along ``axis`` by shifted slices (no padded copy)."""
-    out = a * np.float32(0.5) if a.dtype == np.float32 else a * 0.5
-    q = a * (np.float32(0.25) if a.dtype == np.float32 else 0.25)
-    if axis == 0:
-        out[1:] += q[:-1]
-        out[:-1] += q[1:]
-    else:
-        out[:, 1:] += q[:, :-1]
-        out[:, :-1] += q[:, 1:]
-    return out
 
 
 def _profile(z_peak: float, h: float) -> np.ndarray:
@@ -246,26 +236,3 @@ def _profile(z_peak: float, h: float) -> np.ndarray:
     v = np.exp(1.0 - zeta - np.exp(-zeta))
     v /= np.sum(v * np.gradient(LAYERS_KM))
     return v.astype(np.float32)
-
-
-@functools.lru_cache(maxsize=8)
-def _power_amplitude(n: int, slope: float, k_min: float) -> np.ndarray:
-    """Fourier amplitudes (n, n//2 + 1) of a field whose power spectrum falls as k**slope."""
-    ky = np.fft.fftfreq(n)[:, None] * n
-    kx = np.fft.rfftfreq(n)[None, :] * n
-    k = np.maximum(np.hypot(ky, kx), k_min)
-    amp = k ** (slope / 2.0)
-    amp[0, 0] = 0.0
-    return amp.astype(np.float32)
-
-
-def _power_field(rng: np.random.Generator, n: int, slope: float, k_min: float = 2.0):
-    """A Gaussian random field (n, n) with a power-law spectrum (k**slope), unit variance.
-
-    Frequencies below ``k_min`` cycles per side share its amplitude, so the largest scales do
-    not dominate. Pocketfft is single-threaded: the bytes do not depend on the machine.
-    """
-    amp = _power_amplitude(int(n), float(slope), float(k_min))
-    z = rng.standard_normal((2, *amp.shape), dtype=np.float32)
-    f = np.fft.irfft2((z[0] + 1j * z[1]) * amp, s=(n, n))
-    return (f / max(float(f.std()), 1e-9)).astype(np.float32)

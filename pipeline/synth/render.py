@@ -10,17 +10,15 @@ import pandas as pd
 
 from pipeline.classes import CLASSES
 from pipeline.errors import InputError
-from pipeline.synth.calibration import COUNTS_PER_LEVEL, RealismConfig, realism
 from pipeline.synth.geometry import (
     NORTH_IMAGE_DEG,
     _blur,
     _Geometry,
     _geometry,
-    _power_field,
-    _profile,
+    _smooth_field,
     _upsample2,
 )
-from pipeline.synth.morphology import _BUILDERS, _mix_profiles, _project, _Sky
+from pipeline.synth.morphology import _BUILDERS, _PEAK_COUNTS, _mix_profiles, _project, _Sky
 from pipeline.synth.season import Season, _dark_f32, season_for
 from pipeline.winter import winter_of
 
@@ -132,11 +130,9 @@ def _sky(
     rng: np.random.Generator,
     secondary: str | None | bool,
     transition: str | None,
-    cal: RealismConfig,
 ) -> _Sky:
-    """The emission patterns of class ``label``, with a weaker second morphology where drawn,
-    modulated by a power-law texture (folds, fine rays)."""
-    sky = _Sky(g, cal)
+    """The emission patterns of class ``label``, with a weaker second morphology where drawn."""
+    sky = _Sky(g)
     _BUILDERS[label](sky, rng, 1.0)
     if secondary is None:
         # frames next to a class change in a timeline mix in the neighbouring class more often
@@ -146,39 +142,14 @@ def _sky(
             secondary = False
     if secondary:
         _BUILDERS[secondary](sky, rng, float(rng.uniform(0.2, 0.45)))
-    _texture(sky, rng, cal)
     return sky
 
 
-def _texture(sky: _Sky, rng: np.random.Generator, cal: RealismConfig) -> None:
-    """Multiply the emission by a log-normal power-law texture and add faint rays everywhere.
+def _aurora(g: _Geometry, sky: _Sky, label: str, rng: np.random.Generator) -> np.ndarray:
+    """The aurora's counts at each in-FOV work pixel, scaled to the class's brightness.
 
-    The texture lives on the F grid at the reference altitude, so the line-of-sight
-    integration stretches it along the field lines: fine structure becomes rays converging
-    on the magnetic zenith.
-    """
-    nf = sky.g.nf
-    sigma = np.float32(cal.texture_sigma)
-    t = _power_field(rng, nf, cal.spectrum_slope).ravel()
-    mod = np.exp(sigma * t - np.float32(0.5) * sigma * sigma)
-    sky.sheet *= mod
-    sky.rays *= mod
-    # a faint carpet of fine rays over the whole sky (steeper-cut, finer field)
-    fine = _power_field(rng, nf, cal.spectrum_slope + 1.0, k_min=8.0).ravel()
-    carpet = np.maximum(fine - np.float32(0.5), 0.0)
-    level = float(rng.uniform(0.03, 0.15))
-    sky.rays += np.float32(level) * carpet / max(float(carpet.max()), 1e-6)
-    if not sky.ray_profile:
-        sky.ray_profile.append((1.0, _profile(rng.uniform(120, 150), rng.uniform(35, 60))))
-
-
-def _aurora(
-    g: _Geometry, sky: _Sky, label: str, rng: np.random.Generator, cal: RealismConfig
-) -> np.ndarray:
-    """The aurora's counts at each in-FOV work pixel, scaled to the class's fitted brightness.
-
-    The 99.5th percentile inside the crop is drawn log-normally around the class's fitted peak
-    level (configs/synth/realism.yaml).
+    The 99.5th percentile inside the crop follows a class distribution that overlaps the others
+    (log-normal, sigma 0.45), so brightness alone says little.
     """
     aurora = np.zeros(g.in_idx.size, dtype=np.float32)
     p_sheet, p_rays = _mix_profiles(sky.sheet_profile), _mix_profiles(sky.ray_profile)
@@ -189,22 +160,16 @@ def _aurora(
     inner = aurora[g.crop_in]
     k = int(0.995 * (inner.size - 1))
     level = float(np.partition(inner, k)[k]) if inner.size else 1.0
-    lv = cal.levels.of(label)
-    peak = lv.peak * COUNTS_PER_LEVEL * rng.lognormal(0.0, lv.peak_sigma)
+    peak = _PEAK_COUNTS[label] * rng.lognormal(0.0, 0.45)
     aurora *= peak / max(level, 1e-6)
     return aurora
 
 
 def _background(
-    g: _Geometry,
-    label: str,
-    rng: np.random.Generator,
-    time: pd.Timestamp | None,
-    cal: RealismConfig,
+    g: _Geometry, rng: np.random.Generator, time: pd.Timestamp | None
 ) -> tuple[np.ndarray, float]:
-    """Patchy diffuse glow with the fitted radial profile and level, and the twilight gradient
-    towards the sun, at each in-FOV work pixel; and the local sidereal angle (random when
-    ``time`` is None)."""
+    """Airglow (van Rhijn), diffuse aurora and the twilight gradient towards the sun at each
+    in-FOV work pixel, and the local sidereal angle (random when ``time`` is None)."""
     if time is None:
         lst, sun_el, sun_az = (
             rng.uniform(0, 2 * np.pi),
@@ -213,62 +178,27 @@ def _background(
         )
     else:
         lst, sun_el, sun_az = _lst_and_sun(pd.Timestamp(time))
-    lv = cal.levels.of(label)
-    floor = lv.floor * COUNTS_PER_LEVEL * rng.lognormal(0.0, lv.floor_sigma)
-    prof = np.interp(
-        g.rho_in / g.crop_rho, np.linspace(0.0, 1.0, len(cal.glow_profile)), cal.glow_profile
+    diffuse = _smooth_field(rng, 5, g.work).ravel()[g.in_idx]
+    bg = (
+        rng.uniform(120, 420) * g.vr_in
+        + rng.uniform(50, 600) * np.exp(0.7 * diffuse - 0.25)
+        + min(80.0 * math.exp((math.degrees(sun_el) + 12.0) / 3.0), 1200.0)
+        * (1.0 + 0.8 * g.rho_in * np.cos(g.psi_in - (math.radians(NORTH_IMAGE_DEG) - sun_az)))
     )
-    n = _half(g.work)
-    patch = _power_field(rng, n, cal.spectrum_slope, k_min=1.5)
-    patch = _upsample_to(patch, g.work).ravel()[g.in_idx]
-    a = np.float32(cal.glow_patchiness)
-    glow = np.exp(a * patch - np.float32(0.5) * a * a)
-    twilight = min(80.0 * math.exp((math.degrees(sun_el) + 12.0) / 3.0), 1200.0) * (
-        1.0 + 0.8 * g.rho_in * np.cos(g.psi_in - (math.radians(NORTH_IMAGE_DEG) - sun_az))
-    )
-    return (floor * prof * glow + twilight).astype(np.float32), lst
+    return bg, lst
 
 
-def _half(n: int) -> int:
-    return n // 2 if n >= 64 and n % 2 == 0 else n
+def _expose(signal: np.ndarray, rng: np.random.Generator, season: Season) -> np.ndarray:
+    """The camera's raw counts of ``signal``: photon and read noise, the dark frame, uint16.
 
-
-def _upsample_to(a: np.ndarray, n: int) -> np.ndarray:
-    return _upsample2(a) if a.shape[0] != n else a
-
-
-def _cloud(g: _Geometry, rng: np.random.Generator, cal: RealismConfig) -> np.ndarray | None:
-    """Transmission (0..1) of a partial cloud deck at each in-FOV work pixel, or None (clear)."""
-    if rng.random() >= cal.cloud_share:
-        return None
-    n = _half(g.work)
-    field = _upsample_to(_power_field(rng, n, -4.0, k_min=1.0), g.work).ravel()[g.in_idx]
-    cover = rng.uniform(-0.5, 1.0)  # how much of the sky the deck covers
-    thick = _sigmoid_f32(np.float32(3.0) * (field + np.float32(cover)))
-    return np.float32(1.0) - np.float32(rng.uniform(0.5, 0.95)) * thick
-
-
-def _sigmoid_f32(x: np.ndarray) -> np.ndarray:
-    return np.float32(0.5) * (np.float32(1.0) + np.tanh(np.float32(0.5) * x))
-
-
-def _expose(
-    signal: np.ndarray, rng: np.random.Generator, season: Season, cal: RealismConfig
-) -> np.ndarray:
-    """The camera's raw counts of ``signal``: noise, the dark frame, uint16.
-
-    One normal draw makes both parts of the noise: photon noise spread by the intensifier over
-    neighbouring pixels (one binomial pass: each photo-event lands as a small blob) and white
-    pixel noise (read noise and the fitted white part of the real frames' noise).
+    Photon noise in its Gaussian limit (>= ~50 photo-electrons wherever the sky is lit).
     """
-    z = rng.standard_normal(signal.shape, dtype=np.float32)
-    sigma = np.maximum(signal, 0.0)
-    sigma *= np.float32(season.gain * cal.noise_scale**2)
+    np.maximum(signal, 0.0, out=signal)
+    raw = rng.standard_normal(signal.shape, dtype=np.float32)
+    sigma = signal * np.float32(season.gain)
+    sigma += np.float32(season.read_noise**2)
     np.sqrt(sigma, out=sigma)
-    sigma *= z
-    raw = _blur(sigma, 1)
-    z *= np.float32(math.hypot(season.read_noise, cal.pixel_noise * COUNTS_PER_LEVEL))
-    raw += z
+    raw *= sigma
     raw += signal
     raw += _dark_f32(season.winter, signal.shape[0])
     np.clip(raw, 0.0, 65535.0, out=raw)
@@ -285,35 +215,29 @@ def render_frame(
     time: pd.Timestamp | None = None,
     secondary: str | None | bool = None,
     transition: str | None = None,
-    calibration: RealismConfig | None = None,
 ) -> np.ndarray:
     """Render one raw YRS-like 557.7 nm frame of class ``label`` (uint16, size x size).
 
     ``season`` defaults to the winter of ``time`` (or 2003); ``time`` sets the star field and
     twilight (random when None); ``secondary`` forces (a class) or forbids (False) the weaker
-    second morphology that ~15 % of frames carry (None: drawn); ``calibration`` replaces the
-    fitted appearance of configs/synth/realism.yaml.
+    second morphology that ~15 % of frames carry (None: drawn).
     """
     if label not in _BUILDERS:
         raise InputError(f"unknown class {label!r}; allowed: {', '.join(CLASSES)}")
-    cal = calibration or realism()
     g = _geometry(int(size))
     if season is None:
         season = season_for(winter_of(time) if time is not None else 2003)
-    aurora = _aurora(g, _sky(g, label, rng, secondary, transition, cal), label, rng, cal)
-    bg, lst = _background(g, label, rng, time, cal)
-    sky_in = aurora + bg
-    cloud = _cloud(g, rng, cal)
-    if cloud is not None:  # the deck dims what lies behind it and scatters some of it back
-        sky_in = sky_in * cloud + np.float32(0.3 * float(sky_in.mean())) * (1.0 - cloud)
-    sky_in *= (1.0 - season.vignetting * g.rho_in**2.5) * season.sensitivity
+    aurora = _aurora(g, _sky(g, label, rng, secondary, transition), label, rng)
+    bg, lst = _background(g, rng, time)
+    sky_in = (aurora + bg) * (1.0 - season.vignetting * g.rho_in**2.5) * season.sensitivity
     work = np.zeros(g.work * g.work, dtype=np.float32)
     work[g.in_idx] = sky_in
-    work = _blur(work.reshape(g.work, g.work), cal.psf_passes)
+    # one binomial pass hides the altitude dither of thin sheets seen obliquely
+    work = _blur(work.reshape(g.work, g.work), 1)
     signal = _upsample2(work) if g.work != g.size else work
-    signal *= g.fov
+    signal = signal * g.fov
     flat = signal.ravel()
     si, sv = _stars(g, lst, season)
     np.add.at(flat, si, sv)
     flat[g.ring_idx] += _ring(g, rng, season)
-    return _expose(signal, rng, season, cal)
+    return _expose(signal, rng, season)
