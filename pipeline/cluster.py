@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -106,7 +107,33 @@ def dask_client(
         yield client
     finally:
         client.close()
+        _close_workers(cluster, WORKER_STOP_S)
         cluster.close()
+
+
+#: How long a local worker may take to finish its task and stop when the run ends or is
+#: interrupted, before its nanny kills it (distributed's default, 4 s, is shorter than one
+#: shard on a loaded machine).
+WORKER_STOP_S = 60.0
+
+
+def _close_workers(cluster: LocalCluster, timeout: float) -> None:
+    """Stop the cluster's worker processes gracefully, each given ``timeout`` seconds."""
+
+    async def close_all() -> None:
+        await asyncio.gather(
+            *(
+                w.close(timeout=timeout)
+                for w in list(cluster.workers.values())
+                if hasattr(w, "close")
+            ),
+            return_exceptions=True,
+        )
+
+    try:
+        cluster.sync(close_all)
+    except Exception as exc:  # noqa: BLE001 - cluster.close() below still stops what is left
+        log.debug("graceful worker stop failed: %s", exc)
 
 
 def run_windowed(
