@@ -342,12 +342,18 @@ def test_sbatch_job_sh_runs_the_workflow_with_rank_0_as_scheduler(
 
 @contextlib.contextmanager
 def _slurm_cluster(slurm: Slurm, logs: Path) -> Iterator:
-    """launch.py's SLURMCluster, with lost workers replaced after 1 s instead of 15."""
+    """launch.py's SLURMCluster, with lost workers replaced after 1 s instead of 15, and a
+    scheduler that keeps every transition (distributed keeps the last 1,000 by default: a
+    180-shard run makes more, and the early hand-backs the tests look for were dropped)."""
     import dask
     import dask_jobqueue  # noqa: F401 - before config.set: importing distributed adds its config
 
     launch = _launch_module()
-    with dask.config.set({"distributed.deploy.lost-worker-timeout": "1s"}):
+    settings = {
+        "distributed.deploy.lost-worker-timeout": "1s",
+        "distributed.admin.low-level-log-length": 1_000_000,
+    }
+    with dask.config.set(settings):
         cluster = launch.make_cluster(queue=slurm.partition, log_directory=str(logs), **WORKER)
         try:
             yield cluster
@@ -355,15 +361,28 @@ def _slurm_cluster(slurm: Slurm, logs: Path) -> Iterator:
             cluster.close()
 
 
-def _handed_back(scheduler, stimulus: str) -> set[str]:
+def _transitions(scheduler) -> list:
+    """A copy of the scheduler's transition log (its loop runs in another thread and may append
+    while we copy: deque then raises, and we copy again)."""
+    for _ in range(100):
+        try:
+            return list(scheduler.transition_log)
+        except RuntimeError:
+            time.sleep(0.01)
+    raise AssertionError("the scheduler's transition log never held still long enough to copy")
+
+
+def _handed_back(transitions) -> set[str]:
     """The classify_shard tasks that went from a worker back to the scheduler (``processing`` to
-    ``released``) on ``stimulus``: shards their worker held when it left."""
+    ``released``) among ``transitions``: shards their worker held when it left. Any stimulus: a
+    worker retiring at its lifetime hands back on ``worker-close-gracefully`` when the retirement
+    completes, or on ``handle-worker-cleanup`` when it could not (no other worker to take its
+    data) and the worker closed anyway."""
     return {
         str(t.key)
-        for t in scheduler.transition_log
+        for t in transitions
         if str(t.key).startswith("classify_shard")
         and (t.start, t.finish) == ("processing", "released")
-        and str(t.stimulus_id).startswith(stimulus)
     }
 
 
@@ -410,6 +429,7 @@ def test_worker_jobs_leaving_mid_run_hand_their_shards_back(
             )  # fmt: skip
             _until(lambda: not cluster.scheduler.workers or run.done(), "the lifetime to end")
             retired_at = None if run.done() else len(shard_files(out))
+            lifetime_back = _handed_back(_transitions(cluster.scheduler))
             # The cluster's own worker jobs (lifetime 110 min) take over; cancel the first
             # once it has finished a shard; adapt() submits a job in its place.
             cluster.adapt(minimum_jobs=1, maximum_jobs=1)
@@ -423,8 +443,7 @@ def test_worker_jobs_leaving_mid_run_hand_their_shards_back(
             held = any(ws.processing for ws in cluster.scheduler.workers.values())
             slurm.run("scancel", victim)
             summary = run.result(timeout=WAIT_S)
-        lifetime_back = _handed_back(cluster.scheduler, "worker-close-gracefully")
-        cancel_back = _handed_back(cluster.scheduler, "") - lifetime_back
+        cancel_back = _handed_back(_transitions(cluster.scheduler)) - lifetime_back
     print(f"lifetime: after {retired_at} of {n_shards} shards; scancel: after {cancelled_at}")
     assert retired_at is not None and retired_at < n_shards, "the run ended before the lifetime"
     assert cancelled_at is not None and cancelled_at < n_shards, "the run ended before scancel"
