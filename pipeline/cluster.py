@@ -91,16 +91,17 @@ def dask_client(
         finally:
             client.close()
         return
-    cluster = LocalCluster(
-        n_workers=workers or default_workers(),
-        threads_per_worker=threads_per_worker,
-        processes=processes,
-        resources=resources,
-        dashboard_address=":0",
-        silence_logs=logging.ERROR,
-        # worker processes leave Ctrl-C to this one, which closes them (local_worker.py)
-        preload=["pipeline.local_worker"] if processes else [],
-    )
+    with _environment_kept():
+        cluster = LocalCluster(
+            n_workers=workers or default_workers(),
+            threads_per_worker=threads_per_worker,
+            processes=processes,
+            resources=resources,
+            dashboard_address=":0",
+            silence_logs=logging.ERROR,
+            # worker processes leave Ctrl-C to this one, which closes them (local_worker.py)
+            preload=["pipeline.local_worker"] if processes else [],
+        )
     client = Client(cluster)
     print(f"dask dashboard: {client.dashboard_link}", file=sys.stderr)
     try:
@@ -109,6 +110,22 @@ def dask_client(
         client.close()
         _close_workers(cluster, WORKER_STOP_S)
         cluster.close()
+
+
+@contextlib.contextmanager
+def _environment_kept() -> Iterator[None]:
+    """Undo what a nanny writes into this process's environment to spawn its worker.
+
+    distributed sets ``distributed.nanny.pre-spawn-environ`` (OMP_NUM_THREADS=1 and the like) in
+    the parent's ``os.environ`` before spawning; a library this process loads later (torch's
+    OpenMP for a workflow's in-process train stage) then ran on one core of all it has.
+    """
+    before = dict(os.environ)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(before)
 
 
 #: How long a local worker may take to finish its task and stop when the run ends or is

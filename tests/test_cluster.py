@@ -1,10 +1,11 @@
 """pipeline/cluster.py: processes per GPU, which GPU a worker uses, Ctrl-C and local workers."""
 
+import os
 from collections import Counter
 
 import pytest
 
-from pipeline.cluster import MAX_WORKERS_PER_GPU, worker_gpu_index, workers_per_gpu
+from pipeline.cluster import MAX_WORKERS_PER_GPU, dask_client, worker_gpu_index, workers_per_gpu
 
 
 @pytest.mark.parametrize(
@@ -89,3 +90,17 @@ def test_distributed_sync_cancel_race_is_not_logged_as_a_traceback():
     assert not logger.filter(race)
     assert logger.filter(record("Exception in callback something_else", NameError("x")))
     assert logger.filter(record("Exception in callback sync.<locals>.cancel", ValueError("x")))
+
+
+def _thread_env() -> tuple[str | None, str | None]:
+    return os.environ.get("OMP_NUM_THREADS"), os.environ.get("MKL_NUM_THREADS")
+
+
+def test_local_cluster_leaves_this_process_environment_alone(monkeypatch):
+    """Workers get distributed's OMP_NUM_THREADS=1, but this process keeps its own: a torch
+    imported after the cluster started (a workflow's train stage) would otherwise use one core."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    with dask_client(workers=1) as client:
+        assert _thread_env() == (None, None)
+        assert list(client.run(_thread_env).values()) == [("1", "1")]
