@@ -2,14 +2,15 @@
 Markdown table (mean ± sd over folds, per class) on stdout and the figure. Usage:
 
     python scripts/real_table.py [results/real/cv_folds.csv] [--out results/real/table1.png]
-        [--recipes v4,v4-synthinit]
+        [--recipes "v4,v4 + synthetic init"]
 
-Rows are appended to the CSV from each run's OUT/cv.parquet with a `recipe` column added.
+Recipe names hold no comma (the option splits on commas). Rows are appended to the CSV from each run's OUT/cv.parquet with a `recipe` column added.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -32,7 +33,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("results/real/table1.png"))
     ap.add_argument("--recipes", default="", help="comma-separated; default: every recipe")
     a = ap.parse_args()
-    table = table_one(pd.read_csv(a.csv), [r for r in a.recipes.split(",") if r])
+    if not a.csv.is_file():
+        sys.exit(f"{a.csv}: no such file; give the per-fold CSV (results/real/cv_folds.csv)")
+    rows = pd.read_csv(a.csv)
+    table = table_one(rows, [r for r in a.recipes.split(",") if r])
+    if table.empty:
+        known = ", ".join(rows["recipe"].unique())
+        sys.exit(f"{a.csv}: no rows of --recipes {a.recipes!r}; its recipes: {known}")
     print(cv_markdown(table, CLASSES))
     cv_figure(table, CLASSES).savefig(a.out, dpi=120)
     print(f"figure: {a.out}")

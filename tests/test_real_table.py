@@ -38,3 +38,12 @@ def test_table_one_labels_each_recipe_and_summarises_its_folds(tmp_path):
     assert "0.700 ± 0.141" in mean_row and "0.600 ± 0.141" in mean_row
     assert "v2" not in run.stdout
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_unknown_recipe_is_one_line_naming_the_recipes_there(tmp_path):
+    csv = tmp_path / "folds.csv"
+    _rows("v4", "alexnet", [0.6, 0.8]).to_csv(csv, index=False)
+    run = subprocess.run([sys.executable, str(SCRIPT), str(csv), "--out", str(tmp_path / "t.png"),
+                          "--recipes", "v9"], capture_output=True, text=True)  # fmt: skip
+    assert run.returncode != 0 and "Traceback" not in run.stderr
+    assert run.stderr.strip() == f"{csv}: no rows of --recipes 'v9'; its recipes: v4"
