@@ -1,4 +1,4 @@
-"""Checkpoints (docs/design.md, "Checkpoints"): ``model.safetensors`` + ``meta.json`` in one directory.
+"""Checkpoints (docs/design.md, "Checkpoints"): ``model.safetensors`` + ``meta.json`` in a folder.
 
 Weights are written with safetensors (no pickle) and a legacy ``.pt`` state dict is read only with
 ``torch.load(weights_only=True)``.  ``meta.json`` carries what is needed to rebuild the model
@@ -181,7 +181,7 @@ def load_checkpoint(
     map_location: str | torch.device = "cpu",
     verify: bool = True,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model of a checkpoint and load its weights strictly; returns (model.eval(), meta).
+    """Rebuild a checkpoint's model and load its weights strictly; returns (model.eval(), meta).
 
     Refuses (CheckpointError) a checkpoint of another ``variant`` or other ``classes`` (None skips
     the check), a missing or corrupt meta.json, weights that do not fit the architecture, weights

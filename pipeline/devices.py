@@ -11,7 +11,7 @@ from pipeline.errors import InputError
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``auto``/None -> CUDA where visible, else CPU; a CUDA device that is absent is an InputError."""
+    """``auto``/None -> CUDA where visible, else CPU; an absent CUDA device is an InputError."""
     if device is None or (isinstance(device, str) and device == "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

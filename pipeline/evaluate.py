@@ -1,4 +1,4 @@
-"""Evaluation: per-class and average accuracy, confusion matrix, time per image (paper Tables I-III)."""
+"""Evaluation: per-class and average accuracy, confusion, time per image (paper Tables I-III)."""
 
 from __future__ import annotations
 
@@ -455,7 +455,7 @@ def episode_intervals(
 
 
 def is_imbalanced(per_class_n: Mapping[str, int]) -> bool:
-    """Whether the class counts differ by more than 10 % (the overall accuracy then hides a class)."""
+    """Whether class counts differ by more than 10 % (the overall accuracy then hides a class)."""
     n = [v for v in per_class_n.values() if v]
     return bool(n) and max(n) > 1.1 * min(n)
 
@@ -517,7 +517,7 @@ def _predictions_frame(
 def write_evaluation(
     result: Mapping[str, Any], out: str | os.PathLike, predictions: pd.DataFrame | None = None
 ) -> Path:
-    """Write metrics.json, confusion.parquet, metrics.md, confusion.png (and predictions.parquet)."""
+    """Write metrics.json, confusion.parquet, metrics.md, confusion.png (+ predictions.parquet)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "metrics.json") as tmp:

@@ -1,4 +1,4 @@
-"""Labelled image sets (ImageFolder layout + labels.parquet): reading, validation, a torch Dataset."""
+"""Labelled image sets (ImageFolder layout + labels.parquet): reading, checks, a torch Dataset."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ LABELLED_COLUMNS: tuple[str, ...] = ("path", "label", "time_utc", "winter", "fra
 
 
 def load_labelled(root: str | os.PathLike, classes: Sequence[str] = CLASSES) -> pd.DataFrame:
-    """Read ROOT/labels.parquet: absolute ``path``, ``label``, ``time_utc``, ``winter``, ``frame``."""
+    """ROOT/labels.parquet: absolute ``path``, ``label``, ``time_utc``, ``winter``, ``frame``."""
     root = Path(root).resolve()
     table = root / LABELS_NAME
     df = read_labels_table(root, required=("path", "label"))
@@ -57,7 +57,8 @@ def load_labelled(root: str | os.PathLike, classes: Sequence[str] = CLASSES) -> 
 
 def _labelled_frame(df: pd.DataFrame, paths: list[Path], labels: pd.Series) -> pd.DataFrame:
     """The LABELLED_COLUMNS of a labels table (time and winter filled where missing), then the
-    table's other columns (an episode or another group, provenance), which travel with the frames."""
+    table's other columns (an episode or another group, provenance), which travel with the frames.
+    """
     if "time_utc" in df.columns:
         time_utc = pd.to_datetime(df["time_utc"], utc=True)
     else:
@@ -104,7 +105,7 @@ def _refuse_repeated_frames(out: pd.DataFrame, table: Path, root: Path) -> None:
 
 
 class FramePreprocessor:
-    """Raw frame -> preprocessed float32 [0, 1] (crop, crop) with the station and date-chosen darks."""
+    """Raw frame -> preprocessed float32 [0, 1] (crop, crop) with the station's dated darks."""
 
     def __init__(self, station: StationConfig, dark_dir: str | os.PathLike | None = None) -> None:
         self.station = station

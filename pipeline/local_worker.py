@@ -21,7 +21,7 @@ def dask_setup(worker: Any) -> None:
 def dask_teardown(worker: Any) -> None:
     """Spare the closing worker process its final garbage collection.
 
-    With a model loaded, the collection at interpreter exit took seconds (seen with py-spy), on a
+    With a model loaded, the collection at interpreter exit took seconds, on a
     busy machine past the nanny's 4 s limit, which then kills the worker with a warning; the
     process is ending anyway and the OS frees its memory.
     """

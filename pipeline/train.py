@@ -345,7 +345,7 @@ def model_input_fill(input_size: int) -> float:
 
 
 def build_for_config(cfg: TrainConfig, classes: Sequence[str] = CLASSES) -> torch.nn.Module:
-    """The model of ``cfg`` (L-Softmax margin and lambda schedule passed where the variant has it)."""
+    """The model of ``cfg`` (L-Softmax margin and lambda schedule where the variant has one)."""
     return build_model(
         cfg.variant,
         num_classes=len(classes),

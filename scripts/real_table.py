@@ -4,7 +4,8 @@ Markdown table (mean ± sd over folds, per class) on stdout and the figure. Usag
     python scripts/real_table.py [results/real/cv_folds.csv] [--out results/real/table1.png]
         [--recipes "v4,v4 + synthetic init"]
 
-Recipe names hold no comma (the option splits on commas). Rows are appended to the CSV from each run's OUT/cv.parquet with a `recipe` column added.
+Recipe names hold no comma (the option splits on commas). Rows are appended to the CSV from
+each run's OUT/cv.parquet with a `recipe` column added.
 """
 
 from __future__ import annotations

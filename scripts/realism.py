@@ -507,8 +507,9 @@ def write_report(
             for name, b in realism.SLOPE_BANDS.items()
         ),
         (
-            "Texture: uniform LBP (8 neighbours, radius 1) code shares in %, and the total-variation "
-            "distance of the mean histograms at full resolution (x1) and after 2x2 binning (x2)",
+            "Texture: uniform LBP (8 neighbours, radius 1) code shares in %, and the "
+            "total-variation distance of the mean histograms at full resolution (x1) and after "
+            "2x2 binning (x2)",
             lbp_table(real, syn, gaps),
         ),
         (

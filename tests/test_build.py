@@ -1,4 +1,4 @@
-"""Variant registry: every variant builds and runs at 64/112/227 px; input transform; ImageNet init."""
+"""Variant registry: every variant builds and runs at 64/112/227 px; input transform; init."""
 
 from __future__ import annotations
 

@@ -29,8 +29,8 @@ def test_table_one_labels_each_recipe_and_summarises_its_folds(tmp_path):
         _rows("v4", "stn-lsoftmax-alexnet", [0.5, 0.7]),
     ]).to_csv(csv, index=False)  # fmt: skip
     out = tmp_path / "t.png"
-    run = subprocess.run([sys.executable, str(SCRIPT), str(csv), "--out", str(out),
-                          "--recipes", "v4"], capture_output=True, text=True, check=True)  # fmt: skip
+    args = [sys.executable, str(SCRIPT), str(csv), "--out", str(out), "--recipes", "v4"]
+    run = subprocess.run(args, capture_output=True, text=True, check=True)
     header, _, *body = run.stdout.splitlines()
     assert header == "| Method | alexnet (v4) | stn-lsoftmax-alexnet (v4) |"
     mean_row = next(line for line in body if "Mean per-class" in line)

@@ -160,7 +160,7 @@ class AuroraNet(nn.Module):
 
     @property
     def lsoftmax(self) -> LSoftmaxLinear | None:
-        """The L-Softmax head (its ``step()`` advances lambda), or None for plain-softmax variants."""
+        """The L-Softmax head (its ``step()`` advances lambda), or None for a plain softmax."""
         return self.head if isinstance(self.head, LSoftmaxLinear) else None
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
