@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from pipeline.config import StationConfig
+from pipeline.cores import usable_cores
 from pipeline.errors import ConfigError, FrameReadError, InputError
 from pipeline.imageio import PGM_SUFFIXES, pgm_times
 from pipeline.output_folder import COMMAND_OUTPUTS, RUN_RECORD, read_run_record
@@ -453,7 +454,7 @@ def _stack_times(
     """(file, frame) of every PGM-stack frame whose header holds a time, and those times (ns,
     naive UTC); header bytes only, never the pixel arrays. Failures become ``err_rows``."""
     # gzip inflation releases the GIL: a few threads read headers of many stacks in parallel
-    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1, len(files)))) as pool:
+    with ThreadPoolExecutor(max_workers=max(1, min(8, usable_cores(), len(files)))) as pool:
         results = pool.map(
             _header_times, (os.path.join(listing.base, listing.rels[i]) for i in files)
         )

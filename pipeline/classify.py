@@ -51,6 +51,7 @@ from pipeline.archive import load_manifest_and_errors
 from pipeline.checkpoint import load_checkpoint, preprocess_mismatch, read_meta, warn_if_unfinished
 from pipeline.classes import CLASSES, PROB_COLUMNS
 from pipeline.config import StationConfig, resolve_station, to_dict
+from pipeline.cores import usable_cores
 from pipeline.errors import (
     AuroraError,
     CheckpointError,
@@ -178,13 +179,6 @@ _POOLS: dict[int, ThreadPoolExecutor] = {}
 _BUFFERS: dict[tuple, list[tuple[Any, np.ndarray]]] = {}
 
 
-def _host_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-
-
 def _worker_identity() -> tuple[str | None, Any]:
     """(host, name) of the Dask worker running this task, (None, None) outside a worker."""
     try:
@@ -200,7 +194,7 @@ def _worker_identity() -> tuple[str | None, Any]:
 def _torch_threads(settings: ShardSettings) -> int:
     if settings.torch_threads:
         return settings.torch_threads
-    return max(1, _host_cores() // _workers_on_this_host(settings))
+    return max(1, usable_cores() // _workers_on_this_host(settings))
 
 
 def _workers_on_this_host(settings: ShardSettings) -> int:
@@ -392,7 +386,7 @@ class _BatchFeeder:
             return 1
         if device.type == "cpu":
             return _torch_threads(self.settings)
-        return _host_cores() // _workers_on_this_host(self.settings)
+        return usable_cores() // _workers_on_this_host(self.settings)
 
     def tensor(self, start: int) -> Any:
         """The torch buffer that holds the batch starting at ``start``."""
@@ -1399,7 +1393,7 @@ def _default_workers(device: str) -> tuple[int, dict[str, float] | None]:
     if device.startswith("cuda"):
         # cuda:N names one GPU: its workers all use it (worker_model spreads only "cuda")
         n_gpu = 1 if ":" in device else max(1, torch.cuda.device_count())
-        return n_gpu * cluster.workers_per_gpu(_host_cores(), n_gpu), {"GPU": 1}
+        return n_gpu * cluster.workers_per_gpu(usable_cores(), n_gpu), {"GPU": 1}
     return cluster.default_workers(), None
 
 

@@ -14,6 +14,7 @@ from typing import Any
 from distributed import Client, LocalCluster, as_completed
 from tqdm.auto import tqdm
 
+from pipeline.cores import usable_cores
 from pipeline.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -21,7 +22,7 @@ log = logging.getLogger(__name__)
 
 def default_workers() -> int:
     """One worker process per two cores (at least one): decoding and numpy share the cores."""
-    return max(1, (os.cpu_count() or 2) // 2)
+    return max(1, usable_cores() // 2)
 
 
 #: Most worker processes one GPU is shared by (each holds a CUDA context and a model copy).

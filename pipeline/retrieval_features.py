@@ -11,6 +11,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from pipeline.cores import usable_cores
 from pipeline.devices import resolve_device
 from pipeline.errors import AuroraError, CheckpointError
 from pipeline.framestore import read_rows
@@ -70,7 +71,7 @@ def embed(
     failed = [] if failures is None else failures
     bar = tqdm(total=n, desc=desc, unit="frame", disable=n < 2 * batch_size)
     # Decoding and preprocessing (PIL, zlib, numpy release the GIL) overlap in a few threads.
-    threads = max(1, min(4, (os.cpu_count() or 2) - 1))
+    threads = max(1, min(4, usable_cores() - 1))
     with torch.inference_mode(), ThreadPoolExecutor(threads) as pool:
         for s in range(0, n, batch_size):
             span = range(s, min(n, s + batch_size))
