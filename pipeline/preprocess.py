@@ -180,6 +180,25 @@ def _geometry(key: tuple) -> _Geometry:
     return _Geometry((sr, sc), (dr, dc), full, crop, mask, bias_idx, rot_idx, rot_w)
 
 
+def bilinear_taps(
+    rows: np.ndarray, cols: np.ndarray, size: int
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The 4 bilinear neighbours of points on a size x size grid: (flat index, weight, inside)."""
+    r0, c0 = np.floor(rows), np.floor(cols)
+    fr, fc = rows - r0, cols - c0
+    taps = []
+    for dr, dc, wgt in (
+        (0, 0, (1 - fr) * (1 - fc)),
+        (0, 1, (1 - fr) * fc),
+        (1, 0, fr * (1 - fc)),
+        (1, 1, fr * fc),
+    ):
+        rr, cc = r0 + dr, c0 + dc
+        inside = (rr >= 0) & (rr < size) & (cc >= 0) & (cc < size)
+        taps.append(((rr * size + cc).astype(np.intp), wgt, inside))
+    return taps
+
+
 def _rotation_map(crop: int, deg: float) -> tuple[np.ndarray, np.ndarray]:
     """Bilinear source neighbours and weights that rotate a crop counter-clockwise by ``deg``."""
     mid = (crop - 1) / 2.0
@@ -189,21 +208,9 @@ def _rotation_map(crop: int, deg: float) -> tuple[np.ndarray, np.ndarray]:
     x, y = c - mid, mid - r
     xs = x * np.cos(t) + y * np.sin(t)
     ys = -x * np.sin(t) + y * np.cos(t)
-    rs, cs = mid - ys, mid + xs
-    r0, c0 = np.floor(rs), np.floor(cs)
-    fr, fc = rs - r0, cs - c0
-    idx, wts = [], []
-    for dr, dc, wgt in (
-        (0, 0, (1 - fr) * (1 - fc)),
-        (0, 1, (1 - fr) * fc),
-        (1, 0, fr * (1 - fc)),
-        (1, 1, fr * fc),
-    ):
-        rr, cc = r0 + dr, c0 + dc
-        ok = (rr >= 0) & (rr < crop) & (cc >= 0) & (cc < crop)
-        idx.append(np.where(ok, rr * crop + cc, 0).astype(np.intp).ravel())
-        wts.append(np.where(ok, wgt, 0.0).astype(np.float32).ravel())
-    rot_idx, rot_w = np.stack(idx), np.stack(wts)
+    taps = bilinear_taps(mid - ys, mid + xs, crop)
+    rot_idx = np.stack([np.where(ok, flat, 0).ravel() for flat, _, ok in taps])
+    rot_w = np.stack([np.where(ok, w, 0.0).astype(np.float32).ravel() for _, w, ok in taps])
     rot_idx.setflags(write=False)
     rot_w.setflags(write=False)
     return rot_idx, rot_w

@@ -10,6 +10,7 @@ import pandas as pd
 
 from pipeline.classes import CLASSES
 from pipeline.errors import InputError
+from pipeline.preprocess import bilinear_taps
 from pipeline.synth.geometry import (
     NORTH_IMAGE_DEG,
     _blur,
@@ -77,20 +78,9 @@ def _stars(g: _Geometry, lst: float, season: Season) -> tuple[np.ndarray, np.nda
     airmass = 1.0 / np.maximum(np.sin(el), 0.08)
     a = amp * np.exp(-0.12 * (airmass - 1)) * (1 - season.vignetting * rho**2.5)
     a *= season.sensitivity * (g.size / 512.0) ** 0  # stars are points: no area scaling
-    r0, c0 = np.floor(row).astype(int), np.floor(col).astype(int)
-    tr, tc = row - r0, col - c0
-    idx, val = [], []
-    for dr, dc, wgt in (
-        (0, 0, (1 - tr) * (1 - tc)),
-        (0, 1, (1 - tr) * tc),
-        (1, 0, tr * (1 - tc)),
-        (1, 1, tr * tc),
-    ):
-        rr, cc = r0 + dr, c0 + dc
-        ok = (rr >= 0) & (rr < g.size) & (cc >= 0) & (cc < g.size)
-        idx.append((rr * g.size + cc)[ok])
-        val.append((a * wgt)[ok])
-    return np.concatenate(idx), np.concatenate(val).astype(np.float32)
+    taps = bilinear_taps(row, col, g.size)
+    idx = np.concatenate([flat[ok] for flat, _, ok in taps])
+    return idx, np.concatenate([(a * w)[ok] for _, w, ok in taps]).astype(np.float32)
 
 
 def _wrap(a: np.ndarray) -> np.ndarray:
