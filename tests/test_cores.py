@@ -1,4 +1,4 @@
-"""usable_cores: the process's CPU affinity (a SLURM or cgroup cpuset), not the host's core count."""
+"""usable_cores: the process's CPU affinity (a SLURM or cgroup cpuset), not the host's cores."""
 
 from __future__ import annotations
 
