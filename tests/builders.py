@@ -1,9 +1,12 @@
-"""Builders the tests share: a random-weight checkpoint and a local cluster like production's."""
+"""Builders the tests share: a random-weight checkpoint, a local cluster like production's, and
+a command started as from a terminal."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import signal
+import subprocess
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -46,3 +49,17 @@ def local_cluster(n_workers: int = 1) -> Iterator[tuple[LocalCluster, Client]]:
         Client(lc) as client,
     ):
         yield lc, client
+
+
+def _as_from_a_terminal() -> None:
+    """Ctrl-C at its default in the child: a suite started in the background (``make test &``
+    in a script) runs with SIGINT ignored, which a child would inherit and keep ignoring."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+def terminal_popen(cmd: list[str]) -> subprocess.Popen:
+    """Start ``cmd`` in a process group of its own, as a terminal would (stderr piped)."""
+    return subprocess.Popen(
+        cmd, stderr=subprocess.PIPE, start_new_session=True, preexec_fn=_as_from_a_terminal
+    )

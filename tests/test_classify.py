@@ -17,7 +17,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
-from builders import local_cluster, random_checkpoint
+from builders import local_cluster, random_checkpoint, terminal_popen
 
 from pipeline.archive import load_manifest, write_manifest
 from pipeline.checkpoint import load_checkpoint
@@ -668,7 +668,6 @@ def test_ctrl_c_stops_classify_archive_cleanly(archive, ckpt, tiny_station_path,
     done, no traceback and no worker killed by its nanny; the rerun finishes every frame once."""
     import os
     import signal
-    import subprocess
     import sys
     import time
 
@@ -689,7 +688,7 @@ def test_ctrl_c_stops_classify_archive_cleanly(archive, ckpt, tiny_station_path,
     cmd = [sys.executable, "-m", "pipeline", "classify-archive", str(big), "--checkpoint",
            str(ckpt), "--out", str(out), "--station", str(tiny_station_path), "--workers", "2",
            "--threads-per-worker", "1", "--shard-size", "8", "--batch-size", "8"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, start_new_session=True)
+    proc = terminal_popen(cmd)
     deadline = time.monotonic() + 120
     while not list(out.glob("shards/shard-*.parquet")) and time.monotonic() < deadline:
         time.sleep(0.1)  # classifying has started

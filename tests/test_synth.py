@@ -6,7 +6,6 @@ import json
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -15,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from builders import terminal_popen
 from PIL import Image
 
 from pipeline import synth
@@ -474,7 +474,7 @@ def test_ctrl_c_stops_a_parallel_synth_promptly(tmp_path):
     out = tmp_path / "arch"
     cmd = [sys.executable, "-m", "pipeline", "synth", "archive", str(out), "--n", "20000",
            "--size", "64", "--workers", "2"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, start_new_session=True)
+    proc = terminal_popen(cmd)
     deadline = time.monotonic() + 60
     while not list(out.rglob("N*.png")) and time.monotonic() < deadline:
         time.sleep(0.2)  # rendering has started
