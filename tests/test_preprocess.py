@@ -324,3 +324,19 @@ def test_frames_before_every_dark_frame_are_noted(tmp_path):
     note = dark_coverage_note(tmp_path, pd.Timestamp("2004-12-01T06:00", tz="UTC"))
     assert "earliest dark frame (2006-11-01) is later than the first frame (2004-12-01)" in note
     assert dark_coverage_note(tmp_path, pd.Timestamp("2006-12-01", tz="UTC")) is None
+
+
+def test_bilinear_taps_weigh_the_four_neighbours_and_flag_those_outside():
+    rows, cols = np.array([1.25, 0.0, 3.5]), np.array([2.5, 0.0, 3.0])
+    taps = pp.bilinear_taps(rows, cols, size=4)
+    flat = np.stack([t[0] for t in taps])
+    weight = np.stack([t[1] for t in taps])
+    inside = np.stack([t[2] for t in taps])
+    # (1.25, 2.5): rows 1-2, cols 2-3 with weights 0.75*0.5, 0.75*0.5, 0.25*0.5, 0.25*0.5
+    assert flat[:, 0].tolist() == [1 * 4 + 2, 1 * 4 + 3, 2 * 4 + 2, 2 * 4 + 3]
+    assert weight[:, 0].tolist() == [0.375, 0.375, 0.125, 0.125] and inside[:, 0].all()
+    # a grid point puts all its weight on itself; sums are 1 wherever the point lies
+    assert weight[:, 1].tolist() == [1.0, 0.0, 0.0, 0.0] and flat[0, 1] == 0
+    assert np.allclose(weight.sum(axis=0), 1.0)
+    # (3.5, 3.0) on a 4x4 grid: row 4 and column 4 lie outside
+    assert inside[:, 2].tolist() == [True, False, False, False]
