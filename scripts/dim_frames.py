@@ -11,12 +11,14 @@ and of those at p >= MIN_PROB that are not dimmer than the dimmest labelled fram
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from pipeline.classes import CLASSES, PROB_COLUMNS
+from pipeline.errors import AuroraError
 from pipeline.imageio import read_frame
 from pipeline.labelled import load_labelled
 from pipeline.predictions import read_predictions
@@ -43,11 +45,19 @@ def main() -> None:
     ap.add_argument("labelled", type=Path)
     ap.add_argument("--min-prob", type=float, default=0.6)
     a = ap.parse_args()
-    floor = min(sky_mean(Path(p)) for p in load_labelled(a.labelled)["path"])
-    pred = read_predictions(a.pred)
+    try:  # a wrong folder is one line, not a traceback
+        floor = min(sky_mean(Path(p)) for p in load_labelled(a.labelled)["path"])
+        pred = read_predictions(a.pred)
+        if pred.empty:
+            raise AuroraError(f"{a.pred}: no predictions; give a folder classify-archive wrote")
+    except AuroraError as exc:
+        sys.exit(f"dim_frames: {exc}")
+    try:
+        pred["sky_mean"] = [sky_mean(a.root / p) for p in pred["path"]]
+    except AuroraError as exc:
+        sys.exit(f"dim_frames: {exc} (the predictions' paths are relative to ARCHIVE_ROOT)")
     pred["label"] = pred["label"].astype(str)
     pred["pmax"] = pred[list(PROB_COLUMNS)].max(axis=1)
-    pred["sky_mean"] = [sky_mean(a.root / p) for p in pred["path"]]
     dim = pred["sky_mean"] < floor
     sure = pred["pmax"] >= a.min_prob
     print(f"dimmest labelled frame: sky mean {floor:.1f}; archive frames dimmer: {int(dim.sum())}")

@@ -50,3 +50,17 @@ def test_dim_frames_are_counted_with_their_class_and_confidence(tmp_path):
     assert "| ... of those, p >= 0.6 | 1 | 0 | 0 | 1 | 0 |" in out
     assert "| p >= 0.6 | 2 | 0 | 1 | 1 | 0 |" in out
     assert "| p >= 0.6, not dimmer | 1 | 0 | 1 | 0 | 0 |" in out
+
+
+def test_a_wrong_folder_is_one_line_naming_it(tmp_path):
+    lab = tmp_path / "labelled"
+    pd.DataFrame({"path": [_frame(lab / "0.png", 80)], "label": ["arc"]}).to_parquet(
+        lab / "labels.parquet"
+    )
+    empty = tmp_path / "not_predictions"
+    empty.mkdir()
+    for pred, labelled, named in [(empty, lab, empty), (empty, tmp_path / "nowhere", "nowhere")]:
+        args = [sys.executable, str(SCRIPT), str(pred), str(tmp_path), str(labelled)]
+        run = subprocess.run(args, capture_output=True, text=True)
+        assert run.returncode == 1 and "Traceback" not in run.stderr
+        assert run.stderr.startswith("dim_frames: ") and str(named) in run.stderr
