@@ -61,7 +61,7 @@ from pipeline.errors import (
 )
 from pipeline.imageio import read_frame
 from pipeline.mlt import ut_to_mlt
-from pipeline.models import to_model_input
+from pipeline.models import sky_level, to_model_input
 from pipeline.output_folder import OutputFolder, refuse_foreign_out
 from pipeline.predictions import (
     COMMAND,
@@ -315,8 +315,9 @@ def predict_batch(
     device: Any,
     features: bool = False,
     in_chans: int = 1,
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Softmax probabilities (B, 4) float32 (and FC7 features (B, D) float16) of a batch.
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Softmax probabilities (B, 4) float32, FC7 features (B, D) float16 (or None) and sky
+    levels (B,) float32 (:func:`pipeline.models.sky_level`) of a batch.
 
     ``batch``: (B, H, W) preprocessed frames in [0, 1], a numpy array or a (pinned) CPU tensor.
     """
@@ -339,7 +340,8 @@ def predict_batch(
             feats = model.features(x) if features else None
     probs = torch.softmax(logits.float(), dim=1).cpu().numpy().astype(np.float32)
     f16 = feats.float().cpu().numpy().astype(np.float16) if feats is not None else None
-    return probs, f16
+    sky = sky_level(x).cpu().numpy().astype(np.float32)
+    return probs, f16, sky
 
 
 def ut_to_mlt_hours(times: pd.DatetimeIndex, station: StationConfig) -> np.ndarray:
@@ -431,6 +433,7 @@ class _Classified:
     keep: list[int] = field(default_factory=list)
     probs: list[np.ndarray] = field(default_factory=list)
     feats: list[np.ndarray] = field(default_factory=list)
+    sky: list[np.ndarray] = field(default_factory=list)
     errors: list[tuple[str, int, str, str]] = field(default_factory=list)
     t_decode: float = 0.0
     t_model: float = 0.0
@@ -463,8 +466,9 @@ def _classify_frames(
             if ok:
                 tensor = feeder.tensor(start)
                 batch = tensor[: len(done)] if len(ok) == len(done) else tensor[ok]
-                p, f = predict_batch(model, batch, input_size, device, features, in_chans)
+                p, f, sky = predict_batch(model, batch, input_size, device, features, in_chans)
                 out.probs.append(p)
+                out.sky.append(sky)
                 if f is not None:
                     out.feats.append(f)
                 out.keep.extend(start + j for j in ok)
@@ -483,6 +487,7 @@ def _predictions_table(
 ) -> pd.DataFrame:
     """The shard's predictions (PREDICTIONS_SCHEMA columns), in the order of its frames."""
     probs = np.concatenate(got.probs) if got.probs else np.zeros((0, len(CLASSES)), "f4")
+    sky = np.concatenate(got.sky) if got.sky else np.zeros(0, "f4")
     k = np.asarray(got.keep, dtype=np.int64)
     n = len(frames)
     labels = pd.Categorical.from_codes(probs.argmax(axis=1), categories=list(CLASSES))
@@ -494,6 +499,7 @@ def _predictions_table(
             "mlt": ut_to_mlt_hours(frames.times[k], settings.station),
             "label": labels,
             **{c: probs[:, j] for j, c in enumerate(PROB_COLUMNS)},
+            "sky_level": sky,
             "model_id": settings.model_id,
         }
     )
@@ -1013,6 +1019,8 @@ def _run_settings(
         "station": src.station.code,
         # the whole station: occurrence computes MLT with it (a YAML path may not travel)
         "station_config": to_dict(src.station),
+        # the sky levels of the model's labelled set: occurrence --min-sky model
+        "train_sky_level": meta.get("sky_level"),
     }
     root = str(Path(src.root).resolve()) if src.root is not None else first.get("root")
     return {
@@ -1021,6 +1029,7 @@ def _run_settings(
         "variant": first.get("variant"),
         "station": first.get("station"),
         "station_config": first.get("station_config"),
+        "train_sky_level": first.get("train_sky_level"),
         "root": root,
         "manifest_hash": manifest_hash(src.manifest),
         "manifest_frames": src.n_manifest,

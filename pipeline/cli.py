@@ -560,6 +560,13 @@ def classify_archive(source: Path, checkpoint: Path, out: Path, **kwargs: object
     "for frames that fit no class (no aurora, cloud); they are counted as uncertain.",
 )
 @click.option(
+    "--min-sky",
+    default=None,
+    help="Leave out frames whose sky level (mean brightness as the model sees it, 0..1) is "
+    "below this; 'model': below every frame the model was trained on (a screen for empty or "
+    "overcast sky, which a model calls some class); they are counted as too dim.",
+)
+@click.option(
     "--regions",
     type=ExistingPath,
     default=None,
@@ -577,6 +584,7 @@ def occurrence(
     correct: Path | None,
     min_frames: int,
     min_prob: float,
+    min_sky: str | None,
     regions: Path | None,
     out: Path,
 ) -> None:
@@ -600,6 +608,7 @@ def occurrence(
         min_frames=min_frames,
         regions=regions,
         min_prob=min_prob,
+        min_sky=min_sky,
     )
     click.echo(format_summary(info))
 

@@ -193,18 +193,28 @@ def _columns_to_read(path: Path, available: list[str]) -> list[str]:
 
 
 def read_predictions(
-    source: str | os.PathLike, station: StationConfig, probabilities: bool = False
+    source: str | os.PathLike,
+    station: StationConfig,
+    probabilities: bool = False,
+    sky: bool = False,
 ):
     """PRED as a frames table: dask DataFrame for a predictions directory, pandas otherwise.
 
-    ``probabilities``: also read the p_<class> columns (an error where there are none).
+    ``probabilities``: also read the p_<class> columns; ``sky``: the sky_level column (an
+    error where there are none).
     """
     p = Path(source)
     extra = list(PROB_COLUMNS) if probabilities else []
+    extra += ["sky_level"] if sky else []
 
     def columns(path: Path) -> list[str]:
         available = _parquet_columns(path)
         lacking = [c for c in extra if c not in available]
+        if "sky_level" in lacking:
+            raise InputError(
+                f"{path}: no sky_level column (classified before sky levels were recorded); "
+                "classify again into a new folder for --min-sky, or drop it"
+            )
         if lacking:
             raise InputError(
                 f"{path}: no class probabilities ({', '.join(lacking)}); --min-prob needs "
@@ -226,8 +236,8 @@ def read_predictions(
         return pd.read_parquet(p, columns=columns(p))
     if extra:
         raise InputError(
-            f"{p}: a label file has no class probabilities; --min-prob needs classify-archive "
-            "predictions"
+            f"{p}: a label file has no class probabilities or sky levels; --min-prob and "
+            "--min-sky need classify-archive predictions"
         )
     return read_label_file(p, station)
 
@@ -280,6 +290,55 @@ def _range_text(mlt_range: tuple[float, float] | list[float]) -> str:
     if end > 24:
         return f"{start:g}-{end - 24:g} MLT across midnight"
     return f"{start:g}-{end:g} MLT"
+
+
+def model_sky_floor(pred: str | os.PathLike) -> float:
+    """The sky level of the dimmest frame the model of a predictions folder learnt from (its
+    checkpoint's ``sky_level.min``, which classify-archive records): ``--min-sky model``."""
+    run = read_run(pred) if Path(pred).is_dir() else None
+    recorded = (run or {}).get("train_sky_level")
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("min"), (int, float)):
+        raise InputError(
+            f"{pred}: no sky level of the model's training frames on record (a predictions "
+            "file, or a checkpoint trained before train recorded it); give a number instead, "
+            "e.g. --min-sky 0.1"
+        )
+    return float(recorded["min"])
+
+
+def resolve_min_sky(pred: str | os.PathLike, min_sky: float | str | None) -> float | None:
+    """``--min-sky`` as a sky level: None (off), a number in [0, 1), or 'model'."""
+    if min_sky is None:
+        return None
+    if isinstance(min_sky, str):
+        if min_sky.strip().lower() == "model":
+            return model_sky_floor(pred)
+        try:
+            min_sky = float(min_sky)
+        except ValueError:
+            raise InputError(
+                f"--min-sky {min_sky!r}: give 'model' or a sky level within 0..1 (e.g. 0.1)"
+            ) from None
+    if not 0.0 <= float(min_sky) < 1.0:
+        raise InputError(f"--min-sky must be 'model' or within 0..1 (e.g. 0.1), got {min_sky:g}")
+    return float(min_sky)
+
+
+def screen_dim(frames: Any, floor: float, source: str | os.PathLike) -> tuple[Any, int]:
+    """Frames whose sky level is at least ``floor``, and how many were left out; an error where
+    a frame has no sky level (classified before it was recorded)."""
+    level = frames["sky_level"]
+    n_null = level.isna().sum()
+    n_null = int(n_null.compute() if hasattr(n_null, "compute") else n_null)
+    if n_null:
+        raise InputError(
+            f"{source}: {n_null:,} frames have no sky_level (classified before it was recorded); "
+            "classify again into a new folder, or drop --min-sky"
+        )
+    keep = level >= floor
+    n_out = (~keep).sum()
+    n_out = int(n_out.compute() if hasattr(n_out, "compute") else n_out)
+    return frames[keep], n_out
 
 
 def screen_uncertain(frames: Any, min_prob: float) -> tuple[Any, int]:
@@ -347,6 +406,11 @@ def summary_markdown(hourly: pd.DataFrame, info: dict[str, Any], command: str | 
             f"- **incomplete predictions**: {info['n_unclassified']:,} frames of the last "
             "classify-archive run are neither predicted nor in _errors.parquet (not binned)"
         )
+    if info.get("min_sky_level") is not None:
+        lines.append(
+            f"- left out as too dim (sky level < {info['min_sky_level']:.4g}, --min-sky "
+            f"{info['min_sky']}): {info['n_dim']:,}"
+        )
     if info.get("min_prob"):
         lines.append(
             f"- left out as uncertain (top class probability < {info['min_prob']:g}): "
@@ -382,7 +446,7 @@ def command_line(pred, out, bins, mlt_range, station, mlt_method, **flags: Any) 
         ]
     if mlt_method:
         parts += ["--mlt-method", mlt_method]
-    for name, value in flags.items():  # by, ci, correct, min_frames, regions, min_prob
+    for name, value in flags.items():  # by, ci, correct, min_frames, regions, min_prob, min_sky
         option = "--" + name.replace("_", "-")
         if value is True:
             parts.append(option)
@@ -404,11 +468,14 @@ def run_occurrence(
     min_frames: int = 0,
     regions: str | os.PathLike | None = None,
     min_prob: float = 0.0,
+    min_sky: float | str | None = None,
 ) -> dict[str, Any]:
     """The occurrence stage; returns a summary dict (also the run record, ``_run.json``).
 
     ``min_prob``: leave out frames whose most probable class is below it (a partial screen for
     frames that fit no class well: no aurora, cloud, diffuse aurora), counted as uncertain.
+    ``min_sky``: leave out frames whose sky level is below it ('model': below every frame the
+    model learnt from), counted as too dim.
     Every input and option is checked before anything is written, and the outputs replace
     those of an earlier run together (see the module doc), so OUT never mixes two runs.
     """
@@ -418,23 +485,26 @@ def run_occurrence(
     refuse_foreign_out(out, COMMAND)
     command = command_line(
         pred, out, bins, mlt_range, station, mlt_method, by=by, ci=ci, correct=correct,
-        min_frames=min_frames, regions=regions, min_prob=min_prob,
+        min_frames=min_frames, regions=regions, min_prob=min_prob, min_sky=min_sky,
     )  # fmt: skip
     spec = make_bins(bins, mlt_range)
     regions_config = plots.load_regions(regions)
     confusion = read_confusion(correct) if correct is not None else None
     st = predictions_station(pred, station)
     n_unclassified = _warn_unclassified(pred)
+    floor = resolve_min_sky(pred, min_sky)
 
     method = mlt_method or st.mlt.method
-    frames, method, n_uncertain = _read_frames(pred, st, method, by, min_prob, confusion)
+    screens = {"min_prob": min_prob, "min_sky": floor}
+    frames, method, n_uncertain, n_dim = _read_frames(pred, st, method, by, screens, confusion)
     counts = _count(pred, frames, spec, by, ci)
     table = occurrence_from_counts(counts, spec, by, ci, confusion)
     if table.attrs["n_binned"] == 0:
         raise InputError(
             f"{pred}: no frame to bin ({table.attrs['n_dropped']:,} outside "
             f"{_range_text(spec.mlt_range)}, {table.attrs['n_missing']:,} without "
-            f"time or label, {n_uncertain:,} uncertain); check --station, --mlt-range, --min-prob"
+            f"time or label, {n_uncertain:,} uncertain, {n_dim:,} too dim); check --station, "
+            "--mlt-range, --min-prob, --min-sky"
         )
     overall = occurrence_from_counts(counts, spec, None, ci, confusion) if by else table
     settings: dict[str, Any] = {
@@ -449,10 +519,13 @@ def run_occurrence(
         "correct": None if correct is None else str(correct),
         "min_frames": min_frames,
         "min_prob": min_prob,
+        "min_sky": min_sky,
         "command_line": command,
     }
     results = {
         "n_uncertain": n_uncertain,
+        "min_sky_level": floor,
+        "n_dim": n_dim,
         "n_unclassified": n_unclassified,
         "n_binned": table.attrs["n_binned"],
         "n_dropped": table.attrs["n_dropped"],
@@ -497,13 +570,22 @@ def _read_frames(
     st: StationConfig,
     method: str,
     by: str | None,
-    min_prob: float,
+    screens: dict[str, Any],
     confusion: np.ndarray | None,
-) -> tuple[Any, str, int]:
+) -> tuple[Any, str, int, int]:
     """PRED's frames with their MLT by ``method`` (or their stored MLT: method "stored"), less
-    the uncertain ones with ``min_prob``; and how many those were."""
-    frames = read_predictions(pred, st, probabilities=min_prob > 0)
-    n_uncertain = 0
+    the too dim ones (``screens['min_sky']``, a sky level or None) and the uncertain ones
+    (``screens['min_prob']``); and how many of each were left out."""
+    min_prob, floor = screens["min_prob"], screens["min_sky"]
+    frames = read_predictions(pred, st, probabilities=min_prob > 0, sky=floor is not None)
+    n_uncertain = n_dim = 0
+    if floor is not None:
+        frames, n_dim = screen_dim(frames, floor, pred)
+        if confusion is not None:
+            log.warning(
+                "--correct with --min-sky: the confusion matrix was measured on test frames "
+                "of every brightness; the corrected ratios may be biased"
+            )
     if min_prob > 0:
         frames, n_uncertain = screen_uncertain(frames, min_prob)
         if confusion is not None:
@@ -512,10 +594,10 @@ def _read_frames(
                 "frames, not on the confident ones kept here; the corrected ratios are biased"
             )
     if "time_utc" in frames.columns:
-        return add_mlt(frames, st, method), method, n_uncertain
+        return add_mlt(frames, st, method), method, n_uncertain, n_dim
     if by:
         raise InputError(f"{pred}: grouping by {by} needs a 'time_utc' column")
-    return frames, "stored", n_uncertain
+    return frames, "stored", n_uncertain, n_dim
 
 
 def _count(pred: str | os.PathLike, frames: Any, spec: Any, by: str | None, ci: bool) -> Any:
@@ -585,6 +667,11 @@ def format_summary(info: dict[str, Any]) -> str:
         f"({_range_text(info['mlt_range'])}, {info['mlt_method']}); "
         f"dropped {info['n_dropped']:,} outside the range, {info['n_missing']:,} without "
         f"time or label"
+        + (
+            f", {info['n_dim']:,} below --min-sky {info['min_sky_level']:.4g}"
+            if info.get("min_sky_level") is not None
+            else ""
+        )
         + (
             f", {info['n_uncertain']:,} below --min-prob {info['min_prob']:g}"
             if info.get("min_prob")

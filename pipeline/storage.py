@@ -54,6 +54,7 @@ PREDICTIONS_SCHEMA = pa.schema(
         ("mlt", pa.float64()),
         ("label", pa.dictionary(pa.int8(), pa.string())),
         *[(c, pa.float32()) for c in PROB_COLUMNS],
+        ("sky_level", pa.float32()),
         ("model_id", pa.string()),
     ]
 )
@@ -66,6 +67,11 @@ PREDICTIONS_COLUMNS: dict[str, tuple[str | None, str]] = {
     "mlt": ("hours", "magnetic local time of the station at time_utc, in [0, 24)"),
     "label": (None, "most probable class (see aurora:classes)"),
     **{f"p_{c}": ("1", f"softmax probability of class {c}") for c in CLASSES},
+    "sky_level": (
+        "1",
+        "mean brightness of the frame as the model sees it, 0 (black) to 1 "
+        "(pipeline.models.sky_level); null where classified before it was recorded",
+    ),
     "model_id": (None, "id of the checkpoint that classified the frame"),
 }
 

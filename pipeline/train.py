@@ -37,7 +37,7 @@ from pipeline.labelled import (  # noqa: F401  (re-exported: the contract names 
     open_labelled,
     unreadable_rows,
 )
-from pipeline.models import VARIANTS, build_model, load_init_weights
+from pipeline.models import VARIANTS, build_model, load_init_weights, sky_level, to_model_input
 from pipeline.models.build import INPUT_BLACK, INPUT_MEAN, INPUT_STD
 from pipeline.output_folder import RUN_RECORD, OutputFolder
 from pipeline.preprocess import find_dark_dir
@@ -466,16 +466,27 @@ def _ut_days(df: pd.DataFrame, data: Path) -> np.ndarray:
     return t.dt.strftime("%Y-%m-%d").to_numpy()
 
 
-def _read_check_collate(batch: list) -> tuple[list[int], list[tuple[int, str]]]:
-    """Collate of CheckedFrames items that keeps only what the read check needs (no pixels)."""
-    ok = [b[2] for b in batch if b[0] is not None]
-    return ok, [(b[2], b[3]) for b in batch if b[0] is None]
+class _ReadCheckCollate:
+    """Collate of CheckedFrames items that keeps what the read check needs: the readable
+    frames' indices and sky levels (no pixels), and the errors (picklable for workers)."""
+
+    def __init__(self, input_size: int) -> None:
+        self.input_size = input_size
+
+    def __call__(self, batch: list) -> tuple[list[int], np.ndarray, list[tuple[int, str]]]:
+        good = [b for b in batch if b[0] is not None]
+        sky = np.zeros(0, np.float32)
+        if good:
+            frames = np.stack([b[0] for b in good]).astype(np.float32, copy=False)
+            sky = sky_level(to_model_input(frames, self.input_size)).numpy()
+        return [b[2] for b in good], sky, [(b[2], b[3]) for b in batch if b[0] is None]
 
 
 def _readable_frames(
-    ds: LabelledSet, num_workers: int, batch_size: int
-) -> tuple[np.ndarray, pd.DataFrame]:
-    """Read every frame once: the indices of the readable ones, errors rows for the rest.
+    ds: LabelledSet, num_workers: int, batch_size: int, input_size: int
+) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+    """Read every frame once: the indices of the readable ones and their sky levels (in index
+    order), errors rows for the rest.
 
     One damaged file must not stop training at some epoch, and the split is drawn from the
     frames that can be read. With ``num_workers`` the frames are read without the in-memory
@@ -487,14 +498,25 @@ def _readable_frames(
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
-        collate_fn=_read_check_collate,
+        collate_fn=_ReadCheckCollate(input_size),
     )
     kept: list[int] = []
+    skies: list[np.ndarray] = [np.zeros(0, np.float32)]
     bad: list[tuple[int, str]] = []
-    for ok, errs in tqdm(loader, desc="reading frames", unit="batch", leave=False):
+    for ok, sky, errs in tqdm(loader, desc="reading frames", unit="batch", leave=False):
         kept.extend(ok)
+        skies.append(sky)
         bad.extend(errs)
-    return np.sort(np.asarray(kept, dtype=np.int64)), unreadable_rows(ds.df, bad, "train")
+    order = np.argsort(np.asarray(kept, dtype=np.int64), kind="stable")
+    readable = np.asarray(kept, dtype=np.int64)[order]
+    return readable, np.concatenate(skies)[order], unreadable_rows(ds.df, bad, "train")
+
+
+def sky_level_summary(levels: np.ndarray) -> dict[str, float]:
+    """A checkpoint's record of its labelled frames' sky levels: min, 1st, 50th and 99th
+    percentile, max (``occurrence --min-sky model`` uses the min)."""
+    q = np.percentile(np.asarray(levels, dtype=np.float64), [0, 1, 50, 99, 100])
+    return {k: round(float(v), 6) for k, v in zip(("min", "p01", "p50", "p99", "max"), q)}
 
 
 def _recorded_roles(out: Path, df: pd.DataFrame, root: Path) -> np.ndarray:
@@ -716,6 +738,7 @@ class _Frames:
     unreadable: pd.DataFrame  # errors.parquet rows of the others
     train_idx: np.ndarray  # rows of ``ds``
     val_idx: np.ndarray
+    sky: np.ndarray  # sky level of each frame of ``ds`` (models.sky_level)
 
     def split_table(self) -> pd.DataFrame:
         """split.parquet: every labelled frame (the unreadable ones too) and its role."""
@@ -776,9 +799,12 @@ def _check_run(
 
 def _readable_set(
     cfg: TrainConfig, data: Path, ds: LabelledSet, classes: Sequence[str], out: Path
-) -> tuple[LabelledSet, np.ndarray, pd.DataFrame]:
-    """(the set of readable frames, their rows, errors rows of the others), with warnings."""
-    readable, unreadable = _readable_frames(ds, cfg.num_workers, cfg.val_batch_size)
+) -> tuple[LabelledSet, np.ndarray, np.ndarray, pd.DataFrame]:
+    """(the set of readable frames, their rows, their sky levels, errors rows of the others),
+    with warnings."""
+    readable, sky, unreadable = _readable_frames(
+        ds, cfg.num_workers, cfg.val_batch_size, cfg.input_size
+    )
     if len(readable) == 0:
         raise InputError(
             f"{data}: none of its {len(ds)} frames could be read (first: "
@@ -809,7 +835,7 @@ def _readable_set(
             data,
             ", ".join(absent),
         )
-    return ds, readable, unreadable
+    return ds, readable, sky, unreadable
 
 
 def _split_indices(
@@ -864,7 +890,7 @@ def _frames_of_run(
     # Station: --station, else the set's own calib/station.yaml, else the config's, else yrs.
     stn = resolve_station(station, data, cfg.station)
     ds = LabelledSet(df, stn, dark_dir=find_dark_dir(data), cache=cfg.cache_frames)
-    ds, readable, unreadable = _readable_set(cfg, data, ds, classes, out)
+    ds, readable, sky, unreadable = _readable_set(cfg, data, ds, classes, out)
     train_idx, val_idx = _split_indices(
         cfg,
         data,
@@ -872,7 +898,7 @@ def _frames_of_run(
         None if groups is None else groups[readable],
         None if recorded is None else recorded[readable],
     )
-    return _Frames(data, df, ds, readable, unreadable, train_idx, val_idx)
+    return _Frames(data, df, ds, readable, unreadable, train_idx, val_idx, sky)
 
 
 def _clear_run(out: Path) -> None:
@@ -1157,6 +1183,9 @@ def train(
             "train_config_source": config_source,
             **init,
             "data": str(data),
+            # How bright the frames it learnt from were: occurrence --min-sky model leaves out
+            # archive frames darker than all of them (the model never saw such a sky).
+            "sky_level": sky_level_summary(frames.sky[frames.train_idx]),
         }
         trainer = _Trainer(cfg, model, dev, out, classes, provenance)
         if saved is not None:

@@ -20,6 +20,7 @@ from pipeline.models import (
     VARIANTS,
     build_model,
     model_input_params,
+    sky_level,
     to_model_input,
 )
 
@@ -162,6 +163,22 @@ def test_to_model_input():
     assert (
         params["mean"] == INPUT_MEAN and params["std"] == INPUT_STD and params["input_size"] == 227
     )
+
+
+def test_sky_level_is_the_mean_frame_brightness_the_model_sees():
+    """sky_level undoes the input normalisation of the frame's mean: a uniform frame gives its
+    own brightness at any input size and channel count; masked (black) corners count."""
+    for c in (0.0, 0.1, 0.37, 1.0):
+        for size, chans in ((64, 1), (96, 3)):
+            x = to_model_input(np.full((2, 80, 80), c, np.float32), size, in_chans=chans)
+            # the float32 mean of S*S inputs |x| <= 2 is off by 2 gamma_{S*S}, scaled by 0.25;
+            # the normalisation and the way back round a few times more
+            tol = bounds.gamma(size * size) / 2 + 4 * bounds.gamma(1)
+            np.testing.assert_allclose(sky_level(x).numpy(), c, atol=tol)
+    half = np.zeros((1, 64, 64), np.float32)
+    half[:, :, :32] = 0.8  # half the frame black: the level halves
+    tol = bounds.gamma(64 * 64) / 2 + 4 * bounds.gamma(1)
+    np.testing.assert_allclose(sky_level(to_model_input(half, 64)).numpy(), 0.4, atol=tol)
 
 
 def _tv_features(tv: torch.nn.Module, x3: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,7 @@ from pipeline.config import load_station
 from pipeline.errors import FrameReadError, InputError
 from pipeline.imageio import read_frame, write_frame
 from pipeline.mlt import ut_to_mlt
-from pipeline.models import to_model_input
+from pipeline.models import INPUT_MEAN, INPUT_STD, to_model_input
 from pipeline.predictions import (
     SHARD_FAILED,
     read_errors,
@@ -91,9 +91,14 @@ def archive(tmp_path_factory) -> Path:
     return root
 
 
+#: The sky levels of a labelled set, as train records them in a checkpoint's meta.json.
+TRAIN_SKY = {"min": 0.05, "p01": 0.06, "p50": 0.2, "p99": 0.5, "max": 0.6}
+
+
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
-    return random_checkpoint(tmp_path_factory.mktemp("ckpt_a"), seed=0, input_size=SIZE)
+    meta = {"sky_level": TRAIN_SKY}
+    return random_checkpoint(tmp_path_factory.mktemp("ckpt_a"), seed=0, input_size=SIZE, meta=meta)
 
 
 @pytest.fixture(scope="module")
@@ -261,6 +266,17 @@ def test_local_cluster_matches_plain_loop_one_model_load_per_worker(
     )
     np.testing.assert_allclose(pred["mlt"], ut_to_mlt(pred["time_utc"], station))
     assert (pred["model_id"] == json.loads((ckpt / "meta.json").read_text())["model_id"]).all()
+    # sky level: each frame's mean model input in [0, 1] units, against float64 from the plain
+    # loop's input. Each side's input is off by gamma_5 (|x| + 2) per pixel (see _exact); the
+    # worker's float32 mean of S*S terms adds gamma_{S*S} mean|x|, its scale and shift gamma_2.
+    x = torch.stack(list(got["x"])).double()
+    exact_sky = (x[:, 0] * INPUT_STD + INPUT_MEAN).mean(dim=(1, 2)).numpy()
+    amax, mean_abs = x.abs().amax(dim=(1, 2, 3)).numpy(), x.abs().mean(dim=(1, 2, 3)).numpy()
+    tol = INPUT_STD * (2 * bounds.gamma(5) * (amax + 2) + bounds.gamma(SIZE * SIZE) * mean_abs)
+    tol += bounds.gamma(2)
+    assert (np.abs(got["sky_level"].to_numpy(np.float64) - exact_sky) <= tol).all()
+    assert np.ptp(exact_sky) > 10 * tol.max()  # the frames differ: a swapped row would fail
+    assert read_run(out)["train_sky_level"] == TRAIN_SKY  # for occurrence --min-sky model
 
     err = read_errors(out).set_index("path")
     assert set(err.index) == {CORRUPT, WRONG_SIZE}

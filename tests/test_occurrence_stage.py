@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import bounds
 import numpy as np
@@ -560,3 +561,68 @@ def test_an_interrupted_run_leaves_no_finished_record(tmp_path, pred_dir, monkey
         run_occurrence(d, out, bins="30min")
     assert _snapshot(out) == before
     assert json.loads((out / RUN_RECORD).read_text())["bins"] == "1h"
+
+
+def _sky_folder(tmp_path, sky: np.ndarray, train_sky: dict | None) -> tuple:
+    """A predictions folder of two done shards whose frames have the given sky levels."""
+    d = tmp_path / "pred"
+    df = _predictions(len(sky), seed=4)
+    df["sky_level"] = np.asarray(sky, np.float32)
+    halves = np.array_split(np.arange(len(df)), 2)
+    for i, part in enumerate(halves):
+        write_table(df.iloc[part], shard_path(d, i), PREDICTIONS_SCHEMA)
+    record = {"shards": {"0": {}, "1": {}}, "train_sky_level": train_sky}
+    (d / "_run.json").write_text(json.dumps(record))
+    return d, df
+
+
+def test_min_sky_leaves_out_frames_darker_than_the_models_training_frames(tmp_path, capsys):
+    """--min-sky model: frames below the dimmest training frame (recorded by train, carried by
+    classify-archive) are not binned and are counted as too dim; a number works the same."""
+    sky = np.linspace(0.0, 0.4, 300)
+    d, df = _sky_folder(
+        tmp_path, sky, {"min": 0.1, "p01": 0.11, "p50": 0.2, "p99": 0.3, "max": 0.4}
+    )
+    main(["occurrence", str(d), "--bins", "1h", "--min-sky", "model", "--out", str(tmp_path / "m")])
+    said = capsys.readouterr().out
+    bright = df[df["sky_level"] >= np.float32(0.1)]
+    n_dim = len(df) - len(bright)
+    assert 60 < n_dim < 80 and f"{n_dim:,} below --min-sky 0.1" in said
+    tab = pd.read_parquet(tmp_path / "m" / "occurrence.parquet")
+    for c in CLASSES:
+        assert tab[f"n_{c}"].sum() == (bright["label"] == c).sum()
+    info = json.loads((tmp_path / "m" / RUN_RECORD).read_text())
+    assert info["n_dim"] == n_dim and info["min_sky_level"] == 0.1 and info["min_sky"] == "model"
+    md = (tmp_path / "m" / "occurrence.md").read_text()
+    assert "--min-sky model" in md and "left out as too dim" in md
+    # a number instead of the model's floor; with --min-prob the two screens add up
+    info = run_occurrence(d, tmp_path / "n", bins="1h", min_sky="0.2", min_prob=0.2)
+    assert info["n_dim"] == int((df["sky_level"] < np.float32(0.2)).sum())
+    assert info["n_uncertain"] == 0 and info["n_binned"] + info["n_dim"] == len(df)
+
+
+@pytest.mark.parametrize(
+    ("setup", "value", "match"),
+    [
+        ("no record", "model", r"pred: no sky level of the model's training frames on record"),
+        ("recorded", "bright", r"--min-sky 'bright': give 'model' or a sky level within 0\.\.1"),
+        ("recorded", "1.5", r"--min-sky must be 'model' or within 0\.\.1"),
+        ("old shards", "0.1", r"shard-000000\.parquet: no sky_level column .*classify again"),
+        ("nulls", "0.1", r"pred: 150 frames have no sky_level"),
+    ],
+)
+def test_min_sky_errors_are_one_line_naming_the_fix(tmp_path, setup, value, match, capsys):
+    """Predictions without sky levels (or a model without a recorded range) and bad values are
+    one clear line, exit 1, nothing written."""
+    train_sky = None if setup == "no record" else {"min": 0.1}
+    d, df = _sky_folder(tmp_path, np.full(300, 0.2), train_sky)
+    if setup == "old shards":  # classified before sky levels: the column is absent
+        pq.write_table(pq.read_table(shard_path(d, 0)).drop(["sky_level"]), shard_path(d, 0))
+    if setup == "nulls":
+        write_table(df.iloc[:150].assign(sky_level=np.nan), shard_path(d, 0), PREDICTIONS_SCHEMA)
+    with pytest.raises(SystemExit) as ex:
+        main(["occurrence", str(d), "--min-sky", value, "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert ex.value.code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert re.search(match, err), err
+    assert not (tmp_path / "o").exists()

@@ -97,7 +97,8 @@ def test_contract_metadata_travels_beside_pandas_own(tmp_path):
     contract = read_contract(p)
     assert contract["station"] == "yrs" and contract["model_id"] == "abc123"
     assert contract["mlt_method"] == "aacgm" and contract["contract"] == "1"
-    assert contract["units"] == {"mlt": "hours", **{f"p_{c}": "1" for c in CLASSES}}
+    units = {"mlt": "hours", **{f"p_{c}": "1" for c in CLASSES}, "sky_level": "1"}
+    assert contract["units"] == units
     assert contract["long_names"]["frame"].startswith("frame index")
     back = pd.read_parquet(p)
     assert (

@@ -723,3 +723,35 @@ def test_episode_split_and_no_validation(tmp_path):
     none = TrainConfig(val_fraction=0.0)
     train_idx, val_idx = split_for_config(none, labels, None)
     assert len(train_idx) == 80 and len(val_idx) == 0
+
+
+def test_meta_records_the_sky_levels_of_the_training_frames(tmp_path, mini_set):
+    """meta.json's sky_level summarises the training frames' mean model input in [0, 1] units
+    (what occurrence --min-sky model screens against), not the validation frames'."""
+    import pandas as pd
+
+    from pipeline.config import resolve_station
+    from pipeline.labelled import LabelledSet, load_labelled
+    from pipeline.models import resize_frames
+    from pipeline.preprocess import find_dark_dir
+
+    out = tmp_path / "ck"
+    _train(write_cfg(tmp_path / "c.yaml", variant="alexnet"), mini_set, out)
+    got = json.loads((out / "meta.json").read_text())["sky_level"]
+    split = pd.read_parquet(out / "split.parquet")
+    ds = LabelledSet(load_labelled(mini_set), resolve_station(None, mini_set, None),
+                     dark_dir=find_dark_dir(mini_set))  # fmt: skip
+    levels = {}
+    for i, p in enumerate(ds.df["path"]):
+        x = torch.from_numpy(ds.frame(i).astype(np.float64))[None, None]
+        levels[str(Path(p).relative_to(mini_set))] = float(resize_frames(x, 64).mean())
+    role = dict(zip(split["path"], split["split"]))
+    train = np.array([v for k, v in levels.items() if role[k] == "train"])
+    val = np.array([v for k, v in levels.items() if role[k] == "val"])
+    assert len(train) == 12 and len(val) == 4 and np.ptp(train) > 0.01
+    # The float32 mean of 64*64 normalised inputs (|x| <= 2) is off by at most 2 gamma_4096,
+    # INPUT_STD = 0.25 scales that to gamma_4096 / 2; the normalisation's own rounding (a few
+    # u) and the record's 6 decimals add less than 1e-6.
+    want = np.percentile(train, [0, 1, 50, 99, 100])
+    np.testing.assert_allclose([got[k] for k in ("min", "p01", "p50", "p99", "max")], want,
+                               atol=bounds.gamma(64 * 64) / 2 + 1e-6)  # fmt: skip

@@ -10,6 +10,7 @@ from pipeline.models.build import (
     load_init_weights,
     model_input_params,
     resize_frames,
+    sky_level,
     to_model_input,
 )
 from pipeline.models.lsoftmax import DEFAULT_SCHEDULE, LambdaSchedule, LSoftmaxLinear
@@ -29,5 +30,6 @@ __all__ = [
     "load_init_weights",
     "model_input_params",
     "resize_frames",
+    "sky_level",
     "to_model_input",
 ]

@@ -95,6 +95,17 @@ def to_model_input(
     return x.contiguous()
 
 
+def sky_level(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, S, S) model input -> (B,) sky level: each frame's mean brightness in [0, 1] units,
+    as the model sees it (preprocessed, masked corners counted as black, resized).
+
+    The one measure of how bright a frame is that train records for its labelled set and
+    classify-archive for every frame, so that occurrence can leave out frames darker than any
+    the model learnt from (``--min-sky``).
+    """
+    return x[:, 0].float().mean(dim=(1, 2)) * INPUT_STD + INPUT_MEAN
+
+
 def resize_frames(x: torch.Tensor, input_size: int) -> torch.Tensor:
     """(B, 1, H, W) float frames -> (B, 1, S, S): bilinear, no antialias; unchanged at S already.
 
