@@ -499,13 +499,7 @@ def run_occurrence(
     frames, method, n_uncertain, n_dim = _read_frames(pred, st, method, by, screens, confusion)
     counts = _count(pred, frames, spec, by, ci)
     table = occurrence_from_counts(counts, spec, by, ci, confusion)
-    if table.attrs["n_binned"] == 0:
-        raise InputError(
-            f"{pred}: no frame to bin ({table.attrs['n_dropped']:,} outside "
-            f"{_range_text(spec.mlt_range)}, {table.attrs['n_missing']:,} without "
-            f"time or label, {n_uncertain:,} uncertain, {n_dim:,} too dim); check --station, "
-            "--mlt-range, --min-prob, --min-sky"
-        )
+    _refuse_nothing_binned(pred, table, spec, n_uncertain, n_dim)
     overall = occurrence_from_counts(counts, spec, None, ci, confusion) if by else table
     settings: dict[str, Any] = {
         "source": str(pred),
@@ -539,6 +533,19 @@ def run_occurrence(
             write(folder.staging / name)
         folder.install(list(writers), **results)
     return info
+
+
+def _refuse_nothing_binned(
+    pred: str | os.PathLike, table: pd.DataFrame, spec: Any, n_uncertain: int, n_dim: int
+) -> None:
+    """One line saying where every frame went when none was binned."""
+    if table.attrs["n_binned"] == 0:
+        raise InputError(
+            f"{pred}: no frame to bin ({table.attrs['n_dropped']:,} outside "
+            f"{_range_text(spec.mlt_range)}, {table.attrs['n_missing']:,} without "
+            f"time or label, {n_uncertain:,} uncertain, {n_dim:,} too dim); check --station, "
+            "--mlt-range, --min-prob, --min-sky"
+        )
 
 
 def _check_options(min_prob: float, min_frames: int, mlt_method: str | None) -> None:
