@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import dask
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
@@ -328,16 +329,14 @@ def screen_dim(frames: Any, floor: float, source: str | os.PathLike) -> tuple[An
     """Frames whose sky level is at least ``floor``, and how many were left out; an error where
     a frame has no sky level (classified before it was recorded)."""
     level = frames["sky_level"]
-    n_null = level.isna().sum()
-    n_null = int(n_null.compute() if hasattr(n_null, "compute") else n_null)
+    keep = level >= floor
+    # one pass over the column for both counts (a dask frame: a whole archive's shards)
+    n_null, n_out = (int(n) for n in dask.compute(level.isna().sum(), (~keep).sum()))
     if n_null:
         raise InputError(
             f"{source}: {n_null:,} frames have no sky_level (classified before it was recorded); "
             "classify again into a new folder, or drop --min-sky"
         )
-    keep = level >= floor
-    n_out = (~keep).sum()
-    n_out = int(n_out.compute() if hasattr(n_out, "compute") else n_out)
     return frames[keep], n_out
 
 

@@ -45,6 +45,11 @@ def by_confidence(pred: pd.DataFrame, per_row: int) -> tuple[list[pd.DataFrame],
 
 def below_sky(pred: pd.DataFrame, floor: float, per_row: int) -> tuple[list[pd.DataFrame], str]:
     """Rows of a seeded random sample, in time order, of the frames below ``floor``."""
+    if pred["sky_level"].isna().all():
+        raise AuroraError(
+            "these predictions have no sky_level (classified before it was recorded); "
+            "classify again to draw --below-sky"
+        )
     dim = pred[pred["sky_level"] < floor]
     if dim.empty:
         raise AuroraError(f"no frame has a sky level below the model's floor {floor:.4g}")
@@ -75,8 +80,15 @@ def main() -> None:
             rows, title = below_sky(pred, model_sky_floor(a.pred), a.per_row)
         else:
             rows, title = by_confidence(pred, a.per_row)
-    except AuroraError as exc:
+        fig = draw(rows, title, a)
+    except AuroraError as exc:  # an unreadable frame too: FrameReadError names the file
         sys.exit(f"predictions_montage: {exc}")
+    fig.savefig(a.out, dpi=80)
+    print(f"wrote {a.out}")
+
+
+def draw(rows: list[pd.DataFrame], title: str, a: argparse.Namespace) -> Figure:
+    """The montage: one row of frames per entry of ``rows``."""
     fig = Figure(figsize=(a.per_row * 1.6, len(rows) * 1.8), layout="constrained")
     axes = fig.subplots(len(rows), a.per_row, squeeze=False)
     for r, frames in enumerate(rows):
@@ -89,8 +101,7 @@ def main() -> None:
             when = f" {row['time_utc']:%H:%M}" if a.below_sky else ""
             ax.set_title(f"{row['label']} {row['pmax']:.2f}{when}", fontsize=7)
     fig.suptitle(title, fontsize=9)
-    fig.savefig(a.out, dpi=80)
-    print(f"wrote {a.out}")
+    return fig
 
 
 if __name__ == "__main__":

@@ -78,3 +78,18 @@ def test_below_sky_without_the_models_range_is_one_line(tmp_path):
     assert not (tmp_path / "m.png").exists()
     # the confidence montage needs no sky record
     assert subprocess.run(args, capture_output=True, text=True).returncode == 0
+
+
+def test_no_sky_levels_or_a_missing_frame_is_one_line(tmp_path):
+    pred, root = _folder(tmp_path, np.linspace(0.0, 0.5, 8), {"train_sky_level": {"min": 0.2}})
+    shard = shard_path(pred, 0)
+    write_table(pd.read_parquet(shard).drop(columns="sky_level"), shard, PREDICTIONS_SCHEMA)
+    args = [sys.executable, str(SCRIPT), str(pred), str(root), str(tmp_path / "m.png")]
+    run = subprocess.run([*args, "--below-sky"], capture_output=True, text=True)
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert "no sky_level" in run.stderr and "classify again" in run.stderr
+    (root / "f03.png").unlink()  # the confidence montage shows every frame of 8 at per-row 8
+    run = subprocess.run(args, capture_output=True, text=True)
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert run.stderr.startswith("predictions_montage: ") and "f03.png" in run.stderr
+    assert not (tmp_path / "m.png").exists()
