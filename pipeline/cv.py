@@ -56,7 +56,8 @@ def _write_set(table: pd.DataFrame, folder: Path) -> None:
     write_table(table, folder / "labels.parquet")
 
 
-def _fold_row(variant: str, k: int, metrics: dict[str, Any], classes: Sequence[str]) -> dict:
+def fold_row(variant: str, k: int, metrics: dict[str, Any], classes: Sequence[str]) -> dict:
+    """One row of the per-fold table (cv.parquet) from a fold's evaluation metrics."""
     row = {
         "variant": variant,
         "fold": k,
@@ -158,7 +159,7 @@ def cross_validate(
                     vcfg, train_set, test_set, cv_out.path / variant / f"fold-{k}", stn,
                     init_from, device, keep_checkpoints,
                 )  # fmt: skip
-                rows.append(_fold_row(variant, k, m, classes))
+                rows.append(fold_row(variant, k, m, classes))
         table = pd.DataFrame(rows)
         write_summary(table, cv_out.path, classes, plan)
         cv_out.finish()
