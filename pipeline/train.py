@@ -172,6 +172,10 @@ class TrainConfig:
     scratch_init: Literal["default", "kaiming"] = "default"
     #: side of the down-sampled copy the STN's localisation net looks at (output keeps full size).
     stn_loc_size: int = 64
+    #: the STN's learning rate as a share of ``lr``. At the full rate the localisation net can
+    #: move its sampling grid off the frame within the first steps; the warped input is then
+    #: constant, no gradient brings the grid back and the loss stays at ln 4.
+    stn_lr_scale: float = 1.0
     #: "frame": the model stretches each frame by its own 99th percentile before its first
     #: layer (models.build.FrameStretch), so brightness differences between nights matter less.
     input_norm: Literal["fixed", "frame"] = "fixed"
@@ -198,6 +202,7 @@ class TrainConfig:
             (self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}"),
             (self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}"),
             (self.stn_loc_size >= 32, f"stn_loc_size must be >= 32, got {self.stn_loc_size}"),
+            (self.stn_lr_scale > 0, f"stn_lr_scale must be > 0, got {self.stn_lr_scale}"),
             (self.seed >= 0, f"seed must be a non-negative integer, got {self.seed}"),
         ]
         for ok, msg in checks:
@@ -256,6 +261,24 @@ def lr_at(cfg: TrainConfig, epoch: float) -> float:
         t = min(1.0, (epoch - cfg.warmup_epochs) / span)
         return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * t))
     return cfg.lr
+
+
+def param_groups(model: torch.nn.Module, stn_lr_scale: float = 1.0) -> list[dict[str, Any]]:
+    """Optimiser parameter groups: the STN's at ``stn_lr_scale`` times the rate, the rest at 1.
+
+    One group where the model has no STN or the scale is 1, so that such runs (and their
+    resume states) are what they were before the option existed.
+    """
+    stn = getattr(model, "stn", None)
+    if stn is None or stn_lr_scale == 1.0:
+        return [{"params": list(model.parameters()), "lr_scale": 1.0}]
+    stn_ids = {id(p) for p in stn.parameters()}
+    rest = [p for p in model.parameters() if id(p) not in stn_ids]
+    # the rest first: the history's "lr" is group 0's, the base rate
+    return [
+        {"params": rest, "lr_scale": 1.0},
+        {"params": list(stn.parameters()), "lr_scale": stn_lr_scale},
+    ]
 
 
 def _uniform(b: int, generator: torch.Generator, low: float, high: float) -> torch.Tensor:
@@ -662,7 +685,7 @@ def _train_one_epoch(
     for i, (x, y) in enumerate(bar):
         lr = lr_at(cfg, epoch + (i + 1) / steps)
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)
         # Augment on the training device: on a GPU the rotation resampling would bind the step
         # to the CPU. The random draws stay on the CPU generator (deterministic).
         x = augment_batch(x.to(device, non_blocking=True), cfg.augment, aug_gen, fill)
@@ -996,7 +1019,10 @@ class _Trainer:
         self.provenance = provenance  # the checkpoint meta.json's part that every epoch shares
         self.model = model.to(dev)
         self.opt = torch.optim.SGD(
-            model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+            param_groups(model, cfg.stn_lr_scale),
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
         )
         self.loader_gen = torch.Generator().manual_seed(cfg.seed)
         self.aug_gen = torch.Generator().manual_seed(cfg.seed + 1)

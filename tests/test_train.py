@@ -755,3 +755,42 @@ def test_meta_records_the_sky_levels_of_the_training_frames(tmp_path, mini_set):
     want = np.percentile(train, [0, 1, 50, 99, 100])
     np.testing.assert_allclose([got[k] for k in ("min", "p01", "p50", "p99", "max")], want,
                                atol=bounds.gamma(64 * 64) / 2 + 1e-6)  # fmt: skip
+
+
+def test_stn_lr_scale_puts_the_stn_in_its_own_group():
+    from pipeline.models import build_model
+    from pipeline.train import param_groups
+
+    model = build_model("stn-alexnet", input_size=64, stn_loc_size=32)
+    groups = param_groups(model, 0.1)
+    stn = {id(p) for p in model.stn.parameters()}
+    assert [g["lr_scale"] for g in groups] == [1.0, 0.1]
+    assert {id(p) for p in groups[1]["params"]} == stn
+    assert not stn & {id(p) for p in groups[0]["params"]}
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    # no STN, or the full rate: one group, as before the option existed
+    assert len(param_groups(build_model("alexnet", input_size=64), 0.1)) == 1
+    assert len(param_groups(model, 1.0)) == 1
+
+
+def test_stn_lr_scale_scales_the_stn_step_only(tmp_path, mini_set, one_thread):
+    """One SGD step (12 training frames, batch 12) from the same seeded start at STN rates
+    1, 1/2 and 1/4: the STN moves by s * D, everything else by the same step bit for bit."""
+    w = {}
+    for s in (1.0, 0.5, 0.25):
+        cfg = write_cfg(tmp_path / f"{s}.yaml", variant="stn-alexnet", batch_size=12,
+                        stn_lr_scale=s)  # fmt: skip
+        _train(cfg, mini_set, tmp_path / str(s))
+        w[s] = torch.load(tmp_path / str(s) / "last.pt", weights_only=True)["model"]
+    stn_keys = [k for k in w[1.0] if k.startswith("stn.")]
+    assert stn_keys and any(not torch.equal(w[1.0][k], w[0.5][k]) for k in stn_keys)
+    eps = float(torch.finfo(torch.float32).eps)
+    for k, v in w[1.0].items():
+        if not k.startswith("stn."):
+            assert torch.equal(v, w[0.5][k]) and torch.equal(v, w[0.25][k]), k
+            continue
+        d1 = (v - w[0.5][k]).double()  # = D / 2
+        d2 = (w[0.5][k] - w[0.25][k]).double()  # = D / 4
+        # each stored weight is rounded to half an ulp of its size: 3 ulps over the two differences
+        tol = 4 * eps * float(v.abs().max()) + 1e-12
+        np.testing.assert_allclose(d1.numpy(), 2 * d2.numpy(), rtol=0, atol=tol, err_msg=k)
