@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import matplotlib
+import pandas as pd
 import pytest
 
 matplotlib.use("Agg")
@@ -96,6 +98,19 @@ def tiny_labelled(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("labelled")
     synth.make_labelled(out, n=80, seed=1, winter=2003, balanced=True, size=TINY)
     return out
+
+
+@pytest.fixture(scope="session")
+def episodes_set(tiny_labelled: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny labelled set with an episode column: runs of 4 frames of one class (read-only)."""
+    root = tmp_path_factory.mktemp("episodes") / "set"
+    shutil.copytree(tiny_labelled, root)
+    labels = pd.read_parquet(root / "labels.parquet").sort_values(["label", "path"])
+    labels["episode"] = [
+        f"{c}-{i // 4}" for c, i in zip(labels["label"], labels.groupby("label").cumcount())
+    ]
+    labels.to_parquet(root / "labels.parquet", index=False)
+    return root
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -31,19 +30,6 @@ CFG = TrainConfig(
     val_fraction=0.0,
     balance="sampler",
 )
-
-
-@pytest.fixture(scope="module")
-def episodes_set(tiny_labelled, tmp_path_factory) -> Path:
-    """The tiny labelled set with an episode column: runs of 4 frames of one class."""
-    root = tmp_path_factory.mktemp("cv") / "set"
-    shutil.copytree(tiny_labelled, root)
-    labels = pd.read_parquet(root / "labels.parquet").sort_values(["label", "path"])
-    labels["episode"] = [
-        f"{c}-{i // 4}" for c, i in zip(labels["label"], labels.groupby("label").cumcount())
-    ]
-    labels.to_parquet(root / "labels.parquet", index=False)
-    return root
 
 
 def test_fold_sets_keep_episodes_on_one_side(episodes_set):

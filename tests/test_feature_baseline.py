@@ -2,32 +2,17 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
-import pytest
 
 from pipeline.classes import CLASSES
 from pipeline.folds import group_folds
 from pipeline.labelled import load_labelled
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "feature_baseline.py"
-
-
-@pytest.fixture(scope="module")
-def episodes_set(tiny_labelled, tmp_path_factory) -> Path:
-    """The tiny labelled set with an episode column: runs of 4 frames of one class."""
-    root = tmp_path_factory.mktemp("features") / "set"
-    shutil.copytree(tiny_labelled, root)
-    labels = pd.read_parquet(root / "labels.parquet").sort_values(["label", "path"])
-    labels["episode"] = [
-        f"{c}-{i // 4}" for c, i in zip(labels["label"], labels.groupby("label").cumcount())
-    ]
-    labels.to_parquet(root / "labels.parquet", index=False)
-    return root
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
