@@ -89,6 +89,7 @@ def test_shipped_configs_load():
         ({"input_size": 32}, r"input_size must be >= 64"),
         ({"split_by": "week"}, r"split_by: 'week' is not allowed; allowed values: 'frame', 'day'"),
         ({"seed": -5}, r"seed must be a non-negative integer, got -5"),
+        ({"stn_lr_scale": 0}, r"stn_lr_scale must be > 0, got 0"),
         ({"station": "nosuch"}, r"station: unknown station 'nosuch'; known stations"),
     ],
 )
