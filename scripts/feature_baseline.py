@@ -90,6 +90,8 @@ def main() -> None:
     ap.add_argument("--station", default=None)
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
+    if not a.c > 0:  # checked before minutes of feature extraction, not by sklearn after them
+        sys.exit(f"feature_baseline: --c must be > 0 (the inverse L2 strength), got {a.c}")
     try:  # a wrong folder, column or frame is one line, not a traceback
         df = load_labelled(a.labelled)
         groups = groups_of(df, a.group, f"{a.labelled}/labels.parquet")

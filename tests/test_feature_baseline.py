@@ -41,3 +41,11 @@ def test_a_set_without_the_group_column_is_one_line(tiny_labelled):
     assert r.returncode == 1
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "episode" in lines[0] and "Traceback" not in r.stderr
+
+
+def test_a_bad_regularisation_is_one_line_before_any_work(episodes_set):
+    r = _run(str(episodes_set), "--c", "0")
+    assert r.returncode == 1
+    assert r.stderr.strip() == (
+        "feature_baseline: --c must be > 0 (the inverse L2 strength), got 0.0"
+    )
