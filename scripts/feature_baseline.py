@@ -3,6 +3,7 @@ the baseline a CNN recipe has to beat on a labelled set. Usage:
 
     python scripts/feature_baseline.py LABELLED_DIR [--folds 5] [--group episode] [--seed 0]
         [--size 128] [--c 0.1] [--station NAME_OR_YAML] [--out FOLDS.parquet]
+        [--checkpoint CKPT]
 
 Each frame is preprocessed and resized exactly as the model sees it (``to_model_input``), then
 described by ``pipeline.handcrafted.sky_features``; a class-balanced logistic regression
@@ -10,6 +11,10 @@ described by ``pipeline.handcrafted.sky_features``; a class-balanced logistic re
 episodes. The folds are ``group_folds`` with the seed given (a train config's ``seed``,
 default 0), so the rows pair with a `cv` run's. Prints the per-fold table and the summary
 in the layout of `cv.md`; ``--out`` writes the per-fold rows in the columns of `cv.parquet`.
+
+``--checkpoint CKPT`` is a linear probe instead: the features are a checkpoint's FC7 vector
+(``model.features``, at the checkpoint's own input size), the usual measure of what a
+self-supervised pre-training (`aurora-pipeline pretrain`) has learnt, with no fine-tuning.
 """
 
 from __future__ import annotations
@@ -20,11 +25,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from tqdm import tqdm
 
+from pipeline.checkpoint import load_checkpoint
 from pipeline.classes import CLASSES
 from pipeline.config import resolve_station
 from pipeline.cv import cv_markdown, fold_row
@@ -37,6 +44,8 @@ from pipeline.models import INPUT_MEAN, INPUT_STD, to_model_input
 from pipeline.storage import write_table
 
 VARIANT = "hand-made features + logistic regression"
+PROBE = "linear probe on {}"
+BATCH = 64
 
 
 def frame_features(ds: LabelledSet, size: int) -> np.ndarray:
@@ -48,8 +57,20 @@ def frame_features(ds: LabelledSet, size: int) -> np.ndarray:
     return np.stack(rows)
 
 
+def checkpoint_features(ds: LabelledSet, ckpt: Path) -> np.ndarray:
+    """(N, D) FC7 features of every frame of ``ds`` from the checkpoint ``ckpt`` (safe load)."""
+    model, meta = load_checkpoint(ckpt, classes=None)
+    size, chans = int(meta["input_size"]), int(meta.get("in_chans", 1))
+    rows = []
+    with torch.inference_mode():
+        for s in tqdm(range(0, len(ds), BATCH), desc="features", unit="batch", leave=False):
+            frames = np.stack([ds.frame(i) for i in range(s, min(s + BATCH, len(ds)))])
+            rows.append(model.features(to_model_input(frames, size, chans)).float().numpy())
+    return np.concatenate(rows)
+
+
 def fold_table(
-    feats: np.ndarray, labels: np.ndarray, fold: np.ndarray, c: float
+    feats: np.ndarray, labels: np.ndarray, fold: np.ndarray, c: float, variant: str = VARIANT
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Per-fold metrics of a logistic regression fitted on the other folds' frames, and the
     confusion matrix pooled over the held-out folds."""
@@ -62,7 +83,7 @@ def fold_table(
         )
         clf.fit(feats[train], labels[train])
         m = metrics_from_predictions(labels[test], clf.predict(feats[test]))
-        rows.append(fold_row(VARIANT, int(k), m, CLASSES))
+        rows.append(fold_row(variant, int(k), m, CLASSES))
         pooled = m["confusion"] if pooled is None else pooled + m["confusion"]
     return pd.DataFrame(rows), pooled
 
@@ -89,6 +110,7 @@ def main() -> None:
     ap.add_argument("--c", type=float, default=0.1)
     ap.add_argument("--station", default=None)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--checkpoint", type=Path, default=None, help="linear probe on its FC7")
     a = ap.parse_args()
     if not a.c > 0:  # checked before minutes of feature extraction, not by sklearn after them
         sys.exit(f"feature_baseline: --c must be > 0 (the inverse L2 strength), got {a.c}")
@@ -98,7 +120,11 @@ def main() -> None:
         labels = df["label"].astype(str).to_numpy()
         fold = group_folds(labels, groups, a.folds, a.seed)
         ds = LabelledSet(df, resolve_station(a.station, a.labelled))
-        table, pooled = fold_table(frame_features(ds, a.size), labels, fold, a.c)
+        if a.checkpoint is None:
+            feats, variant = frame_features(ds, a.size), VARIANT
+        else:
+            feats, variant = checkpoint_features(ds, a.checkpoint), PROBE.format(a.checkpoint.name)
+        table, pooled = fold_table(feats, labels, fold, a.c, variant)
     except AuroraError as exc:
         sys.exit(f"feature_baseline: {exc}")
     print(report(table, pooled))

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+from builders import random_checkpoint
 
 from pipeline.classes import CLASSES
 from pipeline.folds import group_folds
@@ -49,3 +50,21 @@ def test_a_bad_regularisation_is_one_line_before_any_work(episodes_set):
     assert r.stderr.strip() == (
         "feature_baseline: --c must be > 0 (the inverse L2 strength), got 0.0"
     )
+
+
+def test_a_checkpoint_is_probed_on_its_own_features(episodes_set, tmp_path):
+    ckpt = random_checkpoint(tmp_path / "ckpt", input_size=64)
+    out = tmp_path / "probe.parquet"
+    r = _run(str(episodes_set), "--folds", "3", "--checkpoint", str(ckpt), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    table = pd.read_parquet(out)
+    assert set(table["variant"]) == {"linear probe on ckpt"}
+    assert table["n"].sum() == len(load_labelled(episodes_set))
+    assert table["mean_class_accuracy"].between(0, 1).all()
+
+
+def test_a_missing_checkpoint_is_one_line_naming_it(episodes_set, tmp_path):
+    r = _run(str(episodes_set), "--checkpoint", str(tmp_path / "nope"))
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "nope" in lines[0] and "Traceback" not in r.stderr
