@@ -43,6 +43,8 @@ from pipeline.train import AugmentConfig, augment_batch, kaiming_reinit, model_i
 log = logging.getLogger(__name__)
 
 STATE_FILE = "pretrain_last.pt"
+#: epochs after which a loss still at chance stops the run (it does not recover later).
+CHANCE_EPOCHS = 3
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,7 @@ class PretrainConfig:
     input_size: int = 96
     epochs: int = 20
     batch_size: int = 64
-    lr: float = 0.05
+    lr: float = 0.005
     weight_decay: float = 1e-4
     temperature: float = 0.2
     proj_dim: int = 128
@@ -118,7 +120,16 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
 
 def projection_head(in_dim: int, out_dim: int) -> nn.Module:
     """The MLP between the backbone feature and the contrastive space (dropped after training)."""
-    return nn.Sequential(nn.Linear(in_dim, 512), nn.ReLU(inplace=True), nn.Linear(512, out_dim))
+    # Batch norm as in SimCLR's head: FC7 is all ReLU outputs with a large part common to every
+    # frame, and without centring it every pair of frames looks alike (the loss stays at chance).
+    return nn.Sequential(
+        nn.Linear(in_dim, 512), nn.BatchNorm1d(512), nn.ReLU(inplace=True), nn.Linear(512, out_dim)
+    )
+
+
+def stuck_at_chance(loss: float, batch_size: int) -> bool:
+    """True when an epoch's mean NT-Xent loss is still at chance, ln(2B - 1): nothing learnt."""
+    return loss >= 0.99 * math.log(2 * batch_size - 1)
 
 
 # --------------------------------------------------------------------------- data
@@ -210,6 +221,13 @@ def pretrain(
         history = []
         for epoch in range(start, cfg.epochs):
             history.append(run.epoch(x8, epoch))
+            if epoch >= CHANCE_EPOCHS - 1 and stuck_at_chance(history[-1]["loss"], cfg.batch_size):
+                raise ConfigError(
+                    f"{out}: pre-training learnt nothing in {epoch + 1} epochs (loss "
+                    f"{history[-1]['loss']:.3f}, chance ln(2B-1) = "
+                    f"{math.log(2 * cfg.batch_size - 1):.3f}); lower lr ({cfg.lr}) and rerun "
+                    "into a new --out"
+                )
             with atomic_path(out / STATE_FILE) as tmp:
                 torch.save(_state(run.model, run.head, run.opt, epoch + 1, run.gen), tmp)
         meta = {
@@ -254,6 +272,11 @@ class _Pretraining:
         cfg = self.cfg
         steps = max(1, len(x8) // cfg.batch_size)
         self.model.train(), self.head.train()
+        # No dropout: two views with independent FC6/FC7 masks differ more than the augmentations
+        # make them, and SimCLR's backbones have none.
+        for m in self.model.modules():
+            if isinstance(m, nn.Dropout):
+                m.eval()
         order = torch.randperm(len(x8), generator=self.gen)
         total, t0 = 0.0, time.perf_counter()
         for i in tqdm(range(steps), desc=f"pretrain {epoch + 1}/{cfg.epochs}", leave=False):

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from pipeline.checkpoint import init_from_checkpoint, read_meta, save_checkpoint
-from pipeline.errors import CheckpointError, InputError
+from pipeline.errors import CheckpointError, ConfigError, InputError
 from pipeline.models import build_model
-from pipeline.pretrain import PretrainConfig, nt_xent, pretrain
+from pipeline.pretrain import PretrainConfig, nt_xent, pretrain, stuck_at_chance
 from pipeline.train import TrainConfig, train
 
 TINY = PretrainConfig(variant="alexnet", input_size=64, epochs=1, batch_size=8, max_frames=24)
@@ -105,3 +105,33 @@ def test_an_interrupted_pretrain_leaves_no_finished_record(tiny_labelled, tmp_pa
 def test_pretrain_config_refuses_a_head_variant():
     with pytest.raises(ValueError, match="plain backbone"):
         PretrainConfig(variant="stn-lsoftmax-alexnet").validate()
+
+
+def test_stuck_at_chance_is_the_loss_of_no_preference():
+    assert stuck_at_chance(math.log(127), 64) and stuck_at_chance(4.81, 64)
+    assert not stuck_at_chance(4.5, 64) and not stuck_at_chance(2.6, 8)
+
+
+def test_a_run_whose_loss_stays_at_chance_stops_in_one_line(tiny_labelled, tmp_path, monkeypatch):
+    import pipeline.pretrain as pre
+
+    # every pair alike, as with a blown-up or collapsed backbone: the loss is ln(2B - 1)
+    monkeypatch.setattr(pre, "nt_xent", lambda z1, z2, t: z1.sum() * 0 + math.log(2 * len(z1) - 1))
+    cfg = dataclasses.replace(TINY, epochs=5)
+    with pytest.raises(ConfigError) as exc:
+        pretrain(cfg, [tiny_labelled], tmp_path / "pre")
+    msg = str(exc.value)
+    assert "learnt nothing in 3 epochs" in msg and "lower lr" in msg and "\n" not in msg
+    assert not (tmp_path / "pre" / "model.safetensors").exists()
+
+
+def test_the_head_centres_features_and_dropout_is_off_while_pretraining(tiny_labelled, tmp_path):
+    import pipeline.pretrain as pre
+
+    head = pre.projection_head(16, 4)
+    assert any(isinstance(m, torch.nn.BatchNorm1d) for m in head.modules())
+    run = pre._Pretraining(TINY, torch.device("cpu"))
+    x8 = torch.randint(0, 255, (8, 1, 64, 64), dtype=torch.uint8)
+    run.epoch(x8, 0)
+    drops = [m for m in run.model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert drops and not any(m.training for m in drops)
