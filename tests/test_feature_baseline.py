@@ -60,7 +60,9 @@ def test_a_checkpoint_is_probed_on_its_own_features(episodes_set, tmp_path):
     table = pd.read_parquet(out)
     assert set(table["variant"]) == {"linear probe on ckpt"}
     assert table["n"].sum() == len(load_labelled(episodes_set))
-    assert table["mean_class_accuracy"].between(0, 1).all()
+    # even untrained FC7 features keep the synthetic classes' brightness and layout apart: a probe
+    # that read the wrong frames or mislaid the labels would sit at the 0.25 of chance
+    assert table["mean_class_accuracy"].mean() > 0.3
 
 
 def test_a_missing_checkpoint_is_one_line_naming_it(episodes_set, tmp_path):
