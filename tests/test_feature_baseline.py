@@ -70,3 +70,41 @@ def test_a_missing_checkpoint_is_one_line_naming_it(episodes_set, tmp_path):
     assert r.returncode == 1
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "nope" in lines[0] and "Traceback" not in r.stderr
+
+
+def _fake_cv(episodes_set: Path, root: Path, folds: int, truth_prob: float) -> Path:
+    """A cv variant folder whose fold models give the true class probability ``truth_prob``."""
+    df = load_labelled(episodes_set)
+    fold = group_folds(df["label"].to_numpy(), df["episode"].to_numpy(), folds, 0)
+    for k in range(folds):
+        part = df[fold == k]
+        table = pd.DataFrame({"path": [str(Path(p).resolve()) for p in part["path"]]})
+        for c in CLASSES:
+            table[f"p_{c}"] = [truth_prob if lab == c else 0.1 for lab in part["label"]]
+        (root / f"fold-{k}" / "eval").mkdir(parents=True)
+        table.to_parquet(root / f"fold-{k}" / "eval" / "predictions.parquet")
+    return root
+
+
+def test_fusion_follows_its_weight(episodes_set, tmp_path):
+    cv_dir = _fake_cv(episodes_set, tmp_path / "cv" / "stn", 3, truth_prob=0.7)
+    plain, cnn_only, lr_only = (tmp_path / f"{n}.parquet" for n in ("plain", "cnn", "lr"))
+    args = [str(episodes_set), "--folds", "3", "--size", "64"]
+    assert _run(*args, "--out", str(plain)).returncode == 0
+    for weight, out in (("1", cnn_only), ("0", lr_only)):
+        r = _run(*args, "--fuse", str(cv_dir), "--fuse-weight", weight, "--out", str(out))
+        assert r.returncode == 0, r.stderr
+    # weight 1 is the (here always right) CNN alone; weight 0 the logistic regression alone
+    assert (pd.read_parquet(cnn_only)["mean_class_accuracy"] == 1.0).all()
+    lr, base = pd.read_parquet(lr_only), pd.read_parquet(plain)
+    assert lr["mean_class_accuracy"].tolist() == base["mean_class_accuracy"].tolist()
+    assert set(lr["variant"]) == {"hand-made features + logistic regression fused with stn "
+                                  "(weight 0)"}  # fmt: skip
+
+
+def test_fusion_with_a_cv_of_other_folds_is_one_line(episodes_set, tmp_path):
+    cv_dir = _fake_cv(episodes_set, tmp_path / "cv" / "stn", 2, truth_prob=0.7)
+    r = _run(str(episodes_set), "--folds", "3", "--size", "64", "--fuse", str(cv_dir))
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "fold" in lines[0] and "Traceback" not in r.stderr
