@@ -79,6 +79,8 @@ def cv_log_probs(cv_variant: Path, paths: Sequence[str], fold: np.ndarray) -> np
     """(N, C) log-probabilities of each frame from the `cv` model of the fold that held it out."""
     out = np.full((len(paths), len(CLASSES)), np.nan)
     where = {str(Path(p).resolve()): i for i, p in enumerate(paths)}
+    if len(where) != len(paths):  # evaluate's predictions name a frame by its file alone
+        raise InputError("--fuse needs one frame per file; this set has multi-frame files")
     for k in np.unique(fold):
         pred = cv_variant / f"fold-{k}" / "eval" / "predictions.parquet"
         if not pred.is_file():

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pytest
 from builders import random_checkpoint
 
 from pipeline.classes import CLASSES
+from pipeline.errors import InputError
 from pipeline.folds import group_folds
 from pipeline.labelled import load_labelled
 
@@ -108,3 +112,12 @@ def test_fusion_with_a_cv_of_other_folds_is_one_line(episodes_set, tmp_path):
     assert r.returncode == 1
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "fold" in lines[0] and "Traceback" not in r.stderr
+
+
+def test_fusion_refuses_a_set_of_multi_frame_files(tmp_path):
+    spec = importlib.util.spec_from_file_location("feature_baseline", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    paths = [str(tmp_path / "a.h5"), str(tmp_path / "a.h5"), str(tmp_path / "b.h5")]
+    with pytest.raises(InputError, match="one frame per file"):
+        module.cv_log_probs(tmp_path, paths, np.array([0, 0, 1]))
