@@ -3,7 +3,7 @@ the baseline a CNN recipe has to beat on a labelled set. Usage:
 
     python scripts/feature_baseline.py LABELLED_DIR [--folds 5] [--group episode] [--seed 0]
         [--size 128] [--c 0.1] [--station NAME_OR_YAML] [--out FOLDS.parquet]
-        [--checkpoint CKPT] [--fuse CV_OUT/VARIANT [--fuse-weight W]]
+        [--checkpoint CKPT] [--fuse CV_OUT/VARIANT ... [--fuse-weight W]]
 
 Each frame is preprocessed and resized exactly as the model sees it (``to_model_input``), then
 described by ``pipeline.handcrafted.sky_features``; a class-balanced logistic regression
@@ -18,7 +18,9 @@ self-supervised pre-training (`aurora-pipeline pretrain`) has learnt, with no fi
 
 ``--fuse CV_OUT/VARIANT`` also scores the late fusion of the two models: on each held-out fold,
 W times the log-probabilities of the CNN a `cv` run (same folds and seed) trained for that fold
-(its ``fold-K/eval/predictions.parquet``) plus (1 - W) times the logistic regression's.
+(its ``fold-K/eval/predictions.parquet``) plus (1 - W) times the logistic regression's. Given
+more than once, the CNN term is the mean over those runs (an ensemble of trainings; with
+``--fuse-weight 1`` the ensemble alone).
 """
 
 from __future__ import annotations
@@ -153,7 +155,7 @@ def main() -> None:
     ap.add_argument("--station", default=None)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--checkpoint", type=Path, default=None, help="linear probe on its FC7")
-    ap.add_argument("--fuse", type=Path, default=None, help="a cv run's OUT/VARIANT folder")
+    ap.add_argument("--fuse", type=Path, action="append", help="a cv run's OUT/VARIANT folder")
     ap.add_argument("--fuse-weight", type=float, default=0.5, help="the CNN's share, 0..1")
     a = ap.parse_args()
     if not a.c > 0:  # checked before minutes of feature extraction, not by sklearn after them
@@ -167,15 +169,17 @@ def main() -> None:
         fold = group_folds(labels, groups, a.folds, a.seed)
         # the cv run is read before the minutes of feature extraction, so a wrong one fails fast
         fuse = None
-        if a.fuse is not None:
-            fuse = (cv_log_probs(a.fuse, df["path"].tolist(), fold), a.fuse_weight)
+        if a.fuse:
+            runs = [cv_log_probs(run, df["path"].tolist(), fold) for run in a.fuse]
+            fuse = (np.mean(runs, axis=0), a.fuse_weight)
         ds = LabelledSet(df, resolve_station(a.station, a.labelled))
         if a.checkpoint is None:
             feats, variant = frame_features(ds, a.size), VARIANT
         else:
             feats, variant = checkpoint_features(ds, a.checkpoint), PROBE.format(a.checkpoint.name)
-        if a.fuse is not None:
-            variant = FUSED.format(variant, a.fuse.name, a.fuse_weight)
+        if a.fuse:
+            names = " + ".join(run.name for run in a.fuse)
+            variant = FUSED.format(variant, names, a.fuse_weight)
         table, pooled = fold_table(feats, labels, fold, a.c, variant, fuse)
     except AuroraError as exc:
         sys.exit(f"feature_baseline: {exc}")

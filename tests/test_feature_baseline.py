@@ -76,15 +76,22 @@ def test_a_missing_checkpoint_is_one_line_naming_it(episodes_set, tmp_path):
     assert len(lines) == 1 and "nope" in lines[0] and "Traceback" not in r.stderr
 
 
-def _fake_cv(episodes_set: Path, root: Path, folds: int, truth_prob: float) -> Path:
-    """A cv variant folder whose fold models give the true class probability ``truth_prob``."""
+def _fake_cv(
+    episodes_set: Path, root: Path, folds: int, truth_prob: float, next_prob: float = 0.1
+) -> Path:
+    """A cv variant folder whose fold models give the true class probability ``truth_prob``,
+    the class after it (in CLASSES order) ``next_prob`` and the others 0.1."""
     df = load_labelled(episodes_set)
     fold = group_folds(df["label"].to_numpy(), df["episode"].to_numpy(), folds, 0)
+    after = {c: CLASSES[(i + 1) % len(CLASSES)] for i, c in enumerate(CLASSES)}
     for k in range(folds):
         part = df[fold == k]
         table = pd.DataFrame({"path": [str(Path(p).resolve()) for p in part["path"]]})
         for c in CLASSES:
-            table[f"p_{c}"] = [truth_prob if lab == c else 0.1 for lab in part["label"]]
+            table[f"p_{c}"] = [
+                truth_prob if lab == c else next_prob if after[lab] == c else 0.1
+                for lab in part["label"]
+            ]
         (root / f"fold-{k}" / "eval").mkdir(parents=True)
         table.to_parquet(root / f"fold-{k}" / "eval" / "predictions.parquet")
     return root
@@ -121,3 +128,20 @@ def test_fusion_refuses_a_set_of_multi_frame_files(tmp_path):
     paths = [str(tmp_path / "a.h5"), str(tmp_path / "a.h5"), str(tmp_path / "b.h5")]
     with pytest.raises(InputError, match="one frame per file"):
         module.cv_log_probs(tmp_path, paths, np.array([0, 0, 1]))
+
+
+def test_several_cv_runs_fuse_as_their_mean(episodes_set, tmp_path):
+    right = _fake_cv(episodes_set, tmp_path / "a" / "right", 3, truth_prob=0.7)
+    # alone always wrong (the next class at 0.6), but less sure than the other run is right
+    wrong = _fake_cv(episodes_set, tmp_path / "b" / "wrong", 3, truth_prob=0.3, next_prob=0.6)
+    outs = {n: tmp_path / f"{n}.parquet" for n in ("wrong", "both")}
+    args = [str(episodes_set), "--folds", "3", "--size", "64", "--fuse-weight", "1"]
+    r = _run(*args, "--fuse", str(wrong), "--out", str(outs["wrong"]))
+    assert r.returncode == 0, r.stderr
+    r = _run(*args, "--fuse", str(right), "--fuse", str(wrong), "--out", str(outs["both"]))
+    assert r.returncode == 0, r.stderr
+    assert (pd.read_parquet(outs["wrong"])["mean_class_accuracy"] == 0.0).all()
+    # mean log-probability: truth (ln 0.7 + ln 0.3) / 2 = -0.78 beats (ln 0.1 + ln 0.6) / 2 = -1.41
+    both = pd.read_parquet(outs["both"])
+    assert (both["mean_class_accuracy"] == 1.0).all()
+    assert "fused with right + wrong (weight 1)" in both["variant"].iloc[0]
