@@ -91,6 +91,9 @@ def cv_log_probs(cv_variant: Path, paths: Sequence[str], fold: np.ndarray) -> np
                 "folder (OUT/VARIANT) of the same folds and seed?"
             )
         table = pd.read_parquet(pred)
+        missing = [c for c in ["path"] + [f"p_{c}" for c in CLASSES] if c not in table.columns]
+        if missing:
+            raise InputError(f"{pred}: lacks columns {missing}; not evaluate's predictions")
         rows = np.array([where.get(str(p), -1) for p in table["path"]])
         if (rows < 0).any() or not (fold[rows] == k).all() or len(rows) != (fold == k).sum():
             raise InputError(

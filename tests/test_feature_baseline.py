@@ -145,3 +145,15 @@ def test_several_cv_runs_fuse_as_their_mean(episodes_set, tmp_path):
     both = pd.read_parquet(outs["both"])
     assert (both["mean_class_accuracy"] == 1.0).all()
     assert "fused with right + wrong (weight 1)" in both["variant"].iloc[0]
+
+
+def test_fusion_refuses_predictions_without_probabilities(tmp_path):
+    spec = importlib.util.spec_from_file_location("feature_baseline", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    (tmp_path / "fold-0" / "eval").mkdir(parents=True)
+    pd.DataFrame({"path": ["a.png"]}).to_parquet(
+        tmp_path / "fold-0" / "eval" / "predictions.parquet"
+    )
+    with pytest.raises(InputError, match="lacks columns"):
+        module.cv_log_probs(tmp_path, ["a.png"], np.array([0]))
