@@ -333,6 +333,43 @@ def test_signal_levels_suit_the_4000_count_stretch():
     assert np.mean(np.array(p99) > 4000) < 0.3  # only a minority saturates the stretch
 
 
+def test_sky_background_is_as_dark_as_the_real_frames_under_the_pipeline_stretch():
+    """Real YRS frames of 2003-12-21 put their 10th-percentile pixel at 17-27 of 255 under the
+    archive's stretch; the renderer before the calibration of issue #15 put it near 35 here."""
+    season = synth.season_for(2003)
+    dark = synth.dark_frame(2003, SIZE).astype(np.float32)
+    g = geometry._geometry(SIZE)
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    crop = np.hypot(yy - g.centre[0], xx - g.centre[1]) < g.radius * g.crop_rho
+    p10 = []
+    for i in range(40):
+        raw = synth.render_frame(CLASSES[i % 4], synth.frame_rng(12, i), SIZE, season)
+        p10.append(np.percentile((raw - dark)[crop], 10) * 255 / 4000)  # the 0..4000 stretch
+    assert 15 < np.median(p10) < 31, np.median(p10)
+
+
+def _orientation_coherence(a: np.ndarray) -> float:
+    """Structure-tensor coherence (0 no preferred direction, 1 all edges parallel)."""
+    gy, gx = np.gradient(a)
+    jxx, jyy, jxy = (gx * gx).sum(), (gy * gy).sum(), (gx * gy).sum()
+    return float(np.hypot(jxx - jyy, 2 * jxy) / (jxx + jyy))
+
+
+def test_non_arc_frames_carry_faint_east_west_bands(monkeypatch):
+    """Real frames of every class show faint bands behind the main form: with them on, the
+    continuous emission of a radial corona (otherwise a round glow) gains a preferred
+    direction; an arc frame draws no extra bands."""
+    g = geometry._geometry(128)
+
+    def coherence(label: str, share: float) -> list[float]:
+        monkeypatch.setattr(render, "BACKGROUND_BANDS_SHARE", share)
+        skies = [render._sky(g, label, synth.frame_rng(5, i), False, None) for i in range(8)]
+        return [_orientation_coherence(s.sheet.reshape(g.nf, g.nf)) for s in skies]
+
+    assert min(coherence("radial", 1.0)) > max(coherence("radial", 0.0)) + 0.1
+    assert coherence("arc", 1.0) == coherence("arc", 0.0)
+
+
 # ------------------------------------------------------------------ output folder
 def _frames(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("N*.png") if "calib" not in p.parts)

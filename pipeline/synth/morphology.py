@@ -51,7 +51,7 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 
 
 def _beta(rng: np.random.Generator) -> float:
-    return math.radians(ARC_DIRECTION_DEG + rng.normal(0, 25))
+    return math.radians(ARC_DIRECTION_DEG + rng.normal(0, 12))
 
 
 def _arc(sky: _Sky, rng: np.random.Generator, weight: float) -> None:
@@ -149,10 +149,10 @@ def _hotspot(sky: _Sky, rng: np.random.Generator, weight: float) -> None:
     """Bright spots and irregular patches mixed with rays and bundles, intense."""
     g = sky.g
     f = np.zeros_like(g.fx)
-    cx, cy = rng.uniform(-200, 200, 2)
+    cx, cy = rng.normal(0, 70, 2)
     for _ in range(int(rng.integers(1, 5))):
-        x0, y0 = cx + rng.normal(0, 90), cy + rng.normal(0, 90)
-        sx, sy = rng.uniform(10, 55, 2)
+        x0, y0 = cx + rng.normal(0, 60), cy + rng.normal(0, 60)
+        sx, sy = rng.uniform(6, 30, 2)
         t = rng.uniform(0, np.pi)
         dx, dy = g.fx - x0, g.fy - y0
         a = (dx * math.cos(t) + dy * math.sin(t)) / sx
@@ -162,7 +162,7 @@ def _hotspot(sky: _Sky, rng: np.random.Generator, weight: float) -> None:
     field = _smooth_field(rng, int(rng.integers(7, 13)), g.nf).ravel()
     d2 = (g.fx - cx) ** 2 + (g.fy - cy) ** 2
     patch = np.clip(field - rng.uniform(0.3, 1.0), 0, None) * np.exp(-d2 / (2 * 220.0**2))
-    f += rng.uniform(0.4, 0.9) * patch / max(float(patch.max()), 1e-6)
+    f += rng.uniform(0.2, 0.5) * patch / max(float(patch.max()), 1e-6)
     sky.sheet += weight * f / max(float(f.max()), 1e-6)
     # rays in bundles plus scattered rays
     xs, ys = [], []
@@ -183,7 +183,9 @@ def _hotspot(sky: _Sky, rng: np.random.Generator, weight: float) -> None:
 
 _BUILDERS = {"arc": _arc, "drapery": _drapery, "radial": _radial, "hotspot": _hotspot}
 #: Median 99.5th-percentile aurora level (counts above background) per class; spreads overlap.
-_PEAK_COUNTS = {"arc": 3300.0, "drapery": 2900.0, "radial": 1700.0, "hotspot": 4000.0}
+#: Fitted so that each class's brightest pixels under the archive's 0..4000 stretch sit where
+#: the real labelled frames' do (results/synth/calibration.md).
+_PEAK_COUNTS = {"arc": 3300.0, "drapery": 1700.0, "radial": 1700.0, "hotspot": 3000.0}
 
 
 def _mix_profiles(parts: list[tuple[float, np.ndarray]]) -> np.ndarray | None:

@@ -19,13 +19,15 @@ from pipeline.synth.geometry import (
     _smooth_field,
     _upsample2,
 )
-from pipeline.synth.morphology import _BUILDERS, _PEAK_COUNTS, _mix_profiles, _project, _Sky
+from pipeline.synth.morphology import _BUILDERS, _PEAK_COUNTS, _arc, _mix_profiles, _project, _Sky
 from pipeline.synth.season import Season, _dark_f32, season_for
 from pipeline.winter import winter_of
 
 #: Share of frames with a weaker second morphology mixed in (anywhere; at class changes).
 AMBIGUOUS_SHARE = 0.15
 TRANSITION_SHARE = 0.4
+#: Share of non-arc frames with faint east-west bands behind the main form.
+BACKGROUND_BANDS_SHARE = 0.8
 #: Offset that keeps the star catalogue independent of the frame generators.
 _STARS_SALT = 0x57A25
 
@@ -124,6 +126,9 @@ def _sky(
     """The emission patterns of class ``label``, with a weaker second morphology where drawn."""
     sky = _Sky(g)
     _BUILDERS[label](sky, rng, 1.0)
+    if label != "arc" and rng.random() < BACKGROUND_BANDS_SHARE:
+        # real dayside frames of every class show faint east-west bands behind the main form
+        _arc(sky, rng, float(rng.uniform(0.25, 0.6)))
     if secondary is None:
         # frames next to a class change in a timeline mix in the neighbouring class more often
         if rng.random() < (TRANSITION_SHARE if transition else AMBIGUOUS_SHARE):
@@ -169,9 +174,10 @@ def _background(
     else:
         lst, sun_el, sun_az = _lst_and_sun(pd.Timestamp(time))
     diffuse = _smooth_field(rng, 5, g.work).ravel()[g.in_idx]
+    # airglow and diffuse levels fitted to the dark sky between the forms of real frames
     bg = (
-        rng.uniform(120, 420) * g.vr_in
-        + rng.uniform(50, 600) * np.exp(0.7 * diffuse - 0.25)
+        rng.uniform(100, 300) * g.vr_in
+        + rng.uniform(15, 125) * np.exp(0.7 * diffuse - 0.25)
         + min(80.0 * math.exp((math.degrees(sun_el) + 12.0) / 3.0), 1200.0)
         * (1.0 + 0.8 * g.rho_in * np.cos(g.psi_in - (math.radians(NORTH_IMAGE_DEG) - sun_az)))
     )
