@@ -73,7 +73,7 @@ def test_shipped_configs_load():
     assert (paper.batch_size, paper.val_batch_size) == (64, 16)
     assert paper.lsoftmax.schedule.base == 10000 and paper.lsoftmax.schedule.floor == 15
     demo = load_train_config(CONFIG_DIR / "train" / "demo.yaml")
-    assert demo.input_size < 128 and demo.epochs <= 30
+    assert demo.input_size <= 128 and demo.epochs <= 30  # the demo stays small and fast
 
 
 @pytest.mark.parametrize(
