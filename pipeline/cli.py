@@ -369,6 +369,14 @@ def evaluate(
     "--init-from", type=ExistingPath, default=None, help="Start every fold from this checkpoint."
 )
 @click.option("--keep-checkpoints", is_flag=True, help="Keep each fold's model weights.")
+@click.option(
+    "--fold",
+    "only_folds",
+    type=int,
+    multiple=True,
+    help="Run only this fold (0-based; repeatable), e.g. one per job; then cv again without "
+    "--fold into the same --out writes the summary from the finished folds.",
+)
 @device_option
 @click.option("--station", default=None, help="Station name or YAML for raw frames.")
 def cv(
@@ -380,6 +388,7 @@ def cv(
     variants: str | None,
     init_from: Path | None,
     keep_checkpoints: bool,
+    only_folds: tuple[int, ...],
     device: str,
     station: str | None,
 ) -> None:
@@ -393,7 +402,14 @@ def cv(
     table = cross_validate(
         cfg, data, out, folds=folds, group=group, variants=names, init_from=init_from,
         device=device, station=station, keep_checkpoints=keep_checkpoints,
+        only_folds=only_folds,
     )  # fmt: skip
+    if only_folds and table["fold"].nunique() < folds:
+        for r in table.itertuples(index=False):
+            acc = f"{r.mean_class_accuracy:.3f}, overall {r.average_accuracy:.3f}"
+            click.echo(f"{r.variant} fold {r.fold}: mean per-class accuracy {acc}")
+        click.echo(f"folds in {out}; run cv again without --fold there for the summary")
+        return
     for r in summary_frame(table, CLASSES).itertuples(index=False):
         click.echo(
             f"{r.variant}: mean per-class accuracy {r.mean_class_accuracy_mean:.3f} "

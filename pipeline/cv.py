@@ -121,8 +121,13 @@ def cross_validate(
     station: str | os.PathLike | None = None,
     keep_checkpoints: bool = False,
     classes: Sequence[str] = CLASSES,
+    only_folds: Sequence[int] | None = None,
 ) -> pd.DataFrame:
-    """``folds``-fold cross-validation of each variant on DATA by ``group``; the per-fold table."""
+    """``folds``-fold cross-validation of each variant on DATA by ``group``; the per-fold table.
+
+    ``only_folds`` runs those folds only (to split the work over jobs): the summary is written,
+    and the run recorded as finished, once a run covers every fold."""
+    ks = _fold_selection(only_folds, folds)
     data = Path(data).resolve()
     df = load_labelled(data, classes=classes)
     groups = groups_of(df, group, f"{data}/labels.parquet")
@@ -151,7 +156,7 @@ def cross_validate(
         for variant in variants or [cfg.variant]:
             vcfg = dataclasses.replace(cfg, variant=variant)
             vcfg.validate()
-            for k in range(folds):
+            for k in ks:
                 train_set, test_set = fold_sets(df, fold, k, data)
                 log.info("cv: %s fold %d/%d (%d train, %d test frames)", variant, k + 1, folds,
                          len(train_set), len(test_set))  # fmt: skip
@@ -161,9 +166,24 @@ def cross_validate(
                 )  # fmt: skip
                 rows.append(fold_row(variant, k, m, classes))
         table = pd.DataFrame(rows)
+        if len(ks) < folds:
+            log.info("cv: ran fold(s) %s of %d; run cv again without --fold into %s for the "
+                     "summary (finished folds are reused)", ", ".join(map(str, ks)), folds,
+                     cv_out.path)  # fmt: skip
+            return table
         write_summary(table, cv_out.path, classes, plan)
         cv_out.finish()
     return table
+
+
+def _fold_selection(only_folds: Sequence[int] | None, folds: int) -> list[int]:
+    """The folds to run: all, or the ones asked for (each checked against the fold count)."""
+    if not only_folds:
+        return list(range(folds))
+    bad = [k for k in only_folds if not 0 <= int(k) < folds]
+    if bad:
+        raise InputError(f"--fold {bad[0]}: there are {folds} folds, numbered 0 to {folds - 1}")
+    return sorted({int(k) for k in only_folds})
 
 
 def summary_frame(table: pd.DataFrame, classes: Sequence[str]) -> pd.DataFrame:

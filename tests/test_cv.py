@@ -108,6 +108,38 @@ def test_cv_refuses_another_split_in_the_same_folder(episodes_set, tmp_path):
         cross_validate(dataclasses.replace(CFG, lr=0.01), episodes_set, out, folds=2)
 
 
+def test_cv_split_over_jobs_by_fold_then_summarised(episodes_set, tmp_path, capsys):
+    """--fold runs one fold and writes no summary; a run without it reuses that fold."""
+    out = tmp_path / "cv"
+    part = cross_validate(CFG, episodes_set, out, folds=3, only_folds=[2])
+    assert list(part["fold"]) == [2]
+    assert (out / "alexnet/fold-2/eval/metrics.json").is_file()
+    assert not (out / "alexnet/fold-0").exists() and not (out / "cv.md").exists()
+    assert not is_finished(out, "cv")
+    marker = out / "alexnet/fold-2/eval/metrics.json"
+    before = marker.stat().st_mtime_ns
+    table = cross_validate(CFG, episodes_set, out, folds=3)
+    assert list(table["fold"]) == [0, 1, 2] and is_finished(out, "cv")
+    assert marker.stat().st_mtime_ns == before  # the job's fold was not retrained
+    pd.testing.assert_series_equal(
+        table.loc[table["fold"] == 2].iloc[0], part.iloc[0], check_names=False
+    )
+    with pytest.raises(InputError, match=r"^--fold 3: there are 3 folds, numbered 0 to 2$"):
+        cross_validate(CFG, episodes_set, out, folds=3, only_folds=[3])
+
+
+def test_cv_cli_fold_out_of_range_is_one_line(episodes_set, tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("variant: alexnet\ninput_size: 64\nepochs: 1\n")
+    args = ["cv", "--config", str(cfg), "--data", str(episodes_set), "--out", str(tmp_path / "o")]
+    with pytest.raises(SystemExit) as exc:
+        main([*args, "--folds", "3", "--fold", "1", "--fold", "5"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 1 and err.count("\n") == 1
+    assert "--fold 5: there are 3 folds, numbered 0 to 2" in err
+    assert not (tmp_path / "o").exists()
+
+
 def test_cv_without_the_group_column_is_one_line(tiny_labelled, tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("variant: alexnet\ninput_size: 64\nepochs: 1\n")
