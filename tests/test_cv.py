@@ -108,7 +108,7 @@ def test_cv_refuses_another_split_in_the_same_folder(episodes_set, tmp_path):
         cross_validate(dataclasses.replace(CFG, lr=0.01), episodes_set, out, folds=2)
 
 
-def test_cv_split_over_jobs_by_fold_then_summarised(episodes_set, tmp_path, capsys):
+def test_cv_split_over_jobs_by_fold_then_summarised(episodes_set, tmp_path):
     """--fold runs one fold and writes no summary; a run without it reuses that fold."""
     out = tmp_path / "cv"
     part = cross_validate(CFG, episodes_set, out, folds=3, only_folds=[2])
