@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -321,14 +322,24 @@ def test_brightness_alone_does_not_separate_the_classes():
 
 @pytest.fixture(scope="module")
 def crop_counts() -> list[np.ndarray]:
-    """Counts above the dark frame inside the crop of 40 rendered frames (rendered once)."""
+    """Counts above the dark frame inside the crop of 48 frames rendered once: each class at
+    every hour 03:30-14:30 UT of 2003-12-21, the day of the real frames (the sky's levels
+    follow the hour: diffuse aurora, twilight)."""
     season = synth.season_for(2003)
     dark = synth.dark_frame(2003, SIZE).astype(np.float32)
     g = geometry._geometry(SIZE)
     yy, xx = np.mgrid[:SIZE, :SIZE]
     crop = np.hypot(yy - g.centre[0], xx - g.centre[1]) < g.radius * g.crop_rho
+    t0 = pd.Timestamp("2003-12-21 03:30", tz="UTC")
     frames = (
-        synth.render_frame(CLASSES[i % 4], synth.frame_rng(12, i), SIZE, season) for i in range(40)
+        synth.render_frame(
+            CLASSES[i % 4],
+            synth.frame_rng(12, i),
+            SIZE,
+            season,
+            time=t0 + pd.Timedelta(hours=i // 4),
+        )
+        for i in range(48)
     )
     return [(raw - dark)[crop] for raw in frames]
 
@@ -344,6 +355,74 @@ def test_sky_background_is_as_dark_as_the_real_frames_under_the_pipeline_stretch
     archive's stretch; the renderer before the calibration of issue #15 put it near 35 here."""
     p10 = np.array([np.percentile(c, 10) for c in crop_counts]) * 255 / 4000  # 0..4000 stretch
     assert 15 < np.median(p10) < 31, np.median(p10)
+
+
+def _sky_p10(hour_utc: int, n: int = 8) -> float:
+    """Median 10th-percentile counts above the dark frame inside the crop of ``n`` arc frames
+    rendered on 2003-12-21 at ``hour_utc``:30 (the dark sky between the forms)."""
+    season = synth.season_for(2003)
+    dark = synth.dark_frame(2003, SIZE).astype(np.float32)
+    g = geometry._geometry(SIZE)
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    crop = np.hypot(yy - g.centre[0], xx - g.centre[1]) < g.radius * g.crop_rho
+    t = pd.Timestamp(f"2003-12-21 {hour_utc:02d}:30", tz="UTC")
+    frames = (
+        synth.render_frame("arc", synth.frame_rng(13, i), SIZE, season, time=t, secondary=False)
+        for i in range(n)
+    )
+    return float(np.median([np.percentile((raw - dark)[crop], 10) for raw in frames]))
+
+
+def test_diffuse_glow_dims_around_magnetic_noon():
+    """The real frames of 2003-12-21 (labelled and unlabelled) are darkest between the forms
+    at 08-10 UT (MLT 11-13), at half the level of the morning and the afternoon: the dayside
+    diffuse aurora's midday gap. The renderer's diffuse glow follows it."""
+    noon = _sky_p10(9)
+    assert noon < 0.7 * _sky_p10(3), noon
+    assert noon < 0.7 * _sky_p10(14), noon
+
+
+def test_sun_elevation_at_yrs_follows_the_solstice_geometry():
+    """At the December solstice the sun at YRS (78.92 N) peaks at 90 - 78.92 - 23.44 = -12.36
+    deg near 11:10 UT and bottoms out at 78.92 - 23.44 - 90 = -34.52 deg (the low-precision
+    ephemeris is good to about 0.02 deg; refraction is ignored)."""
+    day = pd.date_range("2003-12-22 00:00", periods=24 * 60, freq="min", tz="UTC")
+    el = geometry.sun_elevation_deg(day.as_unit("ns").asi8)
+    assert el.max() == pytest.approx(-12.36, abs=0.1)
+    assert el.min() == pytest.approx(-34.52, abs=0.1)
+    assert day[int(el.argmax())].hour == 11
+
+
+def test_labelled_sets_hold_no_frames_washed_out_by_twilight():
+    """Experts label frames they can read: no labelled frame is drawn while the sun is above
+    LABELLED_SUN_MAX_DEG (late February's noon is near 0 deg at YRS), yet noon hours are still
+    sampled (on darker days) and every month of the season appears."""
+    plan = timeline.labelled_plan(2000, seed=3)
+    t = plan["time_utc"]
+    el = geometry.sun_elevation_deg(t.dt.as_unit("ns").astype("int64").to_numpy())
+    assert el.max() <= timeline.LABELLED_SUN_MAX_DEG
+    assert t.dt.hour.between(9, 11).sum() > 100
+    assert set(t.dt.month) == {12, 1, 2}
+
+
+def test_camera_grain_is_spread_by_the_intensifier_at_the_photon_noise_level():
+    """On a flat sky the noise keeps its per-pixel sd, sqrt(gain * signal + read_noise^2), but
+    neighbouring pixels share it as in the real frames (an intensifier's phosphor spreads each
+    photo-electron): the lag-1 correlation of n binomial passes, sum c_i c_(i+1) / sum c_i^2
+    over the binomial(2n) coefficients (0.8 for two passes; 0 for white noise). 120^2 pixels
+    hold ~1,500 independent grains: sd and correlation are good to a few %."""
+    season = synth.season_for(2003)
+    flat = np.full((128, 128), 1000.0, dtype=np.float32)
+    raw = render._expose(flat.copy(), synth.frame_rng(21, 0), season).astype(np.float32)
+    noise = (raw - flat - render._dark_f32(2003, 128))[4:-4, 4:-4]
+    expected = np.sqrt(season.gain * 1000.0 + season.read_noise**2)
+    assert noise.std() == pytest.approx(expected, rel=0.06)
+    n = render.INTENSIFIER_BLUR_PASSES
+    c = np.array([math.comb(2 * n, i) for i in range(2 * n + 1)], dtype=float)
+    shot_share = season.gain * 1000.0 / expected**2  # read noise is white
+    r1_expected = shot_share * (c[1:] * c[:-1]).sum() / (c * c).sum()
+    r1 = np.corrcoef(noise[:, 1:].ravel(), noise[:, :-1].ravel())[0, 1]
+    assert n >= 1 and r1 == pytest.approx(r1_expected, abs=0.06), (r1, r1_expected)
 
 
 def _orientation_coherence(a: np.ndarray) -> float:

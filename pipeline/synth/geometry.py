@@ -32,6 +32,29 @@ LAYERS_KM = (90.0 + 230.0 * np.linspace(0.0, 1.0, 20) ** 1.6).astype(np.float64)
 _GEOM_SALT = 0x6E0
 
 
+def lst_and_sun(jd: np.ndarray | float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Local sidereal angle (rad), solar elevation and azimuth (rad) at YRS for Julian dates."""
+    d = np.asarray(jd, dtype=np.float64) - 2451545.0
+    lon, lat = math.radians(yrs().lon), math.radians(yrs().lat)
+    lst = np.radians((280.46061837 + 360.98564736629 * d) % 360.0) + lon
+    g = np.radians((357.529 + 0.98560028 * d) % 360)
+    q = np.radians((280.459 + 0.98564736 * d) % 360)
+    lam = q + math.radians(1.915) * np.sin(g) + math.radians(0.020) * np.sin(2 * g)
+    eps = np.radians(23.439 - 0.00000036 * d)
+    ra = np.arctan2(np.cos(eps) * np.sin(lam), np.cos(lam))
+    dec = np.arcsin(np.sin(eps) * np.sin(lam))
+    ha = lst - ra
+    el = np.arcsin(np.sin(lat) * np.sin(dec) + np.cos(lat) * np.cos(dec) * np.cos(ha))
+    az = np.arctan2(-np.sin(ha), np.tan(dec) * np.cos(lat) - np.sin(lat) * np.cos(ha))
+    return lst, el, az
+
+
+def sun_elevation_deg(times_ns: np.ndarray) -> np.ndarray:
+    """Solar elevation (degrees) at YRS for UTC times in int64 nanoseconds."""
+    jd = np.asarray(times_ns, dtype=np.int64) / 86_400e9 + 2440587.5
+    return np.degrees(lst_and_sun(jd)[1])
+
+
 @dataclass(frozen=True)
 class _Geometry:
     """Everything about the camera that depends only on the frame size (cached per size)."""
@@ -79,9 +102,15 @@ def _q_of(x: np.ndarray, y: np.ndarray, nf: int, sc: float) -> np.ndarray:
     return row * nf + col
 
 
+@functools.lru_cache(maxsize=1)
+def yrs() -> StationConfig:
+    """The station the renderer draws: YRS as in configs/stations/yrs.yaml."""
+    return load_station("yrs")
+
+
 @functools.lru_cache(maxsize=8)
 def _station(size: int) -> StationConfig:
-    return load_station("yrs").scaled(size)
+    return yrs().scaled(size)
 
 
 @functools.lru_cache(maxsize=8)

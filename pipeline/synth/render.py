@@ -18,6 +18,8 @@ from pipeline.synth.geometry import (
     _geometry,
     _smooth_field,
     _upsample2,
+    lst_and_sun,
+    yrs,
 )
 from pipeline.synth.morphology import _BUILDERS, _PEAK_COUNTS, _arc, _mix_profiles, _project, _Sky
 from pipeline.synth.season import Season, _dark_f32, season_for
@@ -28,6 +30,15 @@ AMBIGUOUS_SHARE = 0.15
 TRANSITION_SHARE = 0.4
 #: Share of non-arc frames with faint east-west bands behind the main form.
 BACKGROUND_BANDS_SHARE = 0.8
+#: Diffuse aurora behind the forms (counts): full level far from noon, a "midday gap" of this
+#: depth and width (MLT hours) around this MLT, fitted with the airglow to the dark sky of the
+#: real frames hour by hour (results/synth/calibration.md, second pass).
+DIFFUSE_COUNTS = (250.0, 650.0)
+MIDDAY_GAP = (0.95, 2.2, 12.3)
+#: Binomial blur passes of the shot noise: the intensifier's phosphor spreads each
+#: photo-electron over a few pixels, so real frames' grain is smooth at the pixel scale
+#: (their power spectrum falls steeply at the finest scales, white noise's does not).
+INTENSIFIER_BLUR_PASSES = 2
 #: Offset that keeps the star catalogue independent of the frame generators.
 _STARS_SALT = 0x57A25
 
@@ -41,25 +52,6 @@ def _star_catalogue() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     dec = np.arcsin(rng.uniform(math.sin(math.radians(-12)), 1.0, n))
     amp = np.minimum(25.0 * rng.pareto(1.1, n) + 15.0, 4000.0)
     return ra, dec, amp
-
-
-def _lst_and_sun(time: pd.Timestamp) -> tuple[float, float, float]:
-    """Local sidereal angle (rad), solar elevation and azimuth (rad) at YRS for a UTC time."""
-    jd = time.to_julian_date()
-    d = jd - 2451545.0
-    lon, lat = math.radians(11.93), math.radians(78.92)
-    gmst = math.radians((280.46061837 + 360.98564736629 * d) % 360.0)
-    lst = gmst + lon
-    g = math.radians((357.529 + 0.98560028 * d) % 360)
-    q = math.radians((280.459 + 0.98564736 * d) % 360)
-    lam = q + math.radians(1.915) * math.sin(g) + math.radians(0.020) * math.sin(2 * g)
-    eps = math.radians(23.439 - 0.00000036 * d)
-    ra = math.atan2(math.cos(eps) * math.sin(lam), math.cos(lam))
-    dec = math.asin(math.sin(eps) * math.sin(lam))
-    ha = lst - ra
-    el = math.asin(math.sin(lat) * math.sin(dec) + math.cos(lat) * math.cos(dec) * math.cos(ha))
-    az = math.atan2(-math.sin(ha), math.tan(dec) * math.cos(lat) - math.sin(lat) * math.cos(ha))
-    return lst, el, az
 
 
 def _stars(g: _Geometry, lst: float, season: Season) -> tuple[np.ndarray, np.ndarray]:
@@ -160,6 +152,18 @@ def _aurora(g: _Geometry, sky: _Sky, label: str, rng: np.random.Generator) -> np
     return aurora
 
 
+def _diffuse_level(rng: np.random.Generator, time: pd.Timestamp | None) -> float:
+    """Counts of diffuse aurora for a frame at ``time``: weakest around magnetic noon."""
+    depth, width, centre = MIDDAY_GAP
+    if time is None:
+        mlt = rng.uniform(6.0, 18.0)
+    else:
+        t = pd.Timestamp(time)
+        mlt = (t.hour + t.minute / 60.0 + yrs().mlt.offset_hours) % 24.0
+    gap = 1.0 - depth * math.exp(-0.5 * ((mlt - centre) / width) ** 2)
+    return float(rng.uniform(*DIFFUSE_COUNTS) * gap)
+
+
 def _background(
     g: _Geometry, rng: np.random.Generator, time: pd.Timestamp | None
 ) -> tuple[np.ndarray, float]:
@@ -172,12 +176,12 @@ def _background(
             rng.uniform(-np.pi, np.pi),
         )
     else:
-        lst, sun_el, sun_az = _lst_and_sun(pd.Timestamp(time))
+        lst, sun_el, sun_az = (float(v) for v in lst_and_sun(pd.Timestamp(time).to_julian_date()))
     diffuse = _smooth_field(rng, 5, g.work).ravel()[g.in_idx]
     # airglow and diffuse levels fitted to the dark sky between the forms of real frames
     bg = (
-        rng.uniform(100, 300) * g.vr_in
-        + rng.uniform(15, 125) * np.exp(0.7 * diffuse - 0.25)
+        rng.uniform(80, 220) * g.vr_in
+        + _diffuse_level(rng, time) * np.exp(0.4 * diffuse - 0.08)
         + min(80.0 * math.exp((math.degrees(sun_el) + 12.0) / 3.0), 1200.0)
         * (1.0 + 0.8 * g.rho_in * np.cos(g.psi_in - (math.radians(NORTH_IMAGE_DEG) - sun_az)))
     )
@@ -187,14 +191,18 @@ def _background(
 def _expose(signal: np.ndarray, rng: np.random.Generator, season: Season) -> np.ndarray:
     """The camera's raw counts of ``signal``: photon and read noise, the dark frame, uint16.
 
-    Photon noise in its Gaussian limit (>= ~50 photo-electrons wherever the sky is lit).
+    Photon noise in its Gaussian limit (>= ~50 photo-electrons wherever the sky is lit), spread
+    by the image intensifier (INTENSIFIER_BLUR_PASSES) at an unchanged per-pixel level.
     """
     np.maximum(signal, 0.0, out=signal)
+    shot = rng.standard_normal(signal.shape, dtype=np.float32)
+    shot *= np.sqrt(signal * np.float32(season.gain))
+    passes = INTENSIFIER_BLUR_PASSES
+    # binomial passes shrink white noise's sd by C(4n, 2n) / 16^n: scale it back
+    shot = _blur(shot, passes) * np.float32(16.0**passes / math.comb(4 * passes, 2 * passes))
     raw = rng.standard_normal(signal.shape, dtype=np.float32)
-    sigma = signal * np.float32(season.gain)
-    sigma += np.float32(season.read_noise**2)
-    np.sqrt(sigma, out=sigma)
-    raw *= sigma
+    raw *= np.float32(season.read_noise)
+    raw += shot
     raw += signal
     raw += _dark_f32(season.winter, signal.shape[0])
     np.clip(raw, 0.0, 65535.0, out=raw)

@@ -14,12 +14,16 @@ from pipeline.classes import ASI8K_COUNTS, CLASSES, LABEL_CODES
 from pipeline.config import CONFIG_DIR
 from pipeline.errors import InputError
 from pipeline.storage import atomic_path
+from pipeline.synth.geometry import sun_elevation_deg
 from pipeline.winter import winter_of
 
 #: Default occurrence model (frame counts and class shares per MLT hour of the real labels).
 OCCURRENCE_MODEL = CONFIG_DIR / "occurrence" / "occurrence_model.csv"
 #: Offset that keeps the plan generators independent of the frame generators.
 _PLAN_SALT = 0x5EED_0F_A11
+#: Labelled sets hold frames an expert could read: none while the sun is above this elevation
+#: (degrees), where twilight washes out the sky (all of 03-15 UT is darker in December).
+LABELLED_SUN_MAX_DEG = -10.0
 
 
 def _winters(times: pd.Series) -> np.ndarray:
@@ -254,6 +258,18 @@ def class_counts(n: int, balanced: bool = False) -> dict[str, int]:
     return dict(zip(CLASSES, counts.tolist()))
 
 
+def _dark_sky_times(rng: np.random.Generator, tod_ns: np.ndarray, n_days: int) -> np.ndarray:
+    """``tod_ns`` (times on the season's first day) moved by whole random days of the
+    season, each redrawn until the sun is below LABELLED_SUN_MAX_DEG then."""
+    t = tod_ns + rng.integers(0, n_days, tod_ns.size) * 86_400 * 10**9
+    for _ in range(100):  # every hour 03-15 UT is dark in December, so this ends in a few passes
+        bright = np.flatnonzero(sun_elevation_deg(t) > LABELLED_SUN_MAX_DEG)
+        if not bright.size:
+            break
+        t[bright] = tod_ns[bright] + rng.integers(0, n_days, bright.size) * 86_400 * 10**9
+    return t
+
+
 def labelled_plan(
     n: int,
     seed: int = 0,
@@ -263,8 +279,9 @@ def labelled_plan(
 ) -> pd.DataFrame:
     """Classes, times and paths of a labelled set (pure; no rendering).
 
-    Times fall in December-February of ``winter`` at 03-15 UT; the hour of each frame is drawn
-    from its class's hourly counts in the occurrence model, so labelled times look like real ones.
+    Times fall in December-February of ``winter`` at 03-15 UT, on days when the sun is below
+    ``LABELLED_SUN_MAX_DEG`` at that hour; the hour of each frame is drawn from its class's
+    hourly counts in the occurrence model, so labelled times look like real ones.
     """
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), _PLAN_SALT, 0]))
     model = occurrence if occurrence is not None else load_occurrence_model()
@@ -279,9 +296,8 @@ def labelled_plan(
         sel = np.flatnonzero(labels == c)
         p = model["n_frames"].to_numpy() * model[f"share_{c}"].to_numpy()
         h = rng.choice(ut, sel.size, p=p / p.sum())
-        day = rng.integers(0, n_days, sel.size)
         sec = h * 3600 + rng.integers(0, 360, sel.size) * 10 + 1
-        t[sel] = day0.value + (day * 86400 + sec) * 10**9
+        t[sel] = _dark_sky_times(rng, day0.value + sec * 10**9, n_days)
     times = _dedupe_seconds(pd.Series(pd.to_datetime(t, utc=True)))
     df = pd.DataFrame(
         {"label": labels.astype(str), "time_utc": times.to_numpy(), "winter": int(winter)}
