@@ -10,6 +10,7 @@ import pandas as pd
 
 from pipeline.classes import CLASSES
 from pipeline.errors import InputError
+from pipeline.mlt import offset_mlt, to_utc_ns
 from pipeline.preprocess import bilinear_taps
 from pipeline.synth.geometry import (
     NORTH_IMAGE_DEG,
@@ -157,9 +158,8 @@ def _diffuse_level(rng: np.random.Generator, time: pd.Timestamp | None) -> float
     depth, width, centre = MIDDAY_GAP
     if time is None:
         mlt = rng.uniform(6.0, 18.0)
-    else:
-        t = pd.Timestamp(time)
-        mlt = (t.hour + t.minute / 60.0 + yrs().mlt.offset_hours) % 24.0
+    else:  # the synthetic archive's clock: the station's fixed UT offset
+        mlt = float(offset_mlt(to_utc_ns([time]), yrs().mlt.offset_hours)[0])
     gap = 1.0 - depth * math.exp(-0.5 * ((mlt - centre) / width) ** 2)
     return float(rng.uniform(*DIFFUSE_COUNTS) * gap)
 
