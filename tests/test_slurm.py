@@ -386,6 +386,17 @@ def _handed_back(transitions) -> set[str]:
     }
 
 
+def _first_outcomes(transitions, keys: set[str]) -> dict[str, str | None]:
+    """For each key, what its first transition out of ``processing`` in ``transitions`` led to:
+    ``memory`` (its worker finished it), ``released`` (handed back), or None (no such step)."""
+    outcome: dict[str, str | None] = dict.fromkeys(keys)
+    for t in transitions:
+        key = str(t.key)
+        if key in outcome and outcome[key] is None and t.start == "processing":
+            outcome[key] = t.finish
+    return outcome
+
+
 def _until(cond, what: str, timeout: float = WAIT_S) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
@@ -399,6 +410,7 @@ def test_worker_jobs_leaving_mid_run_hand_their_shards_back(
     """One classify-archive run loses two worker jobs: one retires at its --lifetime, one is
     scancelled. Each shard they held goes back to the scheduler; every frame ends up once."""
     from dask_jobqueue.slurm import SLURMJob
+    from distributed.metrics import time as scheduler_time  # its transition log's clock
 
     launch = _launch_module()
     out, logs = tmp_path / "pred", tmp_path / "logs"
@@ -438,12 +450,17 @@ def test_worker_jobs_leaving_mid_run_hand_their_shards_back(
             before = len(shard_files(out))
             _until(lambda: len(shard_files(out)) > before or run.done(), "a shard")
             cancelled_at = None if run.done() else len(shard_files(out))
-            # With one job left the victim is the only worker: did it hold a shard right now?
-            # (Between two shards it holds none, and then there is nothing to hand back.)
-            held = any(ws.processing for ws in cluster.scheduler.workers.values())
+            # With one job left the victim is the only worker: the shards it holds right now,
+            # and where the scheduler's log stands (under load the victim may still finish
+            # them before the cancel lands, and then there is nothing to hand back).
+            mark = scheduler_time()  # before the sample: a shard finished meanwhile is seen
+            held = {
+                str(ts.key) for ws in cluster.scheduler.workers.values() for ts in ws.processing
+            }
             slurm.run("scancel", victim)
             summary = run.result(timeout=WAIT_S)
-        cancel_back = _handed_back(_transitions(cluster.scheduler)) - lifetime_back
+        after_cancel = [t for t in _transitions(cluster.scheduler) if t.timestamp >= mark]
+        cancel_back = _handed_back(after_cancel) - lifetime_back
     print(f"lifetime: after {retired_at} of {n_shards} shards; scancel: after {cancelled_at}")
     assert retired_at is not None and retired_at < n_shards, "the run ended before the lifetime"
     assert cancelled_at is not None and cancelled_at < n_shards, "the run ended before scancel"
@@ -451,7 +468,11 @@ def test_worker_jobs_leaving_mid_run_hand_their_shards_back(
     _assert_exactly_once(out, linked_archive, station)
     assert not list(out.rglob("*.part")), "a cut shard left a partial file"
     assert lifetime_back, "the worker retiring at its lifetime held no shard"
-    assert cancel_back or not held, "the cancelled worker's shard was not handed back"
+    outcome = _first_outcomes(after_cancel, held)
+    assert all(outcome[k] in ("released", "memory") for k in held), outcome
+    # A shard the victim held and had not finished when it went is handed back, none lost.
+    unfinished = {k for k in held if outcome[k] == "released"}
+    assert unfinished <= cancel_back, "the cancelled worker's shard was not handed back"
 
     jobs = [short, *_worker_jobs(logs)]
     rows = slurm.records(*jobs)
