@@ -179,6 +179,9 @@ class TrainConfig:
     #: "frame": the model stretches each frame by its own 99th percentile before its first
     #: layer (models.build.FrameStretch), so brightness differences between nights matter less.
     input_norm: Literal["fixed", "frame"] = "fixed"
+    #: "radial_edges": the first layer also sees the frame's gradient along and across the
+    #: sky's radius (models.radial.RadialEdges), the cue that tells rays from bands.
+    input_features: Literal["grey", "radial_edges"] = "grey"
 
     def validate(self) -> None:
         if self.variant not in VARIANTS:
@@ -378,6 +381,7 @@ def build_for_config(cfg: TrainConfig, classes: Sequence[str] = CLASSES) -> torc
         lambda_schedule=to_dict(cfg.lsoftmax.schedule),
         stn_loc_size=cfg.stn_loc_size,
         input_norm=cfg.input_norm,
+        input_features=cfg.input_features,
     )
 
 

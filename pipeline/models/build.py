@@ -19,6 +19,7 @@ from torch import nn
 from pipeline.errors import CheckpointError, ConfigError, InputError
 from pipeline.models.backbones import BACKBONES, Backbone
 from pipeline.models.lsoftmax import DEFAULT_SCHEDULE, LambdaSchedule, LSoftmaxLinear
+from pipeline.models.radial import RadialEdges
 from pipeline.models.stn import SpatialTransformer
 from pipeline.models.weights import read_state_dict
 
@@ -125,6 +126,10 @@ def resize_frames(x: torch.Tensor, input_size: int) -> torch.Tensor:
 #: transform alone) or "frame" (each frame divided by its own 99th percentile).
 INPUT_NORMS = ("fixed", "frame")
 
+#: what the backbone's first layer sees: "grey" (the frame) or "radial_edges" (the frame and its
+#: gradient along and across the sky's radius, models.radial.RadialEdges; grey frames only).
+INPUT_FEATURES = ("grey", "radial_edges")
+
 
 class FrameStretch(nn.Module):
     """Divide each frame by its own 99th-percentile brightness (in [0, 1] units), clipped.
@@ -155,9 +160,11 @@ class AuroraNet(nn.Module):
         head: nn.Module,
         stn: SpatialTransformer | None = None,
         input_norm: str = "fixed",
+        input_features: str = "grey",
     ) -> None:
         super().__init__()
         self.input_norm = FrameStretch() if input_norm == "frame" else None
+        self.edges = RadialEdges() if input_features == "radial_edges" else None
         self.variant = variant
         self.backbone_name = backbone.name
         self.feature_dim = backbone.feature_dim
@@ -180,6 +187,8 @@ class AuroraNet(nn.Module):
             x = self.input_norm(x)
         if self.stn is not None:
             x = self.stn(x)
+        if self.edges is not None:
+            x = self.edges(x)
         x = self.pool(self.trunk(x))
         return self.neck(torch.flatten(x, 1))
 
@@ -213,6 +222,7 @@ def build_model(
     init_weights: str | os.PathLike | None = None,
     stn_fill: float = INPUT_BLACK,
     input_norm: str = "fixed",
+    input_features: str = "grey",
 ) -> AuroraNet:
     """Build a registry variant; ``init_weights`` is an optional local torchvision ImageNet file.
 
@@ -230,11 +240,16 @@ def build_model(
         raise ConfigError(f"input_norm must be one of {', '.join(INPUT_NORMS)}, got {input_norm!r}")
     if in_chans not in (1, 3):
         raise ConfigError(f"in_chans must be 1 (grey) or 3, got {in_chans}")
+    if input_features not in INPUT_FEATURES or (input_features != "grey" and in_chans != 1):
+        raise ConfigError(
+            f"input_features must be one of {', '.join(INPUT_FEATURES)} (radial_edges for grey "
+            f"frames only), got {input_features!r} with in_chans {in_chans}"
+        )
     if int(lsoftmax_m) != lsoftmax_m or lsoftmax_m < 1:
         raise ConfigError(f"lsoftmax_m must be a positive integer, got {lsoftmax_m!r}")
     backbone_name, with_stn, with_lsoftmax = _REGISTRY[variant]
     schedule = _schedule_kwargs(lambda_schedule)
-    backbone = BACKBONES[backbone_name](in_chans)
+    backbone = BACKBONES[backbone_name](3 if input_features == "radial_edges" else in_chans)
     if with_lsoftmax:
         head: nn.Module = LSoftmaxLinear(
             backbone.feature_dim, num_classes, int(lsoftmax_m), LambdaSchedule(**schedule)
@@ -242,7 +257,7 @@ def build_model(
     else:
         head = nn.Linear(backbone.feature_dim, num_classes)
     stn = SpatialTransformer(in_chans, loc_size=stn_loc_size, fill=stn_fill) if with_stn else None
-    model = AuroraNet(variant, backbone, head, stn, input_norm)
+    model = AuroraNet(variant, backbone, head, stn, input_norm, input_features)
     model.build_kwargs = {
         "num_classes": int(num_classes),
         "in_chans": int(in_chans),
@@ -252,6 +267,7 @@ def build_model(
         "stn_loc_size": int(stn_loc_size),
         "stn_fill": float(stn_fill),
         "input_norm": input_norm,
+        "input_features": input_features,
     }
     if init_weights is not None:
         load_init_weights(model, init_weights)
